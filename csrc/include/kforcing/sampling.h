@@ -1,0 +1,53 @@
+#pragma once
+// inverse_cdf_sample: argument checks and the sampling rule's constants, shared by the CPU and CUDA kernels.
+//
+// The rule (documented for users in kforcing_ops/sampling.py):
+//   p = softmax(logits / T), restricted to the top-k logits (ties at the k-th value kept), then to the top-p
+//   nucleus (a token is kept when the mass of strictly larger logits is < top_p; ties kept), renormalised.
+//   The token is the smallest v in vocabulary order with p_v > 0 and sum_{v' <= v} p_v' >= u.
+//   If rounding leaves u above the total mass, the last token with p_v > 0 is returned.
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "kforcing/checks.h"
+
+namespace kforcing {
+
+// Returned on CUDA for a row that is invalid (NaN or +inf logit, no finite logit, u outside [0, 1], or a
+// temperature that is not positive and finite). The CPU kernel raises instead.
+constexpr int64_t kInvalidSample = -1;
+
+inline bool sampling_filters_support(int64_t top_k, int64_t vocab, double top_p) {
+  return (top_k > 0 && top_k < vocab) || top_p < 1.0;
+}
+
+inline void check_inverse_cdf_sample_args(const at::Tensor& logits, const at::Tensor& u,
+                                          const std::optional<at::Tensor>& temperatures, double temperature,
+                                          int64_t top_k, double top_p) {
+  constexpr const char* op = "inverse_cdf_sample";
+  check_dim(logits, 2, op, "logits", "(N, V)");
+  check_dtype(logits, {at::kFloat, at::kBFloat16, at::kHalf}, op, "logits");
+  KF_CHECK_VALUE(logits.size(1) >= 1, op, "`logits` needs at least one vocabulary column, got shape ",
+                 logits.sizes());
+  check_dim(u, 1, op, "u", "(N,)");
+  check_size(u, 0, logits.size(0), op, "u", "one uniform per row of logits");
+  check_dtype(u, {at::kFloat, at::kDouble}, op, "u");
+  check_same_device(u, logits, op, "u", "logits");
+  if (temperatures.has_value()) {
+    check_dim(*temperatures, 1, op, "temperature", "(N,) when a tensor");
+    check_size(*temperatures, 0, logits.size(0), op, "temperature", "one temperature per row of logits");
+    check_dtype(*temperatures, {at::kFloat, at::kDouble}, op, "temperature");
+    check_same_device(*temperatures, logits, op, "temperature", "logits");
+  } else {
+    KF_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
+                   "`temperature` must be positive and finite, got ", temperature);
+  }
+  KF_CHECK_VALUE(top_k >= 0, op, "`top_k` must be >= 0 (0 disables it), got ", top_k);
+  KF_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, op, "`top_p` must be in (0, 1] (1 disables it), got ", top_p);
+}
+
+}  // namespace kforcing

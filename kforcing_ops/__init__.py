@@ -1,0 +1,27 @@
+"""kforcing_ops: the K-Forcing kernels as PyTorch ops (torch.ops.kforcing.*).
+
+    inverse_cdf_sample       batched inverse-CDF sampling from explicit uniforms
+    window_attention         block-causal (staircase) attention over [context | k-token windows], training
+    window_attention_decode  attention of [committed | hint] rows against a preallocated KV cache
+    noise_embedding          fused sinusoidal features of (u, tau) + Linear
+
+`reference` holds a pure-PyTorch version of each; `python -m kforcing_ops.info` shows how this was built.
+Importing initialises no CUDA.
+"""
+
+from . import _ext
+from . import reference
+from .attention import window_attention, window_attention_decode
+from .embedding import noise_embedding
+from .sampling import inverse_cdf_sample, raise_on_invalid_samples
+
+__version__ = _ext.BUILD_INFO["version"]
+
+__all__ = [
+    "inverse_cdf_sample",
+    "noise_embedding",
+    "raise_on_invalid_samples",
+    "reference",
+    "window_attention",
+    "window_attention_decode",
+]

@@ -1,0 +1,132 @@
+"""Argument checks for the fake kernels and the references, mirroring csrc/include/kforcing/*.h.
+
+The C++ kernels run their own checks in eager mode; these run when tracing (fake tensors) and in the
+references, so every path rejects bad input with the same message: the op, the argument, what was expected.
+Shape and value problems raise ValueError, dtype problems TypeError.
+"""
+
+import torch
+
+FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+UNIFORM_TYPES = (torch.float32, torch.float64)
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def value(cond, op, message):
+    torch._check_value(cond, lambda: f"kforcing.{op}: {message}")
+
+
+def dim(t, ndim, op, name, layout):
+    value(t.dim() == ndim, op, f"`{name}` must be {ndim}-D {layout}, got shape {list(t.shape)}")
+
+
+def size(t, d, expected, op, name, what):
+    value(t.shape[d] == expected, op,
+          f"`{name}` must have size {expected} in dim {d} ({what}), got shape {list(t.shape)}")
+
+
+def dtype(t, allowed, op, name):
+    torch._check_type(
+        t.dtype in allowed,
+        lambda: f"kforcing.{op}: `{name}` must have dtype in {{{', '.join(map(_name, allowed))}}}, got {_name(t.dtype)}",
+    )
+
+
+def same_device(t, ref, op, name, ref_name):
+    value(t.device == ref.device, op,
+          f"`{name}` is on {t.device} but `{ref_name}` is on {ref.device}; all tensors must be on one device")
+
+
+def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logits_types=FLOAT_TYPES):
+    """`logits_types`: the kernels take FLOAT_TYPES; the reference also takes float64."""
+    op = "inverse_cdf_sample"
+    dim(logits, 2, op, "logits", "(N, V)")
+    dtype(logits, logits_types, op, "logits")
+    value(logits.shape[1] >= 1, op, f"`logits` needs at least one vocabulary column, got shape {list(logits.shape)}")
+    dim(u, 1, op, "u", "(N,)")
+    size(u, 0, logits.shape[0], op, "u", "one uniform per row of logits")
+    dtype(u, UNIFORM_TYPES, op, "u")
+    same_device(u, logits, op, "u", "logits")
+    if temperatures is not None:
+        dim(temperatures, 1, op, "temperature", "(N,) when a tensor")
+        size(temperatures, 0, logits.shape[0], op, "temperature", "one temperature per row of logits")
+        dtype(temperatures, UNIFORM_TYPES, op, "temperature")
+        same_device(temperatures, logits, op, "temperature", "logits")
+    else:
+        value(0.0 < temperature < float("inf"), op, f"`temperature` must be positive and finite, got {temperature}")
+    value(top_k >= 0, op, f"`top_k` must be >= 0 (0 disables it), got {top_k}")
+    value(0.0 < top_p <= 1.0, op, f"`top_p` must be in (0, 1] (1 disables it), got {top_p}")
+
+
+def _heads(q, k, v, op):
+    """q (B, S, H, D) with k, v (B, S_kv, H_kv, D); H_kv divides H."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        dim(t, 4, op, name, "(batch, seq, heads, head_dim)")
+    dtype(q, FLOAT_TYPES + (torch.float64,), op, "q")
+    for name, t in (("k", k), ("v", v)):
+        torch._check_type(t.dtype == q.dtype,
+                          lambda: f"kforcing.{op}: `{name}` has dtype {_name(t.dtype)} but `q` has {_name(q.dtype)}")
+        same_device(t, q, op, name, "q")
+    value(k.shape == v.shape, op, f"`k` and `v` must have one shape, got {list(k.shape)} and {list(v.shape)}")
+    size(k, 0, q.shape[0], op, "k", "batch")
+    size(k, 3, q.shape[3], op, "k", "head_dim, as q")
+    value(k.shape[2] >= 1 and q.shape[2] % k.shape[2] == 0, op,
+          f"the kv heads of `k` ({k.shape[2]}) must divide the heads of `q` ({q.shape[2]})")
+
+
+def window_attention(q, k, v, num_windows, window_size):
+    op = "window_attention"
+    _heads(q, k, v, op)
+    size(k, 1, q.shape[1], op, "k", "seq, as q")
+    value(window_size >= 1, op, f"`window_size` must be >= 1, got {window_size}")
+    value(num_windows >= 0, op, f"`num_windows` must be >= 0, got {num_windows}")
+    context = q.shape[1] - num_windows * window_size
+    value(context >= 1 and num_windows <= context, op,
+          f"`q` has {q.shape[1]} rows, which must be N context rows + num_windows * window_size "
+          f"({num_windows} * {window_size}) hint rows with 1 <= num_windows <= N")
+
+
+def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit):
+    op = "window_attention_decode"
+    _heads(q, k_new, v_new, op)
+    size(k_new, 1, q.shape[1], op, "k_new", "T new rows, as q")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        dim(t, 4, op, name, "(batch, max_len, kv_heads, head_dim)")
+        torch._check_type(t.dtype == q.dtype,
+                          lambda: f"kforcing.{op}: `{name}` has dtype {_name(t.dtype)} but `q` has {_name(q.dtype)}")
+        same_device(t, q, op, name, "q")
+    value(k_cache.shape == v_cache.shape, op,
+          f"`k_cache` and `v_cache` must have one shape, got {list(k_cache.shape)} and {list(v_cache.shape)}")
+    size(k_cache, 0, q.shape[0], op, "k_cache", "batch")
+    size(k_cache, 2, k_new.shape[2], op, "k_cache", "kv_heads, as k_new")
+    size(k_cache, 3, q.shape[3], op, "k_cache", "head_dim, as q")
+    dim(cache_seqlens, 1, op, "cache_seqlens", "(batch,)")
+    size(cache_seqlens, 0, q.shape[0], op, "cache_seqlens", "one length per sequence")
+    dtype(cache_seqlens, (torch.int32,), op, "cache_seqlens")
+    same_device(cache_seqlens, q, op, "cache_seqlens", "q")
+    value(0 <= n_commit <= q.shape[1], op, f"`n_commit` must be in [0, T={q.shape[1]}], got {n_commit}")
+
+
+def noise_embedding(u, tau, weight, bias):
+    op = "noise_embedding"
+    dim(u, 1, op, "u", "(M,)")
+    dtype(u, UNIFORM_TYPES, op, "u")
+    if tau is not None:
+        dim(tau, 1, op, "tau", "(M,) when a tensor")
+        size(tau, 0, u.shape[0], op, "tau", "one temperature per row of u")
+        dtype(tau, UNIFORM_TYPES, op, "tau")
+        same_device(tau, u, op, "tau", "u")
+    dim(weight, 2, op, "weight", "(H, 4F)")
+    dtype(weight, FLOAT_TYPES + (torch.float64,), op, "weight")
+    value(weight.shape[1] % 4 == 0 and weight.shape[1] > 0, op,
+          f"`weight` must be (H, 4F): cos/sin features of u and of tau, F per part; got shape {list(weight.shape)}")
+    same_device(weight, u, op, "weight", "u")
+    if bias is not None:
+        dim(bias, 1, op, "bias", "(H,)")
+        size(bias, 0, weight.shape[0], op, "bias", "H, the rows of weight")
+        torch._check_type(bias.dtype == weight.dtype, lambda: (
+            f"kforcing.{op}: `bias` has dtype {_name(bias.dtype)} but `weight` has {_name(weight.dtype)}"))
+        same_device(bias, weight, op, "bias", "weight")

@@ -1,0 +1,69 @@
+"""noise_embedding: the fused noise-conditioned embedding of K-Forcing's hint positions."""
+
+import torch
+
+from . import _checks, _ext, reference
+
+
+def _split_tau(tau, rows):
+    """(tensor or None, float) as the op's schema takes it; a 0-d tensor broadcasts to every row."""
+    if not isinstance(tau, torch.Tensor):
+        return None, float(tau)
+    return (tau.reshape(1).expand(rows) if tau.dim() == 0 else tau), 0.0
+
+
+def noise_embedding(u, tau, weight, bias=None):
+    """Embed uniforms u (and temperatures tau) as sinusoidal features times a Linear layer, fused.
+
+    Args:
+        u: (M,) float32 or float64 in [0, 1].
+        tau: a float, a 0-d tensor, or an (M,) float32/float64 tensor.
+        weight: (H, 4F) float32, bfloat16 or float16; the output takes its dtype.
+        bias: optional (H,) of weight's dtype.
+
+    Returns:
+        (M, H): [cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)] @ weight.T + bias,
+        with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better.
+
+    Differentiable in weight and bias. u and tau are noise: they get no gradient, and passing one that
+    requires grad raises ValueError rather than silently dropping its gradient.
+    """
+    for name, t in (("u", u), ("tau", tau)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"kforcing.noise_embedding: `{name}` requires grad, but the embedding is not "
+                             f"differentiable in its noise inputs; pass {name}.detach()")
+    tau_tensor, tau_value = _split_tau(tau, u.shape[0])
+    if _ext.has_kernel("noise_embedding", u.device):
+        return torch.ops.kforcing.noise_embedding(u, tau_tensor, tau_value, weight, bias)
+    _ext.warn_fallback("noise_embedding", u.device)
+    return reference.noise_embedding(u, tau_tensor if tau_tensor is not None else tau_value, weight, bias)
+
+
+@torch.library.register_fake("kforcing::noise_embedding")
+def _noise_embedding_fake(u, tau, tau_value, weight, bias):
+    _checks.noise_embedding(u, tau, weight, bias)
+    return weight.new_empty((u.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("kforcing::noise_embedding_backward")
+def _noise_embedding_backward_fake(grad_out, u, tau, tau_value, num_freqs, with_bias):
+    grad_weight = grad_out.new_empty((grad_out.shape[1], 4 * num_freqs))
+    return grad_weight, grad_out.new_empty(grad_out.shape[1]) if with_bias else None
+
+
+def _setup_context(ctx, inputs, output):
+    u, tau, tau_value, weight, bias = inputs
+    ctx.save_for_backward(u, tau)
+    ctx.tau_value = tau_value
+    ctx.num_freqs = weight.shape[1] // 4
+    ctx.with_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    u, tau = ctx.saved_tensors
+    grad_weight, grad_bias = torch.ops.kforcing.noise_embedding_backward(
+        grad_out, u, tau, ctx.tau_value, ctx.num_freqs, ctx.with_bias)
+    return None, None, None, grad_weight, grad_bias
+
+
+torch.library.register_autograd("kforcing::noise_embedding", _backward, setup_context=_setup_context)

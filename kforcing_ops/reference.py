@@ -1,0 +1,151 @@
+"""Pure-PyTorch references of every kforcing op: same signatures as the public functions, same semantics.
+
+They define what the kernels compute, stand in for a kernel that a build lacks, and are the baselines of
+the benchmarks. They favour clarity over speed: the attention references build the dense boolean mask and
+call SDPA, as the public K-Forcing release does.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+# ---------------------------------------------------------------------------------------------------------
+# inverse_cdf_sample
+
+
+def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """Float64 reference of kforcing_ops.inverse_cdf_sample (softmax + cumsum + searchsorted)."""
+    temperatures = temperature if isinstance(temperature, torch.Tensor) else None
+    _checks.inverse_cdf_sample(logits, u, temperatures, 1.0 if temperatures is not None else temperature,
+                               top_k, top_p, logits_types=_checks.FLOAT_TYPES + (torch.float64,))
+    op = "inverse_cdf_sample"
+    z = logits.double()
+    if temperatures is not None:
+        t = temperatures.double()
+        _checks.value(bool(((t > 0) & torch.isfinite(t)).all()), op, "`temperature` must be positive and finite")
+        z = z / t[:, None]
+    else:
+        z = z / temperature
+    u = u.double()
+    _checks.value(bool(((u >= 0) & (u <= 1)).all()), op, "`u` must lie in [0, 1]")
+    _checks.value(not bool((torch.isnan(z) | (z == math.inf)).any()), op, "`logits` contains NaN or +inf")
+    _checks.value(bool((z > -math.inf).any(dim=1).all()), op, "a row of `logits` has no finite logit")
+    vocab = z.shape[1]
+    if 0 < top_k < vocab:
+        kth = z.topk(top_k, dim=1).values[:, -1:]
+        z = z.masked_fill(z < kth, -math.inf)  # ties at the k-th value survive
+    if top_p < 1.0:
+        z = z.masked_fill(~_nucleus(z, top_p), -math.inf)
+    p = torch.softmax(z, dim=1)
+    cdf = p.cumsum(dim=1)
+    tokens = torch.searchsorted(cdf, u[:, None]).squeeze(1)
+    nonzero = p > 0
+    first_nonzero = nonzero.int().argmax(dim=1)
+    last_nonzero = vocab - 1 - nonzero.flip(1).int().argmax(dim=1)
+    # u = 0 would land on a leading zero-probability token; u above the rounded total mass lands past the end.
+    tokens = torch.where(u == 0, first_nonzero, tokens)
+    return torch.minimum(tokens, last_nonzero)
+
+
+def _nucleus(z, top_p):
+    """Tokens whose strictly larger logits hold < top_p of the mass (ties kept together)."""
+    p = torch.softmax(z, dim=1)
+    sorted_z, order = z.sort(dim=1, descending=True)
+    sorted_p = p.gather(1, order)
+    above = sorted_p.cumsum(dim=1) - sorted_p
+    first_of_tie = torch.searchsorted(-sorted_z, -sorted_z)  # first index of each value's tie group
+    keep_sorted = above.gather(1, first_of_tie) < top_p
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# window attention
+
+
+def window_attention_mask(num_context, num_windows, window_size, device=None):
+    """The (S, S) boolean staircase mask of METHOD.md section 3 (True = may attend).
+
+    Rows/keys 0..N-1 are context, then num_windows windows of window_size hint rows; window t is anchored at
+    context row t. Context row s sees context 0..s. Hint row (t, i) sees context 0..t and hints (t, 0..i).
+    """
+    pos = torch.arange(num_context + num_windows * window_size, device=device)
+    is_context = pos < num_context
+    window = torch.where(is_context, -1, (pos - num_context) // window_size)
+    offset = torch.where(is_context, -1, (pos - num_context) % window_size)
+    last_context = torch.where(is_context, pos, window)  # the last context key a row may see
+    sees_context = is_context[None, :] & (pos[None, :] <= last_context[:, None])
+    sees_hint = (~is_context[:, None]) & (~is_context[None, :]) & (window[:, None] == window[None, :]) & (
+        offset[None, :] <= offset[:, None])
+    return sees_context | sees_hint
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q (B, S, H, D), k/v (B, S_kv, H_kv, D), mask broadcastable to (B, H, S, S_kv)."""
+    groups = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2)
+    v = v.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def window_attention(q, k, v, num_windows, window_size, scale=None):
+    """Reference of kforcing_ops.window_attention: the dense staircase mask + SDPA."""
+    _checks.window_attention(q, k, v, num_windows, window_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    context = q.shape[1] - num_windows * window_size
+    mask = window_attention_mask(context, num_windows, window_size, device=q.device)
+    return _sdpa(q, k, v, mask, scale)
+
+
+def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, scale=None):
+    """Reference of kforcing_ops.window_attention_decode: cat + masked SDPA, then the in-place cache write."""
+    _checks.window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, new_rows = q.shape[:2]
+    max_len = k_cache.shape[1]
+    lengths = cache_seqlens.long()
+    _checks.value(bool(((lengths >= 0) & (lengths + n_commit <= max_len)).all()), "window_attention_decode",
+                  f"cache overflow: every cache_seqlens[b] + n_commit ({n_commit}) must be <= L_max ({max_len})")
+    keys = torch.arange(max_len + new_rows, device=q.device)
+    rows = torch.arange(new_rows, device=q.device)
+    sees_cache = (keys[None, None, :] < lengths[:, None, None]) & (keys < max_len)
+    sees_new = (keys[None, :] - max_len >= 0) & (keys[None, :] - max_len <= rows[:, None])
+    mask = (sees_cache | sees_new[None]).unsqueeze(1)  # (B, 1, T, L_max + T)
+    out = _sdpa(q, torch.cat([k_cache, k_new], dim=1), torch.cat([v_cache, v_new], dim=1), mask, scale)
+    if n_commit > 0:
+        slots = (lengths[:, None] + torch.arange(n_commit, device=q.device))[:, :, None, None]
+        slots = slots.expand(batch, n_commit, *k_cache.shape[2:])
+        k_cache.scatter_(1, slots, k_new[:, :n_commit])
+        v_cache.scatter_(1, slots, v_new[:, :n_commit])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# noise embedding
+
+
+def noise_frequencies(num_freqs, device=None):
+    """f_j = 10000^(-j/F), j = 0..F-1, in float64."""
+    return 10000.0 ** (-torch.arange(num_freqs, dtype=torch.float64, device=device) / num_freqs)
+
+
+def noise_features(u, tau, num_freqs):
+    """[cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)]: (M, 4F) in float64."""
+    f = noise_frequencies(num_freqs, device=u.device)
+    tau = tau.double() if isinstance(tau, torch.Tensor) else torch.full_like(u, tau, dtype=torch.float64)
+    angle_u = 2 * math.pi * u.double()[:, None] * f
+    angle_tau = 2 * math.pi * tau[:, None] * f
+    return torch.cat([angle_u.cos(), angle_u.sin(), angle_tau.cos(), angle_tau.sin()], dim=1)
+
+
+def noise_embedding(u, tau, weight, bias=None):
+    """Reference of kforcing_ops.noise_embedding: float64 features, then a Linear in weight's dtype."""
+    tau_tensor = tau if isinstance(tau, torch.Tensor) else None
+    _checks.noise_embedding(u, tau_tensor, weight, bias)
+    _checks.value(bool(((u >= 0) & (u <= 1)).all()), "noise_embedding", "`u` must lie in [0, 1]")
+    features = noise_features(u.detach(), tau.detach() if tau_tensor is not None else tau, weight.shape[1] // 4)
+    return F.linear(features.to(weight.dtype), weight, bias)

@@ -1,0 +1,58 @@
+"""inverse_cdf_sample: batched inverse-CDF sampling from explicit uniforms."""
+
+import torch
+
+from . import _checks, _ext, reference
+
+
+def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """Draw one token per row by inverse CDF from an explicit uniform: a pure function of (logits, u).
+
+    Args:
+        logits: (N, V) float32, bfloat16 or float16, any strides.
+        u: (N,) float32 or float64 in [0, 1]: one uniform per row.
+        temperature: a positive float, or an (N,) float32/float64 tensor with one temperature per row.
+        top_k: keep only the top_k largest logits (every logit equal to the k-th is kept too); 0 disables.
+        top_p: then keep the nucleus: a token survives when the (renormalised) mass of strictly larger logits
+            is < top_p, so the smallest set of most likely tokens reaching top_p survives, ties included;
+            1.0 disables.
+
+    Returns:
+        (N,) int64 token ids.
+
+    The rule: p = softmax(logits / temperature), restricted and renormalised as above; the token is the
+    smallest index v, in vocabulary order, with p_v > 0 and sum_{v' <= v} p_v' >= u. So u = 0 gives the first
+    token of nonzero probability, and if rounding leaves u above the total mass, the last one is returned.
+    Tokens of zero probability (logit -inf, or filtered out) are never returned. The result is monotone in u
+    and deterministic, and equals a float64 computation of the rule unless u lies within about 1e-7
+    (relative) of a CDF boundary: exponentials are fp32, every sum is fp64.
+
+    Invalid rows (a NaN or +inf logit, no finite logit, u outside [0, 1], a temperature that is not positive
+    and finite) raise ValueError on CPU. On CUDA, where raising would need a host sync, such rows return -1;
+    check them with `raise_on_invalid_samples(tokens)` when you can afford the sync.
+
+    On CUDA the op makes no host sync and allocates only from PyTorch's caching allocator, so it can be
+    captured in a CUDA graph.
+    """
+    temperatures, temperature_value = (
+        (temperature, 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature)))
+    if _ext.has_kernel("inverse_cdf_sample", logits.device):
+        return torch.ops.kforcing.inverse_cdf_sample(logits, u, temperatures, temperature_value, top_k, top_p)
+    _ext.warn_fallback("inverse_cdf_sample", logits.device)
+    return reference.inverse_cdf_sample(logits, u, temperature, top_k, top_p)
+
+
+def raise_on_invalid_samples(tokens):
+    """Raise ValueError if any row was invalid (token -1, the CUDA kernel's error value). Syncs with the host."""
+    bad = (tokens < 0).nonzero().flatten()
+    if bad.numel():
+        rows = bad[:8].tolist()
+        raise ValueError(
+            f"kforcing.inverse_cdf_sample: {bad.numel()} invalid row(s), first {rows}: a NaN or +inf logit, no "
+            "finite logit, u outside [0, 1], or a temperature that is not positive and finite")
+
+
+@torch.library.register_fake("kforcing::inverse_cdf_sample")
+def _inverse_cdf_sample_fake(logits, u, temperatures, temperature, top_k, top_p):
+    _checks.inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p)
+    return logits.new_empty(logits.shape[0], dtype=torch.long)
