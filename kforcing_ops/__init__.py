@@ -4,6 +4,7 @@
     window_attention         block-causal (staircase) attention over [context | k-token windows], training
     window_attention_decode  attention of [committed | hint] rows against a preallocated KV cache
     noise_embedding          fused sinusoidal features of (u, tau) + Linear
+    noise_conditioned_embedding  [token embeddings | noise embeddings]: a model's whole input sequence
 
 `reference` holds a pure-PyTorch version of each; `python -m kforcing_ops.info` shows how this was built.
 Importing initialises no CUDA.
@@ -12,13 +13,14 @@ Importing initialises no CUDA.
 from . import _ext
 from . import reference
 from .attention import window_attention, window_attention_decode
-from .embedding import noise_embedding
+from .embedding import noise_conditioned_embedding, noise_embedding
 from .sampling import inverse_cdf_sample, raise_on_invalid_samples
 
 __version__ = _ext.BUILD_INFO["version"]
 
 __all__ = [
     "inverse_cdf_sample",
+    "noise_conditioned_embedding",
     "noise_embedding",
     "raise_on_invalid_samples",
     "reference",

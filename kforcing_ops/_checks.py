@@ -130,3 +130,23 @@ def noise_embedding(u, tau, weight, bias):
         torch._check_type(bias.dtype == weight.dtype, lambda: (
             f"kforcing.{op}: `bias` has dtype {_name(bias.dtype)} but `weight` has {_name(weight.dtype)}"))
         same_device(bias, weight, op, "bias", "weight")
+
+
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias):
+    op = "noise_conditioned_embedding"
+    dim(token_ids, 2, op, "token_ids", "(B, Tc)")
+    dtype(token_ids, (torch.int64, torch.int32), op, "token_ids")
+    dim(token_table, 2, op, "token_table", "(V, H)")
+    dtype(token_table, FLOAT_TYPES + (torch.float64,), op, "token_table")
+    dim(u, 2, op, "u", "(B, Th)")
+    dtype(u, UNIFORM_TYPES, op, "u")
+    size(u, 0, token_ids.shape[0], op, "u", "batch, as token_ids")
+    if tau is not None and tau.dim() == 1:
+        size(tau, 0, u.shape[0], op, "tau", "one temperature per sequence")
+    value(tau is None or tau.dim() <= 1, op, "`tau` must be a float, a 0-d tensor or a (B,) tensor")
+    dim(weight, 2, op, "weight", "(H, 4F)")
+    size(weight, 0, token_table.shape[1], op, "weight", "H, the width of token_table")
+    torch._check_type(weight.dtype == token_table.dtype, lambda: (
+        f"kforcing.{op}: `weight` has dtype {_name(weight.dtype)} but `token_table` has {_name(token_table.dtype)}"))
+    for name, t in (("token_table", token_table), ("u", u), ("weight", weight)):
+        same_device(t, token_ids, op, name, "token_ids")

@@ -39,6 +39,24 @@ def noise_embedding(u, tau, weight, bias=None):
     return reference.noise_embedding(u, tau_tensor if tau_tensor is not None else tau_value, weight, bias)
 
 
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=None):
+    """The model's input sequence in one call: token embeddings, then noise embeddings.
+
+    Args:
+        token_ids: (B, Tc) int64 or int32, each in [0, V).
+        token_table: (V, H), the token embedding table; float32, bfloat16 or float16.
+        u: (B, Th) float32 or float64 in [0, 1]: the uniforms of the hint rows.
+        tau: a float, a 0-d tensor, or a (B,) tensor: one temperature per sequence.
+        weight, bias: (H, 4F) and optional (H,), as in `noise_embedding`, of token_table's dtype.
+
+    Returns:
+        (B, Tc + Th, H): rows 0..Tc-1 are token_table[token_ids], rows Tc.. are noise_embedding(u, tau)
+        (before the residual MLP, which the model applies). This builds [context | all windows] in training and
+        [committed | hints] in decoding without a cat. Differentiable in token_table, weight and bias.
+    """
+    return reference.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias)
+
+
 @torch.library.register_fake("kforcing::noise_embedding")
 def _noise_embedding_fake(u, tau, tau_value, weight, bias):
     _checks.noise_embedding(u, tau, weight, bias)

@@ -149,3 +149,16 @@ def noise_embedding(u, tau, weight, bias=None):
     _checks.value(bool(((u >= 0) & (u <= 1)).all()), "noise_embedding", "`u` must lie in [0, 1]")
     features = noise_features(u.detach(), tau.detach() if tau_tensor is not None else tau, weight.shape[1] // 4)
     return F.linear(features.to(weight.dtype), weight, bias)
+
+
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=None):
+    """Reference of kforcing_ops.noise_conditioned_embedding: cat(token_table[token_ids], noise embeddings)."""
+    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau if isinstance(tau, torch.Tensor) else None,
+                                        weight, bias)
+    _checks.value(bool(((token_ids >= 0) & (token_ids < token_table.shape[0])).all()), "noise_conditioned_embedding",
+                  f"`token_ids` must lie in [0, V={token_table.shape[0]})")
+    batch, hints = u.shape
+    if isinstance(tau, torch.Tensor) and tau.dim() == 1:
+        tau = tau[:, None].expand(batch, hints).reshape(-1)
+    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, -1)
+    return torch.cat([F.embedding(token_ids, token_table), noise], dim=1)
