@@ -29,10 +29,9 @@ def size(t, d, expected, op, name, what):
 
 
 def dtype(t, allowed, op, name):
-    torch._check_type(
-        t.dtype in allowed,
-        lambda: f"kforcing.{op}: `{name}` must have dtype in {{{', '.join(map(_name, allowed))}}}, got {_name(t.dtype)}",
-    )
+    names = ", ".join(map(_name, allowed))
+    torch._check_type(t.dtype in allowed,
+                      lambda: f"kforcing.{op}: `{name}` must have dtype in {{{names}}}, got {_name(t.dtype)}")
 
 
 def same_device(t, ref, op, name, ref_name):
