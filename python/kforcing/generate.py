@@ -1,0 +1,372 @@
+"""Decoding: AR (the teacher) and K-Forcing (the student), over one static KV cache and one noise source.
+
+Noise. Every uniform is `kforcing.noise.counter_uniform(seed, sequence_id, position)`: a pure function of the
+request's seed, the sequence's id (default: its index in the request) and the absolute position of the token it
+samples. A sample therefore depends only on (prompt, seed, sequence id), never on the other prompts of the batch,
+and AR and K-Forcing use the same u for the same position, so their samples are coupled token for token:
+
+    AR:         y_p = inverse_cdf_sample(teacher logits at p - 1, u(seed, b, p), temperature, top_k, top_p)
+    K-Forcing:  y_p = argmax(student logits at the hint row for p, conditioned on u(seed, b, p) and tau)
+
+Passes (METHOD.md section 4), with P the prompt length:
+    AR          [prompt] -> token P, then one row per token: max_new_tokens passes.
+    K-Forcing   [prompt | k hints] -> tokens P..P+k-1, then [k committed | k hints] per step:
+                ceil(max_new_tokens / k) passes.
+
+Ragged prompts. A batch of prompts of lengths P_b runs one extra prefill pass first: it commits the first
+P_b - min(P) tokens of every prompt (right-padded; the padding rows are written past each sequence's length and
+overwritten before they are ever read). Then every sequence has exactly min(P) prompt tokens left, and the loop
+runs with identical shapes for all sequences.
+
+Stopping. Exactly `max_new_tokens` tokens are produced per sequence unless it emits `eos_id`. A sequence that has
+emitted EOS keeps its slot (shapes stay static): its later outputs are replaced by `pad_id` (masked) and the
+loop ends early once every sequence has finished.
+
+Static shapes. After the first step every step of a loop has the same shapes and only mutates the preallocated
+cache in place, so it can be compiled (`compile=True`: torch.compile of the step) or, on CUDA, captured and
+replayed as a CUDA graph (`cuda_graph=True`; needs CUDA kernels for every op in the step, since the pure-PyTorch
+fallbacks synchronise with the host).
+"""
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+import kforcing_ops
+
+from .model import ARModel, PushForwardLM, Transformer
+from .noise import counter_uniform
+
+
+class KVCache:
+    """A static, preallocated KV cache shared by the AR and K-Forcing loops.
+
+    Attributes:
+        k, v: per layer, (B, L_max, H_kv, D) tensors (views into one allocation), written in place by
+            `kforcing_ops.window_attention_decode`.
+        seqlens: (B,) int32, the number of valid rows of each sequence (ragged batches). Only real (committed)
+            tokens are ever written; rows at or beyond seqlens[b] are never read.
+    """
+
+    def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, device=None, dtype=torch.float32):
+        if min(num_layers, batch_size, max_len, num_kv_heads, head_dim) < 1:
+            raise ValueError("KVCache: every dimension must be >= 1, got "
+                             f"layers={num_layers} batch={batch_size} max_len={max_len} "
+                             f"kv_heads={num_kv_heads} head_dim={head_dim}")
+        shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+        self._k = torch.zeros(shape, device=device, dtype=dtype)
+        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = list(self._k.unbind(0))
+        self.v = list(self._v.unbind(0))
+        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch_size, max_len, dtype=None):
+        """A cache sized for `model` (its layers, kv heads, head_dim, device and parameter dtype)."""
+        config = model.config
+        return cls(config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim,
+                   device=model.device, dtype=dtype or model.dtype)
+
+    @property
+    def num_layers(self):
+        return self._k.shape[0]
+
+    @property
+    def batch_size(self):
+        return self._k.shape[1]
+
+    @property
+    def max_len(self):
+        return self._k.shape[2]
+
+    def reset(self):
+        """Empty every sequence (lengths to 0; the rows are left as they are, and never read)."""
+        self.seqlens.zero_()
+
+    def nbytes(self):
+        return 2 * self._k.numel() * self._k.element_size()
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """The result of `generate_ar` / `generate_kforcing`.
+
+    Attributes:
+        tokens: (B, max_new_tokens) int64: the generated tokens; positions after a sequence's EOS hold pad_id.
+        lengths: (B,) int64: valid tokens per sequence (up to and including EOS).
+        num_passes: forward passes of the model (prefill included).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    num_passes: int
+
+    def tolist(self) -> List[List[int]]:
+        """The generated tokens of every sequence, without padding."""
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def _as_prompt_list(prompts) -> List[List[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"`prompts` as a tensor must be (B, P), got shape {tuple(prompts.shape)}")
+        return prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("`prompts` must be a non-empty list of token-id lists (or 1-D tensors), or a (B, P) tensor")
+    result = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        if isinstance(prompt, int):
+            raise ValueError("`prompts` must be a list of prompts (lists of token ids), not one flat list; "
+                             "wrap a single prompt: [prompt]")
+        result.append([int(t) for t in prompt])
+    return result
+
+
+def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
+    """Validate, pad, and split the prompts into (prefix for the ragged prefill, uniform tail)."""
+    prompt_list = _as_prompt_list(prompts)
+    config = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    for i, prompt in enumerate(prompt_list):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. the EOS/BOS token)")
+        if len(prompt) > config.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the model's "
+                             f"max_seq_len={config.max_seq_len}")
+        if len(prompt) + max_new_tokens > config.max_seq_len:
+            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's max_seq_len={config.max_seq_len}")
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={config.vocab_size}): {bad[:5]}")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= value < config.vocab_size:
+            raise ValueError(f"{name}={value} is outside [0, vocab_size={config.vocab_size})")
+    batch = len(prompt_list)
+    device = model.device
+    if sequence_ids is None:
+        sequence_ids = torch.arange(batch, dtype=torch.int64)
+    sequence_ids = torch.as_tensor(sequence_ids, dtype=torch.int64).flatten()
+    if sequence_ids.shape[0] != batch:
+        raise ValueError(f"sequence_ids has {sequence_ids.shape[0]} entries for {batch} prompts")
+    lengths = [len(p) for p in prompt_list]
+    shortest = min(lengths)
+    prefix = [p[:len(p) - shortest] for p in prompt_list]
+    tail = torch.tensor([p[len(p) - shortest:] for p in prompt_list], dtype=torch.int64, device=device)
+    return prefix, tail, torch.tensor(lengths, dtype=torch.int64, device=device), sequence_ids.to(device)
+
+
+def _prefill_prefix(model, cache, prefix, pad_id):
+    """Commit the ragged prompt prefixes (one pass); returns the number of passes run (0 or 1)."""
+    longest = max(len(p) for p in prefix)
+    if longest == 0:
+        return 0
+    ids = torch.full((len(prefix), longest), pad_id, dtype=torch.int64)
+    for b, p in enumerate(prefix):
+        ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
+    ids = ids.to(cache.seqlens.device)
+    if isinstance(model, ARModel):
+        model.decode(ids, cache, logits=None)
+    else:
+        model.decode(ids, ids.new_empty((len(prefix), 0), dtype=torch.float64), 1.0, cache)
+    cache.seqlens.copy_(torch.tensor([len(p) for p in prefix], dtype=torch.int32))
+    return 1
+
+
+def _mask_after_eos(tokens, eos_id, pad_id):
+    """(tokens with everything after the first EOS set to pad_id, lengths up to and including EOS)."""
+    if eos_id is None:
+        return tokens, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
+    is_eos = tokens == eos_id
+    after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return tokens.masked_fill(after, pad_id), (~after).sum(dim=1)
+
+
+class _Step:
+    """A decode step function run eagerly, compiled, or replayed from a CUDA graph (one graph per input shape).
+
+    The function takes tensors only, mutates the KV cache in place and returns a tensor. For a CUDA graph, the
+    inputs are copied into static buffers; warm-up runs happen on a side stream with the cache lengths restored
+    afterwards, so they leave no trace (the rows they wrote are rewritten by the real step).
+    """
+
+    def __init__(self, fn, cache, compile=False, cuda_graph=False):
+        if cuda_graph and cache.seqlens.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.cache = cache
+        self.cuda_graph = cuda_graph
+        self.graphs = {}
+
+    def __call__(self, *inputs):
+        if not self.cuda_graph:
+            return self.fn(*inputs)
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_output = self.graphs[key]
+        for buffer, value in zip(static_inputs, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return static_output.clone()
+
+    def _capture(self, inputs):
+        static_inputs = [t.clone() for t in inputs]
+        saved = self.cache.seqlens.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn(*static_inputs)
+                self.cache.seqlens.copy_(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.fn(*static_inputs)
+        self.cache.seqlens.copy_(saved)  # capture records the += n_commit without running it
+        return graph, static_inputs, static_output
+
+
+def _check_model(model, cls, name):
+    if not isinstance(model, cls):
+        raise TypeError(f"{name} needs a {cls.__name__}, got {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AR decoding
+
+
+@torch.no_grad()
+def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
+                seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+                eos_id: Optional[int] = None, pad_id: int = 0, sequence_ids=None, compile: bool = False,
+                cuda_graph: bool = False) -> GenerationOutput:
+    """Sample from the AR teacher, one token per pass, with explicit counter-based uniforms.
+
+    Token p of sequence b is `kforcing_ops.inverse_cdf_sample(logits, u(seed, sequence_ids[b], p), temperature,
+    top_k, top_p)`, where logits are the model's next-token logits after positions 0..p-1. The result is a pure
+    function of (prompt, seed, sequence id, sampling parameters).
+
+    Args:
+        model: an ARModel (in eval mode; decoding runs in its parameter dtype).
+        prompts: a list of B prompts (token-id lists or 1-D tensors, lengths may differ), or a (B, P) tensor.
+        max_new_tokens: tokens to generate per sequence (exactly, unless EOS comes first).
+        seed: the request's seed.
+        temperature, top_k, top_p: as in `kforcing_ops.inverse_cdf_sample`.
+        eos_id: a token that ends a sequence (kept in the output); None disables stopping.
+        pad_id: fills the output after EOS, and pads ragged prefills.
+        sequence_ids: (B,) ints naming each sequence's noise stream; default 0..B-1. Pass the ids of a bigger
+            request to reproduce part of it (a sample depends only on its own prompt and id).
+        compile: torch.compile the per-token step.
+        cuda_graph: capture the per-token step as a CUDA graph (CUDA only).
+
+    Returns:
+        GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes).
+    """
+    _check_model(model, ARModel, "generate_ar")
+    prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    batch = tail.shape[0]
+    cache = KVCache.for_model(model, batch, int(lengths.max()) + max_new_tokens)
+    passes = _prefill_prefix(model, cache, prefix, pad_id)
+    step = _Step(lambda ids: model.decode(ids, cache, logits="last"), cache, compile=compile, cuda_graph=cuda_graph)
+
+    logits = model.decode(tail, cache, logits="last")
+    passes += 1
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.int64, device=tail.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=tail.device)
+    for s in range(max_new_tokens):
+        u = counter_uniform(seed, sequence_ids, lengths + s)
+        y = kforcing_ops.inverse_cdf_sample(logits.float(), u, temperature, top_k, top_p)
+        tokens[:, s] = y
+        if eos_id is not None:
+            finished |= y == eos_id
+            if bool(finished.all()):
+                break
+        if s + 1 < max_new_tokens:
+            logits = step(y[:, None])
+            passes += 1
+    tokens, out_lengths = _mask_after_eos(tokens, eos_id, pad_id)
+    return GenerationOutput(tokens, out_lengths, passes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K-Forcing decoding
+
+
+@torch.no_grad()
+def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[int]], torch.Tensor],
+                      max_new_tokens: int, k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
+                      freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
+                      sequence_ids=None, compile: bool = False, cuda_graph: bool = False) -> GenerationOutput:
+    """Sample k tokens per forward pass from a push-forward student (METHOD.md section 4).
+
+    Step 1 runs [prompt | k hints] in one pass; every later step runs [the k tokens of the previous step | k new
+    hints] (2k rows) and appends the k tokens to the cache. Token p of sequence b is the argmax of the hint
+    logits for position p, conditioned on u(seed, sequence_ids[b], p) and tau = temperature; with
+    freq_penalty > 0 the argmax is of logits - freq_penalty * counts, counts being how often each token was
+    generated in this sequence's earlier steps (the prompt is not counted).
+
+    Args:
+        student: a PushForwardLM (eval mode).
+        prompts, max_new_tokens, seed, eos_id, pad_id, sequence_ids, compile, cuda_graph: as in `generate_ar`.
+        k: tokens per pass, 1 <= k <= student.max_k (default max_k).
+        temperature: tau, the temperature the student is conditioned on (> 0).
+        freq_penalty: lambda of the frequency penalty (0 disables it).
+
+    Returns:
+        GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes); the last step's surplus tokens
+        (when k does not divide max_new_tokens) are dropped.
+    """
+    _check_model(student, PushForwardLM, "generate_kforcing")
+    k = student.max_k if k is None else k
+    if not isinstance(k, int) or not 1 <= k <= student.max_k:
+        raise ValueError(f"k={k!r} is not allowed: this student decodes 1 <= k <= max_k={student.max_k}")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < math.inf):
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    if freq_penalty < 0:
+        raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
+    prefix, tail, lengths, sequence_ids = _prepare(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    batch, device = tail.shape[0], tail.device
+    num_steps = -(-max_new_tokens // k)
+    cache = KVCache.for_model(student, batch, int(lengths.max()) + num_steps * k)
+    passes = _prefill_prefix(student, cache, prefix, pad_id)
+    tau = float(temperature)
+    step = _Step(lambda ids, u: student.decode(ids, u, tau, cache), cache, compile=compile, cuda_graph=cuda_graph)
+
+    offsets = torch.arange(k, device=device)
+    tokens = torch.full((batch, num_steps * k), pad_id, dtype=torch.int64, device=device)
+    counts = torch.zeros((batch, student.config.vocab_size), device=device) if freq_penalty else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    committed = tail
+    for j in range(num_steps):
+        u = counter_uniform(seed, sequence_ids[:, None], lengths[:, None] + j * k + offsets)
+        logits = student.decode(committed, u, tau, cache) if j == 0 else step(committed, u)
+        passes += 1
+        scores = logits.float()
+        if counts is not None:
+            scores = scores - freq_penalty * counts[:, None, :]
+        y = scores.argmax(dim=-1)
+        if counts is not None:
+            counts.scatter_add_(1, y, torch.ones_like(y, dtype=counts.dtype))
+        tokens[:, j * k:(j + 1) * k] = y
+        committed = y
+        if eos_id is not None:
+            finished |= (y == eos_id).any(dim=1)
+            if bool(finished.all()):
+                break
+    tokens, out_lengths = _mask_after_eos(tokens[:, :max_new_tokens], eos_id, pad_id)
+    return GenerationOutput(tokens, out_lengths, passes)
+
+
+__all__ = ["GenerationOutput", "KVCache", "generate_ar", "generate_kforcing"]

@@ -1,0 +1,559 @@
+"""The AR teacher and the push-forward student: one nanoGPT-style Transformer, two heads on it.
+
+Backbone (METHOD.md section 2): token embedding -> n_layer x [pre-LayerNorm attention with rotary position
+embeddings, pre-LayerNorm GELU MLP] -> final LayerNorm -> LM head. Untied input/output embeddings, no biases,
+grouped-query attention when n_kv_head < n_head. Rotary positions are passed explicitly with every row, so a
+hint row can carry the position of the token it predicts.
+
+    ARModel          the teacher: `forward(ids)` -> logits for training, `decode(...)` over a static KV cache.
+    PushForwardLM    the student: the same backbone + a noise embedding e(u, tau) for hint rows, `max_k` hints
+                     per window. `forward_train` runs the staircase layout of METHOD.md section 3; `decode` runs
+                     one [committed | hints] step of section 4. The LM head runs only on hint rows.
+
+Layouts. Hint i (0-based) of the window anchored at context position t predicts the token at position t+1+i and
+carries that rotary position. In `forward_train` the sequence is [N context rows | num_windows windows]; window t
+is anchored at context t. In decoding the rows are [committed tokens | hints], attending causally to a KV cache
+that holds real tokens only (`kforcing.generate.KVCache`).
+
+Attention and the noise embedding go through `kforcing_ops` (C++/CUDA kernels, falling back to its pure-PyTorch
+references where a kernel is missing). `set_ops_backend("reference")` (or the `ops_backend` context manager)
+switches the model to `kforcing_ops.reference` explicitly; the two must agree, which the tests check.
+"""
+
+import contextlib
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kforcing_ops
+from kforcing_ops import reference as _reference
+from kforcing_ops.nn import NoiseEmbedding
+
+# ---------------------------------------------------------------------------------------------------------
+# Which implementation of the ops the model calls.
+
+OPS_BACKENDS = ("kforcing_ops", "reference")
+_ops_backend = "kforcing_ops"
+
+
+def set_ops_backend(name):
+    """Select the ops the models call: "kforcing_ops" (public functions: kernels, default) or "reference".
+
+    Applies to window attention (training and decode) and the noise embedding. Returns the previous setting.
+    """
+    global _ops_backend
+    if name not in OPS_BACKENDS:
+        raise ValueError(f"kforcing.model: unknown ops backend {name!r}; choose one of {OPS_BACKENDS}")
+    previous, _ops_backend = _ops_backend, name
+    return previous
+
+
+def get_ops_backend():
+    """The current ops backend name (see `set_ops_backend`)."""
+    return _ops_backend
+
+
+@contextlib.contextmanager
+def ops_backend(name):
+    """Context manager form of `set_ops_backend`: `with ops_backend("reference"): model(ids)`."""
+    previous = set_ops_backend(name)
+    try:
+        yield
+    finally:
+        set_ops_backend(previous)
+
+
+def _ops():
+    return kforcing_ops if _ops_backend == "kforcing_ops" else _reference
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Hyper-parameters of the backbone (shared by teacher and student).
+
+    Attributes:
+        vocab_size: V, tokens in the vocabulary (the tokenizer's size when training with `kforcing.train`).
+        n_layer: Transformer blocks.
+        n_embd: width H.
+        n_head: query heads; head_dim = n_embd // n_head, and must be even (rotary embeddings).
+        n_kv_head: key/value heads (grouped-query attention); must divide n_head.
+        max_seq_len: the longest sequence the model is trained/decoded on (context + generated tokens).
+        rope_base: base of the rotary frequencies, base^(-2j/head_dim).
+        dropout: residual dropout in training (attention probabilities are not dropped: the fused attention
+            kernels have no dropout).
+        mlp_ratio: the MLP's hidden width is mlp_ratio * n_embd.
+    """
+
+    vocab_size: int = 2048
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2
+    max_seq_len: int = 256
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "max_seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"ModelConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head_dim = n_embd / n_head = {self.head_dim} must be even (rotary)")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"ModelConfig: n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.rope_base > 1.0:
+            raise ValueError(f"ModelConfig.rope_base must be > 1, got {self.rope_base}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A named preset ("tiny", "small", "base"), with any field overridden, e.g. vocab_size=tokenizer size."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of `to_dict`; unknown keys are an error (a checkpoint from a newer or other format)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown} (known: {sorted(known)})")
+        return cls(**data)
+
+    def num_params(self, max_k=None):
+        """Parameter count of ARModel (max_k None) or PushForwardLM (any max_k; the noise encoder is added)."""
+        h, d = self.n_embd, self.head_dim
+        attn = h * (self.n_head + 2 * self.n_kv_head) * d + self.n_head * d * h
+        mlp = 2 * h * self.mlp_ratio * h
+        total = 2 * self.vocab_size * h + self.n_layer * (attn + mlp + 2 * h) + h
+        if max_k is not None:
+            f = max(1, h // 2)
+            total += h * 4 * f + h + 2 * h + 2 * h * 4 * h + 4 * h + h
+        return total
+
+
+PRESETS = {
+    # ~0.9M parameters: trains on CPU in minutes (tests, CI, the README walk-through).
+    "tiny": dict(vocab_size=2048, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=256),
+    # ~26M parameters.
+    "small": dict(vocab_size=8192, n_layer=6, n_embd=512, n_head=8, n_kv_head=4, max_seq_len=1024),
+    # The paper's backbone: 12 layers x 768 wide x 12 heads (~135M parameters with a 32k vocabulary).
+    "base": dict(vocab_size=32768, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, max_seq_len=1024),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rotary_cos_sin(positions, inv_freq):
+    """cos/sin of the rotary angles: positions (S,) or (B, S) int -> two (1 or B, S, 1, head_dim/2) float32."""
+    if positions.dim() == 1:
+        positions = positions[None]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate (B, S, heads, D) by the angles (half-split convention: pairs (j, j + D/2)), in float32."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) self-attention with rotary embeddings; the mask is chosen by `attend`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.wqkv = nn.Linear(config.n_embd, qkv, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, attend):
+        batch, seq, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = apply_rotary(q.view(batch, seq, self.n_head, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(batch, seq, self.n_kv_head, self.head_dim), cos, sin)
+        v = v.reshape(batch, seq, self.n_kv_head, self.head_dim)
+        y = attend(q, k, v)
+        return self.wo(y.reshape(batch, seq, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """x + Attention(LN(x)), then x + MLP(LN(x)); residual dropout on both branches."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, attend):
+        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, attend))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared backbone
+
+
+class Transformer(nn.Module):
+    """The backbone shared by `ARModel` and `PushForwardLM` (not used on its own)."""
+
+    model_type = None
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"expected a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.n_embd, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        inv_freq = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        """GPT-2 style: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:
+            for proj in (block.attn.wo, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_ids(self, ids, name="ids"):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(f"`{name}` must be a (batch, seq) tensor of token ids, got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"`{name}` must be int64 or int32 token ids, got {ids.dtype}")
+
+    def _run(self, x, positions, attend):
+        """The blocks and final norm over input vectors x (B, S, H) at `positions`; attend(layer, q, k, v)."""
+        cos, sin = rotary_cos_sin(positions, self.inv_freq)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, lambda q, k, v, layer=layer: attend(layer, q, k, v))
+        return self.norm(x)
+
+    def _decode_run(self, x, cache, n_commit):
+        """One decode pass of x (B, T, H) against `cache` (see kforcing.generate.KVCache); advances the cache.
+
+        Row j of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are
+        appended to the cache; the others (hints) are used in this pass only.
+        """
+        batch, rows = x.shape[:2]
+        if cache.batch_size != batch:
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences but the step has {batch}")
+        if cache.num_layers != self.config.n_layer:
+            raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {self.config.n_layer}")
+        positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
+        ops = _ops()
+
+        def attend(layer, q, k, v):
+            return ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens, n_commit)
+
+        hidden = self._run(x, positions, attend)
+        if n_commit:
+            cache.seqlens.add_(n_commit)
+        return hidden
+
+    def export_config(self):
+        """The JSON-serialisable description from which `build_model` rebuilds this model (checkpoints)."""
+        return {"model_type": self.model_type, "model": self.config.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The AR teacher
+
+
+class ARModel(Transformer):
+    """A causal Transformer LM: the K-Forcing teacher.
+
+    forward(ids) -> logits (B, S, V): training / scoring, causal attention through `window_attention` with no
+        windows (the staircase mask with num_windows = 0 is plain causal attention).
+    decode(ids, cache, ...) -> logits: one step against a static KV cache (`kforcing.generate`).
+    """
+
+    model_type = "ar"
+
+    def forward(self, ids, positions=None):
+        """Logits (B, S, V) of the next token at every position of ids (B, S); positions default to 0..S-1."""
+        self._check_ids(ids)
+        seq = ids.shape[1]
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(seq, device=ids.device)
+        ops = _ops()
+        hidden = self._run(self.tok_emb(ids), positions,
+                           lambda layer, q, k, v: ops.window_attention(q, k, v, 0, 1))
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def decode(self, ids, cache, n_commit=None, logits="last"):
+        """Append ids (B, T) to the cache and return next-token logits.
+
+        Args:
+            ids: (B, T) tokens at positions cache.seqlens[b] + 0..T-1.
+            cache: a `kforcing.generate.KVCache`; its lengths advance by n_commit.
+            n_commit: rows to write to the cache (default all T).
+            logits: "last" -> (B, V) of the last row, "all" -> (B, T, V), None -> no LM head (prefill only).
+        """
+        self._check_ids(ids)
+        n_commit = ids.shape[1] if n_commit is None else n_commit
+        hidden = self._decode_run(self.tok_emb(ids), cache, n_commit)
+        if logits is None:
+            return None
+        if logits == "last":
+            return self.lm_head(hidden[:, -1])
+        if logits == "all":
+            return self.lm_head(hidden)
+        raise ValueError(f"`logits` must be 'last', 'all' or None, got {logits!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The push-forward student
+
+
+def _expand_tau(tau, u):
+    """tau as the noise embedding takes it for uniforms u (B, ...): a float, or a tensor broadcast to u's shape."""
+    if not isinstance(tau, torch.Tensor):
+        return float(tau)
+    if tau.dim() == 0:
+        return tau.to(u.device).expand(u.shape)
+    if tau.dim() != 1 or tau.shape[0] != u.shape[0]:
+        raise ValueError(f"`tau` must be a float, a 0-d tensor or a (B,) tensor with B={u.shape[0]}, "
+                         f"got shape {tuple(tau.shape)}")
+    return tau.to(u.device).view(-1, *([1] * (u.dim() - 1))).expand(u.shape)
+
+
+class PushForwardLM(Transformer):
+    """The K-Forcing student G(x, u_1..u_k): k tokens per forward pass (METHOD.md sections 2-4).
+
+    The teacher's backbone plus `noise`, a `kforcing_ops.nn.NoiseEmbedding` that gives hint rows their input
+    vectors e(u_i, tau). Token i of a window is argmax of the logits at hint row i. `max_k` is the most hints per
+    window it was built (trained) for; any k <= max_k decodes, since hint i only sees hints 0..i.
+    """
+
+    model_type = "pushforward"
+
+    def __init__(self, config: ModelConfig, max_k: int, noise_num_freqs: Optional[int] = None):
+        super().__init__(config)
+        if not isinstance(max_k, int) or isinstance(max_k, bool) or max_k < 1:
+            raise ValueError(f"PushForwardLM: max_k must be a positive int, got {max_k!r}")
+        self.max_k = max_k
+        self.noise = NoiseEmbedding(config.n_embd, num_freqs=noise_num_freqs)
+
+    @classmethod
+    def from_teacher(cls, teacher, max_k, noise_num_freqs=None):
+        """A student initialised from `teacher` (an ARModel or a PushForwardLM): every backbone weight is copied,
+        and so is the noise encoder when the teacher is a student (progressive distillation k -> 2k); for an AR
+        teacher only the noise encoder is new. The student is placed on the teacher's device and dtype."""
+        if not isinstance(teacher, Transformer):
+            raise TypeError(f"from_teacher expects an ARModel or PushForwardLM, got {type(teacher).__name__}")
+        if noise_num_freqs is None and isinstance(teacher, PushForwardLM):
+            noise_num_freqs = teacher.noise.num_freqs
+        student = cls(dataclasses.replace(teacher.config), max_k, noise_num_freqs=noise_num_freqs)
+        student.to(device=teacher.device, dtype=teacher.dtype)
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        not_noise = [key for key in missing if not key.startswith("noise.")]
+        if unexpected or not_noise:
+            raise RuntimeError(f"from_teacher: weights do not match (missing {not_noise}, unexpected {unexpected})")
+        return student
+
+    def export_config(self):
+        return {**super().export_config(), "max_k": self.max_k, "noise_num_freqs": self.noise.num_freqs}
+
+    # -- embeddings -------------------------------------------------------------------------------------------
+
+    def embed_noise(self, u, tau):
+        """e(u, tau): u (...) in [0, 1] float32/float64, tau a float or (B,) tensor -> (..., H)."""
+        tau = _expand_tau(tau, u)
+        if _ops_backend == "kforcing_ops":
+            return self.noise(u, tau)
+        flat_tau = tau.reshape(-1) if isinstance(tau, torch.Tensor) else tau
+        x = _reference.noise_embedding(u.reshape(-1), flat_tau, self.noise.weight, self.noise.bias)
+        return self.noise.residual(x.view(*u.shape, -1))
+
+    def _embed_sequence(self, ids, u, tau):
+        """[tok_emb(ids) | e(u, tau)] for ids (B, Tc) and u (B, Th): (B, Tc + Th, H)."""
+        if u.shape[1] == 0:
+            return self.tok_emb(ids)
+        if isinstance(tau, torch.Tensor):
+            tau = tau.to(u.device)
+        if _ops_backend == "kforcing_ops":
+            return self.noise.embed_sequence(ids, self.tok_emb.weight, u, tau)
+        x = _reference.noise_conditioned_embedding(ids, self.tok_emb.weight, u, tau, self.noise.weight,
+                                                   self.noise.bias)
+        return torch.cat([x[:, :ids.shape[1]], self.noise.residual(x[:, ids.shape[1]:])], dim=1)
+
+    def _check_u(self, u, shape, name="u"):
+        if not isinstance(u, torch.Tensor) or u.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"`{name}` must be a float32 or float64 tensor of uniforms in [0, 1]")
+        if tuple(u.shape) != tuple(shape):
+            raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(u.shape)}")
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    def forward_train(self, ids, u, tau, window_size=None, window_tokens=None):
+        """Hint logits of every window in one pass, over the staircase layout (METHOD.md sections 3 and 5).
+
+        Args:
+            ids: (B, N) context tokens, N <= max_seq_len.
+            u: (B, num_windows, k) uniforms of the hint rows, 1 <= num_windows <= N, 1 <= k <= max_k. Window t
+                is anchored at context position t: its rows predict the tokens at positions t+1, t+2, ...
+            tau: the temperature the student is conditioned on: a float or a (B,) tensor.
+            window_size: rows per window, k without `window_tokens`, m + k with it; inferred when None and
+                checked when given.
+            window_tokens: optional (B, num_windows, m) token ids fed as real token rows at the start of each
+                window, at positions t+1..t+m, before its k hints at positions t+1+m..t+m+k. This is the
+                self-forcing teacher pass of METHOD.md section 5 (m = k: the teacher's own first k tokens).
+
+        Returns:
+            (B, num_windows, k, V) logits at the hint rows; hint i of window t predicts the token at position
+            t+1+m+i.
+
+        The sequence is [N context rows | num_windows windows of window_size rows]. A context row sees context
+        up to itself; a window row sees context 0..t and the rows of its own window up to itself.
+        """
+        self._check_ids(ids)
+        batch, context = ids.shape
+        if context > self.config.max_seq_len:
+            raise ValueError(f"context of {context} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        if not isinstance(u, torch.Tensor) or u.dim() != 3:
+            raise ValueError("`u` must be a (batch, num_windows, k) tensor of uniforms, got "
+                             f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+        num_windows, hints = u.shape[1], u.shape[2]
+        self._check_u(u, (batch, num_windows, hints))
+        if not 1 <= num_windows <= context:
+            raise ValueError(f"num_windows (u.shape[1] = {num_windows}) must be in [1, N = {context}]")
+        if not 1 <= hints <= self.max_k:
+            raise ValueError(f"k = u.shape[2] = {hints} hints per window, but this student has max_k={self.max_k}")
+        given = 0
+        if window_tokens is not None:
+            self._check_ids(window_tokens.flatten(1), "window_tokens")
+            if window_tokens.dim() != 3 or tuple(window_tokens.shape[:2]) != (batch, num_windows):
+                raise ValueError(f"`window_tokens` must have shape ({batch}, {num_windows}, m), "
+                                 f"got {tuple(window_tokens.shape)}")
+            given = window_tokens.shape[2]
+        rows = given + hints
+        if window_size is not None and window_size != rows:
+            raise ValueError(f"window_size={window_size}, but u gives {hints} hint rows"
+                             + (f" and window_tokens {given} token rows" if given else "") + f" ({rows} rows)")
+
+        if given:
+            windows = torch.cat([self.tok_emb(window_tokens), self.embed_noise(u, tau)], dim=2)
+            x = torch.cat([self.tok_emb(ids), windows.flatten(1, 2)], dim=1)
+        else:
+            x = self._embed_sequence(ids, u.flatten(1), tau)
+
+        device = ids.device
+        window_pos = (torch.arange(num_windows, device=device)[:, None] + 1
+                      + torch.arange(rows, device=device)[None, :]).flatten()
+        positions = torch.cat([torch.arange(context, device=device), window_pos])
+        ops = _ops()
+        hidden = self._run(x, positions,
+                           lambda layer, q, k, v: ops.window_attention(q, k, v, num_windows, rows))
+        hint_hidden = hidden[:, context:].view(batch, num_windows, rows, -1)[:, :, given:]
+        return self.lm_head(hint_hidden)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, ids, u, tau, cache):
+        """One K-Forcing step: [committed ids | hints] against the cache; returns hint logits (B, k, V).
+
+        Args:
+            ids: (B, T) tokens to commit, at positions cache.seqlens[b] + 0..T-1 (the prompt at step 1, the k
+                tokens of the previous step later). They are appended to the cache.
+            u: (B, k) uniforms of the hints, float32/float64, k <= max_k (k = 0: a prefill with no logits).
+            tau: temperature conditioning: a float or a (B,) tensor.
+            cache: a `kforcing.generate.KVCache`; its lengths advance by T.
+
+        Hint i sits at position cache.seqlens[b] + T + i: it predicts the token there.
+        """
+        self._check_ids(ids)
+        if not isinstance(u, torch.Tensor) or u.dim() != 2:
+            raise ValueError("`u` must be a (batch, k) tensor of uniforms")
+        self._check_u(u, (ids.shape[0], u.shape[1]))
+        if u.shape[1] > self.max_k:
+            raise ValueError(f"k = {u.shape[1]} hints, but this student has max_k={self.max_k}")
+        committed = ids.shape[1]
+        hidden = self._decode_run(self._embed_sequence(ids, u, tau), cache, committed)
+        if u.shape[1] == 0:
+            return None
+        return self.lm_head(hidden[:, committed:])
+
+
+MODEL_TYPES = {"ar": ARModel, "pushforward": PushForwardLM}
+
+
+def build_model(spec):
+    """Rebuild an untrained model from `export_config()`'s dict (the "config.json" of a checkpoint)."""
+    if not isinstance(spec, dict) or "model_type" not in spec or "model" not in spec:
+        raise ValueError("a model spec needs 'model_type' and 'model' keys (is this a kforcing checkpoint?)")
+    kind = spec["model_type"]
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {kind!r}; expected one of {sorted(MODEL_TYPES)}")
+    config = ModelConfig.from_dict(spec["model"])
+    if kind == "ar":
+        return ARModel(config)
+    if "max_k" not in spec:
+        raise ValueError("a 'pushforward' model spec needs 'max_k'")
+    return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
+
+
+__all__ = [
+    "ARModel", "ModelConfig", "OPS_BACKENDS", "PRESETS", "PushForwardLM", "Transformer", "build_model",
+    "get_ops_backend", "ops_backend", "set_ops_backend",
+]
