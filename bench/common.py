@@ -1,0 +1,151 @@
+"""Shared benchmark plumbing: timing (CPU Timer / CUDA events with cold L2), run metadata, tables, JSON.
+
+Every benchmark reports ratios measured side by side in one run: absolute times on a shared machine are noise.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark as tbench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+L2_FLUSH_FACTOR = 3  # rotate through enough input sets to cover this many L2 caches
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=RESULTS.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def metadata(device):
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def percentiles(times):
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
+    return {"median": statistics.median(times), "p20": pick(0.2), "p80": pick(0.8)}
+
+
+def time_cpu(fn, min_run_time):
+    """Median/p20/p80 seconds per call, with torch.utils.benchmark.Timer."""
+    measurement = tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return percentiles(measurement.times)
+
+
+def time_cuda(make_inputs, fn, bytes_per_call, min_run_time, blocks=15):
+    """Median/p20/p80 seconds per call with CUDA events, rotating input sets so that the L2 is cold.
+
+    make_inputs() returns one set of arguments; fn(*args) runs the op.
+    """
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    sets = [make_inputs() for _ in range(max(1, min(64, math.ceil(L2_FLUSH_FACTOR * l2 / max(bytes_per_call, 1)))))]
+    for args in sets[:3]:
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*sets[0])
+    end.record()
+    torch.cuda.synchronize()
+    per_call = max(start.elapsed_time(end) / 1e3, 1e-6)
+    calls = max(len(sets), int(min_run_time / blocks / per_call))
+    times = []
+    for _ in range(blocks):
+        start.record()
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return percentiles(times)
+
+
+def timer(device, min_run_time):
+    """A uniform timing entry point: timer(make_inputs, fn, bytes_per_call) -> stats."""
+    if device.type == "cuda":
+        return lambda make_inputs, fn, nbytes: time_cuda(make_inputs, fn, nbytes, min_run_time)
+    return lambda make_inputs, fn, nbytes: time_cpu(lambda args=make_inputs(): fn(*args), min_run_time)
+
+
+def peak_memory(device, fn):
+    """Peak bytes allocated while fn() runs (CUDA allocator stats; on CPU, the profiler's memory tracking)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage if not event.cpu_children else 0
+        peak = max(peak, current)
+    return peak
+
+
+def markdown_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [(fmt.format(row[key]) if row.get(key) is not None else "-") for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save(name, device, rows, table, extra=None):
+    """Writes bench/results/<name>_<device>.json and .md; returns the paths."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = metadata(device)
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    json_path, md_path = RESULTS / f"{name}_{tag}.json", RESULTS / f"{name}_{tag}.md"
+    json_path.write_text(json.dumps({"meta": meta, **(extra or {}), "rows": rows}, indent=2) + "\n")
+    header = (f"# {name} on {meta['device']}\n\ntorch {meta['torch']}, git {meta['git_sha']}, {meta['date']}. "
+              "Times are medians [p20, p80]; ratios are measured side by side in this run.\n\n")
+    md_path.write_text(header + table + "\n")
+    return json_path, md_path
+
+
+def base_parser(description):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run; auto = cuda when available")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--no-save", action="store_true", help="print the table only; write nothing to bench/results")
+    return parser
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def fmt_time(stats):
+    scale, unit = (1e3, "ms") if stats["median"] >= 1e-3 else (1e6, "us")
+    return f"{stats['median'] * scale:.3g} {unit} [{stats['p20'] * scale:.3g}, {stats['p80'] * scale:.3g}]"

@@ -1,0 +1,296 @@
+"""inverse_cdf_sample: the kernels against a float64 reference, its edge cases, errors and registration."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, expect_kernel
+
+import kforcing_ops as ko
+from kforcing_ops import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The kernels use fp32 exp and fp64 sums: they may differ from the float64 reference only when u lies this
+# close (relative) to a CDF boundary. Measured disagreements are far rarer than this allows.
+BOUNDARY_TOLERANCE = 1e-6
+
+
+def float64_cdf(logits, temperature, top_k, top_p):
+    """The float64 CDF of the rule (over the restricted, renormalised support), one row per input row."""
+    z = logits.double() / (temperature[:, None].double() if isinstance(temperature, torch.Tensor) else temperature)
+    if 0 < top_k < z.shape[1]:
+        z = z.masked_fill(z < z.topk(top_k, dim=1).values[:, -1:], -math.inf)
+    if top_p < 1:
+        z = z.masked_fill(~ref._nucleus(z, top_p), -math.inf)
+    return torch.softmax(z, dim=1).cumsum(dim=1)
+
+
+def assert_agrees(got, logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """Exact agreement with the float64 reference, except for u within BOUNDARY_TOLERANCE of a boundary."""
+    want = ref.inverse_cdf_sample(logits.cpu(), u.cpu(), temperature if not isinstance(temperature, torch.Tensor)
+                                  else temperature.cpu(), top_k, top_p)
+    got = got.cpu()
+    differ = (got != want).nonzero().flatten()
+    if differ.numel():
+        cdf = float64_cdf(logits[differ].cpu(), temperature[differ].cpu() if isinstance(temperature, torch.Tensor)
+                          else temperature, top_k, top_p)
+        lo = torch.minimum(got[differ], want[differ])
+        boundary = cdf.gather(1, lo[:, None]).squeeze(1)  # the CDF value between the two answers
+        distance = (u[differ].cpu().double() - boundary).abs()
+        assert (distance <= BOUNDARY_TOLERANCE).all(), (
+            f"{differ.numel()} rows disagree with the float64 reference, some far from a boundary: "
+            f"rows {differ[:5].tolist()}, distances {distance[:5].tolist()}")
+    return differ.numel()
+
+
+def random_logits(rows, vocab, dtype, device, scale=3.0):
+    return (torch.randn(rows, vocab, device=device) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 50257, 262144])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_matches_float64_reference(device, dtype, vocab, rows):
+    logits = random_logits(rows, vocab, dtype, device)
+    u = torch.rand(rows, dtype=torch.float64, device=device)
+    with expect_kernel("inverse_cdf_sample"):
+        got = ko.inverse_cdf_sample(logits, u)
+    assert got.shape == (rows,) and got.dtype == torch.int64 and got.device.type == device
+    assert_agrees(got, logits, u)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.float64])
+def test_thousands_of_rows_agree(device, u_dtype):
+    """8,000 rows of mixed scales (peaked to flat): the measured disagreement rate is printed and bounded."""
+    rows, vocab = 8000, 1000
+    scale = torch.logspace(-1, 1.5, rows, device=device)[:, None]
+    logits = torch.randn(rows, vocab, device=device) * scale
+    u = torch.rand(rows, dtype=u_dtype, device=device)
+    disagreements = assert_agrees(ko.inverse_cdf_sample(logits, u), logits, u.double())
+    print(f"\n{disagreements} of {rows} rows differ from float64 (all within {BOUNDARY_TOLERANCE} of a boundary)")
+    assert disagreements <= rows * 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (50, 1.0), (0, 0.5), (0, 0.9), (40, 0.8), (7, 0.3)])
+def test_top_k_top_p(device, dtype, top_k, top_p):
+    logits = random_logits(300, 3001, dtype, device)
+    u = torch.rand(300, dtype=torch.float64, device=device)
+    with expect_kernel("inverse_cdf_sample"):
+        got = ko.inverse_cdf_sample(logits, u, 0.8, top_k, top_p)
+    assert_agrees(got, logits, u, 0.8, top_k, top_p)
+    if top_k:  # never outside the top-k (ties at the k-th value allowed)
+        kth = logits.float().topk(top_k, dim=1).values[:, -1]
+        assert (logits.float().gather(1, got[:, None]).squeeze(1) >= kth).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_at_the_threshold_are_kept(device):
+    # Logits with many exact ties: top-k keeps every logit equal to the k-th, top-p whole tie groups.
+    logits = torch.randint(-3, 3, (500, 64), device=device).float()
+    u = torch.rand(500, dtype=torch.float64, device=device)
+    for top_k, top_p in [(3, 1.0), (10, 1.0), (0, 0.5), (5, 0.7)]:
+        assert_agrees(ko.inverse_cdf_sample(logits, u, 1.0, top_k, top_p), logits, u, 1.0, top_k, top_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_temperature(device):
+    logits = random_logits(64, 5000, torch.float32, device)
+    u = torch.rand(64, device=device)
+    temperature = torch.rand(64, dtype=torch.float64, device=device) * 2 + 0.05
+    got = ko.inverse_cdf_sample(logits, u, temperature)
+    assert_agrees(got, logits, u.double(), temperature)
+    # a tensor of equal temperatures gives what the float gives
+    same = ko.inverse_cdf_sample(logits, u, torch.full((64,), 0.7, device=device))
+    assert torch.equal(same, ko.inverse_cdf_sample(logits, u, 0.7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_logits(device, dtype):
+    base = random_logits(2000, 40, dtype, device)
+    u = torch.rand(40, dtype=torch.float64, device=device)
+    for logits in (base.t(), base.t()[:, ::3], random_logits(80, 3000, dtype, device)[::2, 5:2005]):
+        rows = logits.shape[0]
+        got = ko.inverse_cdf_sample(logits, u[:rows])
+        assert torch.equal(got, ko.inverse_cdf_sample(logits.contiguous(), u[:rows]))
+        assert_agrees(got, logits, u[:rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_cases(device):
+    inf = math.inf
+    logits = torch.tensor([[-inf, -inf, 1.0, 2.0, -inf],
+                           [-inf, -inf, 1.0, 2.0, -inf],
+                           [0.0, 0.0, 0.0, 0.0, 0.0],
+                           [5.0, -inf, -inf, -inf, -inf],
+                           [-inf, -inf, -inf, -inf, 3.0]], device=device)
+    u = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.0], dtype=torch.float64, device=device)
+    got = ko.inverse_cdf_sample(logits, u).tolist()
+    assert got == [2, 3, 4, 0, 4]  # u=0: first nonzero; u=1: last nonzero; single-token rows
+    # u = 0 with top-k still lands on the first token of the support
+    assert ko.inverse_cdf_sample(logits[2:3] + torch.arange(5.0, device=device), u[4:5], 1.0, 2).item() == 3
+    # huge logits and tiny temperatures do not overflow
+    big = torch.tensor([[1e30, 1e30 - 1e24, -1e30]], device=device)
+    assert ko.inverse_cdf_sample(big, torch.tensor([0.3], device=device)).item() == 0
+    assert ko.inverse_cdf_sample(logits[2:3] + torch.arange(5.0, device=device), torch.tensor([0.99], device=device),
+                                 1e-30).item() == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_probability_tokens_are_never_returned(device):
+    logits = torch.randn(2000, 97, device=device)
+    dead = torch.rand(2000, 97, device=device) < 0.6
+    dead[:, 0] = False
+    logits = logits.masked_fill(dead, -math.inf)
+    for u in (torch.rand(2000, device=device), torch.zeros(2000, device=device), torch.ones(2000, device=device)):
+        got = ko.inverse_cdf_sample(logits, u)
+        assert not dead.gather(1, got[:, None]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_monotone_in_u_and_deterministic(device):
+    logits = random_logits(1, 50257, torch.float32, device).expand(4096, -1)
+    u = torch.linspace(0, 1, 4096, dtype=torch.float64, device=device)
+    got = ko.inverse_cdf_sample(logits, u)
+    assert (got[1:] >= got[:-1]).all()
+    assert torch.equal(got, ko.inverse_cdf_sample(logits, u))
+
+
+def test_token_frequencies_match_p():
+    """Chi-square: tokens drawn from 200k uniforms follow p (a fixed seed, so the test is not flaky)."""
+    vocab, draws = 30, 200_000
+    logits = torch.randn(1, vocab) * 1.5
+    tokens = ko.inverse_cdf_sample(logits.expand(draws, -1), torch.rand(draws, dtype=torch.float64))
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    expected = torch.softmax(logits.double(), dim=1)[0] * draws
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    p_value = torch.special.gammaincc(torch.tensor((vocab - 1) / 2, dtype=torch.float64), chi2 / 2).item()
+    assert p_value > 1e-3, f"chi-square {chi2.item():.1f} on {vocab - 1} dof, p = {p_value:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_frequencies_match_renormalised_nucleus(device):
+    vocab, draws, top_p = 40, 100_000, 0.6
+    logits = torch.randn(1, vocab, device=device) * 2
+    tokens = ko.inverse_cdf_sample(logits.expand(draws, -1), torch.rand(draws, device=device), 1.0, 0, top_p)
+    p = torch.softmax(logits.double().masked_fill(~ref._nucleus(logits.double(), top_p), -math.inf), dim=1)[0]
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert (counts[p == 0] == 0).all()
+    live = p > 0
+    chi2 = ((counts[live] - p[live] * draws) ** 2 / (p[live] * draws)).sum()
+    dof = torch.tensor((int(live.sum()) - 1) / 2, dtype=torch.float64)
+    assert torch.special.gammaincc(dof, chi2.cpu() / 2).item() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_cpu_errors_name_the_argument():
+    logits, u = torch.randn(4, 10), torch.rand(4)
+    cases = [
+        (lambda: ko.inverse_cdf_sample(logits[0], u), ValueError, "`logits` must be 2-D"),
+        (lambda: ko.inverse_cdf_sample(logits, u[:3]), ValueError, "`u` must have size 4"),
+        (lambda: ko.inverse_cdf_sample(logits.double(), u), TypeError, "`logits` must have dtype"),
+        (lambda: ko.inverse_cdf_sample(logits, u.half()), TypeError, "`u` must have dtype"),
+        (lambda: ko.inverse_cdf_sample(logits, u, 0.0), ValueError, "`temperature` must be positive"),
+        (lambda: ko.inverse_cdf_sample(logits, u, -torch.ones(4)), ValueError, "`temperature` must be positive"),
+        (lambda: ko.inverse_cdf_sample(logits, u, torch.ones(3)), ValueError, "`temperature` must have size 4"),
+        (lambda: ko.inverse_cdf_sample(logits, u, 1.0, -1), ValueError, "`top_k` must be >= 0"),
+        (lambda: ko.inverse_cdf_sample(logits, u, 1.0, 0, 0.0), ValueError, "`top_p` must be in (0, 1]"),
+        (lambda: ko.inverse_cdf_sample(logits, u + 1.5), ValueError, "`u` must lie in [0, 1]"),
+        (lambda: ko.inverse_cdf_sample(logits, u * float("nan")), ValueError, "`u` must lie in [0, 1]"),
+        (lambda: ko.inverse_cdf_sample(torch.zeros(4, 0), u), ValueError, "at least one vocabulary column"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                           .replace("]", r"\]")):
+            call()
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_cpu_bad_rows_raise(top_k):
+    logits, u = torch.randn(4, 10), torch.rand(4)
+    nan_row = logits.clone()
+    nan_row[2, 5] = math.nan
+    with pytest.raises(ValueError, match="row 2 of `logits` contains NaN or \\+inf"):
+        ko.inverse_cdf_sample(nan_row, u, 1.0, top_k)
+    inf_row = logits.clone()
+    inf_row[1, 0] = math.inf
+    with pytest.raises(ValueError, match="row 1 of `logits` contains NaN or \\+inf"):
+        ko.inverse_cdf_sample(inf_row, u, 1.0, top_k)
+    dead_row = logits.clone()
+    dead_row[3] = -math.inf
+    with pytest.raises(ValueError, match="row 3 of `logits` has no finite logit"):
+        ko.inverse_cdf_sample(dead_row, u, 1.0, top_k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_cuda_bad_rows_return_minus_one(top_k):
+    logits, u = torch.randn(5, 10, device="cuda"), torch.rand(5, device="cuda")
+    logits[1, 3] = math.nan
+    logits[2, 0] = math.inf
+    logits[3] = -math.inf
+    u[4] = 1.5
+    got = ko.inverse_cdf_sample(logits, u, 1.0, top_k)
+    assert got[1:].tolist() == [-1, -1, -1, -1] and got[0] >= 0
+    with pytest.raises(ValueError, match="4 invalid row"):
+        ko.raise_on_invalid_samples(got)
+    ko.raise_on_invalid_samples(got[:1])
+
+
+@pytest.mark.cuda
+def test_cuda_mismatched_devices():
+    with pytest.raises(ValueError, match="`u` is on cpu but `logits` is on cuda"):
+        ko.inverse_cdf_sample(torch.randn(2, 5, device="cuda"), torch.rand(2))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registration, compile, CUDA graphs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits, u = torch.randn(6, 300, device=device), torch.rand(6, device=device)
+    for args in [(logits, u, None, 1.0, 0, 1.0), (logits, u, torch.rand(6, device=device) + 0.5, 1.0, 20, 0.9)]:
+        torch.library.opcheck(torch.ops.kforcing.inverse_cdf_sample.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def sample(logits, u):
+        return ko.inverse_cdf_sample(logits * 2.0, u, temperature=0.7, top_k=10)
+
+    logits, u = torch.randn(5, 100, device=device), torch.rand(5, device=device)
+    assert torch.equal(sample(logits, u), ko.inverse_cdf_sample(logits * 2.0, u, 0.7, 10))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_cuda_graph_capture(top_k):
+    logits, u = torch.randn(16, 50257, device="cuda"), torch.rand(16, device="cuda")
+    out = ko.inverse_cdf_sample(logits, u, 1.0, top_k)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ko.inverse_cdf_sample(logits, u, 1.0, top_k)
+    logits.copy_(torch.randn_like(logits))
+    u.copy_(torch.rand_like(u))
+    graph.replay()
+    assert torch.equal(out, ko.inverse_cdf_sample(logits, u, 1.0, top_k))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (30, 0.9)])
+def test_cuda_agrees_with_cpu(top_k, top_p):
+    logits, u = torch.randn(500, 20000), torch.rand(500, dtype=torch.float64)
+    cpu = ko.inverse_cdf_sample(logits, u, 1.3, top_k, top_p)
+    cuda = ko.inverse_cdf_sample(logits.cuda(), u.cuda(), 1.3, top_k, top_p).cpu()
+    assert (cpu != cuda).sum() <= 1
