@@ -342,6 +342,10 @@ def load_tokenizer(name_or_path) -> Tokenizer:
             raise
         except Exception as error:
             raise TokenizerError(f"{path} is not a valid tokenizer.json ({error})") from None
+    name = str(name_or_path)
+    looks_like_path = name.endswith(".json") or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path:  # hub ids are NAME or ORG/NAME
+        raise TokenizerError(f"tokenizer {name!r}: no such file or directory")
     try:
         backend = _HFTokenizer.from_pretrained(str(name_or_path))
     except Exception as error:

@@ -240,7 +240,7 @@ class _Step:
 
 def _check_model(model, cls, name):
     if not isinstance(model, cls):
-        raise TypeError(f"{name} needs a {cls.__name__}, got {type(model).__name__}")
+        raise TypeError(f"{name} needs a model of type {cls.__name__}, got {type(model).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------
