@@ -350,16 +350,19 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
                "global_batch": config.batch_size * config.grad_accum * info.world}
 
     def evaluate(step):
+        # The same eval_batches batches whatever the world size: rank r evaluates batches r, r + world, ...
         model.eval()
-        total = 0.0
+        total = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad(), autocast:
-            for i in range(config.eval_batches):
-                x, y = dataset.batch("val", i, config.batch_size, seq_len, config.seed,
-                                     first_index=info.rank * config.batch_size, device=device)
+            for i in range(info.rank, config.eval_batches, info.world):
+                x, y = dataset.batch("val", i, config.batch_size, seq_len, config.seed, device=device)
                 logits = model(x)
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+                total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).double()
+                total[1] += 1
         model.train()
-        loss = _all_mean(total / config.eval_batches, info, device)
+        if info.enabled:
+            dist.all_reduce(total)
+        loss = (total[0] / total[1]).item()
         metrics.log({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
         summary["val_loss"] = loss
         summary.setdefault("first_val_loss", loss)
