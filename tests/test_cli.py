@@ -1,0 +1,124 @@
+"""The `kforcing` command line: train-teacher and sample, as a user runs them, and their error messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kforcing.checkpoint import load_model, save_checkpoint
+from kforcing.cli import main
+from kforcing.model import PushForwardLM
+
+pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["train-teacher", "--config", "tiny", "--corpus-max-mb", "0.3", "--vocab-size", "512",
+         "--seq-len", "32", "--batch-size", "4", "--steps", "6", "--warmup", "2", "--eval-interval", "3",
+         "--eval-batches", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "teacher"
+    assert main([*TRAIN, "--corpus", "stdlib", "--out", str(out)]) == 0
+    return out
+
+
+def run_cli(*args, expect=0):
+    """The installed entry point as a user calls it (python -m kforcing.cli is the same main)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "kforcing.cli", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == expect, result.stderr[-2000:]
+    return result
+
+
+def test_help():
+    out = run_cli("--help").stdout
+    assert "train-teacher" in out and "sample" in out
+    train_help = run_cli("train-teacher", "--help").stdout
+    for flag in ("--corpus", "--resume", "--stop-after", "--tokenizer", "--seq-len", "--tensorboard"):
+        assert flag in train_help
+    assert "--k" in run_cli("sample", "--help").stdout
+
+
+def test_train_then_sample(teacher_run, capsys):
+    assert (teacher_run / "latest.json").is_file()
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(teacher_run), "--prompt", "def main(", "--prompt", "import",
+                 "--num-samples", "2", "--max-new-tokens", "12", "--no-stop", "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    blocks = captured.out.split("=== sample ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["0.0", "0.1", "1.0", "1.1"]
+    assert blocks[0].splitlines()[1].startswith("def main(") and blocks[2].splitlines()[1].startswith("import")
+    assert blocks[0] != blocks[1]  # two samples of one prompt use different noise
+    assert "AR: 48 tokens in 13 passes" in captured.err  # ragged prompts: a prefill pass + 12
+    # Same seed, same samples.
+    main(["sample", "--ckpt", str(teacher_run), "--prompt", "def main(", "--prompt", "import", "--num-samples", "2",
+          "--max-new-tokens", "12", "--no-stop", "--seed", "3"])
+    assert capsys.readouterr().out == captured.out
+
+
+def test_sample_from_a_student(teacher_run, tmp_path, capsys):
+    teacher, tokenizer, _ = load_model(teacher_run)
+    student = PushForwardLM.from_teacher(teacher, 4)
+    save_checkpoint(tmp_path / "student", student, tokenizer)
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(tmp_path / "student"), "--prompt", "x = ", "--max-new-tokens", "10",
+                 "--k", "3", "--no-stop"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("=== sample 0.0\nx = ")
+    assert "K-Forcing k=3: 10 tokens in 4 passes" in captured.err
+    with pytest.raises(SystemExit) as error:
+        main(["sample", "--ckpt", str(tmp_path / "student"), "--k", "5"])
+    assert error.value.code == 2
+    assert "k=5 is not allowed: this student decodes 1 <= k <= max_k=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--corpus", "/nonexistent/corpus.txt"], "corpus '/nonexistent/corpus.txt': no such file or directory"),
+    (["--corpus", "EMPTY"], "cannot train a tokenizer on an empty corpus"),
+    (["--corpus", "stdlib", "--tokenizer", "/nonexistent/tokenizer.json"], "no such file or directory"),
+])
+def test_train_errors(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    with pytest.raises(SystemExit) as error:
+        main([*TRAIN, *args, "--out", str(tmp_path / "run")])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kforcing: error: ") and message in err
+
+
+def test_sample_errors(teacher_run, tmp_path, capsys):
+    def fails(args, message):
+        with pytest.raises(SystemExit) as error:
+            main(["sample", *args])
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    fails(["--ckpt", str(teacher_run), "--k", "4"], "--k needs a K-Forcing student checkpoint")
+    fails(["--ckpt", str(tmp_path / "missing")], "does not exist")
+    fails(["--ckpt", str(teacher_run), "--prompt", "def f(): pass\n" * 200],
+          "longer than the model's max_seq_len=256")
+    fails(["--ckpt", str(teacher_run), "--max-new-tokens", "300"], "exceeds the model's max_seq_len=256")
+    fails(["--ckpt", str(teacher_run), "--freq-penalty", "1.0"], "--freq-penalty applies to K-Forcing students")
+
+
+def test_resume_with_another_config_is_a_clear_error(teacher_run, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([*TRAIN, "--corpus", "stdlib", "--config", "small", "--resume", "--out", str(teacher_run)])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "another model config (n_layer: 2 vs 6" in err and "--config small" in err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("kforcing")
+    if not script.exists():
+        pytest.skip("the kforcing console script is not installed next to this interpreter")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "train-teacher" in result.stdout
