@@ -1,0 +1,129 @@
+"""End-to-end decode speed: generate_ar vs generate_kforcing (k = 1..4), same backbone, same machine, one run.
+
+For each batch size, the AR teacher (kforcing.model.ARModel) and a push-forward student built from it
+(PushForwardLM.from_teacher, same backbone weights; random weights are fine for speed) generate
+--new-tokens tokens after a --prompt-len token prompt:
+  AR          kforcing.generate.generate_ar: one token per pass, inverse-CDF sampling from explicit uniforms
+  K-Forcing   kforcing.generate.generate_kforcing: [prompt | k hints] then [k committed | k hints] per pass
+Each measurement is a whole generate call (prefill included), repeated --repeats times after one warm-up call;
+reported: median [p20, p80] seconds, tokens/s, ms per pass, and the speedup of K-Forcing over AR (ratio of
+medians in this run). EOS stopping is off, so every call produces exactly batch x --new-tokens tokens.
+
+Targets (issue 5): CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
+Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
+
+Examples:
+  python bench/bench_decode.py                         # CPU defaults: small, batch 1 8 32
+  python bench/bench_decode.py --device cuda --preset base --dtype bfloat16 --batch 1 8 32 64 128 256
+"""
+
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, repeats):
+    """Warm up once, then time `repeats` whole calls: (percentile stats in seconds, the last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return common.percentiles(times), result
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model preset (default: small on CPU, base on GPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="batch sizes (default: CPU 1 8 32; GPU 1 8 32 64 128 256)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4], help="K-Forcing tokens per pass")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per measurement")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model and KV-cache dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (both loops)")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and noise seed")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="kforcing_ops.*reference", category=RuntimeWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.resolve_device(args.device)
+    preset = args.preset or ("base" if device.type == "cuda" else "small")
+    batches = args.batch or ([1, 8, 32, 64, 128, 256] if device.type == "cuda" else [1, 8, 32])
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    config = ModelConfig.from_preset(preset)
+    if args.prompt_len + args.new_tokens + max(args.k) > config.max_seq_len:
+        parser.error(f"--prompt-len + --new-tokens must fit the preset's max_seq_len={config.max_seq_len}")
+
+    torch.manual_seed(args.seed)
+    teacher = ARModel(config).to(device=device, dtype=dtype).eval()
+    student = PushForwardLM.from_teacher(teacher, max(args.k)).eval()
+    options = {"compile": args.compile, "cuda_graph": args.cuda_graph}
+    print(f"{preset}: {teacher.num_params() / 1e6:.1f}M parameters, {args.dtype} -> {dtype}, "
+          f"{common.device_name(device)}", flush=True)
+
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len)).tolist()
+        runs = {"AR": lambda: generate_ar(teacher, prompts, args.new_tokens, seed=args.seed, **options)}
+        for k in args.k:
+            runs[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k, seed=args.seed,
+                                                           **options)
+        ar_median = None
+        for name, fn in runs.items():
+            stats, out = measure(fn, device, args.repeats)
+            ar_median = ar_median or stats["median"]
+            row = {"batch": batch, "decoder": name, "time_s": stats, "passes": out.num_passes,
+                   "tokens_per_s": batch * args.new_tokens / stats["median"],
+                   "ms_per_pass": 1e3 * stats["median"] / out.num_passes,
+                   "speedup_vs_ar": ar_median / stats["median"]}
+            rows.append(row)
+            print(f"batch {batch:4d} {name:5s}: {common.fmt_time(stats)} per call, {row['passes']} passes, "
+                  f"{row['tokens_per_s']:.0f} tokens/s, {row['ms_per_pass']:.2f} ms/pass, "
+                  f"{row['speedup_vs_ar']:.2f}x AR", flush=True)
+
+    columns = [("batch", "batch", "{}"), ("decoder", "decoder", "{}"), ("time", "time per call", "{}"),
+               ("passes", "passes", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
+               ("ms_per_pass", "ms/pass", "{:.2f}"), ("speedup_vs_ar", "speedup vs AR", "{:.2f}x")]
+    shown = [dict(r, time=common.fmt_time(r["time_s"])) for r in rows]
+    table = common.markdown_table(shown, columns)
+    summary = {k: statistics.median([r["speedup_vs_ar"] for r in rows if r["decoder"] == f"k={k}"]) for k in args.k}
+    print()
+    print(table)
+    print("\nmedian speedup over AR across batch sizes: "
+          + ", ".join(f"k={k}: {s:.2f}x" for k, s in summary.items()))
+    if not args.no_save:
+        settings = {"preset": preset, "params": teacher.num_params(), "dtype": str(dtype).replace("torch.", ""),
+                    "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                    "compile": args.compile, "cuda_graph": args.cuda_graph, "threads": torch.get_num_threads(),
+                    "command": " ".join(["python", "bench/bench_decode.py", *(argv or sys.argv[1:])])}
+        for path in common.save("decode", device, rows, table, extra={"settings": settings}):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
