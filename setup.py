@@ -197,7 +197,6 @@ def make_extension():
         sources=sources(with_cuda),
         include_dirs=[str(ROOT / "csrc" / "include"), str(GENERATED)],
         extra_link_args=["-fopenmp"],
-        define_macros=[("Py_LIMITED_API", "0x03090000")],
         py_limited_api=True,
     )
     if not with_cuda:

@@ -9,6 +9,9 @@ import torch
 
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 UNIFORM_TYPES = (torch.float32, torch.float64)
+# The attention kernels: fp64 on CPU (for gradcheck), fp16 on CUDA; the references take all four.
+ATTENTION_TYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float64), "cuda": FLOAT_TYPES}
+ALL_ATTENTION_TYPES = FLOAT_TYPES + (torch.float64,)
 
 
 def _name(dtype):
@@ -60,11 +63,11 @@ def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logit
     value(0.0 < top_p <= 1.0, op, f"`top_p` must be in (0, 1] (1 disables it), got {top_p}")
 
 
-def _heads(q, k, v, op):
+def _heads(q, k, v, op, dtypes):
     """q (B, S, H, D) with k, v (B, S_kv, H_kv, D); H_kv divides H."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         dim(t, 4, op, name, "(batch, seq, heads, head_dim)")
-    dtype(q, FLOAT_TYPES + (torch.float64,), op, "q")
+    dtype(q, dtypes or ATTENTION_TYPES.get(q.device.type, ALL_ATTENTION_TYPES), op, "q")
     for name, t in (("k", k), ("v", v)):
         torch._check_type(t.dtype == q.dtype,
                           lambda: f"kforcing.{op}: `{name}` has dtype {_name(t.dtype)} but `q` has {_name(q.dtype)}")
@@ -76,9 +79,10 @@ def _heads(q, k, v, op):
           f"the kv heads of `k` ({k.shape[2]}) must divide the heads of `q` ({q.shape[2]})")
 
 
-def window_attention(q, k, v, num_windows, window_size):
+def window_attention(q, k, v, num_windows, window_size, dtypes=None):
+    """`dtypes`: default, what the kernel for q's device takes; the reference passes ALL_ATTENTION_TYPES."""
     op = "window_attention"
-    _heads(q, k, v, op)
+    _heads(q, k, v, op, dtypes)
     size(k, 1, q.shape[1], op, "k", "seq, as q")
     value(window_size >= 1, op, f"`window_size` must be >= 1, got {window_size}")
     value(num_windows >= 0, op, f"`num_windows` must be >= 0, got {num_windows}")
@@ -88,9 +92,9 @@ def window_attention(q, k, v, num_windows, window_size):
           f"({num_windows} * {window_size}) hint rows with 1 <= num_windows <= N")
 
 
-def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit):
+def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, dtypes=None):
     op = "window_attention_decode"
-    _heads(q, k_new, v_new, op)
+    _heads(q, k_new, v_new, op, dtypes)
     size(k_new, 1, q.shape[1], op, "k_new", "T new rows, as q")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         dim(t, 4, op, name, "(batch, max_len, kv_heads, head_dim)")

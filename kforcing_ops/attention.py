@@ -59,7 +59,8 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
 def _window_attention_fake(q, k, v, num_windows, window_size, scale):
     _checks.window_attention(q, k, v, num_windows, window_size)
     batch, seq, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=lse_dtype)
 
 
 @torch.library.register_fake("kforcing::window_attention_backward")

@@ -94,7 +94,7 @@ def _sdpa(q, k, v, mask, scale):
 
 def window_attention(q, k, v, num_windows, window_size, scale=None):
     """Reference of kforcing_ops.window_attention: the dense staircase mask + SDPA."""
-    _checks.window_attention(q, k, v, num_windows, window_size)
+    _checks.window_attention(q, k, v, num_windows, window_size, dtypes=_checks.ALL_ATTENTION_TYPES)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     context = q.shape[1] - num_windows * window_size
     mask = window_attention_mask(context, num_windows, window_size, device=q.device)
@@ -103,7 +103,8 @@ def window_attention(q, k, v, num_windows, window_size, scale=None):
 
 def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, scale=None):
     """Reference of kforcing_ops.window_attention_decode: cat + masked SDPA, then the in-place cache write."""
-    _checks.window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit)
+    _checks.window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit,
+                                    dtypes=_checks.ALL_ATTENTION_TYPES)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, new_rows = q.shape[:2]
     max_len = k_cache.shape[1]

@@ -1,0 +1,123 @@
+// window_attention_decode, CPU kernel: T new rows per sequence against a preallocated KV cache.
+//
+// Semantics: kforcing_ops/attention.py. Algorithm: one task per (batch, kv head). Its rows are the T new rows of
+// the G query heads sharing that kv head, and they share every key tile: a tile of kKeyTile cache keys is loaded
+// (transposed) once and scored against all T * G rows with an online softmax. Then the new keys: new row j sees new
+// rows 0..j. Last, the first n_commit new K/V rows are copied into the cache at [len_b, len_b + n_commit) of this
+// (batch, kv head): a slice no other task reads or writes. Every length is checked before anything is written, so a
+// cache overflow raises instead of writing out of bounds.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kforcing/attention.h"
+#include "kforcing/cpu_vec.h"
+
+namespace kforcing::cpu {
+namespace {
+
+constexpr const char* kOp = "window_attention_decode";
+
+template <typename scalar_t>
+struct DecodeArgs {
+  const scalar_t *q, *k_new, *v_new;
+  scalar_t *k_cache, *v_cache, *out;
+  at::IntArrayRef sq, sk, sv, skc, svc, so;  // strides
+  const int32_t* lengths;
+  int64_t new_rows, heads, kv_heads, dim, n_commit;
+  double scale;
+
+  template <typename T>
+  static T* row(T* base, at::IntArrayRef st, int64_t b, int64_t s, int64_t h) {
+    return base + b * st[0] + s * st[1] + h * st[2];
+  }
+};
+
+template <typename scalar_t>
+void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Args = DecodeArgs<scalar_t>;
+  const int64_t d = a.dim, padded = padded_dim<acc_t>(d), group = a.heads / a.kv_heads, t_new = a.new_rows;
+  const int64_t n_rows = t_new * group, length = a.lengths[b];
+  std::vector<acc_t> q(n_rows * padded), acc(n_rows * padded, acc_t(0)), scores(kKeyTile);
+  std::vector<acc_t> keys_t(d * kKeyTile), vals(kKeyTile * padded), scratch(padded);
+  std::vector<OnlineRow<acc_t>> state(n_rows);
+  // Row r = (new row j, query head h): r = j * group + (h - hk * group).
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const scalar_t* src = Args::row(a.q, a.sq, b, r / group, hk * group + r % group);
+    load_row(src, d, padded, static_cast<acc_t>(a.scale), q.data() + r * padded);
+  }
+  // Cache tiles, then the new rows as one more "tile" with a causal limit.
+  auto attend = [&](const scalar_t* kbase, at::IntArrayRef ks, const scalar_t* vbase, at::IntArrayRef vs, int64_t k0,
+                    int64_t n, bool causal) {
+    std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
+    for (int64_t j = 0; j < n; ++j) {
+      load_row(Args::row(kbase, ks, b, k0 + j, hk), d, padded, acc_t(1), scratch.data());
+      for (int64_t i = 0; i < d; ++i) keys_t[i * kKeyTile + j] = scratch[i];
+      load_row(Args::row(vbase, vs, b, k0 + j, hk), d, padded, acc_t(1), vals.data() + j * padded);
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t visible = causal ? std::min(n, r / group - k0 + 1) : n;
+      if (visible <= 0) continue;
+      row_scores(q.data() + r * padded, keys_t.data(), d, scores.data());
+      state[r].update(scores.data(), visible, vals.data(), padded, acc.data() + r * padded);
+    }
+  };
+  for (int64_t k0 = 0; k0 < length; k0 += kKeyTile) {
+    attend(a.k_cache, a.skc, a.v_cache, a.svc, k0, std::min(kKeyTile, length - k0), false);
+  }
+  for (int64_t k0 = 0; k0 < t_new; k0 += kKeyTile) {
+    attend(a.k_new, a.sk, a.v_new, a.sv, k0, std::min(kKeyTile, t_new - k0), true);
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    scalar_t* dst = Args::row(a.out, a.so, b, r / group, hk * group + r % group);
+    store_row(acc.data() + r * padded, d, acc_t(1) / state[r].l, dst);
+  }
+  for (int64_t j = 0; j < a.n_commit; ++j) {
+    std::copy_n(Args::row(a.k_new, a.sk, b, j, hk), d, Args::row(a.k_cache, a.skc, b, length + j, hk));
+    std::copy_n(Args::row(a.v_new, a.sv, b, j, hk), d, Args::row(a.v_cache, a.svc, b, length + j, hk));
+  }
+}
+
+at::Tensor window_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
+                                       at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                       int64_t n_commit, double scale) {
+  check_decode_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_seqlens, n_commit,
+                    {at::kFloat, at::kBFloat16, at::kDouble});
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k_new = k_new_in.stride(3) == 1 ? k_new_in : k_new_in.contiguous();
+  const at::Tensor v_new = v_new_in.stride(3) == 1 ? v_new_in : v_new_in.contiguous();
+  const at::Tensor lengths = cache_seqlens.contiguous();
+  const int64_t batch = q.size(0), kv_heads = k_new.size(2), max_len = k_cache.size(1);
+  const int32_t* len = lengths.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    KF_CHECK_VALUE(len[b] >= 0 && len[b] + n_commit <= max_len, kOp, "cache overflow: sequence ", b, " has ",
+                   len[b], " cached rows, and ", n_commit, " more do not fit in L_max = ", max_len);
+  }
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "window_attention_decode_cpu", [&] {
+    const DecodeArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), k_new.const_data_ptr<scalar_t>(),
+                                    v_new.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
+                                    v_cache.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                    q.strides(), k_new.strides(), v_new.strides(), k_cache.strides(),
+                                    v_cache.strides(), out.strides(), len, q.size(1), q.size(2), kv_heads, q.size(3),
+                                    n_commit, scale};
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
+      for (int64_t task = first; task < last; ++task) decode_task(args, task / kv_heads, task % kv_heads);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kforcing, CPU, m) { m.impl("window_attention_decode", &window_attention_decode_cpu); }
+
+}  // namespace kforcing::cpu
