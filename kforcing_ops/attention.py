@@ -89,3 +89,11 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("kforcing::window_attention", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("kforcing.window_attention: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd("kforcing::window_attention_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -72,7 +72,8 @@ void axpy(acc_t a, const acc_t* x, acc_t* y, int64_t n) {
 }
 
 // out[0..padded) += sum_{j < n} coef[j * coef_stride] * rows[j * padded + 0..padded): a weighted sum of rows,
-// accumulated in registers, kRowChunk vectors of `out` at a time (4 vectors = 64 fp32 lanes on AVX-512).
+// accumulated in registers, kRowChunk vectors of `out` at a time (4 vectors = 64 fp32 lanes on AVX-512). The sum
+// starts from zero and is added to `out` once, so a long running total picks up one rounding per call, not n.
 template <typename acc_t>
 void weighted_row_sum(const acc_t* coef, int64_t coef_stride, const acc_t* rows, int64_t n, int64_t padded,
                       acc_t* out) {
@@ -81,13 +82,13 @@ void weighted_row_sum(const acc_t* coef, int64_t coef_stride, const acc_t* rows,
   auto run = [&](auto chunk_vecs, int64_t c) {
     constexpr int64_t kVecs = decltype(chunk_vecs)::value;
     V acc[kVecs];
-    for (int64_t i = 0; i < kVecs; ++i) acc[i] = V::loadu(out + c + i * V::size());
+    for (int64_t i = 0; i < kVecs; ++i) acc[i] = V(acc_t(0));
     for (int64_t j = 0; j < n; ++j) {
       const V w(coef[j * coef_stride]);
       const acc_t* row = rows + j * padded + c;
       for (int64_t i = 0; i < kVecs; ++i) acc[i] = at::vec::fmadd(w, V::loadu(row + i * V::size()), acc[i]);
     }
-    for (int64_t i = 0; i < kVecs; ++i) acc[i].store(out + c + i * V::size());
+    for (int64_t i = 0; i < kVecs; ++i) (acc[i] + V::loadu(out + c + i * V::size())).store(out + c + i * V::size());
   };
   int64_t c = 0;
   for (; c + kRowChunk * V::size() <= padded; c += kRowChunk * V::size()) {
