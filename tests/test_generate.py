@@ -152,6 +152,25 @@ def test_generate_ar_is_inverse_cdf_of_the_full_forward(sampling):
     assert len(set(out.tokens.flatten().tolist())) > 5  # it samples, it does not repeat one token
 
 
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_generate_kforcing_is_argmax_of_forward_train(k):
+    """Each window of generated tokens = argmax of forward_train's hint logits on the generated sequence, with
+    the window anchored at the last token before it and the uniforms of its positions."""
+    _, student = make_models()
+    prompts = prompts_of([5, 9])
+    n = 10
+    out = generate_kforcing(student, prompts, n, k=k, seed=8, temperature=0.9)
+    for b, prompt in enumerate(prompts):
+        p = len(prompt)
+        sequence = torch.tensor(prompt + out.tokens[b].tolist())[None]
+        anchors = torch.arange(p - 1, p - 1 + n, k)
+        u = counter_uniform(8, b, anchors[:, None] + 1 + torch.arange(k))
+        full = torch.zeros(1, len(sequence[0]), k, dtype=torch.float64)
+        full[0, anchors] = u
+        logits = student.forward_train(sequence, full, 0.9)[0, anchors]
+        assert logits.argmax(-1).flatten()[:n].tolist() == out.tokens[b].tolist()
+
+
 @pytest.mark.parametrize("kind", ["ar", "kforcing"])
 def test_same_seed_same_samples_whatever_the_batch(kind):
     teacher, student = make_models()

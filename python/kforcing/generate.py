@@ -40,6 +40,9 @@ from .model import ARModel, PushForwardLM, Transformer
 from .noise import counter_uniform
 
 
+_HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
+
+
 class KVCache:
     """A static, preallocated KV cache shared by the AR and K-Forcing loops.
 
@@ -285,9 +288,11 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     passes += 1
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.int64, device=tail.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=tail.device)
+    # Every uniform of the request is known up front: row s holds u(seed, b, lengths[b] + s) for every b.
+    all_u = counter_uniform(seed, sequence_ids[None, :],
+                            lengths[None, :] + torch.arange(max_new_tokens, device=tail.device)[:, None])
     for s in range(max_new_tokens):
-        u = counter_uniform(seed, sequence_ids, lengths + s)
-        y = kforcing_ops.inverse_cdf_sample(logits.float(), u, temperature, top_k, top_p)
+        y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p)
         tokens[:, s] = y
         if eos_id is not None:
             finished |= y == eos_id
@@ -342,16 +347,24 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     cache = KVCache.for_model(student, batch, int(lengths.max()) + num_steps * k)
     passes = _prefill_prefix(student, cache, prefix, pad_id)
     tau = float(temperature)
-    step = _Step(lambda ids, u: student.decode(ids, u, tau, cache), cache, compile=compile, cuda_graph=cuda_graph)
+    step = _Step(lambda ids, u, hints: student.decode(ids, u, tau, cache, hint_embeddings=hints), cache,
+                 compile=compile, cuda_graph=cuda_graph)
 
-    offsets = torch.arange(k, device=device)
+    # Every uniform of the request is known up front: u for position lengths[b] + i. Their hint embeddings are
+    # computed in chunks of steps (one batched noise-encoder call per chunk instead of one per step).
+    all_u = counter_uniform(seed, sequence_ids[:, None], lengths[:, None] + torch.arange(num_steps * k, device=device))
+    all_u = all_u.view(batch, num_steps, k)
+    chunk = max(1, min(num_steps, _HINT_CHUNK_ELEMENTS // max(1, batch * k * student.config.n_embd)))
     tokens = torch.full((batch, num_steps * k), pad_id, dtype=torch.int64, device=device)
     counts = torch.zeros((batch, student.config.vocab_size), device=device) if freq_penalty else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     committed = tail
     for j in range(num_steps):
-        u = counter_uniform(seed, sequence_ids[:, None], lengths[:, None] + j * k + offsets)
-        logits = student.decode(committed, u, tau, cache) if j == 0 else step(committed, u)
+        if j % chunk == 0:
+            hints = student.embed_noise(all_u[:, j:j + chunk], tau)
+        u, hint = all_u[:, j], hints[:, j % chunk]
+        logits = student.decode(committed, u, tau, cache, hint_embeddings=hint) if j == 0 else step(
+            committed, u, hint)
         passes += 1
         scores = logits.float()
         if counts is not None:

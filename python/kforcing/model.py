@@ -510,7 +510,7 @@ class PushForwardLM(Transformer):
     # -- decoding ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, ids, u, tau, cache):
+    def decode(self, ids, u, tau, cache, hint_embeddings=None):
         """One K-Forcing step: [committed ids | hints] against the cache; returns hint logits (B, k, V).
 
         Args:
@@ -519,6 +519,9 @@ class PushForwardLM(Transformer):
             u: (B, k) uniforms of the hints, float32/float64, k <= max_k (k = 0: a prefill with no logits).
             tau: temperature conditioning: a float or a (B,) tensor.
             cache: a `kforcing.generate.KVCache`; its lengths advance by T.
+            hint_embeddings: optional (B, k, H) = embed_noise(u, tau), computed ahead of time (the uniforms of a
+                whole generation are known before it starts, so `generate_kforcing` embeds them in a few
+                batched calls instead of one per step). u and tau are then only used for shape checks.
 
         Hint i sits at position cache.seqlens[b] + T + i: it predicts the token there.
         """
@@ -529,7 +532,14 @@ class PushForwardLM(Transformer):
         if u.shape[1] > self.max_k:
             raise ValueError(f"k = {u.shape[1]} hints, but this student has max_k={self.max_k}")
         committed = ids.shape[1]
-        hidden = self._decode_run(self._embed_sequence(ids, u, tau), cache, committed)
+        if hint_embeddings is None:
+            x = self._embed_sequence(ids, u, tau)
+        else:
+            expected = (ids.shape[0], u.shape[1], self.config.n_embd)
+            if tuple(hint_embeddings.shape) != expected:
+                raise ValueError(f"`hint_embeddings` must have shape {expected}, got {tuple(hint_embeddings.shape)}")
+            x = torch.cat([self.tok_emb(ids), hint_embeddings.to(self.tok_emb.weight.dtype)], dim=1)
+        hidden = self._decode_run(x, cache, committed)
         if u.shape[1] == 0:
             return None
         return self.lm_head(hidden[:, committed:])
