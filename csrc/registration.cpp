@@ -47,4 +47,10 @@ TORCH_LIBRARY(kforcing, m) {
   m.def(
       "noise_embedding_backward(Tensor grad_out, Tensor u, Tensor? tau, float tau_value, int num_freqs, "
       "bool with_bias) -> (Tensor grad_weight, Tensor? grad_bias)");
+  m.def(
+      "noise_conditioned_embedding(Tensor token_ids, Tensor token_table, Tensor u, Tensor? tau, float tau_value, "
+      "Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "noise_conditioned_embedding_backward(Tensor grad_out, Tensor token_ids, int vocab, Tensor u, Tensor? tau, "
+      "float tau_value, int num_freqs, bool with_bias) -> (Tensor grad_table, Tensor grad_weight, Tensor? grad_bias)");
 }

@@ -5,8 +5,15 @@ import torch
 from . import _checks, _ext, reference
 
 
+def _reject_noise_grad(u, tau):
+    for name, t in (("u", u), ("tau", tau)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"kforcing: `{name}` requires grad, but the noise embedding is not differentiable in "
+                             f"its noise inputs; pass {name}.detach()")
+
+
 def _split_tau(tau, rows):
-    """(tensor or None, float) as the op's schema takes it; a 0-d tensor broadcasts to every row."""
+    """(tensor or None, float) as the ops' schemas take tau; a 0-d tensor broadcasts to all `rows`."""
     if not isinstance(tau, torch.Tensor):
         return None, float(tau)
     return (tau.reshape(1).expand(rows) if tau.dim() == 0 else tau), 0.0
@@ -26,12 +33,10 @@ def noise_embedding(u, tau, weight, bias=None):
         with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better.
 
     Differentiable in weight and bias. u and tau are noise: they get no gradient, and passing one that
-    requires grad raises ValueError rather than silently dropping its gradient.
+    requires grad raises ValueError rather than silently dropping its gradient. u outside [0, 1] raises
+    ValueError on CPU; on CUDA (no host sync) its row is NaN.
     """
-    for name, t in (("u", u), ("tau", tau)):
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise ValueError(f"kforcing.noise_embedding: `{name}` requires grad, but the embedding is not "
-                             f"differentiable in its noise inputs; pass {name}.detach()")
+    _reject_noise_grad(u, tau)
     tau_tensor, tau_value = _split_tau(tau, u.shape[0])
     if _ext.has_kernel("noise_embedding", u.device):
         return torch.ops.kforcing.noise_embedding(u, tau_tensor, tau_value, weight, bias)
@@ -53,7 +58,17 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
         (B, Tc + Th, H): rows 0..Tc-1 are token_table[token_ids], rows Tc.. are noise_embedding(u, tau)
         (before the residual MLP, which the model applies). This builds [context | all windows] in training and
         [committed | hints] in decoding without a cat. Differentiable in token_table, weight and bias.
+
+    An id outside [0, V) raises ValueError on CPU; on CUDA (no host sync) its row is NaN, and no memory outside
+    token_table is read. The same holds for u outside [0, 1]. The token_table gradient is deterministic on CPU
+    and summed with atomics on CUDA.
     """
+    _reject_noise_grad(u, tau)
+    tau_tensor, tau_value = _split_tau(tau, u.shape[0])
+    if _ext.has_kernel("noise_conditioned_embedding", u.device):
+        return torch.ops.kforcing.noise_conditioned_embedding(token_ids, token_table, u, tau_tensor, tau_value,
+                                                              weight, bias)
+    _ext.warn_fallback("noise_conditioned_embedding", u.device)
     return reference.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias)
 
 
@@ -85,3 +100,43 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("kforcing::noise_embedding", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("kforcing::noise_conditioned_embedding")
+def _noise_conditioned_fake(token_ids, token_table, u, tau, tau_value, weight, bias):
+    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias)
+    return weight.new_empty((token_ids.shape[0], token_ids.shape[1] + u.shape[1], weight.shape[0]))
+
+
+@torch.library.register_fake("kforcing::noise_conditioned_embedding_backward")
+def _noise_conditioned_backward_fake(grad_out, token_ids, vocab, u, tau, tau_value, num_freqs, with_bias):
+    width = grad_out.shape[2]
+    grad_bias = grad_out.new_empty(width) if with_bias else None
+    return grad_out.new_empty((vocab, width)), grad_out.new_empty((width, 4 * num_freqs)), grad_bias
+
+
+def _conditioned_setup_context(ctx, inputs, output):
+    token_ids, token_table, u, tau, tau_value, weight, bias = inputs
+    ctx.save_for_backward(token_ids, u, tau)
+    ctx.args = (token_table.shape[0], tau_value, weight.shape[1] // 4, bias is not None)
+
+
+def _conditioned_backward(ctx, grad_out):
+    token_ids, u, tau = ctx.saved_tensors
+    vocab, tau_value, num_freqs, with_bias = ctx.args
+    grad_table, grad_weight, grad_bias = torch.ops.kforcing.noise_conditioned_embedding_backward(
+        grad_out, token_ids, vocab, u, tau, tau_value, num_freqs, with_bias)
+    return None, grad_table, None, None, None, grad_weight, grad_bias
+
+
+torch.library.register_autograd("kforcing::noise_conditioned_embedding", _conditioned_backward,
+                                setup_context=_conditioned_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("kforcing: double backward through the noise embeddings is not supported")
+
+
+for _op in ("noise_embedding_backward", "noise_conditioned_embedding_backward"):
+    torch.library.register_autograd(f"kforcing::{_op}", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
