@@ -5,9 +5,11 @@ For each batch size, the AR teacher (kforcing.model.ARModel) and a push-forward 
 --new-tokens tokens after a --prompt-len token prompt:
   AR          kforcing.generate.generate_ar: one token per pass, inverse-CDF sampling from explicit uniforms
   K-Forcing   kforcing.generate.generate_kforcing: [prompt | k hints] then [k committed | k hints] per pass
-Each measurement is a whole generate call (prefill included), repeated --repeats times after one warm-up call;
-reported: median [p20, p80] seconds, tokens/s, ms per pass, and the speedup of K-Forcing over AR (ratio of
-medians in this run). EOS stopping is off, so every call produces exactly batch x --new-tokens tokens.
+Each measurement is a whole generate call (prefill included). After one warm-up call of each decoder, --repeats
+rounds call every decoder once, interleaved, so that load spikes on a shared machine hit all of them alike.
+Reported: median [p20, p80] seconds per call, tokens/s and ms per pass (from the median), and the speedup of
+K-Forcing over AR: the median over rounds of (AR time / K-Forcing time) in the same round. EOS stopping is off,
+so every call produces exactly batch x --new-tokens tokens.
 
 Targets (issue 5): CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
 Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
@@ -37,17 +39,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, repeats):
-    """Warm up once, then time `repeats` whole calls: (percentile stats in seconds, the last result)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return common.percentiles(times), result
+def measure_interleaved(runs, device, repeats):
+    """Time whole calls of every decoder in `runs`, interleaved: one warm-up call each, then `repeats` rounds that
+    call each decoder once (in a rotated order). A load spike on a shared machine then hits every decoder alike,
+    and the speedup is the median over rounds of the per-round ratio.
+
+    Returns {name: (stats in seconds, per-round times, the last GenerationOutput)}.
+    """
+    names = list(runs)
+    results = {name: runs[name]() for name in names}
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            results[name] = runs[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (common.percentiles(times[name]), times[name], results[name]) for name in names}
 
 
 def main(argv=None):
@@ -93,14 +102,13 @@ def main(argv=None):
         for k in args.k:
             runs[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k, seed=args.seed,
                                                            **options)
-        ar_median = None
-        for name, fn in runs.items():
-            stats, out = measure(fn, device, args.repeats)
-            ar_median = ar_median or stats["median"]
+        measured = measure_interleaved(runs, device, args.repeats)
+        ar_times = measured["AR"][1]
+        for name, (stats, times, out) in measured.items():
             row = {"batch": batch, "decoder": name, "time_s": stats, "passes": out.num_passes,
                    "tokens_per_s": batch * args.new_tokens / stats["median"],
                    "ms_per_pass": 1e3 * stats["median"] / out.num_passes,
-                   "speedup_vs_ar": ar_median / stats["median"]}
+                   "speedup_vs_ar": statistics.median(a / t for a, t in zip(ar_times, times))}
             rows.append(row)
             print(f"batch {batch:4d} {name:5s}: {common.fmt_time(stats)} per call, {row['passes']} passes, "
                   f"{row['tokens_per_s']:.0f} tokens/s, {row['ms_per_pass']:.2f} ms/pass, "
