@@ -59,6 +59,25 @@ def measure_interleaved(runs, device, repeats):
     return {name: (common.percentiles(times[name]), times[name], results[name]) for name in names}
 
 
+def profile(teacher, student, config, batch, k, args, options, device):
+    """Print where one generate call spends its time, for AR and K-Forcing at k (after one warm-up call each)."""
+    prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len)).tolist()
+    runs = {"AR": lambda: generate_ar(teacher, prompts, args.new_tokens, seed=args.seed, **options),
+            f"k={k}": lambda: generate_kforcing(student, prompts, args.new_tokens, k=k, seed=args.seed, **options)}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in runs.items():
+        fn()
+        _sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            out = fn()
+            _sync(device)
+        print(f"\n### {name}, batch {batch}: {out.num_passes} passes")
+        print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -75,6 +94,9 @@ def main(argv=None):
     parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="weights and noise seed")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile one call of AR and of K-Forcing at the largest k (first batch "
+                             "size) with torch.profiler and print the ops that take the most device time")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="kforcing_ops.*reference", category=RuntimeWarning)
     if args.threads:
@@ -94,6 +116,10 @@ def main(argv=None):
     options = {"compile": args.compile, "cuda_graph": args.cuda_graph}
     print(f"{preset}: {teacher.num_params() / 1e6:.1f}M parameters, {args.dtype} -> {dtype}, "
           f"{common.device_name(device)}", flush=True)
+
+    if args.profile:
+        profile(teacher, student, config, batches[0], max(args.k), args, options, device)
+        return
 
     rows = []
     for batch in batches:

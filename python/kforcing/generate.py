@@ -196,25 +196,49 @@ def _mask_after_eos(tokens, eos_id, pad_id):
     return tokens.masked_fill(after, pad_id), (~after).sum(dim=1)
 
 
+# Options of torch.compile for `compile=True` (e.g. {"backend": "aot_eager"} to trace without code generation).
+COMPILE_OPTIONS = {}
+_compiled_steps = {}
+
+
+def _ar_step(model, cache, ids):
+    return model.decode(ids, cache, logits="last")
+
+
+def _kforcing_step(student, cache, tau, ids, u, hints):
+    return student.decode(ids, u, tau, cache, hint_embeddings=hints)
+
+
+def _compiled(fn):
+    """One torch.compile'd version of a module-level step function per process (and per COMPILE_OPTIONS), so that
+    repeated generate calls with the same shapes reuse the compiled code instead of recompiling."""
+    key = (fn, repr(sorted(COMPILE_OPTIONS.items())))
+    if key not in _compiled_steps:
+        _compiled_steps[key] = torch.compile(fn, dynamic=False, **COMPILE_OPTIONS)
+    return _compiled_steps[key]
+
+
 class _Step:
     """A decode step function run eagerly, compiled, or replayed from a CUDA graph (one graph per input shape).
 
-    The function takes tensors only, mutates the KV cache in place and returns a tensor. For a CUDA graph, the
-    inputs are copied into static buffers; warm-up runs happen on a side stream with the cache lengths restored
-    afterwards, so they leave no trace (the rows they wrote are rewritten by the real step).
+    fn(*bound, *inputs): `bound` are the model, the cache and constants; `inputs` the per-step tensors. The step
+    mutates the KV cache in place and returns a tensor. For a CUDA graph the inputs are copied into static
+    buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards, so they leave no
+    trace (the rows they wrote are rewritten by the real step).
     """
 
-    def __init__(self, fn, cache, compile=False, cuda_graph=False):
+    def __init__(self, fn, bound, cache, compile=False, cuda_graph=False):
         if cuda_graph and cache.seqlens.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.fn = _compiled(fn) if compile else fn
+        self.bound = tuple(bound)
         self.cache = cache
         self.cuda_graph = cuda_graph
         self.graphs = {}
 
     def __call__(self, *inputs):
         if not self.cuda_graph:
-            return self.fn(*inputs)
+            return self.fn(*self.bound, *inputs)
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
@@ -231,12 +255,12 @@ class _Step:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.fn(*static_inputs)
+                self.fn(*self.bound, *static_inputs)
                 self.cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_output = self.fn(*static_inputs)
+            static_output = self.fn(*self.bound, *static_inputs)
         self.cache.seqlens.copy_(saved)  # capture records the += n_commit without running it
         return graph, static_inputs, static_output
 
@@ -282,7 +306,7 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     batch = tail.shape[0]
     cache = KVCache.for_model(model, batch, int(lengths.max()) + max_new_tokens)
     passes = _prefill_prefix(model, cache, prefix, pad_id)
-    step = _Step(lambda ids: model.decode(ids, cache, logits="last"), cache, compile=compile, cuda_graph=cuda_graph)
+    step = _Step(_ar_step, (model, cache), cache, compile=compile, cuda_graph=cuda_graph)
 
     logits = model.decode(tail, cache, logits="last")
     passes += 1
@@ -347,8 +371,7 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     cache = KVCache.for_model(student, batch, int(lengths.max()) + num_steps * k)
     passes = _prefill_prefix(student, cache, prefix, pad_id)
     tau = float(temperature)
-    step = _Step(lambda ids, u, hints: student.decode(ids, u, tau, cache, hint_embeddings=hints), cache,
-                 compile=compile, cuda_graph=cuda_graph)
+    step = _Step(_kforcing_step, (student, cache, tau), cache, compile=compile, cuda_graph=cuda_graph)
 
     # Every uniform of the request is known up front: u for position lengths[b] + i. Their hint embeddings are
     # computed in chunks of steps (one batched noise-encoder call per chunk instead of one per step).
