@@ -23,13 +23,17 @@ emitted EOS keeps its slot (shapes stay static): its later outputs are replaced 
 loop ends early once every sequence has finished.
 
 Static shapes. After the first step every step of a loop has the same shapes and only mutates the preallocated
-cache in place, so it can be compiled (`compile=True`: torch.compile of the step) or, on CUDA, captured and
-replayed as a CUDA graph (`cuda_graph=True`; needs CUDA kernels for every op in the step, since the pure-PyTorch
-fallbacks synchronise with the host).
+cache in place, so it can be compiled (`compile=True`: torch.compile of the step, compiled once per process and
+shape) or, on CUDA, captured and replayed as a CUDA graph (`cuda_graph=True`: every pass but the ragged prefill,
+one graph per shape; needs CUDA kernels for every op in the step, since the pure-PyTorch fallbacks synchronise
+with the host). With cuda_graph=True the KV cache and its graphs are kept with the model and reused by the next
+call of the same batch size and length (a graph replays fixed addresses), so such calls on one model must not run
+concurrently; in-place weight updates are seen by the graphs, replacing parameter tensors is not.
 """
 
 import dataclasses
 import math
+import weakref
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -218,29 +222,71 @@ def _compiled(fn):
     return _compiled_steps[key]
 
 
+_MAX_GRAPHS = 16  # captured shapes kept per pooled cache; further shapes run eagerly
+_graph_pool = weakref.WeakKeyDictionary()  # model -> _GraphPoolEntry (cuda_graph=True only)
+
+
+class _GraphPoolEntry:
+    """The KV cache and the CUDA graphs captured against it, kept between generate calls of one model.
+
+    A CUDA graph replays fixed memory addresses, so it can only be reused with the very cache it was captured
+    against: with cuda_graph=True the cache of the last call (same batch size, length, dtype and device) is kept
+    and reset instead of reallocated, and graphs are captured once per step shape and reused by later calls.
+    This makes concurrent generate calls with cuda_graph=True on one model unsafe (one thread at a time).
+    """
+
+    def __init__(self, key, cache):
+        self.key = key
+        self.cache = cache
+        self.graphs = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+
+def _make_cache(model, batch, max_len, cuda_graph):
+    """(cache, graphs dict, memory pool): a fresh cache, or with cuda_graph the model's pooled one, reset."""
+    if not cuda_graph:
+        return KVCache.for_model(model, batch, max_len), {}, None
+    if model.device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model on a CUDA device")
+    key = (batch, max_len, model.dtype, model.device, model.config)
+    entry = _graph_pool.get(model)
+    if entry is None or entry.key != key:
+        _graph_pool.pop(model, None)  # free the previous cache and graphs first
+        entry = _GraphPoolEntry(key, KVCache.for_model(model, batch, max_len))
+        _graph_pool[model] = entry
+    entry.cache.reset()
+    return entry.cache, entry.graphs, entry.pool
+
+
 class _Step:
     """A decode step function run eagerly, compiled, or replayed from a CUDA graph (one graph per input shape).
 
     fn(*bound, *inputs): `bound` are the model, the cache and constants; `inputs` the per-step tensors. The step
     mutates the KV cache in place and returns a tensor. For a CUDA graph the inputs are copied into static
     buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards, so they leave no
-    trace (the rows they wrote are rewritten by the real step).
+    trace (the rows they wrote are rewritten by the real step). Graphs live in `graphs` (shared through the
+    model's pool entry), keyed by the function, the constants and the input shapes.
     """
 
-    def __init__(self, fn, bound, cache, compile=False, cuda_graph=False):
+    def __init__(self, fn, bound, cache, compile=False, cuda_graph=False, graphs=None, pool=None):
         if cuda_graph and cache.seqlens.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.name = fn.__name__
         self.fn = _compiled(fn) if compile else fn
         self.bound = tuple(bound)
+        self.constants = tuple(b for b in self.bound[2:] if not isinstance(b, torch.Tensor))
         self.cache = cache
         self.cuda_graph = cuda_graph
-        self.graphs = {}
+        self.graphs = {} if graphs is None else graphs
+        self.pool = pool
 
     def __call__(self, *inputs):
         if not self.cuda_graph:
             return self.fn(*self.bound, *inputs)
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        key = (self.name, self.constants, tuple((tuple(t.shape), t.dtype) for t in inputs))
         if key not in self.graphs:
+            if len(self.graphs) >= _MAX_GRAPHS:
+                return self.fn(*self.bound, *inputs)
             self.graphs[key] = self._capture(inputs)
         graph, static_inputs, static_output = self.graphs[key]
         for buffer, value in zip(static_inputs, inputs):
@@ -259,7 +305,7 @@ class _Step:
                 self.cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_output = self.fn(*self.bound, *static_inputs)
         self.cache.seqlens.copy_(saved)  # capture records the += n_commit without running it
         return graph, static_inputs, static_output
@@ -296,7 +342,7 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
         sequence_ids: (B,) ints naming each sequence's noise stream; default 0..B-1. Pass the ids of a bigger
             request to reproduce part of it (a sample depends only on its own prompt and id).
         compile: torch.compile the per-token step.
-        cuda_graph: capture the per-token step as a CUDA graph (CUDA only).
+        cuda_graph: replay the passes as CUDA graphs (CUDA only; see the module docstring).
 
     Returns:
         GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes).
@@ -304,11 +350,13 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     _check_model(model, ARModel, "generate_ar")
     prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch = tail.shape[0]
-    cache = KVCache.for_model(model, batch, int(lengths.max()) + max_new_tokens)
+    cache, graphs, pool = _make_cache(model, batch, int(lengths.max()) + max_new_tokens, cuda_graph)
     passes = _prefill_prefix(model, cache, prefix, pad_id)
-    step = _Step(_ar_step, (model, cache), cache, compile=compile, cuda_graph=cuda_graph)
+    step = _Step(_ar_step, (model, cache), cache, compile=compile, cuda_graph=cuda_graph, graphs=graphs, pool=pool)
 
-    logits = model.decode(tail, cache, logits="last")
+    # The first pass (the prompt) is captured too with cuda_graph, eager otherwise (one compile per shape is not
+    # worth it for a single pass).
+    logits = step(tail) if cuda_graph else model.decode(tail, cache, logits="last")
     passes += 1
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.int64, device=tail.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=tail.device)
@@ -368,10 +416,11 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     prefix, tail, lengths, sequence_ids = _prepare(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch, device = tail.shape[0], tail.device
     num_steps = -(-max_new_tokens // k)
-    cache = KVCache.for_model(student, batch, int(lengths.max()) + num_steps * k)
+    cache, graphs, pool = _make_cache(student, batch, int(lengths.max()) + num_steps * k, cuda_graph)
     passes = _prefill_prefix(student, cache, prefix, pad_id)
     tau = float(temperature)
-    step = _Step(_kforcing_step, (student, cache, tau), cache, compile=compile, cuda_graph=cuda_graph)
+    step = _Step(_kforcing_step, (student, cache, tau), cache, compile=compile, cuda_graph=cuda_graph,
+                 graphs=graphs, pool=pool)
 
     # Every uniform of the request is known up front: u for position lengths[b] + i. Their hint embeddings are
     # computed in chunks of steps (one batched noise-encoder call per chunk instead of one per step).
@@ -386,8 +435,10 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
         if j % chunk == 0:
             hints = student.embed_noise(all_u[:, j:j + chunk], tau)
         u, hint = all_u[:, j], hints[:, j % chunk]
-        logits = student.decode(committed, u, tau, cache, hint_embeddings=hint) if j == 0 else step(
-            committed, u, hint)
+        if j == 0 and not cuda_graph:
+            logits = student.decode(committed, u, tau, cache, hint_embeddings=hint)
+        else:
+            logits = step(committed, u, hint)
         passes += 1
         scores = logits.float()
         if counts is not None:
