@@ -27,7 +27,7 @@ cache in place, so it can be compiled (`compile=True`: torch.compile of the step
 shape) or, on CUDA, captured and replayed as a CUDA graph (`cuda_graph=True`: every pass but the ragged prefill,
 one graph per shape; needs CUDA kernels for every op in the step, since the pure-PyTorch fallbacks synchronise
 with the host). With cuda_graph=True the KV cache and its graphs are kept with the model and reused by the next
-call of the same batch size and length (a graph replays fixed addresses), so such calls on one model must not run
+call of the same batch size that fits in it (a graph replays fixed addresses), so such calls on one model must not run
 concurrently; in-place weight updates are seen by the graphs, replacing parameter tensors is not.
 """
 
@@ -230,8 +230,9 @@ class _GraphPoolEntry:
     """The KV cache and the CUDA graphs captured against it, kept between generate calls of one model.
 
     A CUDA graph replays fixed memory addresses, so it can only be reused with the very cache it was captured
-    against: with cuda_graph=True the cache of the last call (same batch size, length, dtype and device) is kept
-    and reset instead of reallocated, and graphs are captured once per step shape and reused by later calls.
+    against: with cuda_graph=True the cache of the last call (same batch size, dtype and device, and at least as
+    long as needed) is kept and reset instead of reallocated, and graphs are captured once per step shape and
+    reused by later calls (so calls with different k or lengths share one cache instead of evicting each other).
     This makes concurrent generate calls with cuda_graph=True on one model unsafe (one thread at a time).
     """
 
@@ -248,9 +249,9 @@ def _make_cache(model, batch, max_len, cuda_graph):
         return KVCache.for_model(model, batch, max_len), {}, None
     if model.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
-    key = (batch, max_len, model.dtype, model.device, model.config)
+    key = (batch, model.dtype, model.device, model.config)
     entry = _graph_pool.get(model)
-    if entry is None or entry.key != key:
+    if entry is None or entry.key != key or entry.cache.max_len < max_len:
         _graph_pool.pop(model, None)  # free the previous cache and graphs first
         entry = _GraphPoolEntry(key, KVCache.for_model(model, batch, max_len))
         _graph_pool[model] = entry
