@@ -182,3 +182,14 @@ def test_ddp_two_cpu_processes_match_one_process_with_accumulation(tmp_path, sha
         for key in ("train_loss", "val_loss"):
             if key in x:
                 assert x[key] == pytest.approx(y[key], abs=1e-4)
+
+
+def test_tensorboard_is_optional(tmp_path, shared):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="--tensorboard needs the tensorboard package"):
+            train_teacher(short_config(tmp_path / "run", shared, steps=1, tensorboard=True))
+    else:
+        train_teacher(short_config(tmp_path / "run", shared, steps=1, tensorboard=True))
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

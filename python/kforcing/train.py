@@ -322,7 +322,7 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
                 f"--config {config.preset}); resume with the run's original settings or choose another --out")
         ckpt.load_weights(model, directory)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
-        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
         if state["world_size"] != info.world:
             raise ckpt.CheckpointError(f"the checkpoint was written by {state['world_size']} process(es) but this run "
                                        f"has {info.world}; exact resumption needs the same world size")
