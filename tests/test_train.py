@@ -82,11 +82,12 @@ def test_tiny_teacher_learns_on_the_default_corpus(tmp_path):
     assert loss < torch.nn.functional.cross_entropy(model(shuffled)[0, :-1], shuffled[0, 1:]) - 1.0
 
 
-def test_resume_is_exact(tmp_path, shared):
+def test_resume_is_exact(tmp_path, shared, capsys):
     straight = train_teacher(short_config(tmp_path / "straight", shared))
     first = train_teacher(short_config(tmp_path / "split", shared, stop_after=4))
     assert first["step"] == 4 and ckpt.resolve_checkpoint(tmp_path / "split").name == "step_0000004"
     resumed = train_teacher(short_config(tmp_path / "split", shared, resume=True))
+    assert "changed settings" not in capsys.readouterr().err
     assert straight["step"] == resumed["step"] == 8
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a.keys() == b.keys()
@@ -104,13 +105,15 @@ def test_resume_is_exact(tmp_path, shared):
     assert records("split") == records("straight")
 
 
-def test_resume_and_output_directory_errors(tmp_path, shared):
+def test_resume_and_output_directory_errors(tmp_path, shared, capsys):
     out = tmp_path / "run"
     train_teacher(short_config(out, shared, steps=2))
     with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
         train_teacher(short_config(out, shared, steps=2))
     with pytest.raises(ckpt.CheckpointError, match=r"another model config \(n_layer: 2 vs 6"):
         train_teacher(short_config(out, shared, steps=4, preset="small", resume=True))
+    train_teacher(short_config(out, shared, steps=3, lr=1e-3, resume=True))  # allowed, with a warning
+    assert "resuming with changed settings (steps: 2 -> 3; lr: None -> 0.001)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stop_after"):
         short_config(out, shared, stop_after=20).validate()
     with pytest.raises(ValueError, match="unknown --config"):

@@ -328,6 +328,7 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
                                        f"has {info.world}; exact resumption needs the same world size")
         start_step = state["step"]
         _set_rng_state(state["rng"][info.rank], device)
+        _warn_changed_settings(saved.get("extra", {}).get("train", {}), config, info)
     else:
         torch.manual_seed(config.seed + 1000003 * info.rank)  # per-rank dropout streams
 
@@ -434,6 +435,21 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
     if summary["checkpoint"] is None and info.main and latest.is_file():
         summary["checkpoint"] = str(ckpt.resolve_checkpoint(out))
     return summary
+
+
+_TRAJECTORY_FIELDS = ("preset", "corpus", "corpus_max_bytes", "seq_len", "batch_size", "grad_accum", "steps", "lr",
+                      "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "dropout", "seed",
+                      "dtype")
+
+
+def _warn_changed_settings(saved: dict, config: TrainConfig, info: _Dist):
+    """Resuming with other optimisation or data settings is allowed (e.g. more steps) but is no longer exact."""
+    current = dataclasses.asdict(config)
+    changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in _TRAJECTORY_FIELDS
+               if key in saved and saved[key] != current[key]]
+    if changed and info.main:
+        print("kforcing: resuming with changed settings (" + "; ".join(changed) + "): the run will differ from "
+              "one that never stopped", file=sys.stderr)
 
 
 def _prune(directory: Path, keep_last: int, keep: Path):
