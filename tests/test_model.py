@@ -150,8 +150,9 @@ def test_forward_train_windows_see_only_their_context_and_own_earlier_hints():
 
 
 def test_hints_carry_the_position_of_the_token_they_predict():
-    """With no noise signal (zeroed noise encoder), hint 0 of window t is a token row at position t+1 whose input
-    is the noise embedding: replacing the encoder by the token embedding of y must give the AR logits at t+1."""
+    """Hint 0 of window t is a row at rotary position t+1 that sees context 0..t: if its input vector were the token
+    embedding of y (the noise embedding swapped out), its logits would be the AR model's logits after [x_0..x_t, y],
+    i.e. the row of a token at position t+1."""
     teacher, student = make_models()
     ids = torch.randint(0, TINY.vocab_size, (1, 12))
     y = torch.randint(0, TINY.vocab_size, (1,))
