@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
 
 
@@ -63,4 +64,67 @@ class NoiseEmbedding(nn.Module):
         return f"hidden={self.weight.shape[0]}, num_freqs={self.num_freqs}, init_std=0.02"
 
 
-__all__ = ["NoiseEmbedding"]
+class WindowAttention(nn.Module):
+    """Multi-head self-attention with K-Forcing's masks: a drop-in for a causal self-attention layer.
+
+    The projections follow nanoGPT's CausalSelfAttention (`c_attn` makes q, k, v; `c_proj` mixes the heads), with
+    grouped-query attention when kv_heads < heads.
+
+    forward(x, num_windows=0, window_size=1)
+        x: (B, S, hidden) = [N context rows | num_windows windows of window_size hint rows]. With no windows
+        this is plain causal attention, so an unchanged model keeps its outputs.
+    decode(x, k_cache, v_cache, cache_seqlens, n_commit)
+        x: (B, T, hidden) new rows, the first n_commit of them committed tokens: their K/V are appended to the
+        caches (B, L_max, kv_heads, head_dim) in place; advance cache_seqlens yourself.
+
+    Dropping it into nanoGPT: `block.attn = WindowAttention.from_causal_self_attention(block.attn)` keeps the
+    weights; pass num_windows / window_size down from the model's forward to train K-Forcing windows. Positional
+    information is the model's business: nanoGPT adds absolute position embeddings to x; a rotary model applies
+    its rotation inside `rotate(q, k)` (override it).
+    """
+
+    def __init__(self, hidden, heads, kv_heads=None, bias=True, device=None, dtype=None):
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if hidden % heads or heads % kv_heads:
+            raise ValueError(f"WindowAttention: hidden ({hidden}) must be divisible by heads ({heads}), and heads "
+                             f"by kv_heads ({kv_heads})")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        factory = {"device": device, "dtype": dtype}
+        self.c_attn = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=bias, **factory)
+        self.c_proj = nn.Linear(hidden, hidden, bias=bias, **factory)
+
+    @classmethod
+    def from_causal_self_attention(cls, attn):
+        """A WindowAttention with the weights of a nanoGPT CausalSelfAttention (c_attn, c_proj, n_head)."""
+        hidden = attn.c_attn.in_features
+        module = cls(hidden, attn.n_head, bias=attn.c_attn.bias is not None, device=attn.c_attn.weight.device,
+                     dtype=attn.c_attn.weight.dtype)
+        module.load_state_dict({k: v for k, v in attn.state_dict().items() if k.startswith(("c_attn", "c_proj"))})
+        return module
+
+    def rotate(self, q, k):
+        """Hook for rotary position embeddings; identity here."""
+        return q, k
+
+    def _project(self, x):
+        batch, rows, _ = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(batch, rows, self.heads, self.head_dim)
+        k = k.view(batch, rows, self.kv_heads, self.head_dim)
+        q, k = self.rotate(q, k)
+        return q, k, v.view(batch, rows, self.kv_heads, self.head_dim)
+
+    def forward(self, x, num_windows=0, window_size=1):
+        q, k, v = self._project(x)
+        out = window_attention(q, k, v, num_windows, window_size)
+        return self.c_proj(out.reshape(x.shape))
+
+    def decode(self, x, k_cache, v_cache, cache_seqlens, n_commit):
+        q, k, v = self._project(x)
+        out = window_attention_decode(q, k, v, k_cache, v_cache, cache_seqlens, n_commit)
+        return self.c_proj(out.reshape(x.shape))
+
+
+__all__ = ["NoiseEmbedding", "WindowAttention"]

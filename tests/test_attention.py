@@ -320,3 +320,45 @@ def test_decode_cuda_overflow_writes_nothing_and_flags_nan():
     out = ko.window_attention_decode(q, k_new, v_new, k_cache, v_cache, seqlens, 4)
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
     assert torch.equal(k_cache[1], before[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The drop-in module
+
+
+class NanoGPTCausalSelfAttention(torch.nn.Module):
+    """nanoGPT's CausalSelfAttention, as users have it."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.c_attn = torch.nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = torch.nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x):
+        batch, seq, channels = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
+
+
+def test_window_attention_module_drops_into_nanogpt():
+    from kforcing_ops.nn import WindowAttention
+
+    original = NanoGPTCausalSelfAttention(64, 4)
+    module = WindowAttention.from_causal_self_attention(original)
+    x = torch.randn(2, 30, 64)
+    torch.testing.assert_close(module(x), original(x), atol=1e-5, rtol=1e-5)  # no windows: plain causal
+    # With windows: context rows keep their causal outputs; hint rows attend per the staircase.
+    xw = torch.randn(2, 10 + 10 * 2, 64)
+    out = module(xw, num_windows=10, window_size=2)
+    torch.testing.assert_close(out[:, :10], original(xw[:, :10]), atol=1e-5, rtol=1e-5)
+    # Decode: prefill the 10 context rows, then the hints of the last window see the whole context.
+    k_cache, v_cache = torch.zeros(2, 16, 4, 16), torch.zeros(2, 16, 4, 16)
+    lengths = torch.zeros(2, dtype=torch.int32)
+    step = torch.cat([xw[:, :10], xw[:, -2:]], dim=1)
+    got = module.decode(step, k_cache, v_cache, lengths, 10)
+    torch.testing.assert_close(got[:, 10:], out[:, -2:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="heads by kv_heads"):
+        WindowAttention(64, 4, kv_heads=3)

@@ -37,6 +37,7 @@ constexpr int kDecodeWarps = 8;
 constexpr int kDecodeRows = 32;              // rows (new rows x query heads) per block; more take more blocks
 constexpr int kRowsPerWarp = kDecodeRows / kDecodeWarps;
 constexpr int kDecodeKeys = 64;              // keys per shared-memory tile (two per lane)
+constexpr int kStageBatch = 8;               // global loads each thread issues before storing them
 constexpr int kDecodeMaxDim = 256;
 constexpr int kMinKeysPerSplit = 512;        // a split below this is not worth its merge
 constexpr int kBlocksPerSm = 2;              // split until the grid reaches this many blocks per SM
@@ -100,10 +101,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   for (int64_t k0 = key_begin; k0 < key_end; k0 += kDecodeKeys) {
     const int64_t n = min(int64_t{kDecodeKeys}, key_end - k0);
     __syncthreads();  // q_s written / previous tile read
-    for (int64_t i = threadIdx.x; i < n * dim; i += blockDim.x) {
-      const int64_t j = i / dim, d = i % dim;
-      k_s[j * padded + d] = static_cast<float>(key_row<T>(p, p.k_cache, p.k_new, b, hk, len, k0 + j)[d]);
-      v_s[j * dim + d] = static_cast<float>(key_row<T>(p, p.v_cache, p.v_new, b, hk, len, k0 + j)[d]);
+    // kStageBatch loads in flight per thread before the first store: staging is bound by memory latency.
+    for (int64_t base = threadIdx.x; base < n * dim; base += kStageBatch * blockDim.x) {
+      float keys[kStageBatch], values[kStageBatch];
+#pragma unroll
+      for (int s = 0; s < kStageBatch; ++s) {
+        const int64_t i = base + s * blockDim.x, j = i / dim, d = i % dim;
+        if (i < n * dim) {
+          keys[s] = static_cast<float>(key_row<T>(p, p.k_cache, p.k_new, b, hk, len, k0 + j)[d]);
+          values[s] = static_cast<float>(key_row<T>(p, p.v_cache, p.v_new, b, hk, len, k0 + j)[d]);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kStageBatch; ++s) {
+        const int64_t i = base + s * blockDim.x, j = i / dim, d = i % dim;
+        if (i < n * dim) {
+          k_s[j * padded + d] = keys[s];
+          v_s[j * dim + d] = values[s];
+        }
+      }
     }
     __syncthreads();
 #pragma unroll

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one prepared run for a GPU machine (torch preinstalled, no package registry): build the extension in place,
+# run the `cuda` tests file by file (a crashed CUDA context stays confined to its file), run every kernel under
+# compute-sanitizer, then the benchmarks; prints a short summary last. Sized to finish in under 8 minutes on one
+# H100/H200. Results land in bench/results/*_cuda.{json,md} and, when $OUT is set, are copied there.
+#   usage: bash scripts/gpu_check.sh [--quick]     (--quick: tests and sanitizer only)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 KFORCING_OPS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+PY=${PYTHON:-python3}
+LOG=${OUT:-build/gpu_check}
+mkdir -p "$LOG"
+status=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, record pass/fail
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name"
+  timeout "$limit" "$@" > >(tee "$LOG/$name.log") 2>&1
+  local rc=$?
+  status+=("$(printf '%-22s %s (%ss)' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - start)))")
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$LOG/gpu.txt"
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+step build 300 $PY setup.py build_ext --inplace || { printf '%s\n' "${status[@]}"; exit 1; }
+$PY -m kforcing_ops.info
+for file in sampling attention embedding; do
+  step "test_$file" 240 $PY -m pytest -q -m cuda -p no:cacheprovider "tests/test_$file.py"
+done
+if command -v compute-sanitizer >/dev/null; then
+  step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/cuda_smoke.py
+fi
+if [ "${1:-}" != "--quick" ]; then
+  step bench_sampling 120 $PY bench/bench_sampling.py --device cuda --skip compiled reference --min-run-time 0.2
+  step bench_attention 300 $PY bench/bench_attention.py --device cuda --min-run-time 0.2 --skip flex_decode
+  step bench_embedding 150 $PY bench/bench_embedding.py --device cuda --min-run-time 0.2
+  step bench_decode 240 $PY bench/bench_decode.py --device cuda --batch 1 8 64 256 --k 1 2 4 --min-run-time 0.2
+fi
+[ -n "${OUT:-}" ] && cp bench/results/*_cuda.* "$OUT"/ 2>/dev/null
+echo
+for file in bench/results/*_cuda.md; do [ -f "$file" ] && { echo "----- $file"; cat "$file"; }; done
+echo
+echo "===== gpu_check summary ($(head -2 "$LOG/gpu.txt" | tail -1))"
+printf '%s\n' "${status[@]}"
