@@ -10,6 +10,7 @@ Environment knobs (all optional; README "Environment knobs" has the table):
   KFORCING_CPU_ISA        avx512 | avx2 | default. Default: what torch reports for this CPU.
   MAX_JOBS                parallel compile jobs. Default: from cores and RAM (nvcc needs ~3 GB a job).
   CUDA_HOME               the CUDA toolkit; found from nvcc or /usr/local/cuda when unset.
+  KFORCING_GIT_SHA        the commit recorded in the build info, for trees copied without .git.
 """
 
 import json
@@ -141,6 +142,8 @@ def default_max_jobs():
 
 
 def git_sha():
+    if os.environ.get("KFORCING_GIT_SHA"):  # a copied tree (no .git) can still say what it was built from
+        return os.environ["KFORCING_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, check=True)

@@ -4,9 +4,11 @@ Every benchmark reports ratios measured side by side in one run: absolute times 
 """
 
 import argparse
+import ctypes
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -20,6 +22,9 @@ L2_FLUSH_FACTOR = 3  # rotate through enough input sets to cover this many L2 ca
 
 
 def git_sha():
+    """The checkout's commit; KFORCING_GIT_SHA overrides it (a copied tree, e.g. on a lent GPU, has no .git)."""
+    if os.environ.get("KFORCING_GIT_SHA"):
+        return os.environ["KFORCING_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=RESULTS.parent, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -96,6 +101,18 @@ def _status_bytes(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _track_cpu_memory_exactly():
+    """Make glibc map every allocation above 128 KiB on its own and unmap it on free (no dynamic threshold), so
+    the resident set follows live tensor memory and CPU peaks are exact rather than hidden by reused heap."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
+    except OSError:
+        pass  # not glibc: CPU peaks may read low when freed memory is reused
+
+
+_track_cpu_memory_exactly()
 
 
 def peak_memory(device, fn):

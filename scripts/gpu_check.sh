@@ -3,7 +3,8 @@
 # run the `cuda` tests file by file (a crashed CUDA context stays confined to its file), run every kernel under
 # compute-sanitizer, then the benchmarks; prints a short summary last. Sized to finish in under 8 minutes on one
 # H100/H200. Results land in bench/results/*_cuda.{json,md} and, when $OUT is set, are copied there.
-#   usage: bash scripts/gpu_check.sh [--quick]     (--quick: tests and sanitizer only)
+#   usage: KFORCING_GIT_SHA=<sha> bash scripts/gpu_check.sh [--quick]     (--quick: tests and sanitizer only)
+# (a tree copied to the GPU machine has no .git: KFORCING_GIT_SHA tags the build and the result tables)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 KFORCING_OPS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -29,6 +30,7 @@ $PY -m kforcing_ops.info
 for file in sampling attention embedding; do
   step "test_$file" 240 $PY -m pytest -q -m cuda -p no:cacheprovider "tests/test_$file.py"
 done
+step test_model 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_model.py tests/test_generate.py
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/cuda_smoke.py
 fi
@@ -36,7 +38,7 @@ if [ "${1:-}" != "--quick" ]; then
   step bench_sampling 120 $PY bench/bench_sampling.py --device cuda --skip compiled reference --min-run-time 0.2
   step bench_attention 300 $PY bench/bench_attention.py --device cuda --min-run-time 0.2 --skip flex_decode
   step bench_embedding 150 $PY bench/bench_embedding.py --device cuda --min-run-time 0.2
-  step bench_decode 240 $PY bench/bench_decode.py --device cuda --batch 1 8 64 256 --k 1 2 4 --min-run-time 0.2
+  step bench_decode 240 $PY bench/bench_decode.py --device cuda --repeats 3 --new-tokens 128 --cuda-graph
 fi
 [ -n "${OUT:-}" ] && cp bench/results/*_cuda.* "$OUT"/ 2>/dev/null
 echo

@@ -23,6 +23,8 @@ namespace kforcing::cpu {
 namespace {
 
 constexpr const char* kOp = "window_attention_decode";
+// How far ahead cache rows are prefetched: two tiles, enough loads in flight to cover memory latency.
+constexpr int64_t kPrefetchRows = 2 * kKeyTile;
 
 template <typename scalar_t>
 struct DecodeArgs {
@@ -39,6 +41,17 @@ struct DecodeArgs {
   }
 };
 
+// Asks for a cache row ahead of use: consecutive rows of one (batch, kv head) are 2 * H_kv * D bytes apart,
+// which the hardware prefetcher does not follow, and waiting on each row's load would bound the kernel by latency.
+template <typename scalar_t>
+void prefetch_row(const scalar_t* row, int64_t dim) {
+  constexpr int64_t kLine = 64;
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < dim * static_cast<int64_t>(sizeof(scalar_t)); offset += kLine) {
+    __builtin_prefetch(bytes + offset);
+  }
+}
+
 template <typename scalar_t>
 void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
   using acc_t = acc_type_t<scalar_t>;
@@ -54,10 +67,15 @@ void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
     load_row(src, d, padded, static_cast<acc_t>(a.scale), q.data() + r * padded);
   }
   // Cache tiles, then the new rows as one more "tile" with a causal limit.
+  // Keys [k0, k0 + n) of `end`; while loading row j it asks for the row kPrefetchRows ahead.
   auto attend = [&](const scalar_t* kbase, at::IntArrayRef ks, const scalar_t* vbase, at::IntArrayRef vs, int64_t k0,
-                    int64_t n, bool causal) {
+                    int64_t n, bool causal, int64_t end) {
     std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
     for (int64_t j = 0; j < n; ++j) {
+      if (k0 + kPrefetchRows + j < end) {
+        prefetch_row(Args::row(kbase, ks, b, k0 + kPrefetchRows + j, hk), d);
+        prefetch_row(Args::row(vbase, vs, b, k0 + kPrefetchRows + j, hk), d);
+      }
       load_row(Args::row(kbase, ks, b, k0 + j, hk), d, padded, acc_t(1), scratch.data());
       for (int64_t i = 0; i < d; ++i) keys_t[i * kKeyTile + j] = scratch[i];
       load_row(Args::row(vbase, vs, b, k0 + j, hk), d, padded, acc_t(1), vals.data() + j * padded);
@@ -70,10 +88,10 @@ void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
     }
   };
   for (int64_t k0 = 0; k0 < length; k0 += kKeyTile) {
-    attend(a.k_cache, a.skc, a.v_cache, a.svc, k0, std::min(kKeyTile, length - k0), false);
+    attend(a.k_cache, a.skc, a.v_cache, a.svc, k0, std::min(kKeyTile, length - k0), false, length);
   }
   for (int64_t k0 = 0; k0 < t_new; k0 += kKeyTile) {
-    attend(a.k_new, a.sk, a.v_new, a.sv, k0, std::min(kKeyTile, t_new - k0), true);
+    attend(a.k_new, a.sk, a.v_new, a.sv, k0, std::min(kKeyTile, t_new - k0), true, t_new);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* dst = Args::row(a.out, a.so, b, r / group, hk * group + r % group);
