@@ -60,41 +60,25 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// The tensor-core kernels: forward over (batch * heads, query blocks), backward over (batch * kv_heads, key tiles).
 template <typename T, int D>
-void launch_mma_forward(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = mma_forward_smem<D>();
-  allow_shared_memory(mma_forward_kernel<T, D>, smem);
-  const dim3 grid(p.batch * p.heads, ceil_div(p.seq(), kMmaRows));
-  mma_forward_kernel<T, D><<<grid, kMmaWarps * 32, smem, stream>>>(p);
+void launch_mma(bool backward, const AttentionParams& p, cudaStream_t stream) {
+  const auto kernel = backward ? mma_backward_kernel<T, D> : mma_forward_kernel<T, D>;
+  const size_t smem = backward ? mma_backward_smem<D>() : mma_forward_smem<D>();
+  const dim3 grid(p.batch * (backward ? p.kv_heads : p.heads), ceil_div(p.seq(), backward ? kMmaKeys : kMmaRows));
+  allow_shared_memory(kernel, smem);
+  kernel<<<grid, kMmaWarps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D>
-void launch_mma_backward(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = mma_backward_smem<D>();
-  allow_shared_memory(mma_backward_kernel<T, D>, smem);
-  const dim3 grid(p.batch * p.kv_heads, ceil_div(p.seq(), kMmaKeys));
-  mma_backward_kernel<T, D><<<grid, kMmaWarps * 32, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, template <typename, int> class Launch>
-void launch_by_head_dim(int64_t dim, const AttentionParams& p, cudaStream_t stream) {
-  if (dim == 64) {
-    Launch<T, 64>{}(p, stream);
+template <typename T>
+void launch_mma(bool backward, const AttentionParams& p, cudaStream_t stream) {
+  if (p.dim == 64) {
+    launch_mma<T, 64>(backward, p, stream);
   } else {
-    Launch<T, 128>{}(p, stream);
+    launch_mma<T, 128>(backward, p, stream);
   }
 }
-
-template <typename T, int D>
-struct MmaForward {
-  void operator()(const AttentionParams& p, cudaStream_t stream) const { launch_mma_forward<T, D>(p, stream); }
-};
-template <typename T, int D>
-struct MmaBackward {
-  void operator()(const AttentionParams& p, cudaStream_t stream) const { launch_mma_backward<T, D>(p, stream); }
-};
 
 std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, int64_t num_windows,
@@ -114,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in,
   const auto stream = at::cuda::getCurrentCUDAStream();
   KF_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "window_attention_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (use_tensor_cores(q)) return launch_by_head_dim<scalar_t, MmaForward>(q.size(3), p, stream);
+      if (use_tensor_cores(q)) return launch_mma<scalar_t>(false, p, stream);
     }
     const dim3 grid(p.batch * p.heads, ceil_div(p.seq(), kSimtWarps));
     simt_forward_kernel<scalar_t><<<grid, kSimtWarps * 32, 0, stream>>>(p);
@@ -154,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cuda(
       if (use_tensor_cores(q)) {
         const at::Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
         p.dq_acc = dq_acc.mutable_data_ptr<float>();
-        launch_by_head_dim<scalar_t, MmaBackward>(q.size(3), p, stream);
+        launch_mma<scalar_t>(true, p, stream);
         dq = dq_acc.to(q.scalar_type());
         return;
       }
