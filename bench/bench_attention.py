@@ -11,6 +11,7 @@ Decode, per (B, L), T new rows against caches of L rows (L - T cached), time and
   reference    cat + masked SDPA + the in-place cache write
   flash_attn   flash_attn_with_kvcache, when flash-attn is importable
   flex_decode  FlexAttention over cat(cache, new) with the decode mask, compiled per shape (GPU only)
+Implementations are timed interleaved, round by round; "x / kernel" columns are medians of per-round time ratios.
 Writes bench/results/attention_<device>.{json,md}.
 """
 
@@ -55,7 +56,6 @@ def causal_sdpa(q, k, v):
 
 
 def bench_training(args, device, dtype):
-    time = common.timer(device, args.min_run_time)
     rows = []
     for context in args.context:
         k, seq = args.k, context * (1 + args.k)
@@ -71,15 +71,15 @@ def bench_training(args, device, dtype):
         make = lambda: (*staircase_inputs(args.batch, args.heads, args.dim, context, k, dtype, device),  # noqa: E731
                         torch.randn(args.batch, seq, args.heads, args.dim, device=device, dtype=dtype))
         row = {"N": context, "k": k, "S": seq, "dtype": str(dtype)[6:]}
-        for name, fn in impls.items():
-            def step(q, k_, v, grad, fn=fn):
-                fn(q, k_, v).backward(grad)
-            inputs = make()
-            row[name] = time(lambda inputs=inputs: inputs, step, 4 * inputs[0].numel() * dtype.itemsize)
-            row[f"{name}_mem"] = common.peak_memory(device, lambda fn=fn, inputs=inputs: step(*inputs, fn=fn))
-            print(f"  train N={context} {name}: {common.fmt_time(row[name])}", flush=True)
-        for name in impls:
-            row[f"{name}_x"] = row[name]["median"] / row["kernel"]["median"]
+        inputs = make()
+        steps = {name: (lambda q, k_, v, grad, fn=fn: fn(q, k_, v).backward(grad)) for name, fn in impls.items()}
+        stats, ratios = common.compare(device, lambda: inputs, steps, 4 * inputs[0].numel() * dtype.itemsize,
+                                       args.min_run_time, rounds=args.rounds)
+        for name, step in steps.items():
+            row[name], row[f"{name}_x"] = stats[name], ratios[name]
+            row[f"{name}_mem"] = common.peak_memory(device, lambda step=step: step(*inputs))
+            print(f"  train N={context} {name}: {common.fmt_time(row[name])}, {ratios[name]:.2f}x the kernel's time, "
+                  f"peak {row[f'{name}_mem'] / 2**20:.0f} MiB", flush=True)
         row["mem_ratio"] = row["kernel_mem"] / max(row["reference_mem"], 1)
         rows.append(row)
     columns = [("N", "N", "{}"), ("S", "S", "{}"), ("dtype", "dtype", "{}")]
@@ -132,7 +132,6 @@ def flex_decode(max_len, new_rows, device):
 
 
 def bench_decode(args, device, dtype):
-    time = common.timer(device, args.min_run_time)
     rows = []
     for heads, kv_heads, dim in args.decode_heads:
         for batch in args.decode_batch:
@@ -148,13 +147,13 @@ def bench_decode(args, device, dtype):
                                              device)
                 kv_bytes = 2 * batch * (length - args.new_rows) * kv_heads * dim * dtype.itemsize
                 row = {"B": batch, "L": length, "T": args.new_rows, "H": heads, "H_kv": kv_heads, "D": dim}
-                for name, fn in impls.items():
-                    row[name] = time(make, lambda *a, fn=fn: fn(*a, args.new_rows // 2), kv_bytes)
+                calls = {name: (lambda *a, fn=fn: fn(*a, args.new_rows // 2)) for name, fn in impls.items()}
+                stats, ratios = common.compare(device, make, calls, kv_bytes, args.min_run_time, rounds=args.rounds)
+                for name in impls:
+                    row[name], row[f"{name}_x"] = stats[name], ratios[name]
                     row[f"{name}_GB/s"] = kv_bytes / row[name]["median"] / 1e9
                     print(f"  decode B={batch} L={length} H={heads}/{kv_heads} {name}: "
                           f"{common.fmt_time(row[name])}, {row[f'{name}_GB/s']:.0f} GB/s", flush=True)
-                for name in impls:
-                    row[f"{name}_x"] = row[name]["median"] / row["kernel"]["median"]
                 rows.append(row)
     names = [n for n in ("kernel", "reference", "flash_attn", "flex_decode") if rows and n in rows[0]]
     columns = [("B", "B", "{}"), ("L", "L", "{}"), ("H", "H", "{}"), ("H_kv", "H_kv", "{}"), ("D", "D", "{}")]
@@ -182,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--decode-heads", type=lambda s: tuple(map(int, s.split(","))), nargs="+",
                         default=[(8, 8, 64), (32, 8, 128)], help="H,H_kv,D triples")
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. compiled flex")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds: each times every implementation once; ratios are per-round medians")
     parser.add_argument("--only", choices=["train", "decode"], help="run one of the two parts")
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)

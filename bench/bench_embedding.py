@@ -6,7 +6,8 @@ Per M rows (H = 768, F = 384 by default), side by side in one run:
   unfused       fp32 features (M, 4F), then a Linear in the weight's dtype: the best unfused form
   reference     float64 features, then a Linear (kforcing_ops.reference; the public release's form)
   gemm          (GPU) the bare dense GEMM of the same shape, (M, 4F) @ (4F, H), on precomputed features
-Peak memory is reported for the forward. TFLOP/s count 2 M 4F H, the unfused GEMM's work, so they compare directly
+Implementations are timed interleaved, round by round; speedups are medians of per-round ratios. Peak memory is
+reported for the forward. TFLOP/s count 2 M 4F H, the unfused GEMM's work, so they compare directly
 with the bare GEMM even though the shared-tau kernel only multiplies the u half (K = 2F).
 Writes bench/results/embedding_<device>.{json,md}.
 """
@@ -49,7 +50,6 @@ def main(argv=None):
     dtype = (torch.bfloat16 if gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     rows_list = args.rows or ([32, 16384, 131072] if gpu else [32, 16384])
     hidden, freqs = args.hidden, args.freqs
-    time = common.timer(device, args.min_run_time)
     weight = (torch.randn(hidden, 4 * freqs, device=device) * 0.02).to(dtype).requires_grad_()
     bias = torch.zeros(hidden, device=device, dtype=dtype, requires_grad=True)
 
@@ -65,24 +65,34 @@ def main(argv=None):
         make = lambda rows=rows: (torch.rand(rows, device=device), torch.full((rows,), 0.8, device=device))  # noqa
         full_flops = 2 * rows * 4 * freqs * hidden
         row = {"M": rows, "H": hidden, "F": freqs, "dtype": str(dtype)[6:]}
-        for name, fn in impls.items():
-            with torch.no_grad():
-                row[f"{name}_fwd"] = time(make, fn, rows * hidden * dtype.itemsize)
-            grad = torch.randn(rows, hidden, device=device, dtype=dtype)
-            row[f"{name}_fwdbwd"] = time(make, lambda u, t, fn=fn: fn(u, t).backward(grad), rows * hidden * 4)
-            with torch.no_grad():
-                inputs = make()
-                row[f"{name}_mem"] = common.peak_memory(device, lambda fn=fn, inputs=inputs: fn(*inputs))
-            row[f"{name}_tflops"] = full_flops / row[f"{name}_fwd"]["median"] / 1e12
-            print(f"  M={rows} {name}: fwd {common.fmt_time(row[f'{name}_fwd'])}, fwd+bwd "
-                  f"{common.fmt_time(row[f'{name}_fwdbwd'])}, peak {row[f'{name}_mem'] / 2**20:.1f} MiB", flush=True)
+        grad = torch.randn(rows, hidden, device=device, dtype=dtype)
+
+        def no_grad(fn):
+            def run(*inputs):
+                with torch.no_grad():
+                    return fn(*inputs)
+            return run
+
+        forward = {name: no_grad(fn) for name, fn in impls.items()}
         if gpu:
             features = torch.randn(rows, 4 * freqs, device=device, dtype=dtype)
-            row["gemm_fwd"] = time(lambda: (features,), lambda x: x @ weight.detach().t(), full_flops)
-            row["gemm_tflops"] = full_flops / row["gemm_fwd"]["median"] / 1e12
-            row["kernel_vs_gemm"] = row["gemm_fwd"]["median"] / row["kernel_fwd"]["median"]
-        base = row.get("unfused_fwd") or row["kernel_fwd"]
-        row["speedup_vs_unfused"] = base["median"] / row["kernel_fwd"]["median"]
+            forward["gemm"] = no_grad(lambda u, t: features @ weight.t())
+        stats, ratios = common.compare(device, make, forward, rows * hidden * dtype.itemsize, args.min_run_time)
+        backward = {name: (lambda u, t, fn=fn: fn(u, t).backward(grad)) for name, fn in impls.items()}
+        stats_bwd, _ = common.compare(device, make, backward, rows * hidden * 4, args.min_run_time)
+        for name in forward:
+            row[f"{name}_fwd"] = stats[name]
+            row[f"{name}_tflops"] = full_flops / stats[name]["median"] / 1e12
+        for name, fn in impls.items():
+            row[f"{name}_fwdbwd"] = stats_bwd[name]
+            inputs = make()
+            row[f"{name}_mem"] = common.peak_memory(device, lambda run=forward[name], inputs=inputs: run(*inputs))
+            print(f"  M={rows} {name}: fwd {common.fmt_time(row[f'{name}_fwd'])}, fwd+bwd "
+                  f"{common.fmt_time(row[f'{name}_fwdbwd'])}, peak {row[f'{name}_mem'] / 2**20:.1f} MiB", flush=True)
+        if "unfused" in ratios:
+            row["speedup_vs_unfused"] = ratios["unfused"]
+        if gpu:
+            row["kernel_vs_gemm"] = ratios["gemm"]
         row["feature_bytes"] = rows * 4 * freqs * 4
         results.append(row)
 

@@ -6,7 +6,8 @@ Compared side by side, per (N, V):
   compiled      torch.compile of the composition
   reference     kforcing_ops.reference.inverse_cdf_sample (the composition + the rule's edge cases)
   multinomial   softmax -> torch.multinomial (different semantics: it draws its own noise; speed only)
-GB/s counts the logits read once. Writes bench/results/sampling_<device>.{json,md}.
+GB/s counts the logits read once. Implementations are timed interleaved, round by round, and the speedup is the
+median of the per-round ratios. Writes bench/results/sampling_<device>.{json,md}.
 
 Targets (issue 2): CPU >= 3x faster than the composition at N=64, V=50257; GPU >= 70% of HBM bandwidth at
 N >= 64, V = 131072.
@@ -43,7 +44,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    time = common.timer(device, args.min_run_time)
     torch._dynamo.config.recompile_limit = 64  # one compile per (N, V)
     compiled = torch.compile(composition, dynamic=False)
     impls = {"kernel": kforcing_ops.inverse_cdf_sample, "composition": composition, "compiled": compiled,
@@ -57,11 +57,10 @@ def main(argv=None):
                                      torch.rand(n, device=device))
             nbytes = n * v * dtype.itemsize
             row = {"N": n, "V": v, "dtype": args.dtype}
-            for name, fn in impls.items():
-                row[name] = time(make, fn, nbytes)
-            kernel = row["kernel"]["median"]
-            row["GB/s"] = nbytes / kernel / 1e9
-            row["speedup_vs_composition"] = row["composition"]["median"] / kernel
+            stats, ratios = common.compare(device, make, impls, nbytes, args.min_run_time)
+            row.update(stats)
+            row["GB/s"] = nbytes / row["kernel"]["median"] / 1e9
+            row["speedup_vs_composition"] = ratios["composition"]
             rows.append(row)
             print(f"N={n} V={v}: kernel {common.fmt_time(row['kernel'])}, "
                   f"{row['speedup_vs_composition']:.1f}x the composition", flush=True)

@@ -89,11 +89,27 @@ def time_cuda(make_inputs, fn, bytes_per_call, min_run_time, blocks=15):
     return percentiles(times)
 
 
-def timer(device, min_run_time):
-    """A uniform timing entry point: timer(make_inputs, fn, bytes_per_call) -> stats."""
-    if device.type == "cuda":
-        return lambda make_inputs, fn, nbytes: time_cuda(make_inputs, fn, nbytes, min_run_time)
-    return lambda make_inputs, fn, nbytes: time_cpu(lambda args=make_inputs(): fn(*args), min_run_time)
+def compare(device, make_inputs, impls, bytes_per_call, min_run_time, rounds=5):
+    """Times the implementations {name: fn} on the same kind of inputs, interleaved.
+
+    Each of `rounds` rounds times every implementation once in turn (after one warm-up call each), so a change in
+    the machine's load hits them all alike. Returns ({name: median/p20/p80 over the rounds' per-call seconds},
+    {name: median over rounds of time(name) / time(first implementation)}).
+    """
+    def measure(fn):
+        if device.type == "cuda":
+            return time_cuda(make_inputs, fn, bytes_per_call, min_run_time / rounds)["median"]
+        return time_cpu(lambda args=make_inputs(): fn(*args), min_run_time / rounds)["median"]
+
+    for fn in impls.values():
+        fn(*make_inputs())
+    times = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            times[name].append(measure(fn))
+    first = times[next(iter(impls))]
+    ratios = {name: statistics.median(t / f for t, f in zip(values, first)) for name, values in times.items()}
+    return {name: percentiles(values) for name, values in times.items()}, ratios
 
 
 def _status_bytes(field):
