@@ -50,7 +50,7 @@ def render(info):
     ]
     for op, devices in info["kernels"].items():
         cells = ["kernel" if devices[d] else "reference" for d in ("cpu", "cuda")]
-        lines.append(f"  {op:26s} {cells[0]:10s} {cells[1]}")
+        lines.append(f"  {op:30s} {cells[0]:10s} {cells[1]}")
     lines += ["", "registered ops: " + ", ".join(info["registered_ops"])]
     return "\n".join(lines)
 
