@@ -1,6 +1,8 @@
 """Benchmark window_attention (training, forward + backward) and window_attention_decode against the alternatives.
 
-Training, per N (k hint rows per window, num_windows = N, S = N (1 + k)), forward + backward, time and peak memory:
+Training, per N (k hint rows per window, num_windows = N, S = N (1 + k)), forward + backward, time and peak memory
+(the peak above the inputs, and the workspace: the peak minus what every implementation must allocate, i.e. the
+output, its lse and the three gradients):
   kernel       kforcing_ops.window_attention
   reference    the dense (S, S) staircase mask + SDPA (what the public K-Forcing release does)
   compiled     torch.compile of the reference
@@ -81,6 +83,12 @@ def bench_training(args, device, dtype):
             print(f"  train N={context} {name}: {common.fmt_time(row[name])}, {ratios[name]:.2f}x the kernel's time, "
                   f"peak {row[f'{name}_mem'] / 2**20:.0f} MiB", flush=True)
         row["mem_ratio"] = row["kernel_mem"] / max(row["reference_mem"], 1)
+        # What every implementation must allocate: the output, its lse row statistics and the three gradients.
+        q, k_, v = inputs[:3]
+        essential = (2 * q.numel() + k_.numel() + v.numel()) * dtype.itemsize + q.shape[0] * q.shape[2] * seq * 4
+        for name in impls:
+            row[f"{name}_workspace"] = max(row[f"{name}_mem"] - essential, 0)
+        row["workspace_ratio"] = row["kernel_workspace"] / max(row["reference_workspace"], 1)
         rows.append(row)
     columns = [("N", "N", "{}"), ("S", "S", "{}"), ("dtype", "dtype", "{}")]
     for name in [n for n in ("kernel", "reference", "compiled", "flex", "causal") if n in rows[0]]:
@@ -88,9 +96,13 @@ def bench_training(args, device, dtype):
         if name != "kernel":
             columns.append((f"{name}_x", f"{name} / kernel", "{:.2f}x"))
     columns += [("kernel_mib", "kernel peak MiB", "{:.0f}"), ("reference_mib", "reference peak MiB", "{:.0f}"),
-                ("mem_ratio", "kernel / reference memory", "{:.2f}")]
+                ("mem_ratio", "kernel / reference peak", "{:.2f}"),
+                ("kernel_ws", "kernel workspace MiB", "{:.1f}"), ("reference_ws", "reference workspace MiB", "{:.1f}"),
+                ("workspace_ratio", "kernel / reference workspace", "{:.3f}")]
     shown = [dict(r, **{f"{n}_t": common.fmt_time(r[n]) for n in r if isinstance(r[n], dict)},
-                  kernel_mib=r["kernel_mem"] / 2**20, reference_mib=r["reference_mem"] / 2**20) for r in rows]
+                  kernel_mib=r["kernel_mem"] / 2**20, reference_mib=r["reference_mem"] / 2**20,
+                  kernel_ws=r["kernel_workspace"] / 2**20, reference_ws=r["reference_workspace"] / 2**20)
+             for r in rows]
     return rows, common.markdown_table(shown, columns)
 
 
