@@ -216,11 +216,7 @@ def main(argv=None):
         tables.append(f"## Decode (T={args.new_rows} new rows, {args.new_rows // 2} committed, "
                       f"{str(dtype)[6:]})\n\n{table}")
     text = "\n\n".join(tables)
-    print()
-    print(text)
-    if not args.no_save:
-        for path in common.save("attention", device, results, text):
-            print(f"wrote {path}")
+    common.report("attention", device, results, text, args.no_save)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,7 @@ def main(argv=None):
                 extra[f"{name}_mib"] = r[f"{name}_mem"] / 2**20
         shown.append(dict(r, **extra))
     table = common.markdown_table(shown, columns)
-    print()
-    print(table)
-    if not args.no_save:
-        for path in common.save("embedding", device, results, table):
-            print(f"wrote {path}")
+    common.report("embedding", device, results, table, args.no_save)
 
 
 if __name__ == "__main__":

@@ -71,11 +71,7 @@ def main(argv=None):
                                                     "{:.1f}x")]
     shown = [dict(r, **{f"{name}_t": common.fmt_time(r[name]) for name in impls}) for r in rows]
     table = common.markdown_table(shown, columns)
-    print()
-    print(table)
-    if not args.no_save:
-        for path in common.save("sampling", device, rows, table, extra={"dtype": args.dtype}):
-            print(f"wrote {path}")
+    common.report("sampling", device, rows, table, args.no_save)
 
 
 if __name__ == "__main__":

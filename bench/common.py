@@ -173,6 +173,15 @@ def save(name, device, rows, table, extra=None):
     return json_path, md_path
 
 
+def report(name, device, results, text, no_save):
+    """Prints the Markdown and, unless no_save, writes bench/results/<name>_<device>.{json,md}."""
+    print()
+    print(text)
+    if not no_save:
+        for path in save(name, device, results, text):
+            print(f"wrote {path}")
+
+
 def base_parser(description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
