@@ -7,7 +7,10 @@ Modules:
     kforcing.data        corpora (the stdlib default corpus, files, JSONL, Hugging Face), BPE tokenizers, token caches
     kforcing.train       TrainConfig, train_teacher: AdamW, exact resume, DDP
     kforcing.checkpoint  save_checkpoint / load_model: safetensors + JSON config + tokenizer, atomic
-    kforcing.cli         the `kforcing` command (train-teacher, sample)
+    kforcing.distill     DistillConfig, distill: progressive self-forcing distillation AR -> k=1 -> 2 -> 4
+    kforcing.evaluate    EvalConfig, run_eval: coupled agreement, sample quality, decode speed; report + plots
+    kforcing.demo        run_demo: corpus -> teacher -> distillation -> evaluation -> report (`kforcing demo`)
+    kforcing.cli         the `kforcing` command (train-teacher, sample, distill, eval, demo)
 """
 
 from .generate import GenerationOutput, KVCache, generate_ar, generate_kforcing

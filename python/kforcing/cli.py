@@ -211,6 +211,8 @@ def _add_distill_parser(subparsers):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights")
+    g.add_argument("--noise-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the noise encoder (the only new weights of stage 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise, the temperatures and the data order")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -243,7 +245,8 @@ def _distill(args):
         objective=args.objective, steps=parse_int_list(args.steps, "--steps"), batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, tau=parse_tau(args.tau), lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay, plateau_patience=args.plateau_patience,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, noise_lr_scale=args.noise_lr_scale,
+        plateau_patience=args.plateau_patience,
         plateau_delta=args.plateau_delta, min_steps=args.min_steps, corpus=args.corpus, text_field=args.text_field,
         corpus_max_bytes=None if args.corpus_max_mb is None else int(args.corpus_max_mb * 1e6),
         data_dir=args.data_dir, val_fraction=args.val_fraction, eval_interval=args.eval_interval,

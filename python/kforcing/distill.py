@@ -79,7 +79,7 @@ from . import checkpoint as ckpt
 from .data import TokenDataset, Tokenizer, prepare_dataset
 from .model import ARModel, PushForwardLM
 from .noise import counter_uniform
-from .train import (_Dist, _Metrics, _all_mean, _init_distributed, _param_groups, _prune, _resolve_device,
+from .train import (_Dist, _Metrics, _all_mean, _init_distributed, _prune, _resolve_device,
                     _rng_state, _set_rng_state, _trim_metrics)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
@@ -139,6 +139,7 @@ class DistillConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    noise_lr_scale: float = 1.0
     plateau_patience: Optional[int] = None
     plateau_delta: float = 0.005
     min_steps: int = 0
@@ -180,6 +181,8 @@ class DistillConfig:
         low, high = self.tau
         if not (0.0 < low <= high < math.inf):
             raise DistillError(f"tau range must satisfy 0 < min <= max, got {low}..{high}")
+        if not self.noise_lr_scale > 0.0:
+            raise DistillError(f"noise_lr_scale must be > 0, got {self.noise_lr_scale}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise DistillError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.plateau_patience is not None and self.plateau_patience < 1:
@@ -472,6 +475,19 @@ def window_loss(logits: torch.Tensor, targets: torch.Tensor):
             correct.all(dim=-1).float().mean())
 
 
+def _param_groups(model, weight_decay, noise_lr_scale=1.0):
+    """AdamW groups: weight decay on matrices only; the noise encoder (new in stage 1) at noise_lr_scale x lr."""
+    groups = []
+    for is_noise in (False, True):
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("noise.") == is_noise]
+        scale = noise_lr_scale if is_noise else 1.0
+        for decay in (True, False):
+            chosen = [p for _, p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
+    return groups
+
+
 class _StudentForward(nn.Module):
     """forward() = student.forward_train, so that DistributedDataParallel sees the training call."""
 
@@ -690,7 +706,7 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
     for p in export.parameters():
         p.requires_grad_(False)
     peak = config.effective_lr(student.config)
-    optimizer = torch.optim.AdamW(_param_groups(student, config.weight_decay), lr=peak,
+    optimizer = torch.optim.AdamW(_param_groups(student, config.weight_decay, config.noise_lr_scale), lr=peak,
                                   betas=(config.beta1, config.beta2), fused=device.type == "cuda")
 
     torch.manual_seed(config.seed + 7919 * index + 1000003 * info.rank)  # per-rank dropout streams, if any
@@ -783,7 +799,8 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
         if not contexts or not info.main:
             return {}
         ema.copy_to(export)
-        result = coupled_agreement(ar_teacher, export, contexts, k, seed=config.seed + 31 * index,
+        # The same contexts and uniforms in every stage: a stage starts where the previous one ended.
+        result = coupled_agreement(ar_teacher, export, contexts, k, seed=config.seed,
                                    temperature=_mid_tau(config.tau))
         record = {"ar_exact_match": result["exact_match"]}
         for j, value in enumerate(result["per_offset"]):
@@ -839,7 +856,7 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
     while step < stop_at:
         lr = lr_at(step, steps, peak, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         for micro in range(config.grad_accum):
             first = (micro * info.world + info.rank) * config.batch_size
             keys = step * global_batch + first + torch.arange(config.batch_size, device=device)

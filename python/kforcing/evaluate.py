@@ -390,9 +390,14 @@ class EvalConfig:
 
 def _find_dataset(config: EvalConfig, teacher_config: dict, student_config: dict,
                   tokenizer: Optional[Tokenizer]) -> TokenDataset:
+    fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
+    if config.data_dir:  # given explicitly: that cache or an error
+        meta = Path(config.data_dir) / "meta.json"
+        found = json.loads(meta.read_text()).get("tokenizer_fingerprint") if meta.is_file() else None
+        if found is None or (fingerprint is not None and found != fingerprint):
+            raise EvalError(f"--data-dir {config.data_dir} holds no token cache made with the teacher's tokenizer")
+        return TokenDataset(config.data_dir, verify=False)
     candidates = []
-    if config.data_dir:
-        candidates.append(Path(config.data_dir))
     for path in (config.student, config.teacher):
         path = Path(path).expanduser()
         candidates += [path / "data", path.parent / "data", path.parent.parent / "data",
@@ -402,7 +407,6 @@ def _find_dataset(config: EvalConfig, teacher_config: dict, student_config: dict
         candidates.append(Path(train["data_dir"]))
     if student_config.get("extra", {}).get("data_dir"):  # the cache the student was distilled on
         candidates.insert(0, Path(student_config["extra"]["data_dir"]))
-    fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
     for candidate in candidates:
         meta = candidate / "meta.json"
         if not meta.is_file():
@@ -413,8 +417,6 @@ def _find_dataset(config: EvalConfig, teacher_config: dict, student_config: dict
             continue
         if fingerprint is None or found == fingerprint:
             return TokenDataset(candidate, verify=False)
-    if config.data_dir:
-        raise EvalError(f"--data-dir {config.data_dir} holds no token cache made with the teacher's tokenizer")
     raise EvalError("cannot find held-out data made with the teacher's tokenizer next to the teacher or student; "
                     "pass --data-dir (a token cache, e.g. the teacher run's data/ directory)")
 
@@ -629,6 +631,12 @@ def check_targets(results: Dict) -> Dict:
     rel = abs(student["unigram_entropy"] - teacher["unigram_entropy"]) / max(teacher["unigram_entropy"], 1e-12)
     targets["entropy_rel"] = {"value": rel, "target": f"<= {TARGETS['entropy_rel']}",
                               "reached": rel <= TARGETS["entropy_rel"]}
+    # The sample-quality target is both at once: a low perplexity bought with repetitive, low-entropy text (a
+    # collapsed student) does not count.
+    targets["sample_quality"] = {"value": f"PPL ratio {ratio:.2f}, entropy gap {rel:.1%}",
+                                 "target": f"PPL ratio <= {TARGETS['ppl_ratio']} at entropy gap <= "
+                                           f"{TARGETS['entropy_rel']:.0%}",
+                                 "reached": targets["ppl_ratio"]["reached"] and targets["entropy_rel"]["reached"]}
     return targets
 
 
@@ -690,11 +698,13 @@ def markdown_tables(results: Dict) -> str:
         lines += ["| target | value | goal | reached |", "|---|---|---|---|"]
         names = {"agree_offset_1": "agreement at offset 1", "agree_offset_4": "agreement at offset 4",
                  "ppl_ratio": "PPL(student) / PPL(AR samples), under the teacher",
-                 "entropy_rel": "relative entropy gap, abs(H(student) - H(AR)) / H(AR)"}
+                 "entropy_rel": "relative entropy gap, abs(H(student) - H(AR)) / H(AR)",
+                 "sample_quality": "sample quality (both of the above)"}
         for key, name in names.items():
             if key in targets:
                 t = targets[key]
-                lines.append(f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
+                value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
+                lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,93 @@
+"""`kforcing demo --quick` as a user runs it: every phase, the report's sections, and resuming."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kforcing.demo import PROFILES, SECTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(out, *extra):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "kforcing.cli", "demo", "--quick", "--out", str(out), *extra],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out)
+    report = out / "report.md"
+    assert f"report: {report}" in first.stdout
+    assert "K-Forcing demo summary" in first.stdout and "speedup vs AR (batch 1)" in first.stdout
+    assert "train-teacher" in first.stderr and "distill k=4" in first.stderr  # progress bars
+    text = report.read_text()
+    for section in SECTIONS:
+        assert section in text, section
+    positions = [text.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    for name in ("teacher_loss", "distill_curves", "quality_vs_k", "agreement", "throughput"):
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"plots/{name}.png" in text
+    summary = json.loads((out / "summary.json").read_text())
+    quick = PROFILES["quick"]
+    assert [s["k"] for s in summary["stages"]] == [1, 2, 4]
+    assert [s["step"] for s in summary["stages"]] == quick.distill_steps
+    assert summary["teacher"]["steps"] == quick.teacher_steps
+    assert summary["teacher"]["val_loss"] < summary["teacher"]["first_val_loss"] - 1.0  # the teacher learned
+    stage1 = summary["stages"][0]
+    assert stage1["ar_agree_1"] > stage1["initial"]["ar_agree_1"] + 0.1  # distillation moved the student
+    results = summary["eval"]
+    assert results["ks"] == [1, 2, 4] and len(results["quality"]) == 7 and results["speed"]
+    # Checkpoints: the teacher run and the students, the run's latest being the k=4 student.
+    latest = json.loads((out / "student" / "latest.json").read_text())
+    assert latest["checkpoint"] == "stage_k4/final"
+    assert (out / "teacher" / "latest.json").is_file() and (out / "eval" / "eval.json").is_file()
+
+    # Re-running resumes: every phase is finished, only the report is written again.
+    stage1_weights = out / "student" / "stage_k1" / "final" / "model.safetensors"
+    mtime = stage1_weights.stat().st_mtime_ns
+    second = run_demo(out, "--no-progress")
+    for phase in ("teacher: finished earlier", "distillation: finished earlier", "evaluation: finished earlier"):
+        assert phase in second.stderr
+    assert second.stdout.split("report:")[0] == first.stdout.split("report:")[0]
+
+    # An interrupted distillation resumes from its finished stages: redo only stage k=4 and what follows.
+    state = json.loads((out / "demo_state.json").read_text())
+    del state["phases"]["distill"], state["phases"]["eval"]
+    (out / "demo_state.json").write_text(json.dumps(state))
+    for path in sorted((out / "student" / "stage_k4").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    third = run_demo(out, "--no-progress")
+    assert "teacher: finished earlier" in third.stderr and "2/4 distillation" in third.stderr
+    assert stage1_weights.stat().st_mtime_ns == mtime  # stages k=1 and k=2 were kept
+    assert json.loads((out / "summary.json").read_text())["stages"][2]["step"] == quick.distill_steps[2]
+    # The students in the folder work with the other commands.
+    sample = subprocess.run([sys.executable, "-m", "kforcing.cli", "sample", "--ckpt", str(out / "student"),
+                             "--k", "4", "--max-new-tokens", "8", "--no-stop"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert sample.returncode == 0 and "K-Forcing k=4: 8 tokens in 2 passes" in sample.stderr
+
+
+def test_demo_refuses_another_profile_in_the_same_folder(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_state.json").write_text(json.dumps({"profile": {"name": "default"}, "phases": {}}))
+    result = subprocess.run([sys.executable, "-m", "kforcing.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "kforcing: error: " in result.stderr and "another profile ('default')" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--quick", "--full"]])
+def test_demo_profiles_are_exclusive(args):
+    result = subprocess.run([sys.executable, "-m", "kforcing.cli", "demo", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
