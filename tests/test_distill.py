@@ -327,6 +327,20 @@ def test_resume_mid_stage_is_exact(teacher_run, tmp_path, capsys):
     # Re-running a finished run keeps every stage.
     again = distill(short(teacher_run, tmp_path / "split", steps=[4, 6], resume=True))
     assert [s["step"] for s in again["stages"]] == [4, 6]
+    # A stage marked finished whose exported student is gone is an error, not a silent retrain.
+    import shutil
+    shutil.rmtree(tmp_path / "split" / "stage_k1" / "final")
+    with pytest.raises(ckpt.CheckpointError, match="marks stage k=1 finished but .* is not a checkpoint"):
+        distill(short(teacher_run, tmp_path / "split", steps=[4, 6], resume=True))
+
+
+def test_plateau_rule_ends_a_stage_early(teacher_run, tmp_path):
+    """With an unreachable required gain, a stage stops at its second evaluation and the next stage starts."""
+    summary = distill(short(teacher_run, tmp_path / "p", steps=[10], plateau_patience=1, plateau_delta=1.0))
+    one, two = summary["stages"]
+    assert one["plateaued"] and one["step"] == 4 and two["plateaued"] and two["step"] == 4
+    assert summary["checkpoint"] is not None and ckpt.resolve_checkpoint(tmp_path / "p").parent.name == "stage_k2"
+    assert [r["step"] for r in run_records(tmp_path / "p", 1) if "val_loss" in r] == [0, 2, 4]
 
 
 def test_noise_inversion_objective_and_bf16(teacher_run, tmp_path):

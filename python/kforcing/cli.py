@@ -300,7 +300,7 @@ def _add_eval_parser(subparsers):
     p.add_argument("--data-dir", default=None, help="token cache with a validation split (default: found next to "
                                                     "the student or teacher)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

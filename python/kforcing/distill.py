@@ -899,13 +899,16 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
                       "exact": 0.0, "valid": 0.0}
         finishing = step == steps
         if step % config.eval_interval == 0 and not finishing:
-            record = evaluate(step, with_ar=False)
+            record = validate(step)
             history.append(record["val_exact_match"])
-            if _plateaued(history, config, step):
-                plateaued = True
-                finishing = True
-        if finishing:
+            plateaued = finishing = _plateaued(history, config, step)
+            if plateaued:
+                record.update(ar_agreement(step))
+            metrics.log(record)
+            summary.update({key: value for key, value in record.items() if key != "step"})
+        elif finishing:
             evaluate(step, with_ar=True)
+        if finishing:
             save(step)
             break
         if step % config.save_interval == 0 or step == stop_at:
@@ -942,14 +945,6 @@ def _plateaued(history: List[float], config: DistillConfig, step: int) -> bool:
     return max(history[-patience:]) < max(history[:-patience]) + config.plateau_delta
 
 
-def load_student(path, device="cpu") -> Tuple[PushForwardLM, Optional[Tokenizer], dict]:
-    """(student, tokenizer, config) from a distillation run directory (its latest.json) or a checkpoint."""
-    model, tokenizer, config = ckpt.load_model(path, device=device)
-    if not isinstance(model, PushForwardLM):
-        raise DistillError(f"{path} is an AR model, not a K-Forcing student")
-    return model, tokenizer, config
-
-
 __all__ = ["DistillConfig", "DistillError", "EMA", "OBJECTIVES", "ar_targets", "batch_noise", "check_schedule",
-           "distill", "load_student", "lr_at", "noise_inversion_batch", "parse_int_list", "parse_tau",
+           "distill", "lr_at", "noise_inversion_batch", "parse_int_list", "parse_tau",
            "self_forcing_targets", "window_loss"]

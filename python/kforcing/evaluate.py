@@ -369,7 +369,7 @@ class EvalConfig:
     batch_size: int = 32
     data_dir: Optional[str] = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     threads: Optional[int] = None
     plots: bool = True
     progress: bool = True
