@@ -137,7 +137,7 @@ def test_noise_inversion_places_u_inside_the_data_tokens_interval():
         logits = teacher(tokens[:, :-1]).double()
         for j in range(3):
             back = kforcing_ops.reference.inverse_cdf_sample(logits[:, j:12 + j].reshape(-1, TINY.vocab_size),
-                                                             u[:, :, j].reshape(-1), tau)
+                                                             u[:, :, j].reshape(-1).contiguous(), tau)
             assert back.tolist() == targets[:, :, j].reshape(-1).tolist()
 
 
