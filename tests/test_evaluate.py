@@ -256,6 +256,22 @@ def test_run_eval_with_a_reference_model_and_prompts(checkpoints):
     assert results["speed"] == [] and results["targets"]["k"] == 2 and "agree_offset_4" not in results["targets"]
 
 
+def test_reference_with_another_tokenizer_scores_the_decoded_text(checkpoints):
+    """A reference LM with its own tokenizer scores the samples' text, re-tokenised: a reference with uniform
+    next-token distributions has perplexity exactly its vocabulary size, whatever the tokens."""
+    texts = [text for _, text in iter_documents("stdlib", max_bytes=100_000)]
+    tokenizer = train_tokenizer(texts, vocab_size=280)
+    reference = ARModel(ModelConfig.from_preset("tiny", vocab_size=280, max_seq_len=64))
+    with torch.no_grad():
+        reference.lm_head.weight.zero_()
+    ckpt.save_checkpoint(checkpoints / "reference280", reference, tokenizer)
+    results = run_eval(small_eval(checkpoints, out_dir=None, ks=[1], reference=str(checkpoints / "reference280"),
+                                  freq_penalty=0.0, batch_sizes=[]))
+    for row in results["quality"]:
+        assert row["ppl_reference"] == pytest.approx(280, rel=1e-5)
+        assert row["ppl_teacher"] != pytest.approx(280, rel=1e-2)
+
+
 def test_eval_cli_and_its_errors(checkpoints, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["eval", "--teacher", str(checkpoints / "teacher"), "--student", str(checkpoints / "student"),

@@ -267,7 +267,7 @@ def generate_samples(model: Transformer, prompts: List[List[int]], length: int, 
 
 def _retokenize(samples, prompts, tokenizer: Tokenizer, reference_tokenizer: Tokenizer):
     texts = [tokenizer.decode(s) for s in samples]
-    prompt_texts = [tokenizer.decode(p) for p in prompts]
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]  # the EOS start is re-added
     new_prompts = [[reference_tokenizer.eos_id] + reference_tokenizer.encode(t) for t in prompt_texts]
     return new_prompts, [reference_tokenizer.encode(t) or [reference_tokenizer.eos_id] for t in texts]
 
