@@ -79,8 +79,8 @@ from . import checkpoint as ckpt
 from .data import TokenDataset, Tokenizer, prepare_dataset
 from .model import ARModel, PushForwardLM
 from .noise import counter_uniform
-from .train import (_Dist, _Metrics, _all_mean, _init_distributed, _prune, _resolve_device,
-                    _rng_state, _set_rng_state, _trim_metrics)
+from .train import (_Dist, _Metrics, _all_mean, _init_distributed, _prune, _resolve_device, _rng_state,
+                    _set_rng_state, _trim_metrics, param_groups, warmup_cosine_lr)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
 RUN_FILE = "distill.json"
@@ -263,15 +263,6 @@ def parse_tau(text: str) -> Tuple[float, float]:
     if len(parts) != 2:
         raise DistillError(f"--tau must be T or MIN:MAX, got {text!r}")
     return parts[0], parts[1]
-
-
-def lr_at(step, steps, peak, warmup, min_lr_ratio):
-    """Linear warmup over `warmup` steps to `peak`, then cosine decay to min_lr_ratio * peak at `steps`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    floor = peak * min_lr_ratio
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,19 +464,6 @@ def window_loss(logits: torch.Tensor, targets: torch.Tensor):
     correct = logits.detach().float().argmax(-1) == targets
     return (per_token.mean(), per_token.detach().mean(dim=(0, 1)), correct.float().mean(dim=(0, 1)),
             correct.all(dim=-1).float().mean())
-
-
-def _param_groups(model, weight_decay, noise_lr_scale=1.0):
-    """AdamW groups: weight decay on matrices only; the noise encoder (new in stage 1) at noise_lr_scale x lr."""
-    groups = []
-    for is_noise in (False, True):
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("noise.") == is_noise]
-        scale = noise_lr_scale if is_noise else 1.0
-        for decay in (True, False):
-            chosen = [p for _, p in params if (p.dim() >= 2) == decay]
-            if chosen:
-                groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
-    return groups
 
 
 class _StudentForward(nn.Module):
@@ -706,7 +684,8 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
     for p in export.parameters():
         p.requires_grad_(False)
     peak = config.effective_lr(student.config)
-    optimizer = torch.optim.AdamW(_param_groups(student, config.weight_decay, config.noise_lr_scale), lr=peak,
+    groups = param_groups(student, config.weight_decay, scaled_prefix="noise.", lr_scale=config.noise_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=peak,
                                   betas=(config.beta1, config.beta2), fused=device.type == "cuda")
 
     torch.manual_seed(config.seed + 7919 * index + 1000003 * info.rank)  # per-rank dropout streams, if any
@@ -854,7 +833,7 @@ def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stag
     step = start_step
     plateaued = False
     while step < stop_at:
-        lr = lr_at(step, steps, peak, config.warmup_steps, config.min_lr_ratio)
+        lr = warmup_cosine_lr(step, steps, peak, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         for micro in range(config.grad_accum):
@@ -946,5 +925,5 @@ def _plateaued(history: List[float], config: DistillConfig, step: int) -> bool:
 
 
 __all__ = ["DistillConfig", "DistillError", "EMA", "OBJECTIVES", "ar_targets", "batch_noise", "check_schedule",
-           "distill", "lr_at", "noise_inversion_batch", "parse_int_list", "parse_tau",
+           "distill", "noise_inversion_batch", "parse_int_list", "parse_tau",
            "self_forcing_targets", "window_loss"]

@@ -119,15 +119,18 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.preset]
 
 
-def lr_at(step, config: TrainConfig):
-    """Linear warmup over warmup_steps to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    peak = config.effective_lr()
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = peak * config.min_lr_ratio
+def warmup_cosine_lr(step, steps, peak, warmup, min_lr_ratio):
+    """Linear warmup over `warmup` steps to `peak`, then cosine decay to min_lr_ratio * peak at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    floor = peak * min_lr_ratio
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step, config: TrainConfig):
+    """The teacher's learning rate at `step` (warmup + cosine decay, see warmup_cosine_lr)."""
+    return warmup_cosine_lr(step, config.steps, config.effective_lr(), config.warmup_steps, config.min_lr_ratio)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,10 +208,21 @@ def _prepare_tokenizer(config: TrainConfig, out: Path, resuming: bool) -> Tokeni
     return tokenizer
 
 
-def _param_groups(model, weight_decay):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model, weight_decay, scaled_prefix=None, lr_scale=1.0):
+    """AdamW groups: weight decay on matrices only; parameters named `scaled_prefix*` train at lr_scale x lr.
+
+    Each group carries its "lr_scale"; the training loops set group["lr"] = lr * group["lr_scale"].
+    """
+    groups = []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for scaled in (False, True):
+        members = [p for n, p in named if (scaled_prefix is not None and n.startswith(scaled_prefix)) == scaled]
+        for decay in (True, False):
+            chosen = [p for p in members if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0,
+                               "lr_scale": lr_scale if scaled else 1.0})
+    return groups
 
 
 def _rng_state(device):
@@ -308,7 +322,7 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
     seq_len = config.seq_len or model_config.max_seq_len
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = ARModel(model_config).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.effective_lr(),
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.effective_lr(),
                                   betas=(config.beta1, config.beta2), fused=device.type == "cuda")
     start_step = 0
     if resuming:
@@ -398,7 +412,7 @@ def _train(config: TrainConfig, info: _Dist) -> dict:
     while step < end:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
         step_loss = 0.0
         for micro in range(config.grad_accum):
             first = (micro * info.world + info.rank) * config.batch_size
@@ -459,4 +473,4 @@ def _prune(directory: Path, keep_last: int, keep: Path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["DEFAULT_LR", "TrainConfig", "lr_at", "train_teacher"]
+__all__ = ["DEFAULT_LR", "TrainConfig", "lr_at", "param_groups", "train_teacher", "warmup_cosine_lr"]
