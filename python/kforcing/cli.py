@@ -19,6 +19,48 @@ import time
 
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Options that train-teacher and distill share (the same names, and the same fields of their configs)
+
+
+def _add_optimisation_options(g, lr_help, warmup, warmup_help, weight_decay):
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
+    g.add_argument("--lr", type=float, default=None, help=lr_help)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (cosine)")
+    g.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+
+
+def _add_device_options(g, dtype_help, compile_help="torch.compile the model"):
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+    g.add_argument("--compile", action="store_true", help=compile_help)
+
+
+def _add_logging_options(g, save_interval, keep_help, tensorboard_help, progress_help):
+    g.add_argument("--save-interval", type=int, default=save_interval, help="steps between checkpoints")
+    g.add_argument("--log-interval", type=int, default=10, help="steps between metrics lines")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help=keep_help)
+    g.add_argument("--tensorboard", action="store_true", help=tensorboard_help)
+    g.add_argument("--no-progress", action="store_true", help=progress_help)
+
+
+def _shared_config_fields(args) -> dict:
+    """The TrainConfig / DistillConfig fields that both commands take from the same options."""
+    max_bytes = None if args.corpus_max_mb is None else int(args.corpus_max_mb * 1e6)
+    return dict(
+        text_field=args.text_field, corpus_max_bytes=max_bytes, data_dir=args.data_dir,
+        val_fraction=args.val_fraction, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches, save_interval=args.save_interval, log_interval=args.log_interval,
+        keep_checkpoints=args.keep_checkpoints, seed=args.seed, device=args.device, dtype=args.dtype,
+        compile=args.compile, resume=args.resume, stop_after=args.stop_after, tensorboard=args.tensorboard,
+        progress=not args.no_progress)
+
+
 def _add_train_parser(subparsers):
     from .model import PRESETS
 
@@ -47,19 +89,10 @@ def _add_train_parser(subparsers):
     g.add_argument("--dropout", type=float, default=None, help="residual dropout (default: the preset's, 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 2e-3, small 6e-4, "
-                                                          "base 3e-4)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (cosine)")
-    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    _add_optimisation_options(g, lr_help="peak learning rate (default: tiny 2e-3, small 6e-4, base 3e-4)",
+                              warmup=100, warmup_help="linear warmup steps", weight_decay=0.1)
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    _add_device_options(g, dtype_help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
@@ -67,11 +100,9 @@ def _add_train_parser(subparsers):
                    help="stop (with a checkpoint) after this many steps, keeping the --steps schedule")
     g.add_argument("--eval-interval", type=int, default=200, help="steps between validation losses")
     g.add_argument("--eval-batches", type=int, default=20, help="batches per validation loss")
-    g.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints")
-    g.add_argument("--log-interval", type=int, default=10, help="steps between metrics lines")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_logging_options(g, save_interval=1000, keep_help="checkpoints kept on disk",
+                         tensorboard_help="also write TensorBoard events to OUT/tensorboard",
+                         progress_help="hide the progress bar")
     p.set_defaults(func=_train_teacher)
 
 
@@ -79,16 +110,9 @@ def _train_teacher(args):
     from .train import TrainConfig, train_teacher
 
     config = TrainConfig(
-        out_dir=args.out, preset=args.config, corpus=args.corpus or ["stdlib"], text_field=args.text_field,
-        corpus_max_bytes=None if args.corpus_max_mb is None else int(args.corpus_max_mb * 1e6),
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, data_dir=args.data_dir, rebuild_data=args.rebuild_data,
-        val_fraction=args.val_fraction, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dropout=args.dropout,
-        eval_interval=args.eval_interval, eval_batches=args.eval_batches, save_interval=args.save_interval,
-        log_interval=args.log_interval, keep_checkpoints=args.keep_checkpoints, seed=args.seed, device=args.device,
-        dtype=args.dtype, compile=args.compile, resume=args.resume, stop_after=args.stop_after,
-        tensorboard=args.tensorboard, progress=not args.no_progress)
+        out_dir=args.out, preset=args.config, corpus=args.corpus or ["stdlib"], tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, rebuild_data=args.rebuild_data, steps=args.steps, dropout=args.dropout,
+        **_shared_config_fields(args))
     summary = train_teacher(config)
     if summary.get("checkpoint"):
         val = summary["val_loss"]
@@ -202,23 +226,15 @@ def _add_distill_parser(subparsers):
                    help="context tokens per sequence, each the anchor of a window (default: the teacher's training "
                         "length, at most max_seq_len - max k)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 up to width 256, "
-                                                          "3e-4 above)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (cosine)")
-    g.add_argument("--warmup", type=int, default=50, help="linear warmup steps per stage")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    _add_optimisation_options(g, lr_help="peak learning rate (default: 1e-3 up to width 256, 3e-4 above)",
+                              warmup=50, warmup_help="linear warmup steps per stage", weight_decay=0.0)
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights")
     g.add_argument("--noise-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of the noise encoder (the only new weights of stage 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise, the temperatures and the data order")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype of the student; auto = bfloat16 on GPU, float32 on CPU (targets: float32 "
-                        "teacher passes, float64 CDF)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student's training forward")
+    _add_device_options(g, dtype_help="autocast dtype of the student; auto = bfloat16 on GPU, float32 on CPU "
+                                      "(targets: float32 teacher passes, float64 CDF)",
+                        compile_help="torch.compile the student's training forward")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in OUT: finished stages are kept, an interrupted one continues exactly")
@@ -229,11 +245,9 @@ def _add_distill_parser(subparsers):
     g.add_argument("--ar-eval-contexts", type=int, default=128,
                    help="held-out contexts for the coupled agreement with the AR teacher at the start and end of "
                         "each stage (0: off)")
-    g.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--log-interval", type=int, default=10, help="steps between metrics lines")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="training checkpoints kept per stage")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events per stage")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _add_logging_options(g, save_interval=500, keep_help="training checkpoints kept per stage",
+                         tensorboard_help="also write TensorBoard events per stage",
+                         progress_help="hide the progress bars")
     p.set_defaults(func=_distill)
 
 
@@ -242,18 +256,10 @@ def _distill(args):
 
     config = DistillConfig(
         teacher=args.teacher, out_dir=args.out, schedule=parse_int_list(args.schedule, "--schedule"),
-        objective=args.objective, steps=parse_int_list(args.steps, "--steps"), batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len, tau=parse_tau(args.tau), lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay, noise_lr_scale=args.noise_lr_scale,
-        plateau_patience=args.plateau_patience,
-        plateau_delta=args.plateau_delta, min_steps=args.min_steps, corpus=args.corpus, text_field=args.text_field,
-        corpus_max_bytes=None if args.corpus_max_mb is None else int(args.corpus_max_mb * 1e6),
-        data_dir=args.data_dir, val_fraction=args.val_fraction, eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches, ar_eval_contexts=args.ar_eval_contexts, save_interval=args.save_interval,
-        log_interval=args.log_interval, keep_checkpoints=args.keep_checkpoints, seed=args.seed, device=args.device,
-        dtype=args.dtype, compile=args.compile, resume=args.resume, stop_after=args.stop_after,
-        tensorboard=args.tensorboard, progress=not args.no_progress)
+        objective=args.objective, steps=parse_int_list(args.steps, "--steps"), tau=parse_tau(args.tau),
+        ema_decay=args.ema_decay, noise_lr_scale=args.noise_lr_scale, plateau_patience=args.plateau_patience,
+        plateau_delta=args.plateau_delta, min_steps=args.min_steps, corpus=args.corpus,
+        ar_eval_contexts=args.ar_eval_contexts, **_shared_config_fields(args))
     summary = distill(config)
     if int(os.environ.get("RANK", "0")) == 0:
         for stage in summary["stages"]:
