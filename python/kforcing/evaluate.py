@@ -165,19 +165,7 @@ def window_tokens(model: Transformer, contexts: List[List[int]], k: int, seed: i
     ARModel: sequential inverse-CDF sampling (`generate_ar`). PushForwardLM: `generate_kforcing` with model_k tokens
     per pass (default k; must be <= its max_k).
     """
-    rows = []
-    for begin in range(0, len(contexts), batch_size):
-        chunk = contexts[begin:begin + batch_size]
-        ids = list(range(begin, begin + len(chunk)))
-        if isinstance(model, ARModel):
-            out = generate_ar(model, chunk, k, seed=seed, temperature=temperature, sequence_ids=ids)
-        elif isinstance(model, PushForwardLM):
-            out = generate_kforcing(model, chunk, k, k=model_k or k, seed=seed, temperature=temperature,
-                                    sequence_ids=ids)
-        else:
-            raise TypeError(f"expected an ARModel or PushForwardLM, got {type(model).__name__}")
-        rows.append(out.tokens.cpu())
-    return torch.cat(rows)
+    return _generate_in_batches(model, contexts, k, seed, temperature, model_k or k, 0.0, batch_size)
 
 
 def coupled_agreement(teacher: Transformer, student: PushForwardLM, contexts: List[List[int]], k: int,
@@ -252,17 +240,24 @@ def generate_samples(model: Transformer, prompts: List[List[int]], length: int, 
                      temperature: float = 1.0, k: Optional[int] = None, freq_penalty: float = 0.0,
                      batch_size: int = 16) -> List[List[int]]:
     """`length` tokens after each prompt, in batches; sample i always uses the noise stream i (batch-independent)."""
-    samples = []
+    return _generate_in_batches(model, prompts, length, seed, temperature, k, freq_penalty, batch_size).tolist()
+
+
+def _generate_in_batches(model: Transformer, prompts, length, seed, temperature, k, freq_penalty, batch_size):
+    """(len(prompts), length) tokens; sequence i draws the noise stream i whatever the batching."""
+    rows = []
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin:begin + batch_size]
         ids = list(range(begin, begin + len(chunk)))
         if isinstance(model, ARModel):
             out = generate_ar(model, chunk, length, seed=seed, temperature=temperature, sequence_ids=ids)
-        else:
+        elif isinstance(model, PushForwardLM):
             out = generate_kforcing(model, chunk, length, k=k, seed=seed, temperature=temperature,
                                     freq_penalty=freq_penalty, sequence_ids=ids)
-        samples.extend(out.tokens.cpu().tolist())
-    return samples
+        else:
+            raise TypeError(f"expected an ARModel or PushForwardLM, got {type(model).__name__}")
+        rows.append(out.tokens.cpu())
+    return torch.cat(rows) if rows else torch.empty(0, length, dtype=torch.long)
 
 
 def _retokenize(samples, prompts, tokenizer: Tokenizer, reference_tokenizer: Tokenizer):
