@@ -6,11 +6,12 @@
     noise_embedding          fused sinusoidal features of (u, tau) + Linear
     noise_conditioned_embedding  [token embeddings | noise embeddings]: a model's whole input sequence
 
-`reference` holds a pure-PyTorch version of each; `python -m kforcing_ops.info` shows how this was built.
+`reference` holds a pure-PyTorch version of each, and `with use_reference():` runs it in place of the kernels; `python -m kforcing_ops.info` shows how this was built.
 Importing initialises no CUDA.
 """
 
 from . import _ext
+from ._ext import use_reference
 from . import reference
 from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
@@ -24,6 +25,7 @@ __all__ = [
     "noise_embedding",
     "raise_on_invalid_samples",
     "reference",
+    "use_reference",
     "window_attention",
     "window_attention_decode",
 ]

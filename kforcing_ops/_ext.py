@@ -3,6 +3,7 @@
 Importing this module never initialises CUDA: which kernels exist is read from the dispatcher.
 """
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -61,6 +62,35 @@ def has_kernel(op, device):
 
 
 _warned = set()
+_reference_requested = False
+
+
+def use_kernel(op, device):
+    """Whether the public function of `op` runs its compiled kernel for tensors on `device`.
+
+    False inside `use_reference()`, and, after a one-time warning, where this build has no kernel for the device
+    (the pure-PyTorch reference then runs).
+    """
+    if _reference_requested:
+        return False
+    if has_kernel(op, device):
+        return True
+    warn_fallback(op, device)
+    return False
+
+
+@contextlib.contextmanager
+def use_reference():
+    """Inside this block every public op runs `kforcing_ops.reference` instead of its kernel (tests, debugging).
+
+    Models built on the public functions need no switch of their own: `with kforcing_ops.use_reference(): model(x)`.
+    """
+    global _reference_requested
+    previous, _reference_requested = _reference_requested, True
+    try:
+        yield
+    finally:
+        _reference_requested = previous
 
 
 def warn_fallback(op, device):
@@ -76,5 +106,5 @@ def warn_fallback(op, device):
         f"kforcing_ops.{op}: this build has no {device.type} kernel for it, so the pure-PyTorch reference runs "
         f"instead (same results, slower, more memory).{hint}",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )

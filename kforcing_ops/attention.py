@@ -22,9 +22,8 @@ def window_attention(q, k, v, num_windows, window_size, scale=None):
     q, k and v.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _ext.has_kernel("window_attention", q.device):
+    if _ext.use_kernel("window_attention", q.device):
         return torch.ops.kforcing.window_attention(q, k, v, num_windows, window_size, scale)[0]
-    _ext.warn_fallback("window_attention", q.device)
     return reference.window_attention(q, k, v, num_windows, window_size, scale)
 
 
@@ -48,10 +47,9 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
     (cache_seqlens += n_commit). len_b + n_commit must not exceed L_max. Inference only (no autograd).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _ext.has_kernel("window_attention_decode", q.device):
+    if _ext.use_kernel("window_attention_decode", q.device):
         return torch.ops.kforcing.window_attention_decode(
             q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, scale)
-    _ext.warn_fallback("window_attention_decode", q.device)
     return reference.window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, scale)
 
 

@@ -38,9 +38,8 @@ def noise_embedding(u, tau, weight, bias=None):
     """
     _reject_noise_grad(u, tau)
     tau_tensor, tau_value = _split_tau(tau, u.shape[0])
-    if _ext.has_kernel("noise_embedding", u.device):
+    if _ext.use_kernel("noise_embedding", u.device):
         return torch.ops.kforcing.noise_embedding(u, tau_tensor, tau_value, weight, bias)
-    _ext.warn_fallback("noise_embedding", u.device)
     return reference.noise_embedding(u, tau_tensor if tau_tensor is not None else tau_value, weight, bias)
 
 
@@ -65,10 +64,9 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
     """
     _reject_noise_grad(u, tau)
     tau_tensor, tau_value = _split_tau(tau, u.shape[0])
-    if _ext.has_kernel("noise_conditioned_embedding", u.device):
+    if _ext.use_kernel("noise_conditioned_embedding", u.device):
         return torch.ops.kforcing.noise_conditioned_embedding(token_ids, token_table, u, tau_tensor, tau_value,
                                                               weight, bias)
-    _ext.warn_fallback("noise_conditioned_embedding", u.device)
     return reference.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias)
 
 

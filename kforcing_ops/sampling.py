@@ -36,9 +36,8 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """
     temperatures, temperature_value = (
         (temperature, 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature)))
-    if _ext.has_kernel("inverse_cdf_sample", logits.device):
+    if _ext.use_kernel("inverse_cdf_sample", logits.device):
         return torch.ops.kforcing.inverse_cdf_sample(logits, u, temperatures, temperature_value, top_k, top_p)
-    _ext.warn_fallback("inverse_cdf_sample", logits.device)
     return reference.inverse_cdf_sample(logits, u, temperature, top_k, top_p)
 
 

@@ -61,6 +61,18 @@ def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
     assert "kforcing::inverse_cdf_sample" not in {e.name for e in prof.function_events}
 
 
+def test_use_reference_runs_the_reference_silently_and_restores_the_kernels():
+    logits, u = torch.randn(3, 20), torch.rand(3)
+    with kforcing_ops.use_reference(), warnings.catch_warnings(), torch.autograd.profiler.profile() as prof:
+        warnings.simplefilter("error")  # asked for: no fallback warning
+        got = kforcing_ops.inverse_cdf_sample(logits, u)
+    assert "kforcing::inverse_cdf_sample" not in {e.name for e in prof.function_events}
+    assert torch.equal(got, kforcing_ops.reference.inverse_cdf_sample(logits, u))
+    with torch.autograd.profiler.profile() as prof:
+        kforcing_ops.inverse_cdf_sample(logits, u)
+    assert "kforcing::inverse_cdf_sample" in {e.name for e in prof.function_events}
+
+
 def test_info_command():
     run = lambda *args: subprocess.run([sys.executable, "-m", "kforcing_ops.info", *args],  # noqa: E731
                                        capture_output=True, text=True, check=True).stdout
