@@ -30,7 +30,8 @@ def noise_embedding(u, tau, weight, bias=None):
 
     Returns:
         (M, H): [cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)] @ weight.T + bias,
-        with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better.
+        with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better, so an angle 2 pi x f
+        carries an absolute error of about 1e-7 * x: keep tau to temperature-like magnitudes.
 
     Differentiable in weight and bias. u and tau are noise: they get no gradient, and passing one that
     requires grad raises ValueError rather than silently dropping its gradient. u outside [0, 1], or a tau

@@ -175,7 +175,7 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
     _checks.value(bool(((token_ids >= 0) & (token_ids < token_table.shape[0])).all()), "noise_conditioned_embedding",
                   f"`token_ids` must lie in [0, V={token_table.shape[0]})")
     batch, hints = u.shape
-    if isinstance(tau, torch.Tensor) and tau.dim() == 1:
-        tau = tau[:, None].expand(batch, hints).reshape(-1)
-    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, -1)
+    if isinstance(tau, torch.Tensor):  # a 0-d tensor is every sequence's tau
+        tau = (tau.reshape(1).expand(batch) if tau.dim() == 0 else tau)[:, None].expand(batch, hints).reshape(-1)
+    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, weight.shape[0])
     return torch.cat([F.embedding(token_ids, token_table), noise], dim=1)

@@ -233,6 +233,8 @@ at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at
                                            const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
                                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_noise_conditioned_args(token_ids, token_table, u, tau, tau_value, weight, bias, kWeightTypes);
+  // Every sequence's tau is checked, whether or not it has hint rows (as the reference does).
+  const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding") : at::Tensor();
   const int64_t batch = token_ids.size(0), contexts = token_ids.size(1), hints = u.size(1);
   at::Tensor out = at::empty({batch, contexts + hints, weight.size(0)}, weight.options());
   if (out.numel() == 0) return out;
@@ -240,7 +242,6 @@ at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at
                           [&] { gather_tokens<index_t>(token_ids, token_table, out); });
   if (hints == 0) return out;
   const at::Tensor u64 = checked_uniforms(u, "noise_conditioned_embedding");
-  const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding") : at::Tensor();
   const NoiseWeight w(weight, bias);
   const at::Tensor shared = tau.has_value() ? at::Tensor() : w.folded_bias(tau_value);
   for (int64_t b = 0; b < batch; ++b) {

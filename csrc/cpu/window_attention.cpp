@@ -3,7 +3,8 @@
 // Mask and layout: kforcing/attention.h. Context row p and the hint rows of window p see the same context keys
 // 0..p, so the kernels group rows by anchor p: a block of kAnchorBlock anchors holds up to kAnchorBlock * (1 + W)
 // query rows that share every context key tile. Keys are visited only where the mask allows them: context tiles
-// up to the block's last anchor (the partial tile clipped per row), then each window's W x W causal block.
+// up to the block's last anchor (the partial tile clipped per row), then each window's W x W causal block, kKeyTile
+// keys at a time (a window of any size: tile i0 of a window is seen by its rows i0.. only).
 // Nothing of size S x S (scores or mask) is ever formed.
 //
 // Forward, one task per (batch, head, anchor block): online softmax (running max m, sum l, output accumulator)

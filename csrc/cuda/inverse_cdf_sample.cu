@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) out[row] = kInvalidSample;
     return;
   }
-  const double inv_t_d = 1.0 / t;
+  const double inv_t_d = static_cast<double>(inv_t);  // the clamped 1 / T (1 / T may be inf)
   auto weight = [&](int64_t c) { return masses[c] * exp((static_cast<double>(maxes[c]) - m) * inv_t_d); };
 
   // Z as a scan total, so the crossing search below (the same scan) is consistent with it.
