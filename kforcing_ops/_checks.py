@@ -42,10 +42,19 @@ def same_device(t, ref, op, name, ref_name):
           f"`{name}` is on {t.device} but `{ref_name}` is on {ref.device}; all tensors must be on one device")
 
 
-def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logits_types=FLOAT_TYPES):
-    """`logits_types`: the kernels take FLOAT_TYPES; the reference also takes float64."""
+# The sampler kernels: float64 logits on CPU only (sampled in float64); the reference takes all four anywhere.
+SAMPLER_TYPES = {"cpu": FLOAT_TYPES + (torch.float64,), "cuda": FLOAT_TYPES}
+
+
+def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logits_types=None):
+    """`logits_types`: default, what the kernel for logits' device takes; the reference passes all four."""
     op = "inverse_cdf_sample"
     dim(logits, 2, op, "logits", "(N, V)")
+    if logits_types is None:
+        torch._check_type(logits.dtype != torch.float64 or logits.device.type == "cpu", lambda: (
+            f"kforcing.{op}: `logits` of dtype float64 are sampled on CPU only; on {logits.device} pass float32, "
+            "bfloat16 or float16 logits"))
+        logits_types = SAMPLER_TYPES.get(logits.device.type, FLOAT_TYPES + (torch.float64,))
     dtype(logits, logits_types, op, "logits")
     value(logits.shape[1] >= 1, op, f"`logits` needs at least one vocabulary column, got shape {list(logits.shape)}")
     dim(u, 1, op, "u", "(N,)")
@@ -77,6 +86,7 @@ def _heads(q, k, v, op, dtypes):
     size(k, 3, q.shape[3], op, "k", "head_dim, as q")
     value(k.shape[2] >= 1 and q.shape[2] % k.shape[2] == 0, op,
           f"the kv heads of `k` ({k.shape[2]}) must divide the heads of `q` ({q.shape[2]})")
+    value(q.shape[3] >= 1, op, f"`q` must have head_dim >= 1, got shape {list(q.shape)}")
 
 
 def window_attention(q, k, v, num_windows, window_size, dtypes=None):
@@ -86,8 +96,11 @@ def window_attention(q, k, v, num_windows, window_size, dtypes=None):
     size(k, 1, q.shape[1], op, "k", "seq, as q")
     value(window_size >= 1, op, f"`window_size` must be >= 1, got {window_size}")
     value(num_windows >= 0, op, f"`num_windows` must be >= 0, got {num_windows}")
-    context = q.shape[1] - num_windows * window_size
-    value(context >= 1 and num_windows <= context, op,
+    # The C++ rule, which cannot form num_windows * window_size (it may wrap around int64).
+    seq = q.shape[1]
+    fits = seq >= 1 and (num_windows == 0 or window_size <= (seq - 1) // num_windows)
+    context = seq - num_windows * window_size if fits else 0
+    value(fits and num_windows <= context, op,
           f"`q` has {q.shape[1]} rows, which must be N context rows + num_windows * window_size "
           f"({num_windows} * {window_size}) hint rows with 1 <= num_windows <= N")
 
@@ -95,6 +108,7 @@ def window_attention(q, k, v, num_windows, window_size, dtypes=None):
 def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, dtypes=None):
     op = "window_attention_decode"
     _heads(q, k_new, v_new, op, dtypes)
+    value(q.shape[2] >= 1, op, f"`q` must have at least one head, got shape {list(q.shape)}")
     size(k_new, 1, q.shape[1], op, "k_new", "T new rows, as q")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         dim(t, 4, op, name, "(batch, max_len, kv_heads, head_dim)")
@@ -111,12 +125,62 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
     dtype(cache_seqlens, (torch.int32,), op, "cache_seqlens")
     same_device(cache_seqlens, q, op, "cache_seqlens", "q")
     value(0 <= n_commit <= q.shape[1], op, f"`n_commit` must be in [0, T={q.shape[1]}], got {n_commit}")
+    value(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, op,
+          "`k_cache` and `v_cache` must be contiguous in head_dim (they are written in place)")
+    value(non_overlapping(k_cache) and non_overlapping(v_cache), op,
+          "`k_cache` and `v_cache` must not be expanded or otherwise overlap themselves (sequences and heads would "
+          f"overwrite each other), got strides {list(k_cache.stride())} and {list(v_cache.stride())}")
+    value(not may_share_memory(k_cache, v_cache), op, "`k_cache` and `v_cache` must not share memory")
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("q", q)):
+        value(not (may_share_memory(t, k_cache) or may_share_memory(t, v_cache)), op,
+              f"`{name}` must not share memory with `k_cache` or `v_cache`: the caches are written in place while "
+              "it is read")
 
 
-def noise_embedding(u, tau, weight, bias):
+def non_overlapping(t):
+    """No two elements share memory (the rule of is_non_overlapping in csrc/include/kforcing/checks.h)."""
+    span = 0
+    for stride, n in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
+        if stride <= span:
+            return False
+        span += stride * (n - 1)
+    return True
+
+
+def may_share_memory(a, b):
+    """One storage and intersecting byte ranges (may_share_memory in checks.h); reads no data."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+        return False
+
+    def byte_range(t):
+        last = t.storage_offset() + sum(t.stride(d) * (t.shape[d] - 1) for d in range(t.dim()))
+        return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def tau_value(tau, op):
+    """A scalar tau must be positive and finite (a tensor's values: tau_values, or NaN rows on CUDA)."""
+    value(0.0 < tau < float("inf"), op, f"`tau` must be positive and finite, got {tau}")
+
+
+def tau_values(tau, op):
+    """Every value of a tau tensor positive and finite: reads the data (the references; the CPU kernels)."""
+    tau = tau.reshape(-1)
+    bad = ~((tau > 0) & torch.isfinite(tau))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        value(False, op, f"`tau` must be positive and finite; element {first} is {float(tau[first])}")
+
+
+def noise_embedding(u, tau, weight, bias, tau_scalar=None):
+    """`tau`: the tensor, or None with the float in `tau_scalar` (None: not known, as in a backward)."""
     op = "noise_embedding"
     dim(u, 1, op, "u", "(M,)")
     dtype(u, UNIFORM_TYPES, op, "u")
+    if tau is None and tau_scalar is not None:
+        tau_value(tau_scalar, op)
     if tau is not None:
         dim(tau, 1, op, "tau", "(M,) when a tensor")
         size(tau, 0, u.shape[0], op, "tau", "one temperature per row of u")
@@ -135,8 +199,11 @@ def noise_embedding(u, tau, weight, bias):
         same_device(bias, weight, op, "bias", "weight")
 
 
-def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias):
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, tau_scalar=None):
+    """`tau`: the tensor, or None with the float in `tau_scalar`."""
     op = "noise_conditioned_embedding"
+    if tau is None and tau_scalar is not None:
+        tau_value(tau_scalar, op)
     dim(token_ids, 2, op, "token_ids", "(B, Tc)")
     dtype(token_ids, (torch.int64, torch.int32), op, "token_ids")
     dim(token_table, 2, op, "token_table", "(V, H)")

@@ -5,13 +5,25 @@ import torch
 from . import _checks, _ext, reference
 
 
+def _scale(q, scale, op):
+    """The softmax scale, default 1/sqrt(head_dim); a q without a head_dim >= 1 raises the op's error."""
+    if scale is not None:
+        return float(scale)
+    _checks.dim(q, 4, op, "q", "(batch, seq, heads, head_dim)")
+    _checks.value(q.shape[3] >= 1, op, f"`q` must have head_dim >= 1, got shape {list(q.shape)}")
+    return q.shape[3] ** -0.5
+
+
 def window_attention(q, k, v, num_windows, window_size, scale=None):
     """Block-causal attention over [N context rows | num_windows windows of window_size hint rows].
 
     Args:
-        q: (B, S, H, D); k, v: (B, S, H_kv, D) with H_kv dividing H (GQA). S = N + num_windows * window_size.
+        q: (B, S, H, D); k, v: (B, S, H_kv, D) with H_kv dividing H (GQA), D >= 1 (<= 256 on CUDA).
+            S = N + num_windows * window_size with N >= 1 (checked without forming the product, so no value
+            can wrap it around).
         num_windows: windows of hint rows, 0 <= num_windows <= N; window t is anchored at context row t.
-        window_size: hint rows per window (k in K-Forcing; 2k with token rows first for self-forcing).
+        window_size: hint rows per window (k in K-Forcing; 2k with token rows first for self-forcing), any
+            size >= 1: windows longer than a 64-key tile are tiled.
         scale: softmax scale, default 1/sqrt(D).
 
     Returns:
@@ -21,7 +33,7 @@ def window_attention(q, k, v, num_windows, window_size, scale=None):
     context rows 0..t and hint rows 0..i of its own window, and never to other windows. Differentiable in
     q, k and v.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale, "window_attention")
     if _ext.use_kernel("window_attention", q.device):
         return torch.ops.kforcing.window_attention(q, k, v, num_windows, window_size, scale)[0]
     return reference.window_attention(q, k, v, num_windows, window_size, scale)
@@ -31,9 +43,13 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
     """One decode step: T new rows per sequence attend to their cache and causally to each other.
 
     Args:
-        q: (B, T, H, D); k_new, v_new: (B, T, H_kv, D). The first n_commit rows are real (committed) tokens,
-            the rest hints.
-        k_cache, v_cache: (B, L_max, H_kv, D), preallocated; modified in place.
+        q: (B, T, H, D) with H >= 1 and D >= 1; k_new, v_new: (B, T, H_kv, D). The first n_commit rows are
+            real (committed) tokens, the rest hints. On CUDA, D is limited by the GPU's shared memory (256 on
+            sm_80 / sm_90, 158 on sm_86 / sm_89): a larger D raises ValueError.
+        k_cache, v_cache: (B, L_max, H_kv, D), preallocated, contiguous in D; modified in place. Each must be
+            its own memory (not expanded, not overlapping itself or the other cache), and q, k_new and v_new
+            must not share memory with either; violations raise ValueError (checked from storage and strides,
+            without reading data or syncing).
         cache_seqlens: (B,) int32, the number of valid cache rows of each sequence (ragged batches).
         n_commit: how many of the new rows to append to the cache, 0 <= n_commit <= T.
         scale: softmax scale, default 1/sqrt(D).
@@ -44,9 +60,10 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
     New row j of sequence b attends to k_cache[b, :len_b] and new rows 0..j. The first n_commit new K/V rows
     are then written to the caches at [len_b, len_b + n_commit); hint rows are used but never written, and
     rows beyond len_b + n_commit are untouched. cache_seqlens is not modified: advance it yourself
-    (cache_seqlens += n_commit). len_b + n_commit must not exceed L_max. Inference only (no autograd).
+    (cache_seqlens += n_commit); it is read once, before any write. len_b + n_commit must not exceed L_max
+    (ValueError on CPU; on CUDA that sequence's outputs are NaN and nothing is written). Inference only.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale, "window_attention_decode")
     if _ext.use_kernel("window_attention_decode", q.device):
         return torch.ops.kforcing.window_attention_decode(
             q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_commit, scale)

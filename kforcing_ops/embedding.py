@@ -24,17 +24,19 @@ def noise_embedding(u, tau, weight, bias=None):
 
     Args:
         u: (M,) float32 or float64 in [0, 1].
-        tau: a float, a 0-d tensor, or an (M,) float32/float64 tensor.
+        tau: a float, a 0-d tensor, or an (M,) float32/float64 tensor; every value positive and finite.
         weight: (H, 4F) float32, bfloat16 or float16; the output takes its dtype.
         bias: optional (H,) of weight's dtype.
 
     Returns:
         (M, H): [cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)] @ weight.T + bias,
-        with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better.
+        with f_j = 10000^(-j/F), j = 0..F-1. Features are computed in fp32 or better, so an angle 2 pi x f
+        carries an absolute error of about 1e-7 * x: keep tau to temperature-like magnitudes.
 
     Differentiable in weight and bias. u and tau are noise: they get no gradient, and passing one that
-    requires grad raises ValueError rather than silently dropping its gradient. u outside [0, 1] raises
-    ValueError on CPU; on CUDA (no host sync) its row is NaN.
+    requires grad raises ValueError rather than silently dropping its gradient. u outside [0, 1], or a tau
+    that is not positive and finite, raises ValueError on CPU; on CUDA (no host sync) such a row is NaN (a
+    scalar tau is checked on the host and raises everywhere).
     """
     _reject_noise_grad(u, tau)
     tau_tensor, tau_value = _split_tau(tau, u.shape[0])
@@ -50,7 +52,7 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
         token_ids: (B, Tc) int64 or int32, each in [0, V).
         token_table: (V, H), the token embedding table; float32, bfloat16 or float16.
         u: (B, Th) float32 or float64 in [0, 1]: the uniforms of the hint rows.
-        tau: a float, a 0-d tensor, or a (B,) tensor: one temperature per sequence.
+        tau: a float, a 0-d tensor, or a (B,) tensor: one temperature per sequence, positive and finite.
         weight, bias: (H, 4F) and optional (H,), as in `noise_embedding`, of token_table's dtype.
 
     Returns:
@@ -59,8 +61,9 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
         [committed | hints] in decoding without a cat. Differentiable in token_table, weight and bias.
 
     An id outside [0, V) raises ValueError on CPU; on CUDA (no host sync) its row is NaN, and no memory outside
-    token_table is read. The same holds for u outside [0, 1]. The token_table gradient is deterministic on CPU
-    and summed with atomics on CUDA.
+    token_table is read. The same holds for u outside [0, 1], and for a per-sequence tau that is not positive
+    and finite (all the noise rows of that sequence). The token_table gradient is deterministic on CPU and
+    summed with atomics on CUDA.
     """
     _reject_noise_grad(u, tau)
     tau_tensor, tau_value = _split_tau(tau, u.shape[0])
@@ -72,7 +75,7 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
 
 @torch.library.register_fake("kforcing::noise_embedding")
 def _noise_embedding_fake(u, tau, tau_value, weight, bias):
-    _checks.noise_embedding(u, tau, weight, bias)
+    _checks.noise_embedding(u, tau, weight, bias, tau_scalar=tau_value)
     return weight.new_empty((u.shape[0], weight.shape[0]))
 
 
@@ -102,7 +105,7 @@ torch.library.register_autograd("kforcing::noise_embedding", _backward, setup_co
 
 @torch.library.register_fake("kforcing::noise_conditioned_embedding")
 def _noise_conditioned_fake(token_ids, token_table, u, tau, tau_value, weight, bias):
-    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias)
+    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, tau_scalar=tau_value)
     return weight.new_empty((token_ids.shape[0], token_ids.shape[1] + u.shape[1], weight.shape[0]))
 
 

@@ -22,42 +22,53 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     _checks.inverse_cdf_sample(logits, u, temperatures, 1.0 if temperatures is not None else temperature,
                                top_k, top_p, logits_types=_checks.FLOAT_TYPES + (torch.float64,))
     op = "inverse_cdf_sample"
-    z = logits.double()
-    if temperatures is not None:
-        t = temperatures.double()
-        _checks.value(bool(((t > 0) & torch.isfinite(t)).all()), op, "`temperature` must be positive and finite")
-        z = z / t[:, None]
-    else:
-        z = z / temperature
+    t = (temperatures.double() if temperatures is not None
+         else torch.full((logits.shape[0],), float(temperature), dtype=torch.float64, device=logits.device))
+    _checks.value(bool(((t > 0) & torch.isfinite(t)).all()), op, "`temperature` must be positive and finite")
+    # 1 / T, clamped to the largest finite value of the kernels' compute type (fp32; fp64 for fp64 logits).
+    inv_t = (1.0 / t).clamp(max=torch.finfo(torch.float64 if logits.dtype == torch.float64 else torch.float32).max)
+    x = logits.double()
     u = u.double()
     _checks.value(bool(((u >= 0) & (u <= 1)).all()), op, "`u` must lie in [0, 1]")
-    _checks.value(not bool((torch.isnan(z) | (z == math.inf)).any()), op, "`logits` contains NaN or +inf")
-    _checks.value(bool((z > -math.inf).any(dim=1).all()), op, "a row of `logits` has no finite logit")
+    _checks.value(not bool((torch.isnan(x) | (x == math.inf)).any()), op, "`logits` contains NaN or +inf")
+    _checks.value(bool((x > -math.inf).any(dim=1).all()), op, "a row of `logits` has no finite logit")
+    # z = (x - max) * inv_t as the kernels form it: the difference clamped to the compute type's lowest value, and
+    # -inf logits kept at -inf (they never meet a zero inv_t).
+    lowest = torch.finfo(torch.float64 if logits.dtype == torch.float64 else torch.float32).min
+    shifted = (x - x.amax(dim=1, keepdim=True)).clamp(min=lowest)
+    z = torch.where(x > -math.inf, shifted * inv_t[:, None], -math.inf)
     vocab = z.shape[1]
-    if 0 < top_k < vocab:
-        kth = z.topk(top_k, dim=1).values[:, -1:]
-        z = z.masked_fill(z < kth, -math.inf)  # ties at the k-th value survive
+    if 0 < top_k < vocab:  # the filters rank the logits themselves (z may tie them when inv_t is 0)
+        kth = x.topk(top_k, dim=1).values[:, -1:]
+        z = z.masked_fill(x < kth, -math.inf)  # ties at the k-th value survive
     if top_p < 1.0:
-        z = z.masked_fill(~_nucleus(z, top_p), -math.inf)
+        z = z.masked_fill(~_nucleus(z, top_p, rank=torch.where(z > -math.inf, x, -math.inf)), -math.inf)
     p = torch.softmax(z, dim=1)
     cdf = p.cumsum(dim=1)
     tokens = torch.searchsorted(cdf, u[:, None]).squeeze(1)
-    nonzero = p > 0
-    first_nonzero = nonzero.int().argmax(dim=1)
-    last_nonzero = vocab - 1 - nonzero.flip(1).int().argmax(dim=1)
-    # u = 0 would land on a leading zero-probability token; u above the rounded total mass lands past the end.
-    tokens = torch.where(u == 0, first_nonzero, tokens)
-    return torch.minimum(tokens, last_nonzero)
+    support = z > -math.inf  # every finite surviving logit has p > 0, even where float64 rounds it to 0
+    first_support = support.int().argmax(dim=1)
+    last_support = vocab - 1 - support.flip(1).int().argmax(dim=1)
+    # u = 0 would land on a leading zero-probability token; u = 1 may meet the rounded total mass early, and u
+    # above it lands past the end.
+    tokens = torch.where(u == 0, first_support, torch.where(u == 1, last_support, tokens))
+    return torch.minimum(tokens, last_support)
 
 
-def _nucleus(z, top_p):
-    """Tokens whose strictly larger logits hold < top_p of the mass (ties kept together)."""
-    p = torch.softmax(z, dim=1)
-    sorted_z, order = z.sort(dim=1, descending=True)
-    sorted_p = p.gather(1, order)
-    above = sorted_p.cumsum(dim=1) - sorted_p
-    first_of_tie = torch.searchsorted(-sorted_z, -sorted_z)  # first index of each value's tie group
-    keep_sorted = above.gather(1, first_of_tie) < top_p
+def _nucleus(z, top_p, rank=None):
+    """Tokens whose strictly larger logits hold < top_p of the mass (ties kept together).
+
+    z: the scaled logits (their softmax is the mass); rank: the values that order and tie the tokens, default z.
+    """
+    rank = z if rank is None else rank
+    # Unnormalised weights summed in descending order against top_p * total, as the kernels do: a uniform
+    # distribution (a huge temperature) then sums exactly, with no rounding at the boundary.
+    weight = torch.exp(z - z.amax(dim=1, keepdim=True))
+    sorted_rank, order = rank.sort(dim=1, descending=True)
+    sorted_weight = weight.gather(1, order)
+    above = torch.cat([torch.zeros_like(sorted_weight[:, :1]), sorted_weight.cumsum(dim=1)[:, :-1]], dim=1)
+    first_of_tie = torch.searchsorted(-sorted_rank, -sorted_rank)  # first index of each value's tie group
+    keep_sorted = above.gather(1, first_of_tie) < top_p * weight.sum(dim=1, keepdim=True)
     return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
 
 
@@ -95,7 +106,7 @@ def _sdpa(q, k, v, mask, scale):
 def window_attention(q, k, v, num_windows, window_size, scale=None):
     """Reference of kforcing_ops.window_attention: the dense staircase mask + SDPA."""
     _checks.window_attention(q, k, v, num_windows, window_size, dtypes=_checks.ALL_ATTENTION_TYPES)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale  # head_dim >= 1 was checked
     context = q.shape[1] - num_windows * window_size
     mask = window_attention_mask(context, num_windows, window_size, device=q.device)
     return _sdpa(q, k, v, mask, scale)
@@ -146,7 +157,9 @@ def noise_features(u, tau, num_freqs):
 def noise_embedding(u, tau, weight, bias=None):
     """Reference of kforcing_ops.noise_embedding: float64 features, then a Linear in weight's dtype."""
     tau_tensor = tau if isinstance(tau, torch.Tensor) else None
-    _checks.noise_embedding(u, tau_tensor, weight, bias)
+    _checks.noise_embedding(u, tau_tensor, weight, bias, tau_scalar=None if tau_tensor is not None else float(tau))
+    if tau_tensor is not None:
+        _checks.tau_values(tau_tensor, "noise_embedding")
     _checks.value(bool(((u >= 0) & (u <= 1)).all()), "noise_embedding", "`u` must lie in [0, 1]")
     features = noise_features(u.detach(), tau.detach() if tau_tensor is not None else tau, weight.shape[1] // 4)
     return F.linear(features.to(weight.dtype), weight, bias)
@@ -154,12 +167,15 @@ def noise_embedding(u, tau, weight, bias=None):
 
 def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=None):
     """Reference of kforcing_ops.noise_conditioned_embedding: cat(token_table[token_ids], noise embeddings)."""
-    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau if isinstance(tau, torch.Tensor) else None,
-                                        weight, bias)
+    tau_tensor = tau if isinstance(tau, torch.Tensor) else None
+    _checks.noise_conditioned_embedding(token_ids, token_table, u, tau_tensor, weight, bias,
+                                        tau_scalar=None if tau_tensor is not None else float(tau))
+    if tau_tensor is not None:
+        _checks.tau_values(tau_tensor, "noise_conditioned_embedding")
     _checks.value(bool(((token_ids >= 0) & (token_ids < token_table.shape[0])).all()), "noise_conditioned_embedding",
                   f"`token_ids` must lie in [0, V={token_table.shape[0]})")
     batch, hints = u.shape
-    if isinstance(tau, torch.Tensor) and tau.dim() == 1:
-        tau = tau[:, None].expand(batch, hints).reshape(-1)
-    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, -1)
+    if isinstance(tau, torch.Tensor):  # a 0-d tensor is every sequence's tau
+        tau = (tau.reshape(1).expand(batch) if tau.dim() == 0 else tau)[:, None].expand(batch, hints).reshape(-1)
+    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, weight.shape[0])
     return torch.cat([F.embedding(token_ids, token_table), noise], dim=1)

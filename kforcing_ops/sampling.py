@@ -9,9 +9,10 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token per row by inverse CDF from an explicit uniform: a pure function of (logits, u).
 
     Args:
-        logits: (N, V) float32, bfloat16 or float16, any strides.
+        logits: (N, V) float32, bfloat16 or float16, any strides; float64 on CPU too (sampled in float64: an exact
+            float64 CDF; on CUDA float64 logits raise TypeError).
         u: (N,) float32 or float64 in [0, 1]: one uniform per row.
-        temperature: a positive float, or an (N,) float32/float64 tensor with one temperature per row.
+        temperature: a positive finite float, or an (N,) float32/float64 tensor with one temperature per row.
         top_k: keep only the top_k largest logits (every logit equal to the k-th is kept too); 0 disables.
         top_p: then keep the nucleus: a token survives when the (renormalised) mass of strictly larger logits
             is < top_p, so the smallest set of most likely tokens reaching top_p survives, ties included;
@@ -20,16 +21,25 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     Returns:
         (N,) int64 token ids.
 
-    The rule: p = softmax(logits / temperature), restricted and renormalised as above; the token is the
-    smallest index v, in vocabulary order, with p_v > 0 and sum_{v' <= v} p_v' >= u. So u = 0 gives the first
-    token of nonzero probability, and if rounding leaves u above the total mass, the last one is returned.
-    Tokens of zero probability (logit -inf, or filtered out) are never returned. The result is monotone in u
-    and deterministic, and equals a float64 computation of the rule unless u lies within about 1e-7
-    (relative) of a CDF boundary: exponentials are fp32, every sum is fp64.
+    The rule: p = softmax(logits * inv_t) with inv_t = min(1 / temperature, F), F the largest finite value of the
+    compute type (float32, about 3.4e38; float64 for float64 logits), restricted and renormalised as above. The
+    support is the finite logits the filters keep; the token is the smallest support index v, in vocabulary
+    order, with sum_{v' <= v} p_v' >= u. So u = 0 gives the first support token and u = 1 the last (also where
+    rounding leaves u above the total mass); -inf and filtered-out logits are never returned.
+
+    Extreme temperatures follow the same rule: a tiny temperature (1 / T above F, i.e. T below about 2.9e-39
+    for float32) samples as T = 1 / F, which keeps only the largest logit and its ties unless logits differ by
+    less than about 1e-37; a huge one (inv_t rounding to 0) makes every support token equally likely. top-k and
+    top-p rank the logits themselves, so they keep their meaning at any temperature.
+
+    The result is monotone in u and deterministic, and equals a float64 computation of the rule unless u lies
+    within about 1e-7 (relative) of a CDF boundary: exponentials are float32, every sum is float64 (float64
+    logits: within about 1e-15).
 
     Invalid rows (a NaN or +inf logit, no finite logit, u outside [0, 1], a temperature that is not positive
     and finite) raise ValueError on CPU. On CUDA, where raising would need a host sync, such rows return -1;
-    check them with `raise_on_invalid_samples(tokens)` when you can afford the sync.
+    check them with `raise_on_invalid_samples(tokens)` when you can afford the sync. No row is ever read outside
+    its own elements.
 
     On CUDA the op makes no host sync and allocates only from PyTorch's caching allocator, so it can be
     captured in a CUDA graph.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared run for a GPU machine (torch preinstalled, no package registry): build the extension in place,
-# run the `cuda` tests file by file (a crashed CUDA context stays confined to its file), run every kernel under
-# compute-sanitizer, then the benchmarks; prints a short summary last. Sized to finish in under 8 minutes on one
+# run the `cuda` tests file by file (a crashed CUDA context stays confined to its file), run every kernel and the
+# CUDA fuzz profile (tests/test_fuzz.py) under compute-sanitizer memcheck, then the benchmarks; prints a short
+# summary last. Sized to finish in under 8 minutes on one
 # H100/H200. Results land in bench/results/*_cuda.{json,md} and, when $OUT is set, are copied there.
 #   usage: KFORCING_GIT_SHA=<sha> bash scripts/gpu_check.sh [--quick]     (--quick: tests and sanitizer only)
 # (a tree copied to the GPU machine has no .git: KFORCING_GIT_SHA tags the build and the result tables)
@@ -33,6 +34,10 @@ done
 step test_model 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_model.py tests/test_generate.py
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/cuda_smoke.py
+  step fuzz_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_fuzz.py
+else
+  step fuzz 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_fuzz.py
 fi
 if [ "${1:-}" != "--quick" ]; then
   step bench_sampling 120 $PY bench/bench_sampling.py --device cuda --skip compiled reference --min-run-time 0.2

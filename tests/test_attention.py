@@ -132,6 +132,81 @@ def test_self_forcing_layout_needs_nothing_special(device):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Long windows: the in-window keys span several 64-key tiles
+
+LONG_WINDOWS = [63, 64, 65, 127, 128, 200]
+
+
+def long_window_cases():
+    for device in ("cpu", "cuda"):
+        for dtype in DTYPES[device]:
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            dims = [64] if device == "cpu" else [40, 64]  # CUDA: the SIMT path (40) and tensor cores (bf16/fp16 64)
+            for window in LONG_WINDOWS:
+                for dim in dims:
+                    yield pytest.param(device, dtype, window, dim, marks=marks,
+                                       id=f"{device}-{str(dtype)[6:]}-W{window}-D{dim}")
+
+
+@pytest.mark.parametrize("device,dtype,window,dim", list(long_window_cases()))
+def test_long_windows_forward_and_backward(device, dtype, window, dim):
+    """Windows of more than 64 hint rows (they used to overrun the 64-row tile buffers): forward and gradients
+    against float64, with 3 windows (the last at the end of the sequence) and N not a multiple of 16."""
+    context, nw = 19, 3
+    q, k, v = staircase_inputs(1, context, nw, window, 4, 2, dim, dtype, device, grad=True)
+    grad_out = torch.randn_like(q)
+    with expect_kernel("window_attention", "window_attention_backward"):
+        out = ko.window_attention(q, k, v, nw, window)
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_out = ref.window_attention(*exact_inputs, nw, window)
+    exact = torch.autograd.grad(exact_out, exact_inputs, grad_out.double())
+    plain_out = ref.window_attention(q, k, v, nw, window)
+    plain = torch.autograd.grad(plain_out, (q, k, v), grad_out)
+    assert_within_pytorch_error(out, plain_out, exact_out, dtype, "out")
+    for name, g, p, e in zip(("dq", "dk", "dv"), got, plain, exact):
+        assert_within_pytorch_error(g, p, e, dtype, name)
+
+
+def test_long_window_gradcheck_float64():
+    q, k, v = staircase_inputs(1, 2, 2, 70, 2, 1, 2, torch.float64, "cpu", grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: ko.window_attention(q, k, v, 2, 70), (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_product_overflow_is_rejected(device):
+    """num_windows * window_size wraps around int64 (4 * (2^62 + 1) = 4 mod 2^64): rejected, not run."""
+    q, k, v = staircase_inputs(1, 10, 0, 1, 2, 1, 8, torch.float32, device)
+    for call in (lambda: ko.window_attention(q, k, v, 4, 2**62 + 1),
+                 lambda: torch.ops.kforcing.window_attention(q, k, v, 4, 2**62 + 1, 1.0),
+                 lambda: ref.window_attention(q, k, v, 4, 2**62 + 1)):
+        with pytest.raises(ValueError, match="kforcing.window_attention: `q` has 10 rows, which must be N context"):
+            call()
+    with pytest.raises(ValueError, match="kforcing.window_attention_backward: `q` has 10 rows"):
+        torch.ops.kforcing.window_attention_backward(q, q, k, v, q, q.new_zeros(1, 2, 10), 4, 2**62 + 1, 1.0)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        with pytest.raises(ValueError, match="kforcing.window_attention: `q` has 10 rows"):
+            torch.ops.kforcing.window_attention(fq, fk, fv, 4, 2**62 + 1, 1.0)
+    # Without windows, window_size only names the layout: any value runs.
+    torch.testing.assert_close(ko.window_attention(q, k, v, 0, 2**62 + 1), ko.window_attention(q, k, v, 0, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_head_dim_is_a_clear_error(device):
+    q = torch.randn(1, 5, 2, 0, device=device)
+    for call in (lambda: ko.window_attention(q, q, q, 1, 2),
+                 lambda: torch.ops.kforcing.window_attention(q, q, q, 1, 2, 1.0),
+                 lambda: ref.window_attention(q, q, q, 1, 2)):
+        with pytest.raises(ValueError, match="kforcing.window_attention: `q` must have head_dim >= 1"):
+            call()
+    cache = torch.zeros(1, 8, 2, 0, device=device)
+    lengths = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="kforcing.window_attention_decode: `q` must have head_dim >= 1"):
+        ko.window_attention_decode(q, q, q, cache, cache.clone(), lengths, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Decode
 
 
@@ -254,6 +329,132 @@ def test_decode_errors_and_overflow_never_writes():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def decode_layout_cases():
+    """(what, make) pairs: make(q, k_new, v_new, k_cache, v_cache) returns the bad argument tuple."""
+    def expanded(args):
+        q, k_new, v_new, k_cache, v_cache = args
+        return q, k_new, v_new, k_cache[:1].expand_as(k_cache), v_cache
+
+    def same_cache(args):
+        q, k_new, v_new, k_cache, _ = args
+        return q, k_new, v_new, k_cache, k_cache
+
+    def k_new_in_cache(args):
+        q, _, v_new, k_cache, v_cache = args
+        return q, k_cache[:, 4:8], v_new, k_cache, v_cache
+
+    def v_new_in_cache(args):
+        q, k_new, _, k_cache, v_cache = args
+        return q, k_new, v_cache[:, 8:12], k_cache, v_cache
+
+    def overlapping_caches(args):
+        q, k_new, v_new, k_cache, _ = args
+        both = torch.cat([k_cache, k_cache[:, :1]], dim=1)
+        return q, k_new, v_new, both[:, :-1], both[:, 1:]
+
+    return [("`k_cache` and `v_cache` must not be expanded", expanded),
+            ("`k_cache` and `v_cache` must not share memory", same_cache),
+            ("`k_cache` and `v_cache` must not share memory", overlapping_caches),
+            ("`k_new` must not share memory with `k_cache` or `v_cache`", k_new_in_cache),
+            ("`v_new` must not share memory with `k_cache` or `v_cache`", v_new_in_cache)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("message,make", decode_layout_cases(), ids=lambda c: getattr(c, "__name__", None))
+def test_decode_rejects_aliased_or_expanded_caches(device, message, make):
+    """Caches written in place must be their own memory, and nothing read may live in them: checked from
+    storage and strides (no data access), identically by the kernel, the fake kernel and the reference."""
+    q, k_new, v_new, k_cache, v_cache, seqlens = decode_inputs(2, [3, 5], 16, 4, 4, 2, 8, torch.float32, device)
+    args = make((q, k_new, v_new, k_cache, v_cache))
+    before = [t.clone() for t in args]
+    for call in (ko.window_attention_decode, ref.window_attention_decode):
+        with pytest.raises(ValueError, match=f"kforcing.window_attention_decode: {message}"):
+            call(*args, seqlens, 2)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (*args, seqlens)]
+        with pytest.raises(ValueError, match=message):
+            torch.ops.kforcing.window_attention_decode(*fake, 2, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(args, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_accepts_disjoint_views_of_one_buffer(device):
+    """k and v caches as two halves of one allocation, and a cache that is a slice of a larger one, are fine."""
+    q, k_new, v_new, _, _, seqlens = decode_inputs(2, [3, 5], 16, 4, 4, 2, 8, torch.float32, device)
+    buffer = torch.randn(2, 2, 20, 2, 8, device=device)
+    k_cache, v_cache = buffer[0, :, :16], buffer[1, :, 2:18]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = ref.window_attention_decode(q, k_new, v_new, want_k, want_v, seqlens, 2)
+    with expect_kernel("window_attention_decode"):
+        got = ko.window_attention_decode(q, k_new, v_new, k_cache, v_cache, seqlens, 2)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_lengths_aliasing_the_cache_are_read_once(device):
+    """cache_seqlens living in the first cache row of sequence 0: its append overwrites them mid-call, but the
+    kernel has copied them first, so sequence 1 still writes rows [6, 8) and nothing past the cache."""
+    batch, max_len, kv_heads, dim, n_commit = 2, 8, 1, 4, 2
+    storage = torch.zeros(batch * max_len * kv_heads * dim + 4, device=device)  # 4 sentinel elements at the end
+    k_cache = storage[:-4].view(batch, max_len, kv_heads, dim)
+    seqlens = k_cache[0, 0, 0].view(torch.int32)[:batch]
+    seqlens.copy_(torch.tensor([0, 6], dtype=torch.int32))
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.randn(batch, n_commit, 1, dim, device=device)
+    k_new, v_new = torch.randn(batch, n_commit, kv_heads, dim, device=device) + 1e6, torch.randn_like(q)
+    with expect_kernel("window_attention_decode"):
+        ko.window_attention_decode(q, k_new, v_new, k_cache, v_cache, seqlens, n_commit)
+    assert torch.equal(k_cache[0, :n_commit], k_new[0]) and torch.equal(k_cache[1, 6:8], k_new[1])
+    assert torch.equal(v_cache[1, 6:8], v_new[1]) and (storage[-4:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_zero_heads_is_a_clear_error(device):
+    q, k_new, v_new, k_cache, v_cache, seqlens = decode_inputs(2, [3, 5], 16, 4, 4, 2, 8, torch.float32, device)
+    before = k_cache.clone()
+    for call in (ko.window_attention_decode, ref.window_attention_decode):
+        with pytest.raises(ValueError, match="kforcing.window_attention_decode: `q` must have at least one head"):
+            call(q[:, :, :0], k_new, v_new, k_cache, v_cache, seqlens, 2)
+    assert torch.equal(k_cache, before)
+
+
+@pytest.mark.cuda
+def test_decode_cuda_head_dim_within_shared_memory():
+    """head_dim 256 needs ~160 KB of shared memory: run where the GPU has it, a clear error where it does not."""
+    q, k_new, v_new, k_cache, v_cache, seqlens = decode_inputs(2, [3, 5], 16, 4, 4, 2, 256, torch.float16, "cuda")
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    if (32 * 256 + 64 * 257 + 64 * 256) * 4 > limit:
+        with pytest.raises(ValueError, match="head_dim 256 needs .* bytes of shared memory"):
+            ko.window_attention_decode(q, k_new, v_new, k_cache, v_cache, seqlens, 2)
+    else:
+        got = ko.window_attention_decode(q, k_new, v_new, k_cache, v_cache, seqlens, 2)
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.cuda
+def test_tensor_core_path_takes_misaligned_views_safely():
+    """A contiguous bf16 view at an odd element offset cannot use the 16-byte loads of the tensor-core kernels:
+    it runs on the CUDA-core kernels and matches the aligned result."""
+    q, k, v = staircase_inputs(1, 40, 10, 4, 4, 2, 64, torch.bfloat16, "cuda")
+    shifted = [torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)[1:].view(t.shape).copy_(t) for t in (q, k, v)]
+    assert shifted[0].data_ptr() % 16 != 0 and shifted[0].is_contiguous()
+    for t in shifted:
+        t.requires_grad_()
+    grad_out = torch.randn_like(q)
+    out = ko.window_attention(*shifted, 10, 4)
+    grads = torch.autograd.grad(out, shifted, grad_out)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_out = ref.window_attention(*exact_inputs, 10, 4)
+    exact = torch.autograd.grad(exact_out, exact_inputs, grad_out.double())
+    plain_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    plain_out = ref.window_attention(*plain_inputs, 10, 4)
+    plain = torch.autograd.grad(plain_out, plain_inputs, grad_out)
+    assert_within_pytorch_error(out, plain_out, exact_out, torch.bfloat16, "out")
+    for name, g, p, e in zip(("dq", "dk", "dv"), grads, plain, exact):
+        assert_within_pytorch_error(g, p, e, torch.bfloat16, name)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -210,6 +210,53 @@ def test_errors_name_the_argument():
             call()
 
 
+BAD_TAUS = [math.nan, math.inf, -math.inf, 0.0, -0.5]
+
+
+@pytest.mark.parametrize("bad", BAD_TAUS)
+def test_cpu_every_tau_must_be_positive_and_finite(bad):
+    """A scalar tau and every value of a per-row / per-sequence tau: the kernels and the references raise alike."""
+    u, (weight, bias) = torch.rand(5), weights(8, 4, torch.float32, "cpu")
+    ids, table, uu = torch.randint(0, 9, (2, 3)), torch.randn(9, 8), torch.rand(2, 4)
+    per_row = torch.rand(5) + 0.1
+    per_row[3] = bad
+    per_seq = torch.tensor([0.7, bad])
+    calls = {
+        "noise_embedding": [lambda fn: fn(u, bad, weight, bias), lambda fn: fn(u, per_row, weight, bias)],
+        "noise_conditioned_embedding": [lambda fn: fn(ids, table, uu, bad, weight, bias),
+                                        lambda fn: fn(ids, table, uu, per_seq, weight, bias)],
+    }
+    for op, cases in calls.items():
+        for case in cases:
+            for fn in (getattr(ko, op), getattr(ref, op)):
+                with pytest.raises(ValueError, match=f"kforcing.{op}: `tau` must be positive and finite"):
+                    case(fn)
+    with pytest.raises(ValueError, match="kforcing.noise_embedding: `tau` must be positive and finite"):
+        ko.noise_embedding(u, torch.tensor(bad), weight, bias)  # a 0-d tensor: every row
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fu, fw, fb = (mode.from_tensor(t) for t in (u, weight, bias))
+        with pytest.raises(ValueError, match="kforcing.noise_embedding: `tau` must be positive and finite"):
+            torch.ops.kforcing.noise_embedding(fu, None, bad, fw, fb)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_invalid_per_row_tau_gives_nan_rows(dtype):
+    """No host sync on CUDA: a per-row (or per-sequence) tau that is not positive and finite makes exactly the
+    rows it conditions NaN; a scalar tau is checked on the host and raises."""
+    u = torch.rand(len(BAD_TAUS) + 2, device="cuda")
+    weight, bias = weights(16, 4, dtype, "cuda")
+    tau = torch.tensor(BAD_TAUS + [0.5, 2.0], device="cuda")
+    out = ko.noise_embedding(u, tau, weight, bias)
+    assert torch.isnan(out[:len(BAD_TAUS)]).all() and not torch.isnan(out[len(BAD_TAUS):]).any()
+    ids, table = torch.randint(0, 9, (2, 3), device="cuda"), torch.randn(9, 16, device="cuda", dtype=dtype)
+    seq = ko.noise_conditioned_embedding(ids, table, torch.rand(2, 4, device="cuda"),
+                                         torch.tensor([math.nan, 0.7], device="cuda"), weight, bias)
+    assert torch.isnan(seq[0, 3:]).all() and not torch.isnan(seq[0, :3]).any() and not torch.isnan(seq[1]).any()
+    with pytest.raises(ValueError, match="`tau` must be positive and finite"):
+        ko.noise_embedding(u, math.nan, weight, bias)
+
+
 @pytest.mark.cuda
 def test_cuda_bad_ids_and_uniforms_give_nan_rows():
     ids = torch.tensor([[1, 99, 2]], device="cuda")

@@ -5,23 +5,29 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, expect_kernel
+from tolerances import SAMPLER_BOUNDARY_TOLERANCE, SAMPLER_FLOAT64_BOUNDARY_TOLERANCE
 
 import kforcing_ops as ko
 from kforcing_ops import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The kernels use fp32 exp and fp64 sums: they may differ from the float64 reference only when u lies this
-# close (relative) to a CDF boundary. Measured disagreements are far rarer than this allows.
-BOUNDARY_TOLERANCE = 1e-6
+# Measured disagreements with the float64 reference are far rarer than these tolerances allow.
+BOUNDARY_TOLERANCE = SAMPLER_BOUNDARY_TOLERANCE
 
 
 def float64_cdf(logits, temperature, top_k, top_p):
     """The float64 CDF of the rule (over the restricted, renormalised support), one row per input row."""
-    z = logits.double() / (temperature[:, None].double() if isinstance(temperature, torch.Tensor) else temperature)
+    x = logits.double()
+    t = temperature.double() if isinstance(temperature, torch.Tensor) else torch.full((x.shape[0],), temperature,
+                                                                                       dtype=torch.float64)
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    inv_t = (1.0 / t.to(x.device)).clamp(max=torch.finfo(compute).max)
+    shifted = (x - x.amax(dim=1, keepdim=True)).clamp(min=torch.finfo(compute).min)
+    z = torch.where(x > -math.inf, shifted * inv_t[:, None], -math.inf)
     if 0 < top_k < z.shape[1]:
-        z = z.masked_fill(z < z.topk(top_k, dim=1).values[:, -1:], -math.inf)
+        z = z.masked_fill(x < x.topk(top_k, dim=1).values[:, -1:], -math.inf)
     if top_p < 1:
-        z = z.masked_fill(~ref._nucleus(z, top_p), -math.inf)
+        z = z.masked_fill(~ref._nucleus(z, top_p, rank=torch.where(z > -math.inf, x, -math.inf)), -math.inf)
     return torch.softmax(z, dim=1).cumsum(dim=1)
 
 
@@ -140,6 +146,121 @@ def test_edge_cases(device):
                                  1e-30).item() == 4
 
 
+# --------------------------------------------------------------------------------------------------------
+# Extreme temperatures, u = 0, float64 logits
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# Tiny (1 / T overflows fp32, and even fp64), ordinary, and huge (1 / T underflows fp32, or fp64).
+EXTREME_TEMPERATURES = [1e-320, 1e-300, 1e-45, 1e-39, 1e-3, 1.0, 1e30, 1e39, 1e300, 1.7e308]
+
+
+def logits_with_dead_tokens(rows, vocab, dtype, device, dead_fraction=0.3, scale=3.0):
+    logits = random_logits(rows, vocab, dtype, device, scale)
+    dead = torch.rand(rows, vocab, device=device) < dead_fraction
+    dead[:, vocab // 3] = False  # one live token per row
+    return logits.masked_fill(dead, -math.inf), dead
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.5), (7, 1.0), (40, 0.8)])
+def test_extreme_temperatures_follow_the_rule(device, per_row, top_k, top_p):
+    """Huge and tiny temperatures, with -inf logits, over a vocabulary of several chunks with a partial last one:
+    the reference's answer (1/T clamped to fp32), never a negative id, never a -inf token, and at huge T every
+    finite token reachable (the last partial chunk included)."""
+    rows, vocab = 24, 50257
+    logits, dead = logits_with_dead_tokens(rows, vocab, torch.float32, device)
+    u = torch.rand(rows, dtype=torch.float64, device=device)
+    u[:4] = torch.tensor([0.0, 1.0, 1 - 1e-9, 1e-12], dtype=torch.float64)
+    for temperature in EXTREME_TEMPERATURES:
+        t = torch.full((rows,), temperature, dtype=torch.float64, device=device) if per_row else temperature
+        with expect_kernel("inverse_cdf_sample"):
+            got = ko.inverse_cdf_sample(logits, u, t, top_k, top_p)
+        assert ((got >= 0) & (got < vocab)).all(), f"T={temperature}: {got.tolist()}"
+        assert not dead.gather(1, got[:, None]).any(), f"T={temperature}: a -inf token was drawn"
+        assert_agrees(got, logits, u, t, top_k, top_p)
+    # At a huge temperature every finite token is equally likely: u near 1 lands in the last partial chunk.
+    if top_k == 0 and top_p == 1.0:
+        got = ko.inverse_cdf_sample(logits, torch.full((rows,), 1 - 1e-6, dtype=torch.float64, device=device), 1e300)
+        assert (got >= vocab - 1105).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_per_row_temperatures(device):
+    logits, _ = logits_with_dead_tokens(len(EXTREME_TEMPERATURES), 9000, torch.float32, device)
+    u = torch.rand(len(EXTREME_TEMPERATURES), dtype=torch.float64, device=device)
+    t = torch.tensor(EXTREME_TEMPERATURES, dtype=torch.float64, device=device)
+    assert_agrees(ko.inverse_cdf_sample(logits, u, t), logits, u, t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_with_dead_tokens_keeps_the_nucleus(device):
+    """-inf logits weigh nothing in the nucleus: top-p keeps the most likely tokens, not the last finite one."""
+    logits = torch.tensor([[0.0, -math.inf, 5.0, -math.inf, 1.0, -math.inf]] * 3, device=device)
+    u = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device=device)
+    for temperature in (1.0, 1e300):
+        got = ko.inverse_cdf_sample(logits, u, temperature, 0, 0.5)
+        assert got.tolist() == ([2, 2, 2] if temperature == 1.0 else [2, 2, 4]), temperature  # {2, 4} at huge T
+        assert_agrees(got, logits, u, temperature, 0, 0.5)
+
+
+def test_u_zero_is_the_first_support_token_fuzz():
+    """u = 0 (and u = 1) agree with the reference exactly on rows built to stress the chunk walk: -inf runs,
+    chunk maxima far below the row max (their rescaled mass underflows to 0 in fp64), ties and tiny spreads."""
+    gen = torch.Generator().manual_seed(1234)
+    for trial in range(60):
+        vocab = int(torch.randint(1, 3 * 2048 + 100, (1,), generator=gen))
+        rows = 4
+        logits = torch.randn(rows, vocab, generator=gen) * float(torch.tensor(10.0) ** torch.randint(-3, 4, (1,),
+                                                                                                       generator=gen))
+        kind = trial % 4
+        if kind == 0:  # the first chunk far below the rest (2047 vs 2048 of the old walk)
+            logits[:, :2048] -= 2000.0
+        elif kind == 1:  # long -inf runs
+            logits[torch.rand(rows, vocab, generator=gen) < 0.9] = -math.inf
+        elif kind == 2:  # ties
+            logits = logits.round()
+        else:  # a single finite token per row, anywhere
+            keep = torch.randint(0, vocab, (rows,), generator=gen)
+            logits = torch.full_like(logits, -math.inf).scatter(1, keep[:, None], 1.0)
+        logits[:, int(torch.randint(0, vocab, (1,), generator=gen))] = 0.0  # a finite logit in every row
+        for dtype in DTYPES + [torch.float64]:
+            x = logits.to(dtype)
+            for u_value in (0.0, 1.0):
+                u = torch.full((rows,), u_value, dtype=torch.float64)
+                for temperature in (1.0, 1e-3, 1e300):
+                    want = ref.inverse_cdf_sample(x, u, temperature)
+                    got = ko.inverse_cdf_sample(x, u, temperature)
+                    assert torch.equal(got, want), (trial, dtype, u_value, temperature, got.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (50, 1.0), (0, 0.9), (20, 0.7)])
+def test_float64_logits_on_cpu(top_k, top_p):
+    """float64 logits are sampled in float64 (exponentials and sums): the exact CDF the distillation needs."""
+    logits = torch.randn(300, 5000, dtype=torch.float64) * 3
+    logits[:, ::7] = -math.inf
+    u = torch.rand(300, dtype=torch.float64)
+    with expect_kernel("inverse_cdf_sample"):
+        got = ko.inverse_cdf_sample(logits, u, 0.9, top_k, top_p)
+    want = ref.inverse_cdf_sample(logits, u, 0.9, top_k, top_p)
+    differ = (got != want).nonzero().flatten()
+    if differ.numel():  # only where u lies on a float64 CDF boundary
+        cdf = float64_cdf(logits[differ], 0.9, top_k, top_p)
+        boundary = cdf.gather(1, torch.minimum(got[differ], want[differ])[:, None]).squeeze(1)
+        assert ((u[differ] - boundary).abs() <= SAMPLER_FLOAT64_BOUNDARY_TOLERANCE).all()
+    # A float64 CDF resolves a boundary that float32 cannot: u a hair either side of p_0.
+    row = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # p = (1/4, 3/4)
+    below, above = torch.tensor([0.25 - 1e-12], dtype=torch.float64), torch.tensor([0.25 + 1e-12], dtype=torch.float64)
+    assert ko.inverse_cdf_sample(row, below).item() == 0 and ko.inverse_cdf_sample(row, above).item() == 1
+
+
+@pytest.mark.cuda
+def test_cuda_float64_logits_are_a_clear_error():
+    logits, u = torch.randn(2, 10, device="cuda", dtype=torch.float64), torch.rand(2, device="cuda")
+    with pytest.raises(TypeError, match="kforcing.inverse_cdf_sample: `logits` of dtype float64 are sampled on CPU"):
+        ko.inverse_cdf_sample(logits, u)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_probability_tokens_are_never_returned(device):
     logits = torch.randn(2000, 97, device=device)
@@ -195,7 +316,7 @@ def test_cpu_errors_name_the_argument():
     cases = [
         (lambda: ko.inverse_cdf_sample(logits[0], u), ValueError, "`logits` must be 2-D"),
         (lambda: ko.inverse_cdf_sample(logits, u[:3]), ValueError, "`u` must have size 4"),
-        (lambda: ko.inverse_cdf_sample(logits.double(), u), TypeError, "`logits` must have dtype"),
+        (lambda: ko.inverse_cdf_sample(logits.int(), u), TypeError, "`logits` must have dtype"),
         (lambda: ko.inverse_cdf_sample(logits, u.half()), TypeError, "`u` must have dtype"),
         (lambda: ko.inverse_cdf_sample(logits, u, 0.0), ValueError, "`temperature` must be positive"),
         (lambda: ko.inverse_cdf_sample(logits, u, -torch.ones(4)), ValueError, "`temperature` must be positive"),

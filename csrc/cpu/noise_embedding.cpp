@@ -30,6 +30,13 @@ constexpr int64_t kRowBlock = 128;  // rows per feature block: 128 x 1536 fp32 =
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// A tau tensor as contiguous fp64, every value checked positive and finite.
+at::Tensor checked_tau64(const at::Tensor& tau, const char* op) {
+  at::Tensor tau64 = tau.to(at::kDouble).contiguous();
+  check_tau_values(tau64, op);
+  return tau64;
+}
+
 at::ScalarType compute_type(at::ScalarType weight) { return weight == at::kDouble ? at::kDouble : at::kFloat; }
 
 // cos(omega * x) into out[0..F), sin(omega * x) into out[F..2F).
@@ -172,7 +179,7 @@ at::Tensor noise_embedding_cpu(const at::Tensor& u, const std::optional<at::Tens
   const at::Tensor u64 = checked_uniforms(u, "noise_embedding");
   const NoiseWeight w(weight, bias);
   if (tau.has_value()) {
-    const at::Tensor tau64 = tau->to(at::kDouble).contiguous();
+    const at::Tensor tau64 = checked_tau64(*tau, "noise_embedding");
     embed_rows(w, u64.const_data_ptr<double>(), tau64.const_data_ptr<double>(), at::Tensor(), rows, out);
   } else {
     embed_rows(w, u64.const_data_ptr<double>(), nullptr, w.folded_bias(tau_value), rows, out);
@@ -190,7 +197,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> noise_embedding_backward_cpu(
   at::Tensor grad_weight = at::zeros({grad_out.size(1), 4 * num_freqs}, g.options());
   const int64_t rows = g.size(0);
   if (tau.has_value()) {
-    const at::Tensor tau64 = tau->to(at::kDouble).contiguous();
+    const at::Tensor tau64 = checked_tau64(*tau, "noise_embedding_backward");
     accumulate_weight_grad(w, u64.const_data_ptr<double>(), tau64.const_data_ptr<double>(), g, rows, grad_weight);
   } else {
     accumulate_weight_grad(w, u64.const_data_ptr<double>(), nullptr, g, rows, grad_weight);
@@ -226,6 +233,8 @@ at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at
                                            const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
                                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_noise_conditioned_args(token_ids, token_table, u, tau, tau_value, weight, bias, kWeightTypes);
+  // Every sequence's tau is checked, whether or not it has hint rows (as the reference does).
+  const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding") : at::Tensor();
   const int64_t batch = token_ids.size(0), contexts = token_ids.size(1), hints = u.size(1);
   at::Tensor out = at::empty({batch, contexts + hints, weight.size(0)}, weight.options());
   if (out.numel() == 0) return out;
@@ -233,7 +242,6 @@ at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at
                           [&] { gather_tokens<index_t>(token_ids, token_table, out); });
   if (hints == 0) return out;
   const at::Tensor u64 = checked_uniforms(u, "noise_conditioned_embedding");
-  const at::Tensor tau64 = tau.has_value() ? tau->to(at::kDouble).contiguous() : at::Tensor();
   const NoiseWeight w(weight, bias);
   const at::Tensor shared = tau.has_value() ? at::Tensor() : w.folded_bias(tau_value);
   for (int64_t b = 0; b < batch; ++b) {
@@ -275,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_
   at::Tensor grad_weight = at::zeros({width, 4 * num_freqs}, g.options());
   at::Tensor grad_bias = at::zeros({width}, g.options());
   const at::Tensor u64 = u.to(at::kDouble).contiguous();
-  const at::Tensor tau64 = tau.has_value() ? tau->to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding_backward") : at::Tensor();
   const Frequencies w{num_freqs, angular_frequencies(num_freqs, g.options())};
   for (int64_t b = 0; b < batch && hints > 0; ++b) {
     const at::Tensor gb = g[b].narrow(0, contexts, hints);

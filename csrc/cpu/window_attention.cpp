@@ -3,7 +3,8 @@
 // Mask and layout: kforcing/attention.h. Context row p and the hint rows of window p see the same context keys
 // 0..p, so the kernels group rows by anchor p: a block of kAnchorBlock anchors holds up to kAnchorBlock * (1 + W)
 // query rows that share every context key tile. Keys are visited only where the mask allows them: context tiles
-// up to the block's last anchor (the partial tile clipped per row), then each window's W x W causal block.
+// up to the block's last anchor (the partial tile clipped per row), then each window's W x W causal block, kKeyTile
+// keys at a time (a window of any size: tile i0 of a window is seen by its rows i0.. only).
 // Nothing of size S x S (scores or mask) is ever formed.
 //
 // Forward, one task per (batch, head, anchor block): online softmax (running max m, sum l, output accumulator)
@@ -112,15 +113,20 @@ void forward_task(const Inputs<scalar_t>& in, const WindowLayout& layout, int64_
       state[r].update(scores.data(), visible, vals.data(), padded, acc.data() + r * padded);
     }
   }
-  // In-window keys: hint row i of window p sees hints 0..i of window p (rows r..r+w-1 of `rows` after row p).
+  // In-window keys: hint row i of window p sees hints 0..i of window p (rows r..r+w-1 of `rows` after row p),
+  // kKeyTile keys at a time; rows before a tile see none of it, so tile [i0, i0 + n) is scored by rows i0..w-1.
   for (int64_t r = 0; r < n_rows; ++r) {
     if (!layout.is_hint(rows[r]) || layout.offset(rows[r]) != 0) continue;
     const int64_t first = rows[r];
-    load_key_tile(in.k, in.sk, b, hk, first, w, d, padded, keys_t.data(), static_cast<acc_t*>(nullptr), scratch.data());
-    load_value_rows(in.v, in.sv, b, hk, first, w, d, padded, vals.data());
-    for (int64_t i = 0; i < w; ++i) {
-      row_scores(q.data() + (r + i) * padded, keys_t.data(), d, scores.data());
-      state[r + i].update(scores.data(), i + 1, vals.data(), padded, acc.data() + (r + i) * padded);
+    for (int64_t i0 = 0; i0 < w; i0 += kKeyTile) {
+      const int64_t n = std::min(kKeyTile, w - i0);
+      load_key_tile(in.k, in.sk, b, hk, first + i0, n, d, padded, keys_t.data(), static_cast<acc_t*>(nullptr),
+                    scratch.data());
+      load_value_rows(in.v, in.sv, b, hk, first + i0, n, d, padded, vals.data());
+      for (int64_t i = i0; i < w; ++i) {
+        row_scores(q.data() + (r + i) * padded, keys_t.data(), d, scores.data());
+        state[r + i].update(scores.data(), std::min(n, i - i0 + 1), vals.data(), padded, acc.data() + (r + i) * padded);
+      }
     }
   }
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -215,7 +221,8 @@ void backward_task(const Inputs<scalar_t>& in, const scalar_t* dout, const Rows4
                    scalar_t* dq, scalar_t* dk, scalar_t* dv, const Rows4d& sdq, const Rows4d& sdk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t d = in.dim, group = in.heads / in.kv_heads, seq = layout.rows(), w = layout.window_size;
-  GradBuffers<scalar_t> g(d, seq, kAnchorBlock * (1 + w));
+  // Without windows, window_size only names the layout (and may be anything >= 1): no hint rows to hold.
+  GradBuffers<scalar_t> g(d, seq, kAnchorBlock * (1 + (layout.num_windows > 0 ? w : 0)));
   const int64_t padded = g.padded;
   std::vector<acc_t> o(padded);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -242,10 +249,14 @@ void backward_task(const Inputs<scalar_t>& in, const scalar_t* dout, const Rows4
         load_tile(k0, n);
         backward_tile(g, k0, n, d, 0, n_rows, [&](int64_t r) { return layout.last_context(g.rows[r]) + 1 - k0; });
       }
+      // In-window keys, kKeyTile at a time: tile [i0, i0 + n) of a window is seen by its rows i0..w-1.
       for (int64_t r = 0; r < n_rows; ++r) {
         if (!layout.is_hint(g.rows[r]) || layout.offset(g.rows[r]) != 0) continue;
-        load_tile(g.rows[r], w);
-        backward_tile(g, g.rows[r], w, d, r, r + w, [&](int64_t i) { return i - r + 1; });
+        for (int64_t i0 = 0; i0 < w; i0 += kKeyTile) {
+          const int64_t n = std::min(kKeyTile, w - i0), k0 = g.rows[r] + i0;
+          load_tile(k0, n);
+          backward_tile(g, k0, n, d, r + i0, r + w, [&](int64_t i) { return i - (r + i0) + 1; });
+        }
       }
       const acc_t scale = static_cast<acc_t>(in.scale);
       for (int64_t r = 0; r < n_rows; ++r) store_row(&g.dq[r * padded], d, scale, sdq.at(dq, b, g.rows[r], h));

@@ -4,8 +4,8 @@
 // the G query heads sharing that kv head, and they share every key tile: a tile of kKeyTile cache keys is loaded
 // (transposed) once and scored against all T * G rows with an online softmax. Then the new keys: new row j sees new
 // rows 0..j. Last, the first n_commit new K/V rows are copied into the cache at [len_b, len_b + n_commit) of this
-// (batch, kv head): a slice no other task reads or writes. Every length is checked before anything is written, so a
-// cache overflow raises instead of writing out of bounds.
+// (batch, kv head): a slice no other task reads or writes. The lengths are copied and checked before anything is
+// written, so a cache overflow raises instead of writing out of bounds, even when the lengths live in a cache.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,7 +31,7 @@ struct DecodeArgs {
   const scalar_t *q, *k_new, *v_new;
   scalar_t *k_cache, *v_cache, *out;
   at::IntArrayRef sq, sk, sv, skc, svc, so;  // strides
-  const int32_t* lengths;
+  const int64_t* lengths;  // read once, before any write
   int64_t new_rows, heads, kv_heads, dim, n_commit;
   double scale;
 
@@ -111,10 +111,12 @@ at::Tensor window_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k_new = k_new_in.stride(3) == 1 ? k_new_in : k_new_in.contiguous();
   const at::Tensor v_new = v_new_in.stride(3) == 1 ? v_new_in : v_new_in.contiguous();
-  const at::Tensor lengths = cache_seqlens.contiguous();
   const int64_t batch = q.size(0), kv_heads = k_new.size(2), max_len = k_cache.size(1);
-  const int32_t* len = lengths.const_data_ptr<int32_t>();
+  // The lengths are read once, here: the tensor may share memory with a cache that the tasks below write.
+  std::vector<int64_t> len(batch);
+  const auto lengths = cache_seqlens.accessor<int32_t, 1>();
   for (int64_t b = 0; b < batch; ++b) {
+    len[b] = lengths[b];
     KF_CHECK_VALUE(len[b] >= 0 && len[b] + n_commit <= max_len, kOp, "cache overflow: sequence ", b, " has ",
                    len[b], " cached rows, and ", n_commit, " more do not fit in L_max = ", max_len);
   }
@@ -125,7 +127,7 @@ at::Tensor window_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
                                     v_new.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
                                     v_cache.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                     q.strides(), k_new.strides(), v_new.strides(), k_cache.strides(),
-                                    v_cache.strides(), out.strides(), len, q.size(1), q.size(2), kv_heads, q.size(3),
+                                    v_cache.strides(), out.strides(), len.data(), q.size(1), q.size(2), kv_heads, q.size(3),
                                     n_commit, scale};
     at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
       for (int64_t task = first; task < last; ++task) decode_task(args, task / kv_heads, task % kv_heads);

@@ -1,8 +1,10 @@
 // inverse_cdf_sample, CUDA kernels.
 //
-// Rule: kforcing/sampling.h. Support = logits whose order key is >= a threshold key (every logit on the
-// common path). e_v = expf((x_v - m) / T) in fp32 against a block-local max m; every sum is fp64, and every
-// reduction and scan has a fixed order, so results are deterministic.
+// Rule: kforcing/sampling.h. Support = finite logits whose order key is >= a threshold key (every finite logit
+// on the common path). e_v = expf(max(x_v - m, -FLT_MAX) * inv_t) in fp32 against a block-local max m, with
+// inv_t = 1 / T clamped to FLT_MAX, so no temperature makes a weight NaN (-inf logits, and the -inf padding of a
+// row's last chunk, weigh 0 without being exponentiated). Every sum is fp64, and every reduction and scan has a
+// fixed order, so results are deterministic. No read leaves the row: a row whose search finds no chunk is invalid.
 //
 // Common path (no top-k / top-p), two launches, one read of the logits plus one chunk per row:
 //   chunk_mass_kernel  grid = N * chunks. A block reads one kChunk-sized chunk of a row into registers with
@@ -61,9 +63,11 @@ struct RowReader {
   __device__ __forceinline__ float operator()(int64_t i) const { return static_cast<float>(row[i * stride]); }
 };
 
+__device__ __forceinline__ bool in_support(float x, uint32_t tau) { return x > -INFINITY && order_key(x) >= tau; }
+
 // The mass weight of one logit: zero outside the support.
 __device__ __forceinline__ float support_exp(float x, uint32_t tau, float m, float inv_t) {
-  return order_key(x) >= tau ? expf((x - m) * inv_t) : 0.f;
+  return in_support(x, tau) ? expf(fmaxf(x - m, -FLT_MAX) * inv_t) : 0.f;
 }
 
 // Reads this thread's kItems logits of a chunk; -inf past the end of the row.
@@ -123,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   double mass = 0.0;
   if (m > -INFINITY) {
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) mass += expf((x[j] - m) * inv_t);
+    for (int j = 0; j < kItems; ++j) mass += support_exp(x[j], 0u, m, inv_t);
   }
   mass = ChunkReduceD(storage.sum).Sum(mass);
   if (threadIdx.x == 0) {
@@ -133,8 +137,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Block-wide search of [begin, end): thread t owns the ITEMS consecutive logits at begin + t * ITEMS. Finds the
-// first index whose running support mass (starting at `carry`) reaches `target`. Advances `carry` by the
-// tile's mass and `last_nonzero` to the tile's last index of nonzero weight. Returns the index, or -1.
+// first support index whose running support mass (starting at `carry`) reaches `target` (so a target of 0 finds
+// the first support index). Advances `carry` by the tile's mass and `last_support` to the tile's last support
+// index. Returns the index, or -1.
 template <int THREADS, int ITEMS, typename Reader>
 struct TileSearch {
   using Scan = cub::BlockScan<double, THREADS>;
@@ -146,13 +151,16 @@ struct TileSearch {
 
   __device__ static int64_t run(TempStorage& storage, int64_t* broadcast, const Reader& reader, int64_t begin,
                                 int64_t end, uint32_t tau, float m, float inv_t, double target, double& carry,
-                                int64_t& last_nonzero) {
+                                int64_t& last_support) {
     float e[ITEMS];
+    bool kept[ITEMS];
     double local = 0.0;
     const int64_t mine = begin + static_cast<int64_t>(threadIdx.x) * ITEMS;
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
-      e[j] = mine + j < end ? support_exp(reader(mine + j), tau, m, inv_t) : 0.f;
+      const float x = mine + j < end ? reader(mine + j) : -INFINITY;
+      kept[j] = in_support(x, tau);
+      e[j] = support_exp(x, tau, m, inv_t);
       local += e[j];
     }
     double before, tile_mass;
@@ -161,7 +169,7 @@ struct TileSearch {
     int64_t found = INT64_MAX, last = -1;
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
-      if (e[j] > 0.f) {
+      if (kept[j]) {
         running += e[j];
         last = mine + j;
         if (found == INT64_MAX && running >= target) found = mine + j;
@@ -175,7 +183,7 @@ struct TileSearch {
     if (threadIdx.x == 0) broadcast[1] = last;
     __syncthreads();
     carry += tile_mass;
-    last_nonzero = max(last_nonzero, broadcast[1]);
+    last_support = max(last_support, broadcast[1]);
     return broadcast[0] == INT64_MAX ? -1 : broadcast[0];
   }
 };
@@ -225,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) out[row] = kInvalidSample;
     return;
   }
-  const double inv_t_d = 1.0 / t;
+  const double inv_t_d = static_cast<double>(inv_t);  // the clamped 1 / T (1 / T may be inf)
   auto weight = [&](int64_t c) { return masses[c] * exp((static_cast<double>(maxes[c]) - m) * inv_t_d); };
 
   // Z as a scan total, so the crossing search below (the same scan) is consistent with it.
@@ -237,22 +245,25 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     total += tile_total;
   }
-  const double target = u_row * total;
+  const double target = u_row == 1.0 ? INFINITY : u_row * total;  // u = 1: the last support token
 
-  // The first chunk whose inclusive running mass reaches the target (else the last chunk with mass).
+  // The first chunk whose inclusive running mass reaches the target (else the last chunk with mass). u = 0 takes
+  // the first chunk with mass, i.e. with a support token, even when its rescaled weight underflows to 0.
+  const bool first_support = u_row == 0.0;
   int64_t chosen = -1, last_chunk = -1;
   double carry = 0.0;
   for (int64_t base = 0; base < num_chunks && chosen < 0; base += kThreads) {
     const int64_t c = base + threadIdx.x;
-    const double w = c < num_chunks ? weight(c) : 0.0;
+    const bool has_mass = c < num_chunks && masses[c] > 0.0;
+    const double w = has_mass ? weight(c) : 0.0;
     double incl, tile_total;
     ScanD(storage.scan).InclusiveSum(w, incl, tile_total);
     __syncthreads();
-    int64_t hit = (w > 0.0 && carry + incl >= target) ? c : INT64_MAX;
+    int64_t hit = (has_mass && (first_support || (w > 0.0 && carry + incl >= target))) ? c : INT64_MAX;
     hit = ReduceI(storage.reduce).Reduce(hit, MinOp());
     if (threadIdx.x == 0) broadcast[0] = hit;
     __syncthreads();
-    int64_t last = w > 0.0 ? c : -1;
+    int64_t last = has_mass ? c : -1;
     last = ReduceI(storage.reduce).Reduce(last, MaxOp());
     if (threadIdx.x == 0) broadcast[1] = last;
     if (broadcast[0] != INT64_MAX && c == broadcast[0]) mass_before_shared = carry + incl - w;
@@ -262,21 +273,27 @@ __global__ void __launch_bounds__(kThreads)
     carry += tile_total;
     __syncthreads();
   }
-  double chunk_target = INFINITY;  // past the end: the chunk's last nonzero token
+  double chunk_target = INFINITY;  // past the end: the chunk's last support token
   if (chosen >= 0) {
-    chunk_target = (target - mass_before_shared) / exp((static_cast<double>(maxes[chosen]) - m) * inv_t_d);
+    chunk_target = first_support
+                       ? 0.0
+                       : (target - mass_before_shared) / exp((static_cast<double>(maxes[chosen]) - m) * inv_t_d);
   } else {
     chosen = last_chunk;
+  }
+  if (chosen < 0) {  // no chunk with mass (unreachable for a valid row): invalid, never an index before the row
+    if (threadIdx.x == 0) out[row] = kInvalidSample;
+    return;
   }
 
   // Rescan the chosen chunk in the fp32 exps chunk_mass_kernel summed (same m, same inv_t).
   const RowReader<scalar_t> reader{logits + row * row_stride, col_stride};
   const int64_t begin = chosen * kChunk, end = min(begin + kChunk, vocab);
   double running = 0.0;
-  int64_t last_nonzero = -1;
+  int64_t last_support = -1;
   const int64_t found = Search::run(storage.search, broadcast, reader, begin, end, 0u, maxes[chosen], inv_t,
-                                    chunk_target, running, last_nonzero);
-  if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_nonzero;
+                                    chunk_target, running, last_support);
+  if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_support;  // -1 (invalid) if the chunk had none
 }
 
 template <typename scalar_t>
@@ -381,20 +398,21 @@ __global__ void __launch_bounds__(kFilterThreads)
   }
 
   // 4. Scan the support in vocabulary order, one tile at a time, until the running mass reaches u * S.
-  const double target = u_row * support_mass;
+  const double target = u_row == 1.0 ? INFINITY : u_row * support_mass;  // u = 1: the last support token
   double carry = 0.0;
-  int64_t last_nonzero = -1, found = -1;
+  int64_t last_support = -1, found = -1;
   for (int64_t begin = 0; begin < vocab && found < 0; begin += kFilterThreads * kFilterItems) {
     const int64_t end = min(begin + kFilterThreads * kFilterItems, vocab);
-    found = Search::run(storage.search, broadcast, reader, begin, end, tau, m, inv_t, target, carry, last_nonzero);
+    found = Search::run(storage.search, broadcast, reader, begin, end, tau, m, inv_t, target, carry, last_support);
   }
-  if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_nonzero;
+  if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_support;  // -1 (invalid) if no support
 }
 
 at::Tensor inverse_cdf_sample_cuda(const at::Tensor& logits, const at::Tensor& u,
                                    const std::optional<at::Tensor>& temperatures, double temperature,
                                    int64_t top_k, double top_p) {
-  check_inverse_cdf_sample_args(logits, u, temperatures, temperature, top_k, top_p);
+  check_inverse_cdf_sample_args(logits, u, temperatures, temperature, top_k, top_p,
+                                {at::kFloat, at::kBFloat16, at::kHalf});
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));

@@ -25,11 +25,15 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/pow.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "kforcing/cuda_utils.cuh"
 #include "kforcing/dispatch.h"
@@ -256,6 +260,12 @@ at::Tensor frequencies(int64_t num_freqs, const at::TensorOptions& options) {
   return at::pow(10000.0, -j / static_cast<double>(num_freqs)).to(at::kFloat);
 }
 
+// A tau that is not positive and finite becomes NaN, so every row it conditions comes out NaN: the documented
+// signal for an invalid per-row tau, since raising would need a host sync (a scalar tau is checked on the host).
+at::Tensor invalid_tau_to_nan(const at::Tensor& tau) {
+  return at::where(tau.gt(0) & tau.isfinite(), tau, std::numeric_limits<double>::quiet_NaN());
+}
+
 // (sources, 2F) fp32 features of each tau.
 at::Tensor tau_features(const at::Tensor& tau, int64_t num_freqs) {
   const at::Tensor angle = 2.0 * M_PI * tau.to(at::kDouble).unsqueeze(1) *
@@ -274,7 +284,7 @@ at::Tensor folded_bias(const at::Tensor& tau_sources, const at::Tensor& weight, 
 bool mma_path(const at::Tensor& weight) {
   return weight.scalar_type() != at::kFloat && weight.size(1) % 8 == 0 && weight.stride(1) == 1 &&
          weight.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+         at::cuda::getCurrentDeviceProperties()->major >= mma::kMinMajor;
 }
 
 void launch_noise_gemm(const NoiseGemmParams& p, const at::Tensor& weight) {
@@ -323,7 +333,7 @@ at::Tensor noise_embedding_cuda(const at::Tensor& u, const std::optional<at::Ten
   p.rows_per_seq = p.seq_rows = rows;
   at::Tensor bias32, tau32;
   if (tau.has_value()) {  // a temperature per row: the full K = 4F product
-    tau32 = tau->to(at::kFloat).contiguous();
+    tau32 = invalid_tau_to_nan(*tau).to(at::kFloat).contiguous();
     bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({weight.size(0)}, u.options().dtype(at::kFloat));
     p.tau = tau32.const_data_ptr<float>();
     p.k = 4 * f;
@@ -371,7 +381,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> noise_embedding_backward_cuda(
   at::Tensor tau32, grad_weight;
   const at::Tensor g_sum = grad_out.to(at::kFloat).sum(0);
   if (tau.has_value()) {
-    tau32 = tau->to(at::kFloat).contiguous();
+    tau32 = invalid_tau_to_nan(*tau).to(at::kFloat).contiguous();
     p.tau = tau32.const_data_ptr<float>();
     p.k = 4 * num_freqs;
     grad_weight = weight_grad(p, grad_out, rows, rows, 0);
@@ -410,7 +420,8 @@ at::Tensor noise_conditioned_embedding_cuda(const at::Tensor& token_ids, const a
   }
   if (hints == 0) return out;
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(f, u.options());
-  const at::Tensor sources = tau.has_value() ? *tau : at::full({1}, tau_value, u.options().dtype(at::kDouble));
+  const at::Tensor sources =
+      tau.has_value() ? invalid_tau_to_nan(*tau) : at::full({1}, tau_value, u.options().dtype(at::kDouble));
   const at::Tensor bias32 = folded_bias(sources, weight, bias);
   NoiseGemmParams p = gemm_params(weight, freqs, u32, batch * hints);
   p.out = out.mutable_data_ptr();
@@ -441,7 +452,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_
   }
   const at::Tensor g_hints = g32.narrow(1, contexts, hints);
   const at::Tensor seq_sums = g_hints.sum(1);  // (B, H)
-  const at::Tensor sources = tau.has_value() ? *tau : at::full({1}, tau_value, u.options().dtype(at::kDouble));
+  const at::Tensor sources =
+      tau.has_value() ? invalid_tau_to_nan(*tau) : at::full({1}, tau_value, u.options().dtype(at::kDouble));
   at::Tensor tau_feats = tau_features(sources, num_freqs).expand({batch, 2 * num_freqs});
   const at::Tensor tau_grad = seq_sums.t().mm(tau_feats);  // sum over sequences of g_sum_b outer features(tau_b)
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(num_freqs, u.options());

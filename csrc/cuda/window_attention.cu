@@ -1,7 +1,8 @@
 // window_attention, CUDA entry points: forward and backward of the training staircase.
 //
-// bf16/fp16 with head_dim 64 or 128 on sm_80+ run on tensor cores (window_attention_mma.cuh); everything else
-// (fp32, other head dims up to kSimtMaxDim) on CUDA cores (window_attention_simt.cuh). Both compute the mask of
+// bf16/fp16 with head_dim 64 or 128 on sm_80+ run on tensor cores (window_attention_mma.cuh) when their inputs are
+// 16-byte aligned; everything else (fp32, other head dims up to kSimtMaxDim, sm_75, misaligned views) on CUDA cores
+// (window_attention_simt.cuh). Both compute the mask of
 // kforcing/attention.h without forming it, write lse (fp32, natural log) for the backward, and make no host sync.
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "kforcing/cuda_utils.cuh"
 #include "kforcing/dispatch.h"
 #include "window_attention_mma.cuh"
@@ -23,10 +27,20 @@ namespace {
 
 constexpr int64_t kMaxGridY = 65535;
 
-bool use_tensor_cores(const at::Tensor& q) {
+// The tensor-core kernels stage rows with 16-byte loads, so every tensor they read must start 16-byte aligned
+// (a contiguous view at an odd element offset does not).
+constexpr uintptr_t kMmaAlignment = 16;
+
+// Tensor cores for bf16/fp16 at head_dim 64 or 128 on sm_80+, when every input is aligned; else CUDA cores.
+bool use_tensor_cores(const at::Tensor& q, std::initializer_list<const at::Tensor*> inputs) {
   const int64_t dim = q.size(3);
   const bool half_type = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  return half_type && (dim == 64 || dim == 128) && at::cuda::getCurrentDeviceProperties()->major >= 8;
+  bool aligned = true;
+  for (const at::Tensor* t : inputs) {
+    aligned = aligned && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % kMmaAlignment == 0;
+  }
+  return half_type && (dim == 64 || dim == 128) && aligned &&
+         at::cuda::getCurrentDeviceProperties()->major >= mma::kMinMajor;
 }
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowLayout& layout,
@@ -98,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in,
   const auto stream = at::cuda::getCurrentCUDAStream();
   KF_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "window_attention_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (use_tensor_cores(q)) return launch_mma<scalar_t>(false, p, stream);
+      if (use_tensor_cores(q, {&q, &k, &v})) return launch_mma<scalar_t>(false, p, stream);
     }
     const dim3 grid(p.batch * p.heads, ceil_div(p.seq(), kSimtWarps));
     simt_forward_kernel<scalar_t><<<grid, kSimtWarps * 32, 0, stream>>>(p);
@@ -135,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cuda(
     row_delta_kernel<scalar_t><<<row_grid, kSimtWarps * 32, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (use_tensor_cores(q)) {
+      if (use_tensor_cores(q, {&q, &k, &v, &grad_out, &out})) {
         const at::Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
         p.dq_acc = dq_acc.mutable_data_ptr<float>();
         launch_mma<scalar_t>(true, p, stream);

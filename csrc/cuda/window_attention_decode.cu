@@ -12,7 +12,8 @@
 // The block of split 0 also appends the first n_commit new K/V rows to the cache at [len_b, len_b + n_commit); no
 // other block touches those rows (the others read cache rows below len_b, and new keys from k_new). A sequence
 // with len_b < 0 or len_b + n_commit > L_max writes nothing and gets NaN outputs: the documented overflow signal,
-// since raising would need a host sync. Split counts depend on shapes only, so a step can be graph-captured.
+// since raising would need a host sync. Split counts depend on shapes only, so a step can be graph-captured. The
+// kernels read a private copy of the lengths, taken before the launch, so the cache append cannot change them.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -240,7 +241,9 @@ at::Tensor window_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
                  kDecodeMaxDim);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
-  const at::Tensor lengths = cache_seqlens.contiguous();
+  // A private copy of the lengths (device to device, no sync): the kernels read them after the cache append
+  // has started, and the tensor may share memory with a cache.
+  const at::Tensor lengths = cache_seqlens.clone(at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty_like(q);
   if (q.numel() == 0) return out;
   KF_CHECK_VALUE(k_cache.strides() == v_cache.strides(), kOp, "`k_cache` and `v_cache` must have one layout");
@@ -275,6 +278,11 @@ at::Tensor window_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
     p.partial = partial.mutable_data_ptr<float>();
   }
   const size_t smem = (kDecodeRows * p.dim + kDecodeKeys * (p.dim + 1) + kDecodeKeys * p.dim) * sizeof(float);
+  // About 0.6 KB per head_dim: head_dim >= 160 needs more than the 99 KB of sm_86 / sm_89.
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  KF_CHECK_VALUE(smem <= smem_limit, kOp, "head_dim ", p.dim, " needs ", smem, " bytes of shared memory, above this ",
+                 "GPU's limit of ", smem_limit, " (the largest head_dim it supports is ",
+                 (smem_limit / sizeof(float) - kDecodeKeys) / (kDecodeRows + 2 * kDecodeKeys), ")");
   const auto stream = at::cuda::getCurrentCUDAStream();
   KF_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "window_attention_decode_cuda", [&] {
     auto launch = [&](auto kernel) {

@@ -63,10 +63,15 @@ inline WindowLayout check_window_attention_args(const at::Tensor& q, const at::T
   check_size(k, 3, q.size(3), op, "k", "head_dim, as q");
   KF_CHECK_VALUE(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op, "the kv heads of `k` (", k.size(2),
                  ") must divide the heads of `q` (", q.size(2), ")");
+  KF_CHECK_VALUE(q.size(3) >= 1, op, "`q` must have head_dim >= 1, got shape ", q.sizes());
   KF_CHECK_VALUE(window_size >= 1, op, "`window_size` must be >= 1, got ", window_size);
   KF_CHECK_VALUE(num_windows >= 0, op, "`num_windows` must be >= 0, got ", num_windows);
-  const int64_t context = q.size(1) - num_windows * window_size;
-  KF_CHECK_VALUE(context >= 1 && num_windows <= context, op, "`q` has ", q.size(1),
+  // S = N + num_windows * window_size with N >= 1 and num_windows <= N, tested without forming the product (it
+  // may wrap around int64): window_size <= (S - 1) / num_windows  <=>  num_windows * window_size <= S - 1.
+  const int64_t seq = q.size(1);
+  const bool fits = seq >= 1 && (num_windows == 0 || window_size <= (seq - 1) / num_windows);
+  const int64_t context = fits ? seq - num_windows * window_size : 0;
+  KF_CHECK_VALUE(fits && num_windows <= context, op, "`q` has ", seq,
                  " rows, which must be N context rows + num_windows * window_size (", num_windows, " * ",
                  window_size, ") hint rows with 1 <= num_windows <= N");
   return WindowLayout{context, num_windows, window_size};
@@ -111,6 +116,8 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_new, cons
   check_size(k_cache, 0, q.size(0), op, "k_cache", "batch");
   check_size(k_cache, 2, k_new.size(2), op, "k_cache", "kv_heads, as k_new");
   check_size(k_cache, 3, q.size(3), op, "k_cache", "head_dim, as q");
+  KF_CHECK_VALUE(q.size(2) >= 1, op, "`q` must have at least one head, got shape ", q.sizes());
+  KF_CHECK_VALUE(q.size(3) >= 1, op, "`q` must have head_dim >= 1, got shape ", q.sizes());
   KF_CHECK_VALUE(k_new.size(2) >= 1 && q.size(2) % k_new.size(2) == 0, op, "the kv heads of `k_new` (",
                  k_new.size(2), ") must divide the heads of `q` (", q.size(2), ")");
   check_dim(cache_seqlens, 1, op, "cache_seqlens", "(batch,)");
@@ -121,6 +128,17 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_new, cons
                  n_commit);
   KF_CHECK_VALUE(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
                  "`k_cache` and `v_cache` must be contiguous in head_dim (they are written in place)");
+  // Written in place: every cache element must be its own memory, and nothing read may live in a cache.
+  KF_CHECK_VALUE(is_non_overlapping(k_cache) && is_non_overlapping(v_cache), op,
+                 "`k_cache` and `v_cache` must not be expanded or otherwise overlap themselves (sequences and heads ",
+                 "would overwrite each other), got strides ", k_cache.strides(), " and ", v_cache.strides());
+  KF_CHECK_VALUE(!may_share_memory(k_cache, v_cache), op, "`k_cache` and `v_cache` must not share memory");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&k_new, "k_new"}, {&v_new, "v_new"},
+                                {&q, "q"}}) {
+    KF_CHECK_VALUE(!may_share_memory(*t, k_cache) && !may_share_memory(*t, v_cache), op, "`", name,
+                   "` must not share memory with `k_cache` or `v_cache`: the caches are written in place ",
+                   "while it is read");
+  }
 }
 
 }  // namespace kforcing

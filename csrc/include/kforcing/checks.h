@@ -9,9 +9,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #define KF_CHECK_VALUE(cond, op, ...) TORCH_CHECK_VALUE(cond, "kforcing.", op, ": ", __VA_ARGS__)
 #define KF_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE(cond, "kforcing.", op, ": ", __VA_ARGS__)
@@ -49,6 +52,38 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                               const char* ref_name) {
   KF_CHECK_VALUE(t.device() == ref.device(), op, "`", name, "` is on ", t.device(), " but `", ref_name,
                  "` is on ", ref.device(), "; all tensors must be on one device");
+}
+
+// Memory layout, from sizes, strides and storage only (no data access, so no host sync on CUDA).
+
+// Whether no two elements of `t` share memory: with the dims of size > 1 sorted by stride, each stride must step
+// past everything the smaller ones span. Expanded (stride-0) dims fail. Sufficient, and exact for every layout
+// made by slicing, permuting or viewing a dense tensor.
+inline bool is_non_overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // elements spanned by the dims so far, minus one
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
+// Whether `a` and `b` may share memory: one storage and intersecting byte ranges.
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto range = [](const at::Tensor& t) {
+    int64_t last = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) last += t.stride(d) * (t.size(d) - 1);
+    return std::pair<int64_t, int64_t>{t.storage_offset() * t.itemsize(), (last + 1) * t.itemsize()};
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a0 < b1 && b0 < a1;
 }
 
 }  // namespace kforcing

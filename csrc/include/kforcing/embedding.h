@@ -22,6 +22,21 @@ inline double angular_frequency(int64_t j, int64_t num_freqs) {
   return 2.0 * M_PI * std::pow(10000.0, -static_cast<double>(j) / static_cast<double>(num_freqs));
 }
 
+// Every temperature tau, a scalar or one per row / sequence, must be positive and finite. A scalar is checked
+// here; tensor values by check_tau_values on CPU, and turned into NaN rows on CUDA (no host sync).
+inline void check_tau_value(double tau, const char* op) {
+  KF_CHECK_VALUE(tau > 0.0 && std::isfinite(tau), op, "`tau` must be positive and finite, got ", tau);
+}
+
+// tau64: a contiguous fp64 CPU tensor. Reads every value (CPU only).
+inline void check_tau_values(const at::Tensor& tau64, const char* op) {
+  const double* tau = tau64.const_data_ptr<double>();
+  for (int64_t i = 0; i < tau64.numel(); ++i) {
+    KF_CHECK_VALUE(tau[i] > 0.0 && std::isfinite(tau[i]), op, "`tau` must be positive and finite; element ", i,
+                   " is ", tau[i]);
+  }
+}
+
 inline int64_t check_noise_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   std::initializer_list<at::ScalarType> dtypes, const char* op) {
   check_dim(weight, 2, op, "weight", "(H, 4F)");
@@ -52,7 +67,7 @@ inline void check_noise_embedding_args(const at::Tensor& u, const std::optional<
     check_dtype(*tau, {at::kFloat, at::kDouble}, op, "tau");
     check_same_device(*tau, u, op, "tau", "u");
   } else {
-    KF_CHECK_VALUE(std::isfinite(tau_value), op, "`tau` must be finite, got ", tau_value);
+    check_tau_value(tau_value, op);
   }
 }
 
@@ -78,7 +93,7 @@ inline void check_noise_conditioned_args(const at::Tensor& token_ids, const at::
     check_dtype(*tau, {at::kFloat, at::kDouble}, op, "tau");
     check_same_device(*tau, u, op, "tau", "u");
   } else {
-    KF_CHECK_VALUE(std::isfinite(tau_value), op, "`tau` must be finite, got ", tau_value);
+    check_tau_value(tau_value, op);
   }
 }
 

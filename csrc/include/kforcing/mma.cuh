@@ -16,7 +16,18 @@
 
 #include <cstdint>
 
+// mma.sync.m16n8k16 with bf16 or f16 operands needs sm_80. Device code for older architectures (sm_75 in the CI
+// build) compiles the tensor-core kernels to a trap; the entry points send those GPUs to the CUDA-core kernels.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define KF_HAS_MMA_16816 1
+#else
+#define KF_HAS_MMA_16816 0
+#endif
+
 namespace kforcing::cuda::mma {
+
+// The compute capability (major) from which the tensor-core kernels run.
+constexpr int kMinMajor = 8;
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack(float lo, float hi);
@@ -47,20 +58,28 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<c10::BFloat16>(float (&c)[4], const uint32_t (&a)[4],
                                                           const uint32_t (&b)[2]) {
+#if KF_HAS_MMA_16816
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // unreachable: the host never launches the tensor-core kernels below sm_80
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<c10::Half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if KF_HAS_MMA_16816
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // unreachable: the host never launches the tensor-core kernels below sm_80
+#endif
 }
 
 // Fragments read from a row-major 16-bit tile in shared memory with `stride` elements per row.

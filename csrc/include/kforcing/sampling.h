@@ -2,14 +2,17 @@
 // inverse_cdf_sample: argument checks and the sampling rule's constants, shared by the CPU and CUDA kernels.
 //
 // The rule (documented for users in kforcing_ops/sampling.py):
-//   p = softmax(logits / T), restricted to the top-k logits (ties at the k-th value kept), then to the top-p
+//   p = softmax(logits * inv_t) with inv_t = min(1 / T, the largest finite value of the compute type: fp32, or
+//   fp64 for fp64 logits), restricted to the top-k logits (ties at the k-th value kept), then to the top-p
 //   nucleus (a token is kept when the mass of strictly larger logits is < top_p; ties kept), renormalised.
-//   The token is the smallest v in vocabulary order with p_v > 0 and sum_{v' <= v} p_v' >= u.
-//   If rounding leaves u above the total mass, the last token with p_v > 0 is returned.
+//   The support is the finite logits that survive the filters (-inf logits never do).
+//   The token is the smallest support index v with sum_{v' <= v} p_v' >= u; u = 0 gives the first support
+//   token, u = 1 the last, and if rounding leaves u above the total mass, the last support token is returned.
 
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 
@@ -25,12 +28,17 @@ inline bool sampling_filters_support(int64_t top_k, int64_t vocab, double top_p)
   return (top_k > 0 && top_k < vocab) || top_p < 1.0;
 }
 
+// `logits_dtypes`: what the device's kernel samples (fp64 on CPU only).
 inline void check_inverse_cdf_sample_args(const at::Tensor& logits, const at::Tensor& u,
                                           const std::optional<at::Tensor>& temperatures, double temperature,
-                                          int64_t top_k, double top_p) {
+                                          int64_t top_k, double top_p,
+                                          std::initializer_list<at::ScalarType> logits_dtypes) {
   constexpr const char* op = "inverse_cdf_sample";
   check_dim(logits, 2, op, "logits", "(N, V)");
-  check_dtype(logits, {at::kFloat, at::kBFloat16, at::kHalf}, op, "logits");
+  KF_CHECK_TYPE(logits.scalar_type() != at::kDouble || logits.is_cpu(), op,
+                "`logits` of dtype float64 are sampled on CPU only; on ", logits.device(),
+                " pass float32, bfloat16 or float16 logits");
+  check_dtype(logits, logits_dtypes, op, "logits");
   KF_CHECK_VALUE(logits.size(1) >= 1, op, "`logits` needs at least one vocabulary column, got shape ",
                  logits.sizes());
   check_dim(u, 1, op, "u", "(N,)");
