@@ -6,8 +6,8 @@ import torch
 import kforcing_ops
 from conftest import DEVICES, HAS_GPU
 from kforcing_ops import _ext
-from kforcing.generate import KVCache, generate_ar, generate_kforcing
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.generate import generate_ar, generate_kforcing
+from kforcing.model import ARModel, KVCache, ModelConfig, PushForwardLM
 from kforcing.noise import counter_uniform, hash3, hash3_python, splitmix64, splitmix64_python
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")

@@ -1,13 +1,14 @@
 """kforcing.model: configs, the two attention paths, the staircase layout, from_teacher, bad input."""
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
 from conftest import DEVICES
-from kforcing.model import (ARModel, ModelConfig, PRESETS, PushForwardLM, build_model, get_ops_backend, ops_backend,
-                            set_ops_backend)
+import kforcing_ops
+from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM, build_model
 from kforcing.noise import counter_uniform
 
 # The attention and noise-embedding kernels are optional: their reference fallback warns once per process.
@@ -62,15 +63,6 @@ def test_config_round_trip_and_validation():
         ModelConfig(n_layer=0)
 
 
-def test_ops_backend_switch():
-    assert get_ops_backend() == "kforcing_ops"
-    with ops_backend("reference"):
-        assert get_ops_backend() == "reference"
-    assert get_ops_backend() == "kforcing_ops"
-    with pytest.raises(ValueError, match="unknown ops backend"):
-        set_ops_backend("triton")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The two attention paths agree
 
@@ -83,8 +75,8 @@ def test_kernel_ops_match_reference_ops(device):
     tau = torch.tensor([0.7, 1.0, 1.3], device=device)
     window_tokens = torch.randint(0, TINY.vocab_size, (3, 37, 2), device=device)
     outputs = {}
-    for backend in ("kforcing_ops", "reference"):
-        with ops_backend(backend):
+    for backend, ops in (("kforcing_ops", contextlib.nullcontext), ("reference", kforcing_ops.use_reference)):
+        with ops():
             outputs[backend] = (teacher(ids), student.forward_train(ids, u, tau, 4),
                                 student.forward_train(ids, u[:, :, :2], 0.9, 4, window_tokens=window_tokens))
     for got, want in zip(outputs["kforcing_ops"], outputs["reference"]):
@@ -98,9 +90,9 @@ def test_gradients_match_between_backends():
     u = uniforms(2, 19, 3)
     target = torch.randint(0, TINY.vocab_size, (2, 19, 3))
     grads = {}
-    for backend in ("kforcing_ops", "reference"):
+    for backend, ops in (("kforcing_ops", contextlib.nullcontext), ("reference", kforcing_ops.use_reference)):
         student.zero_grad()
-        with ops_backend(backend):
+        with ops():
             logits = student.forward_train(ids, u, 1.0)
         torch.nn.functional.cross_entropy(logits.flatten(0, 2), target.flatten()).backward()
         grads[backend] = {n: p.grad.clone() for n, p in student.named_parameters()}

@@ -40,60 +40,11 @@ import torch
 
 import kforcing_ops
 
-from .model import ARModel, PushForwardLM, Transformer
+from .model import ARModel, KVCache, PushForwardLM
 from .noise import counter_uniform
 
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
-
-
-class KVCache:
-    """A static, preallocated KV cache shared by the AR and K-Forcing loops.
-
-    Attributes:
-        k, v: per layer, (B, L_max, H_kv, D) tensors (views into one allocation), written in place by
-            `kforcing_ops.window_attention_decode`.
-        seqlens: (B,) int32, the number of valid rows of each sequence (ragged batches). Only real (committed)
-            tokens are ever written; rows at or beyond seqlens[b] are never read.
-    """
-
-    def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, device=None, dtype=torch.float32):
-        if min(num_layers, batch_size, max_len, num_kv_heads, head_dim) < 1:
-            raise ValueError("KVCache: every dimension must be >= 1, got "
-                             f"layers={num_layers} batch={batch_size} max_len={max_len} "
-                             f"kv_heads={num_kv_heads} head_dim={head_dim}")
-        shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
-        self._k = torch.zeros(shape, device=device, dtype=dtype)
-        self._v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k = list(self._k.unbind(0))
-        self.v = list(self._v.unbind(0))
-        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
-
-    @classmethod
-    def for_model(cls, model: Transformer, batch_size, max_len, dtype=None):
-        """A cache sized for `model` (its layers, kv heads, head_dim, device and parameter dtype)."""
-        config = model.config
-        return cls(config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim,
-                   device=model.device, dtype=dtype or model.dtype)
-
-    @property
-    def num_layers(self):
-        return self._k.shape[0]
-
-    @property
-    def batch_size(self):
-        return self._k.shape[1]
-
-    @property
-    def max_len(self):
-        return self._k.shape[2]
-
-    def reset(self):
-        """Empty every sequence (lengths to 0; the rows are left as they are, and never read)."""
-        self.seqlens.zero_()
-
-    def nbytes(self):
-        return 2 * self._k.numel() * self._k.element_size()
 
 
 @dataclasses.dataclass
@@ -457,4 +408,4 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     return GenerationOutput(tokens, out_lengths, passes)
 
 
-__all__ = ["GenerationOutput", "KVCache", "generate_ar", "generate_kforcing"]
+__all__ = ["GenerationOutput", "generate_ar", "generate_kforcing"]
