@@ -19,7 +19,8 @@ and what they share:
     kforcing.checkpoint  checkpoints (checksummed, atomic), run-directory layout, typed provenance
     kforcing.trainer     the one training loop (accumulation, DDP, autocast, clipping, EMA, logging, exact resume)
     kforcing.metrics     pure metrics: agreement, perplexity, text statistics, decode speed
-    kforcing.runtime     device resolution, atomic writes, git commit
+    kforcing.options     config fields that define their command-line flags (one default, one help text)
+    kforcing.runtime     device resolution, atomic writes, checksums, git commit
     kforcing.cli         the `kforcing` command (argparse only)
 """
 

@@ -1,13 +1,13 @@
 """The AR teacher and the push-forward student: one nanoGPT-style Transformer, two heads on it.
 
-Backbone (METHOD.md section 2): token embedding -> n_layer x [pre-LayerNorm attention with rotary position
+Backbone (docs/method.md §2): token embedding -> n_layer x [pre-LayerNorm attention with rotary position
 embeddings, pre-LayerNorm GELU MLP] -> final LayerNorm -> LM head. Untied input/output embeddings, no biases,
 grouped-query attention when n_kv_head < n_head. Rotary positions are passed explicitly with every row, so a
 hint row can carry the position of the token it predicts.
 
     ARModel          the teacher: `forward(ids)` -> logits for training, `decode(...)` over a static KV cache.
     PushForwardLM    the student: the same backbone + a noise embedding e(u, tau) for hint rows, `max_k` hints
-                     per window. `forward_train` runs the staircase layout of METHOD.md section 3; `decode` runs
+                     per window. `forward_train` runs the staircase layout of docs/method.md §3; `decode` runs
                      one [committed | hints] step of section 4. The LM head runs only on hint rows.
 
 Layouts. Hint i (0-based) of the window anchored at context position t predicts the token at position t+1+i and
@@ -312,7 +312,8 @@ class Transformer(nn.Module):
         positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
 
         def attend(layer, q, k, v):
-            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens, n_commit)
+            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
+                                                        n_commit)
 
         hidden = self._run(x, positions, attend)
         if n_commit:
@@ -394,7 +395,7 @@ def broadcast_tau(tau, like):
 
 
 class PushForwardLM(Transformer):
-    """The K-Forcing student G(x, u_1..u_k): k tokens per forward pass (METHOD.md sections 2-4).
+    """The K-Forcing student G(x, u_1..u_k): k tokens per forward pass (docs/method.md §2-4).
 
     The teacher's backbone plus `noise`, a `kforcing_ops.nn.NoiseEmbedding` that gives hint rows their input
     vectors e(u_i, tau). Token i of a window is argmax of the logits at hint row i. `max_k` is the most hints per
@@ -453,7 +454,7 @@ class PushForwardLM(Transformer):
     # -- training ---------------------------------------------------------------------------------------------
 
     def forward_train(self, ids, u, tau, window_size=None, window_tokens=None):
-        """Hint logits of every window in one pass, over the staircase layout (METHOD.md sections 3 and 5).
+        """Hint logits of every window in one pass, over the staircase layout (docs/method.md §3 and §5).
 
         Args:
             ids: (B, N) context tokens, N <= max_seq_len.
@@ -464,7 +465,7 @@ class PushForwardLM(Transformer):
                 checked when given.
             window_tokens: optional (B, num_windows, m) token ids fed as real token rows at the start of each
                 window, at positions t+1..t+m, before its k hints at positions t+1+m..t+m+k. This is the
-                self-forcing teacher pass of METHOD.md section 5 (m = k: the teacher's own first k tokens).
+                self-forcing teacher pass of docs/method.md §5 (m = k: the teacher's own first k tokens).
 
         Returns:
             (B, num_windows, k, V) logits at the hint rows; hint i of window t predicts the token at position
