@@ -45,7 +45,7 @@ from .checkpoint import RunLayout
 from .distill import DistillConfig, distill
 from .evaluate import EvalConfig, load_results, run_eval, save_results
 from .report import demo_markdown, plot_eval, plot_training, summary_table, write_eval_report
-from .runtime import git_sha, resolve_device, write_json_atomic
+from .runtime import git_sha, resolve_device, write_json_atomic, write_text_atomic
 from .train import TrainConfig, train_teacher
 
 DEFAULT_OUT = {"quick": "runs/demo-quick", "default": "runs/demo", "full": "runs/demo-full"}
@@ -103,15 +103,18 @@ PROFILES = {
 class _State:
     """demo_state.json: finished phases with their results and wall times."""
 
+    VERSION = 2  # 2: phases keep the results the report is made from (1 kept wall times only)
+
     def __init__(self, path: Path, profile: DemoProfile):
         self.path = path
-        self.data = {"profile": dataclasses.asdict(profile), "phases": {}}
+        self.data = {"version": self.VERSION, "profile": dataclasses.asdict(profile), "phases": {}}
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("profile") != self.data["profile"]:
                 raise ValueError(f"{path.parent} holds a demo run of another profile "
                                  f"({saved.get('profile', {}).get('name')!r}); choose another --out or delete it")
-            self.data = saved
+            if saved.get("version") == self.VERSION:  # else every phase runs again, resuming its finished work
+                self.data = saved
 
     def run(self, phase: str, message: str, work: Callable[[], Dict]) -> Dict:
         """The phase's result: from an earlier run, or work()'s (timed and recorded)."""
@@ -241,7 +244,7 @@ def run_demo(profile="default", out_dir=None, device="auto", threads=None, progr
     data = _summary(prof, out, phases, results, teacher_records, state, time.perf_counter() - started)
     write_json_atomic(out / "summary.json", data)
     report = out / "report.md"
-    report.write_text(demo_markdown(data, plot_paths, out))
+    write_text_atomic(report, demo_markdown(data, plot_paths, out))
     return {"report": str(report), "out_dir": str(out), "summary": summary_table(data), "results": data}
 
 

@@ -48,9 +48,9 @@ from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
-from .train import warn_changed_settings
 from .options import option, parse_int_list
-from .trainer import DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option
+from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
+                      warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)

@@ -12,6 +12,8 @@ the numbers mean is written by hand, outside generated files.
 from pathlib import Path
 from typing import Dict, List
 
+from .runtime import write_text_atomic
+
 SECTIONS = ["## Summary", "## Setup", "## 1. Corpus and tokenizer", "## 2. Teacher", "## 3. Distillation",
             "## 4. Coupled agreement", "## 5. Sample quality", "## 6. Decode speed", "## 7. Quality targets",
             "## 8. Samples", "## 9. Files and next steps"]
@@ -118,7 +120,7 @@ def write_eval_report(results: Dict, out_dir, plots: bool = True) -> Dict[str, s
         for name, path in plot_eval(results, out).items():
             paths[name] = path
             md.append(f"\n![{name}]({path.name})\n")
-    paths["markdown"].write_text("".join(md))
+    write_text_atomic(paths["markdown"], "".join(md))
     return {key: str(value) for key, value in paths.items()}
 
 

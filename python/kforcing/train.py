@@ -32,7 +32,8 @@ from .data import TokenDataset, Tokenizer, iter_documents, load_tokenizer, prepa
 from .model import ARModel, ModelConfig, PRESETS
 from .runtime import resolve_device
 from .options import option
-from .trainer import DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option
+from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
+                      warn_changed_settings)
 from .trainer import warmup_cosine_lr
 
 DEFAULT_LR = {"tiny": 2e-3, "small": 6e-4, "base": 3e-4}
@@ -156,15 +157,6 @@ def _prepare_data(config: TrainConfig, layout: RunLayout, info: DistInfo, resumi
 _TRAJECTORY_FIELDS = ("preset", "corpus", "corpus_max_bytes", "seq_len", "batch_size", "grad_accum", "steps", "lr",
                       "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "dropout", "seed",
                       "dtype")
-
-
-def warn_changed_settings(saved: dict, current: dict, fields, main: bool):
-    """Resuming with other optimisation or data settings is allowed (e.g. more steps) but is no longer exact."""
-    changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in fields
-               if key in saved and saved[key] != current[key]]
-    if changed and main:
-        print("kforcing: resuming with changed settings (" + "; ".join(changed) + "): the run will differ from "
-              "one that never stopped", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------

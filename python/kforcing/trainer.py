@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -96,6 +97,15 @@ def check_loop_options(config, error=ValueError):
         raise error(f"dtype must be auto, float32 or bfloat16, got {config.dtype!r}")
     if not 0.0 <= config.min_lr_ratio <= 1.0:
         raise error(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
+
+
+def warn_changed_settings(saved: dict, current: dict, fields, main: bool):
+    """Resuming with other optimisation or data settings is allowed (e.g. more steps) but is no longer exact."""
+    changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in fields
+               if key in saved and saved[key] != current[key]]
+    if changed and main:
+        print("kforcing: resuming with changed settings (" + "; ".join(changed) + "): the run will differ from "
+              "one that never stopped", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,4 +525,4 @@ class Trainer:
 
 
 __all__ = ["DistInfo", "EMA", "RAW_WEIGHTS_FILE", "Trainer", "TrainingError", "TrainingTask", "check_loop_options",
-           "distributed", "loop_option", "param_groups", "warmup_cosine_lr"]
+           "distributed", "loop_option", "param_groups", "warn_changed_settings", "warmup_cosine_lr"]
