@@ -376,6 +376,7 @@ class Trainer:
         self.use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
         self.step = 0
         self.checkpoint: Optional[Path] = None
+        self.metrics: Optional[MetricsLog] = None  # opened by run()
         self.last: Dict = {}  # the latest value of every logged metric
 
     def _wrap(self, module):
