@@ -1,13 +1,14 @@
 # Two commands set everything up on a fresh machine (see README.md):
 #   make demo    the main job: the end-to-end K-Forcing demo
 #   make test    the test suite (what .ci/run runs)
-# Other targets: install, bench, test-all (slow tests too), gpu-check (on a GPU machine), clean.
+# Other targets: install, bench, microbench (pytest-benchmark, kernels vs references), test-all (slow tests too),
+# gpu-check (on a GPU machine), clean.
 PYTHON ?= python
 TORCH_SPEC ?= torch
 STAMP := build/.installed
 NATIVE_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml CMakeLists.txt
 
-.PHONY: install test test-all demo bench gpu-check clean
+.PHONY: install test test-all demo bench microbench gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +32,9 @@ bench: install
 	$(PYTHON) bench/bench_attention.py
 	$(PYTHON) bench/bench_embedding.py
 	$(PYTHON) bench/bench_decode.py
+
+microbench: install
+	$(PYTHON) -m pytest bench/ --benchmark-only
 
 gpu-check:
 	bash scripts/gpu_check.sh

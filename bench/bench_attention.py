@@ -4,7 +4,7 @@ Training, per N (k hint rows per window, num_windows = N, S = N (1 + k)), forwar
 (the peak above the inputs, and the workspace: the peak minus what every implementation must allocate, i.e. the
 output, its lse and the three gradients):
   kernel       kforcing_ops.window_attention
-  reference    the dense (S, S) staircase mask + SDPA (what the public K-Forcing release does)
+  reference    the dense (S, S) staircase mask + SDPA (what the original K-Forcing implementation does)
   compiled     torch.compile of the reference
   flex         FlexAttention with the staircase mask_mod and its block mask, compiled (GPU only)
   causal       plain causal SDPA over the same S rows: a different mask with about as much work, as a yardstick

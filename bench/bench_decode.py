@@ -11,7 +11,7 @@ Reported: median [p20, p80] seconds per call, tokens/s and ms per pass (from the
 K-Forcing over AR: the median over rounds of (AR time / K-Forcing time) in the same round. EOS stopping is off,
 so every call produces exactly batch x --new-tokens tokens.
 
-Targets (issue 5): CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
+Targets: CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
 Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
 
 Examples:
@@ -21,7 +21,6 @@ Examples:
 
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,32 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.metrics import time_interleaved  # noqa: E402
 from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_interleaved(runs, device, repeats):
-    """Time whole calls of every decoder in `runs`, interleaved: one warm-up call each, then `repeats` rounds that
-    call each decoder once (in a rotated order). A load spike on a shared machine then hits every decoder alike,
-    and the speedup is the median over rounds of the per-round ratio.
-
-    Returns {name: (stats in seconds, per-round times, the last GenerationOutput)}.
-    """
-    names = list(runs)
-    results = {name: runs[name]() for name in names}
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            results[name] = runs[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: (common.percentiles(times[name]), times[name], results[name]) for name in names}
 
 
 def profile(teacher, student, config, batch, k, args, options, device):
@@ -70,10 +45,12 @@ def profile(teacher, student, config, batch, k, args, options, device):
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for name, fn in runs.items():
         fn()
-        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         with torch.profiler.profile(activities=activities) as prof:
             out = fn()
-            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         print(f"\n### {name}, batch {batch}: {out.num_passes} passes")
         print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
@@ -128,9 +105,10 @@ def main(argv=None):
         for k in args.k:
             runs[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k, seed=args.seed,
                                                            **options)
-        measured = measure_interleaved(runs, device, args.repeats)
-        ar_times = measured["AR"][1]
-        for name, (stats, times, out) in measured.items():
+        measured = time_interleaved(runs, device, args.repeats)
+        ar_times = measured["AR"][0]
+        for name, (times, out) in measured.items():
+            stats = common.percentiles(times)
             row = {"batch": batch, "decoder": name, "time_s": stats, "passes": out.num_passes,
                    "tokens_per_s": batch * args.new_tokens / stats["median"],
                    "ms_per_pass": 1e3 * stats["median"] / out.num_passes,

@@ -4,7 +4,7 @@ Per M rows (H = 768, F = 384 by default), side by side in one run:
   kernel        kforcing_ops.noise_embedding, tau shared by all rows (a scalar, as one sequence's temperature)
   kernel_rows   kforcing_ops.noise_embedding with a tau per row (no folding: the full K = 4F product)
   unfused       fp32 features (M, 4F), then a Linear in the weight's dtype: the best unfused form
-  reference     float64 features, then a Linear (kforcing_ops.reference; the public release's form)
+  reference     float64 features, then a Linear (kforcing_ops.reference; the original implementation's form)
   gemm          (GPU) the bare dense GEMM of the same shape, (M, 4F) @ (4F, H), on precomputed features
 Implementations are timed interleaved, round by round; speedups are medians of per-round ratios. Peak memory is
 reported for the forward. TFLOP/s count 2 M 4F H, the unfused GEMM's work, so they compare directly

@@ -9,7 +9,7 @@ Compared side by side, per (N, V):
 GB/s counts the logits read once. Implementations are timed interleaved, round by round, and the speedup is the
 median of the per-round ratios. Writes bench/results/sampling_<device>.{json,md}.
 
-Targets (issue 2): CPU >= 3x faster than the composition at N=64, V=50257; GPU >= 70% of HBM bandwidth at
+Targets: CPU >= 3x faster than the composition at N=64, V=50257; GPU >= 70% of HBM bandwidth at
 N >= 64, V = 131072.
 """
 

@@ -8,28 +8,17 @@ import ctypes
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark as tbench
 
+from kforcing.runtime import git_sha, resolve_device  # noqa: F401  (the benchmarks resolve --device with it)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 L2_FLUSH_FACTOR = 3  # rotate through enough input sets to cover this many L2 caches
-
-
-def git_sha():
-    """The checkout's commit; KFORCING_GIT_SHA overrides it (a copied tree, e.g. on a lent GPU, has no .git)."""
-    if os.environ.get("KFORCING_GIT_SHA"):
-        return os.environ["KFORCING_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=RESULTS.parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(device):
@@ -44,7 +33,7 @@ def metadata(device):
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "git_sha": git_sha(),
+        "git_sha": git_sha(RESULTS) or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -161,20 +150,39 @@ def markdown_table(rows, columns):
 
 
 def save(name, device, rows, table, extra=None):
-    """Writes bench/results/<name>_<device>.json and .md; returns the paths."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Adds this run to bench/results/<name>_<device>/ as <date>_<sha>.json (every number) and <date>_<sha>.md
+    (the table the run printed), and regenerates that folder's index.md. Earlier runs are never overwritten;
+    returns the paths written."""
     meta = metadata(device)
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    json_path, md_path = RESULTS / f"{name}_{tag}.json", RESULTS / f"{name}_{tag}.md"
+    folder = RESULTS / f"{name}_{'cuda' if device.type == 'cuda' else 'cpu'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['date'][:19].replace(':', '')}_{meta['git_sha']}"
+    json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
     json_path.write_text(json.dumps({"meta": meta, **(extra or {}), "rows": rows}, indent=2) + "\n")
-    header = (f"# {name} on {meta['device']}\n\ntorch {meta['torch']}, git {meta['git_sha']}, {meta['date']}. "
-              "Times are medians [p20, p80]; ratios are measured side by side in this run.\n\n")
-    md_path.write_text(header + table + "\n")
-    return json_path, md_path
+    md_path.write_text(f"# {name} on {meta['device']}\n\ntorch {meta['torch']}, git {meta['git_sha']}, "
+                       f"{meta['date']}.\n\n{table}\n")
+    return json_path, md_path, write_index(folder)
+
+
+def write_index(folder: Path) -> Path:
+    """index.md of a results folder: one line per run, newest first (the single-file result of the layout before
+    this one, <folder>.json/.md beside the folder, is listed too)."""
+    runs = [(json.loads(path.read_text())["meta"], path.with_suffix(".md").name) for path in folder.glob("*.json")]
+    legacy = folder.with_suffix(".json")
+    if legacy.is_file():
+        runs.append((json.loads(legacy.read_text())["meta"], f"../{legacy.with_suffix('.md').name}"))
+    lines = [f"# {folder.name}: every run, newest first\n", "| date | git | device | torch | table |",
+             "|---|---|---|---|---|"]
+    for meta, table in sorted(runs, key=lambda run: run[0]["date"], reverse=True):
+        lines.append(f"| {meta['date']} | {meta['git_sha']} | {meta['device']} | {meta['torch']} "
+                     f"| [{table}]({table}) |")
+    index = folder / "index.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
 
 
 def report(name, device, results, text, no_save):
-    """Prints the Markdown and, unless no_save, writes bench/results/<name>_<device>.{json,md}."""
+    """Prints the Markdown and, unless no_save, adds the run to bench/results/<name>_<device>/."""
     print()
     print(text)
     if not no_save:
@@ -189,12 +197,6 @@ def base_parser(description):
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write nothing to bench/results")
     return parser
-
-
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def fmt_time(stats):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kforcing.checkpoint import load_model, save_checkpoint
 from kforcing.cli import main
@@ -79,7 +80,8 @@ def test_sample_from_a_student(teacher_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--corpus", "/nonexistent/corpus.txt"], "corpus '/nonexistent/corpus.txt': no such file or directory"),
-    (["--corpus", "EMPTY"], "cannot train a tokenizer on an empty corpus"),
+    (["--corpus", "EMPTY"], "is empty: it holds no text"),
+    (["--corpus", "/dev/null"], "corpus '/dev/null' is empty: it holds no text"),
     (["--corpus", "stdlib", "--tokenizer", "/nonexistent/tokenizer.json"], "no such file or directory"),
 ])
 def test_train_errors(tmp_path, capsys, args, message):
@@ -122,3 +124,48 @@ def test_console_script_is_installed():
         pytest.skip("the kforcing console script is not installed next to this interpreter")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "train-teacher" in result.stdout
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, teacher_run, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    for args in ([*TRAIN, "--corpus", "stdlib", "--out", str(existing)],
+                 ["distill", "--teacher", str(teacher_run), "--out", str(existing)],
+                 ["eval", "--teacher", str(teacher_run), "--student", str(teacher_run), "--out", str(existing)],
+                 ["demo", "--quick", "--out", str(existing)]):
+        with pytest.raises(SystemExit) as error:
+            main(args)
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kforcing: error: ") and "is an existing file" in err and err.count("\n") == 1, err
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, teacher_run, capsys):
+    for args in ([*TRAIN, "--corpus", "stdlib", "--out", str(tmp_path / "t"), "--device", "cuda"],
+                 ["sample", "--ckpt", str(teacher_run), "--device", "cuda"],
+                 ["distill", "--teacher", str(teacher_run), "--out", str(tmp_path / "d"), "--device", "cuda"],
+                 ["eval", "--teacher", str(teacher_run), "--student", str(teacher_run), "--device", "cuda"],
+                 ["demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cuda"]):
+        with pytest.raises(SystemExit) as error:
+            main(args)
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kforcing: error: ") and "no CUDA GPU is visible" in err and err.count("\n") == 1
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, teacher_run, capsys):
+    import shutil
+
+    from kforcing.checkpoint import resolve_checkpoint
+
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_checkpoint(teacher_run), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit) as error:
+        main(["sample", "--ckpt", str(broken)])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kforcing: error: ") and f"{weights} is corrupt" in err and err.count("\n") == 1

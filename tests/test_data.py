@@ -73,7 +73,10 @@ def test_missing_and_empty_corpora(tmp_path):
     with pytest.raises(CorpusError, match="holds no files"):
         list(iter_documents(str(tmp_path / "empty")))
     (tmp_path / "empty.txt").write_text("")
-    assert list(iter_documents(str(tmp_path / "empty.txt"))) == []
+    with pytest.raises(CorpusError, match="is empty: it holds no text"):
+        list(iter_documents(str(tmp_path / "empty.txt")))
+    with pytest.raises(CorpusError, match="'/dev/null' is empty"):
+        list(iter_documents("/dev/null"))
     with pytest.raises(CorpusError, match="empty corpus"):
         train_tokenizer([], vocab_size=300)
 

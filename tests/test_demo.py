@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kforcing.demo import PROFILES, SECTIONS
+from kforcing.demo import PROFILES
+from kforcing.report import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,16 @@
 """kforcing.model: configs, the two attention paths, the staircase layout, from_teacher, bad input."""
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
 from conftest import DEVICES
-from kforcing.model import (ARModel, ModelConfig, PRESETS, PushForwardLM, build_model, get_ops_backend, ops_backend,
-                            set_ops_backend)
+import kforcing_ops
+from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM, build_model
 from kforcing.noise import counter_uniform
+from tolerances import GRADIENTS_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE, SAME_ROWS_FP32
 
 # The attention and noise-embedding kernels are optional: their reference fallback warns once per process.
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
@@ -62,15 +64,6 @@ def test_config_round_trip_and_validation():
         ModelConfig(n_layer=0)
 
 
-def test_ops_backend_switch():
-    assert get_ops_backend() == "kforcing_ops"
-    with ops_backend("reference"):
-        assert get_ops_backend() == "reference"
-    assert get_ops_backend() == "kforcing_ops"
-    with pytest.raises(ValueError, match="unknown ops backend"):
-        set_ops_backend("triton")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The two attention paths agree
 
@@ -83,12 +76,12 @@ def test_kernel_ops_match_reference_ops(device):
     tau = torch.tensor([0.7, 1.0, 1.3], device=device)
     window_tokens = torch.randint(0, TINY.vocab_size, (3, 37, 2), device=device)
     outputs = {}
-    for backend in ("kforcing_ops", "reference"):
-        with ops_backend(backend):
+    for backend, ops in (("kforcing_ops", contextlib.nullcontext), ("reference", kforcing_ops.use_reference)):
+        with ops():
             outputs[backend] = (teacher(ids), student.forward_train(ids, u, tau, 4),
                                 student.forward_train(ids, u[:, :, :2], 0.9, 4, window_tokens=window_tokens))
     for got, want in zip(outputs["kforcing_ops"], outputs["reference"]):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, **KERNEL_VS_REFERENCE)
 
 
 def test_gradients_match_between_backends():
@@ -98,14 +91,14 @@ def test_gradients_match_between_backends():
     u = uniforms(2, 19, 3)
     target = torch.randint(0, TINY.vocab_size, (2, 19, 3))
     grads = {}
-    for backend in ("kforcing_ops", "reference"):
+    for backend, ops in (("kforcing_ops", contextlib.nullcontext), ("reference", kforcing_ops.use_reference)):
         student.zero_grad()
-        with ops_backend(backend):
+        with ops():
             logits = student.forward_train(ids, u, 1.0)
         torch.nn.functional.cross_entropy(logits.flatten(0, 2), target.flatten()).backward()
         grads[backend] = {n: p.grad.clone() for n, p in student.named_parameters()}
     for name, grad in grads["kforcing_ops"].items():
-        torch.testing.assert_close(grad, grads["reference"][name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grad, grads["reference"][name], **GRADIENTS_KERNEL_VS_REFERENCE, msg=name)
     assert grads["reference"]["noise.weight"].abs().sum() > 0  # the noise encoder is trained
     assert grads["reference"]["tok_emb.weight"].abs().sum() > 0
 
@@ -133,20 +126,20 @@ def test_forward_train_windows_see_only_their_context_and_own_earlier_hints():
     t = 9
     # Window t depends on context 0..t only ...
     torch.testing.assert_close(student.forward_train(ids[:, :t + 1], u[:, :t + 1], 1.0)[:, t], full[:, t],
-                               atol=1e-5, rtol=1e-5)
+                               **SAME_ROWS_FP32)
     # ... not on other windows' noise ...
     other = u.clone()
     other[:, t + 1:] = 1 - other[:, t + 1:]
     other[:, :t] = 1 - other[:, :t]
-    torch.testing.assert_close(student.forward_train(ids, other, 1.0)[:, t], full[:, t], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.forward_train(ids, other, 1.0)[:, t], full[:, t], **SAME_ROWS_FP32)
     # ... and hint i depends on u_0..u_i of its window only (causal inside the window: k <= max_k decodes).
     late = u.clone()
     late[:, t, 2:] = 1 - late[:, t, 2:]
     changed = student.forward_train(ids, late, 1.0)[:, t]
-    torch.testing.assert_close(changed[:, :2], full[:, t, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed[:, :2], full[:, t, :2], **SAME_ROWS_FP32)
     assert not torch.allclose(changed[:, 2:], full[:, t, 2:])
     # Fewer hints per window give the same logits for the hints they keep.
-    torch.testing.assert_close(student.forward_train(ids, u[:, :, :2], 1.0), full[:, :, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.forward_train(ids, u[:, :, :2], 1.0), full[:, :, :2], **SAME_ROWS_FP32)
 
 
 def test_hints_carry_the_position_of_the_token_they_predict():
@@ -161,7 +154,7 @@ def test_hints_carry_the_position_of_the_token_they_predict():
     t = 5
     ar = teacher(torch.cat([ids[:, :t + 1], y[:, None]], dim=1))[:, -1]
     hint = student.forward_train(ids[:, :t + 1], uniforms(1, t + 1, 1), 1.0)[:, t, 0]
-    torch.testing.assert_close(hint, ar, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hint, ar, **SAME_ROWS_FP32)
 
 
 def test_window_tokens_layout_matches_tokens_in_context():
@@ -175,7 +168,7 @@ def test_window_tokens_layout_matches_tokens_in_context():
     t = 6
     extended = torch.cat([ids[:, :t + 1], given[:, t]], dim=1)  # context ... x_t, y_{t+1}, y_{t+2}
     direct = student.forward_train(extended, u[:, [t] * (t + 3)], 0.8)[:, t + 2]
-    torch.testing.assert_close(sf[:, t], direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sf[:, t], direct, **SAME_ROWS_FP32)
 
 
 def test_tau_is_a_conditioning_input():
@@ -211,7 +204,7 @@ def test_from_teacher_copies_every_backbone_weight():
     x = torch.nn.functional.linear(
         __import__("kforcing_ops").reference.noise_features(u, 1.0, fresh.noise.num_freqs).float(),
         fresh.noise.weight, fresh.noise.bias)
-    torch.testing.assert_close(fresh.embed_noise(u, 1.0), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh.embed_noise(u, 1.0), x, **SAME_ROWS_FP32)
     with pytest.raises(TypeError, match="ARModel or PushForwardLM"):
         PushForwardLM.from_teacher(torch.nn.Linear(2, 2), 4)
 

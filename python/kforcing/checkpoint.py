@@ -1,39 +1,190 @@
-"""Checkpoints: safetensors weights + JSON config + tokenizer (+ optimizer and trainer state), saved atomically.
+"""Checkpoints and run directories: the one owner of every file name a stage writes and the next one reads.
 
 A checkpoint is a directory:
 
     model.safetensors     the model's state dict
-    config.json           {"format": "kforcing-checkpoint", "version": 1, "model_type": "ar" | "pushforward",
-                           "model": ModelConfig fields, ["max_k", "noise_num_freqs"], "extra": {...}}
+    config.json           {"format": "kforcing-checkpoint", "version": 2, "model_type": "ar" | "pushforward",
+                           "model": ModelConfig fields, ["max_k", "noise_num_freqs"],
+                           "files": {file name: sha256 of every tensor file},
+                           "provenance": `Provenance` (what it was trained from)}
     tokenizer.json        the tokenizer (when one is given)
     optimizer.pt          the optimizer's state dict (training checkpoints)
     trainer_state.pt      step, RNG states, ... (training checkpoints)
+    *.safetensors         further tensors of a training checkpoint (e.g. the raw weights beside EMA weights)
 
 `save_checkpoint` writes everything into a hidden temporary directory beside the target and then renames it into
-place, so a crash mid-save leaves the previous checkpoint untouched and never a half-written one. A training run
-keeps its checkpoints in RUN/checkpoints/step_NNNNNNN and points to the newest through RUN/latest.json, itself
-replaced atomically; `resolve_checkpoint(RUN)` follows that pointer.
+place, so a crash mid-save leaves the previous checkpoint untouched and never a half-written one; temporaries left
+by a killed process are removed by `remove_stale_temporaries` when the next run starts. Every tensor file is
+checked against its sha256 on load: a missing, truncated, altered or unreadable file is a `CheckpointError` naming
+the file and what is wrong.
+
+A run directory (`RunLayout`) keeps its checkpoints in RUN/checkpoints/step_NNNNNNN and points to the newest through
+RUN/latest.json, itself replaced atomically; `resolve_checkpoint(RUN)` follows that pointer. A distillation run
+holds one such layout per stage (RUN/stage_kK) plus each stage's exported student (final/) and its summary.
 """
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .data import Tokenizer, load_tokenizer
 from .model import ModelConfig, Transformer, build_model
+from .runtime import sha256_file, write_json_atomic
 
 FORMAT = "kforcing-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: sha256 of every tensor file and typed provenance; 1 had neither (still readable)
 LATEST = "latest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)\d+$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
+    """A checkpoint is missing, unreadable, corrupt, or does not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run directories
+
+
+def _file(name: str, doc: str = None) -> property:
+    return property(lambda self: self.root / name, doc=doc)
+
+
+class RunLayout:
+    """The file names of a training run (a teacher run, or one distillation stage) and of a distillation run."""
+
+    checkpoints = _file("checkpoints")
+    latest = _file(LATEST)
+    metrics = _file("metrics.jsonl")
+    tokenizer = _file("tokenizer.json")
+    data = _file("data", "The token cache a run builds when it is given no other (train-teacher, distill --corpus).")
+    tensorboard = _file("tensorboard")
+    # A distillation run: RUN/distill.json and RUN/stage_kK/{... as above, final/, done.json}
+    distill_settings = _file("distill.json")
+    final = _file("final")
+    done = _file("done.json")
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:07d}"
+
+    def stage(self, k: int) -> "RunLayout":
+        return RunLayout(self.root / f"stage_k{k}")
+
+    def read_metrics(self) -> List[dict]:
+        """The records of metrics.jsonl ([] when the run has none)."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+@dataclasses.dataclass
+class Provenance:
+    """What a checkpoint was trained from: the typed link by which a stage finds its predecessor's data.
+
+    Attributes:
+        stage: "teacher" (train-teacher) or "distill" (a student stage).
+        step: optimizer steps the weights have seen.
+        token_cache: absolute path of the token cache its batches or contexts came from.
+        seq_len: the sequence (teacher) or context (student) length it was trained on.
+        settings: the run's TrainConfig / DistillConfig, as JSON.
+        teacher: for a student, the checkpoint it was distilled from.
+        k: for a student, the tokens per pass of its stage.
+        summary: for a finished stage's export, the stage summary (final metrics, budget).
+    """
+
+    stage: str
+    step: int
+    token_cache: Optional[str] = None
+    seq_len: Optional[int] = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    teacher: Optional[str] = None
+    k: Optional[int] = None
+    summary: Optional[dict] = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> Optional["Provenance"]:
+        """The provenance of a checkpoint's config.json; version-1 checkpoints kept it in an untyped "extra"."""
+        if config.get("provenance"):
+            return cls(**config["provenance"])
+        extra = config.get("extra") or {}
+        if "train" in extra:
+            train = extra["train"]
+            return cls("teacher", extra.get("step", 0), train.get("data_dir"), train.get("seq_len"), train)
+        if "distill" in extra:
+            summary = extra.get("summary")
+            return cls("distill", extra.get("step", 0), extra.get("data_dir"),
+                       (summary or {}).get("seq_len") or extra["distill"].get("seq_len"), extra["distill"],
+                       extra["distill"].get("teacher"), extra.get("stage"), summary)
+        return None
+
+
+def remove_stale_temporaries(directory):
+    """Delete the hidden temporaries (.NAME.tmpPID, .NAME.oldPID) that a save killed mid-way left in `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _TEMPORARY.match(path.name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def write_latest(run_dir, checkpoint_dir, step):
+    """Point RUN/latest.json at `checkpoint_dir` (atomically)."""
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / LATEST, {"checkpoint": os.path.relpath(checkpoint_dir, run_dir), "step": int(step)})
+
+
+def find_resume_checkpoint(run_dir) -> Optional[Path]:
+    """The checkpoint a `--resume` continues from: the one latest.json names, or, when latest.json is missing or
+    names nothing usable (a crash between the save and the pointer), the newest complete RUN/checkpoints/step_N.
+    None when the run has no complete checkpoint."""
+    layout = RunLayout(run_dir)
+    if layout.latest.is_file():
+        try:
+            target = layout.root / json.loads(layout.latest.read_text())["checkpoint"]
+            if is_complete(target):
+                return target
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    if not layout.checkpoints.is_dir():
+        return None
+    steps = sorted((int(m[1]), p) for p in layout.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)))
+    return next((path for _, path in reversed(steps) if is_complete(path)), None)
+
+
+def is_complete(directory) -> bool:
+    """Whether a checkpoint directory holds its config.json and every file the config lists."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return all((Path(directory) / name).is_file() for name in config.get("files", {MODEL_FILE: None}))
+
+
+def prune_checkpoints(run_dir, keep_last: int, keep: Path):
+    """Delete all but the newest `keep_last` step checkpoints of a run (never `keep`)."""
+    checkpoints = RunLayout(run_dir).checkpoints
+    steps = sorted(p for p in checkpoints.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    for path in steps[:-keep_last]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
 
 
 def _fsync_dir(path: Path):
@@ -49,17 +200,27 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def _write_json(path: Path, data):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _cpu_state(module) -> Dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous() for key, value in module.state_dict().items()}
+
+
+def _write_files(tmp: Path, model, tokenizer, optimizer, trainer_state, tensors) -> Dict[str, str]:
+    """Write the tensor files (and the tokenizer) into `tmp`; returns {tensor file name: sha256}."""
+    save_file(_cpu_state(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+    for name, state in (tensors or {}).items():
+        save_file(state, str(tmp / name))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer.json")
+    return {path.name: sha256_file(path) for path in sorted(tmp.iterdir()) if path.suffix in (".safetensors", ".pt")}
 
 
 def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer] = None, optimizer=None,
-                    trainer_state: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+                    trainer_state: Optional[dict] = None, provenance: Optional[Provenance] = None,
+                    tensors: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
     """Write a checkpoint directory atomically (see the module docstring); returns its path.
 
     Args:
@@ -68,7 +229,8 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
         tokenizer: saved as tokenizer.json.
         optimizer: its state_dict is saved as optimizer.pt.
         trainer_state: a dict of tensors/numbers saved as trainer_state.pt (step, RNG states, ...).
-        extra: JSON-serialisable metadata stored under config.json's "extra" (e.g. the training config).
+        provenance: what the model was trained from (config.json "provenance").
+        tensors: further {file name (*.safetensors): state dict} to keep in the checkpoint.
     """
     model = unwrap(model)
     directory = Path(directory)
@@ -78,16 +240,10 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        config = {"format": FORMAT, "version": VERSION, **model.export_config(), "extra": extra or {}}
-        _write_json(tmp / "config.json", config)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+        files = _write_files(tmp, model, tokenizer, optimizer, trainer_state, tensors)
+        config = {"format": FORMAT, "version": VERSION, **model.export_config(), "files": files,
+                  "provenance": dataclasses.asdict(provenance) if provenance else None}
+        write_json_atomic(tmp / "config.json", config)
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -117,10 +273,8 @@ def unwrap(model):
             return model
 
 
-def write_latest(run_dir, checkpoint_dir, step):
-    """Point RUN/latest.json at `checkpoint_dir` (atomically)."""
-    run_dir = Path(run_dir)
-    _write_json(run_dir / LATEST, {"checkpoint": os.path.relpath(checkpoint_dir, run_dir), "step": int(step)})
+# ---------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def resolve_checkpoint(path) -> Path:
@@ -132,7 +286,7 @@ def resolve_checkpoint(path) -> Path:
     if latest.is_file():
         try:
             target = path / json.loads(latest.read_text())["checkpoint"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{latest} is unreadable ({error})") from None
         if not (target / "config.json").is_file():
             raise CheckpointError(f"{latest} points to {target}, which is not a checkpoint")
@@ -148,14 +302,51 @@ def read_config(path) -> dict:
     directory = resolve_checkpoint(path)
     try:
         config = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{directory}/config.json is not valid JSON ({error})") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{directory} is not a kforcing checkpoint (config.json format {config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        what = config.get("format") if isinstance(config, dict) else None
+        raise CheckpointError(f"{directory} is not a kforcing checkpoint (config.json format {what!r})")
     if config.get("version", 0) > VERSION:
         raise CheckpointError(f"{directory} has checkpoint version {config['version']}; this kforcing reads "
                               f"up to {VERSION}: upgrade kforcing")
     return config
+
+
+def read_provenance(path) -> Optional[Provenance]:
+    """What the checkpoint at `path` (or a run's latest) was trained from; None for a bare saved model."""
+    return Provenance.from_config(read_config(path))
+
+
+def load_file_checked(directory, name: str, loader: Callable[[Path], object], config: Optional[dict] = None):
+    """loader(path) of one tensor file of a checkpoint, after checking it against its recorded sha256.
+
+    Every failure (missing, checksum mismatch, truncated or garbage content) is a CheckpointError naming the file.
+    """
+    directory = Path(directory)
+    path = directory / name
+    config = read_config(directory) if config is None else config
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    expected = config.get("files", {}).get(name)
+    if expected is None and config.get("version", 1) >= 2:
+        raise CheckpointError(f"{path} is not listed in {directory}/config.json: it does not belong to the checkpoint")
+    if expected is not None and sha256_file(path) != expected:
+        raise CheckpointError(f"{path} is corrupt: its sha256 does not match the one recorded in config.json")
+    try:
+        return loader(path)
+    except Exception as error:  # safetensors / pickle errors have no common base class
+        raise CheckpointError(f"{path} is unreadable ({type(error).__name__}: {error})") from None
+
+
+def load_torch_file(directory, name: str, device="cpu"):
+    """A checked torch.load (weights only) of optimizer.pt / trainer_state.pt."""
+    return load_file_checked(directory, name, lambda p: torch.load(p, map_location=device, weights_only=True))
+
+
+def load_tensors(directory, name: str, device="cpu") -> Dict[str, torch.Tensor]:
+    """A checked safetensors file of a checkpoint as a state dict on `device`."""
+    return load_file_checked(directory, name, lambda p: load_file(str(p), device=str(device)))
 
 
 def describe_config_difference(a: ModelConfig, b: ModelConfig) -> str:
@@ -172,7 +363,7 @@ def load_weights(model: Transformer, path, strict: bool = True):
     if saved_config != model.config:
         raise CheckpointError(f"checkpoint {directory} was made for another model config "
                               f"({describe_config_difference(saved_config, model.config)}; checkpoint vs model)")
-    state = load_file(str(directory / "model.safetensors"), device=str(model.device))
+    state = load_file_checked(directory, MODEL_FILE, lambda p: load_file(str(p), device=str(model.device)), config)
     expected = model.state_dict()
     problems = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
@@ -203,5 +394,7 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tok
     return model.eval(), tokenizer, config
 
 
-__all__ = ["CheckpointError", "load_model", "load_weights", "read_config", "resolve_checkpoint", "save_checkpoint",
-           "unwrap", "write_latest"]
+__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "sha256_file",
+           "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
+           "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
+           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "unwrap", "write_latest"]

@@ -12,7 +12,7 @@ Corpora (`iter_documents`; several specs can be combined):
                         A Hugging Face dataset through the optional `datasets` package, streamed, e.g.
                         "hf:lm1b", "hf:openwebtext", "hf:wikitext:wikitext-103-raw-v1@train". It needs the
                         package and the hub (or a local dataset path as NAME); otherwise a clear error. The
-                        field's conventions (METHOD.md section 7): LM1B with the bert-base-uncased tokenizer and
+                        field's conventions (docs/method.md §7): LM1B with the bert-base-uncased tokenizer and
                         128-token sequences; OpenWebText with the GPT-2 tokenizer and 1024-token sequences
                         (`--tokenizer bert-base-uncased --seq-len 128`, `--tokenizer gpt2 --seq-len 1024`).
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .noise import counter_randint, hash3_python
+from .runtime import sha256_file, write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -169,7 +170,7 @@ def _expand_spec(spec: str) -> List[Path]:
         if not files:
             raise CorpusError(f"corpus {spec!r}: the directory holds no files")
         return files
-    if path.is_file():
+    if path.exists():  # a file, or a device or pipe such as /dev/null
         return [path]
     raise CorpusError(f"corpus {spec!r}: no such file or directory (use 'stdlib' for the built-in corpus, a path, "
                       "a glob, a .jsonl file or hf:NAME)")
@@ -193,7 +194,7 @@ def iter_documents(corpus: Union[str, Sequence[str]], text_field: str = "text",
         max_bytes: stop once this many UTF-8 bytes were yielded (the document that crosses it is the last one);
             None reads everything.
 
-    Raises CorpusError for a spec that names nothing. Empty documents are skipped.
+    Raises CorpusError for a spec that names nothing or holds no text. Empty documents are skipped.
     """
     total = 0
     for spec in _as_specs(corpus):
@@ -205,13 +206,17 @@ def iter_documents(corpus: Union[str, Sequence[str]], text_field: str = "text",
             files = _expand_spec(spec)
             strict = len(files) == 1
             source = (doc for path in files for doc in _file_documents(path, text_field, strict))
+        found = False
         for name, text in source:
             if not text:
                 continue
+            found = True
             yield name, text
             total += len(text.encode("utf-8"))
             if max_bytes is not None and total >= max_bytes:
                 return
+        if not found:
+            raise CorpusError(f"corpus {spec!r} is empty: it holds no text")
 
 
 def corpus_fingerprint(corpus, text_field="text", max_bytes=None) -> str:
@@ -285,7 +290,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        _atomic_write_text(path, self.to_str())
+        write_text_atomic(path, self.to_str())
         return path
 
     def __repr__(self):
@@ -360,23 +365,6 @@ def load_tokenizer(name_or_path) -> Tokenizer:
 # Token files
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _token_dtype(vocab_size):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
@@ -404,7 +392,7 @@ class TokenDataset:
                 size = path.stat().st_size if path.is_file() else "missing"
                 raise DataCacheError(f"token cache {self.directory} is corrupt: {path.name} has size {size}, "
                                      f"expected {expected} bytes; rebuild it (rebuild=True / --rebuild-data)")
-            if verify and _sha256_file(path) != self.meta[f"{split}_sha256"]:
+            if verify and sha256_file(path) != self.meta[f"{split}_sha256"]:
                 raise DataCacheError(f"token cache {self.directory} is corrupt: the checksum of {path.name} does not "
                                      "match meta.json; rebuild it (rebuild=True / --rebuild-data)")
         self.train = np.memmap(self.directory / "train.bin", dtype=dtype, mode="r") if self.meta["train_tokens"] \
@@ -545,11 +533,45 @@ def prepare_dataset(corpus, tokenizer: Tokenizer, cache_dir, val_fraction: float
         "corpus": [str(s) for s in _as_specs(corpus)], "text_field": text_field, "max_bytes": max_bytes,
         "train_tokens": counts["train"], "val_tokens": counts["val"],
         "train_documents": documents["train"], "val_documents": documents["val"],
-        "train_sha256": _sha256_file(cache_dir / "train.bin"), "val_sha256": _sha256_file(cache_dir / "val.bin"),
+        "train_sha256": sha256_file(cache_dir / "train.bin"), "val_sha256": sha256_file(cache_dir / "val.bin"),
         **wanted,
     }
-    _atomic_write_text(cache_dir / "meta.json", json.dumps(meta, indent=2))
+    write_text_atomic(cache_dir / "meta.json", json.dumps(meta, indent=2))
     return TokenDataset(cache_dir, verify=False)
+
+
+def find_token_cache(candidates: Sequence, tokenizer: Optional[Tokenizer]) -> Optional[TokenDataset]:
+    """The first of `candidates` (token cache directories, None entries skipped) made with `tokenizer` (any
+    tokenizer when None), memory-mapped; None when no candidate fits.
+
+    The candidates come from the run directories' typed metadata (`kforcing.checkpoint.Provenance.token_cache`),
+    in the caller's order of preference.
+    """
+    fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        try:
+            meta = _read_meta(Path(candidate))
+        except DataCacheError:
+            continue
+        if fingerprint is None or meta["tokenizer_fingerprint"] == fingerprint:
+            return TokenDataset(candidate, verify=False)
+    return None
+
+
+def heldout_contexts(dataset: TokenDataset, num: int, max_len: int, min_len: int = 4, seed: int = 0,
+                     split: str = "val") -> List[List[int]]:
+    """`num` contexts from a split: context i starts at a pseudo-random offset and has a pseudo-random length in
+    [min_len, max_len], both pure functions of (seed, i)."""
+    data = dataset.split(split)
+    min_len = max(1, min(min_len, max_len))
+    if len(data) <= max_len:
+        raise ValueError(f"the {split} split has {len(data)} tokens, too few for contexts of {max_len} tokens")
+    index = torch.arange(num, dtype=torch.int64)
+    lengths = (min_len + counter_randint(seed ^ 0xC0, index, 0, max_len - min_len + 1)).tolist()
+    starts = counter_randint(seed ^ 0xC1, index, 0, len(data) - max_len).tolist()
+    return [[int(t) for t in data[s:s + n]] for s, n in zip(starts, lengths)]
 
 
 def _split_tail(tmp, counts, dtype, val_fraction):
@@ -565,6 +587,6 @@ def _split_tail(tmp, counts, dtype, val_fraction):
 
 __all__ = [
     "CorpusError", "DataCacheError", "EOS_TOKEN", "PAD_TOKEN", "TokenDataset", "Tokenizer", "TokenizerError",
-    "corpus_fingerprint", "iter_documents", "load_tokenizer", "parse_hf_spec", "prepare_dataset", "stdlib_files",
-    "train_tokenizer",
+    "corpus_fingerprint", "find_token_cache", "heldout_contexts", "iter_documents", "load_tokenizer", "parse_hf_spec",
+    "prepare_dataset", "stdlib_files", "train_tokenizer",
 ]

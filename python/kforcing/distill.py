@@ -3,97 +3,75 @@
     kforcing distill --teacher runs/teacher --schedule 1,2,4 --out runs/student
     torchrun --nproc_per_node 8 -m kforcing.cli distill --teacher runs/teacher --out runs/student
 
-The method is METHOD.md section 5. The targets are always the teacher's own outputs under the very noise the
-student sees; data tokens only provide contexts.
+The method is docs/method.md §5; what each stage learns (targets, noise, loss) is `kforcing.targets`. This module
+runs the schedule: each stage's student (`PushForwardLM.from_teacher`) starts from its teacher's weights (for an AR
+teacher only the noise encoder is new) and is trained by the shared loop of `kforcing.trainer`, with an exponential
+moving average of its weights: the EMA is what is evaluated, exported and used as the next stage's teacher. The
+teacher passes that make targets always run in float32 (the tokens must be the teacher's decode-time tokens).
 
-Stage k = 1 (teacher = the AR model). For a context batch ids (B, N), every position t is the anchor of a window
-with one uniform u_t and the sequence's temperature tau. The target of window t is the teacher's inverse-CDF token
+Steps per stage are fixed (`steps`), or with `plateau_patience` a stage also ends early when the validation
+exact match (against the stage's targets) has not improved by `plateau_delta` over the last `plateau_patience`
+evaluations. The cosine schedule always spans `steps`.
 
-    y_t = min { v : sum_{v' <= v} softmax(logits_t / tau)_v' >= u_t }          (`ar_targets`)
-
-computed with a float64 CDF (`kforcing_ops.reference.inverse_cdf_sample` on float64 logits). The student
-(`PushForwardLM.from_teacher`) starts from the teacher's weights; only the noise encoder is new.
-
-Stage k -> 2k (teacher = the frozen stage-k student). Each window draws 2k uniforms. The teacher produces its
-tokens 1..k by one staircase pass with (u_1..u_k) and argmax; then tokens k+1..2k by a second pass with window size
-2k, in which its own first k tokens are token rows and (u_{k+1}..u_{2k}) the hints (`self_forcing_targets`). That is
-exactly two consecutive decode steps of the teacher on its own outputs (`generate_kforcing` with k tokens per pass),
-for every window in parallel. The student has max_k = 2k and starts from the teacher.
-
-Loss: cross-entropy of the student's logits at every hint row against its target. Per window offset the loss and
-the accuracy are logged, and the whole-window exact match.
-
-Baseline (`objective="noise-inversion"`): data tokens are the targets, and each u_j is drawn inside the data token's
-CDF interval under the AR teacher at tau (`noise_inversion_batch`), for every stage. The paper reports that this
-suffers from a train/inference mismatch (at inference the student conditions on its own tokens, never on data) and
-from numerical fragility (a token of tiny probability has an interval float64 can barely hit); the fraction of
-windows whose u really maps back to the data token is logged as `inversion_valid`.
-
-Optimisation, per stage: AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on GPU (the
-teacher passes that make targets always run in float32: the tokens must be the teacher's decode-time tokens), and
-an exponential moving average of the student's weights, which is what is evaluated, exported and used as the
-next stage's teacher. The EMA's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so that short
-stages are not dominated by the initial weights.
-
-Noise and data are counter-based (`kforcing.noise`): batch `step` of stage s is a pure function of (seed, s, step,
-sample index), so resuming mid-stage continues exactly (N steps straight = N/2 + resume + N/2), and any number of
-DDP ranks sees the same global batch.
-
-Run directory (OUT):
+Run directory (OUT, file names owned by `kforcing.checkpoint.RunLayout`):
 
     distill.json                  the settings of the run (checked on --resume)
     tokenizer.json                the teacher's tokenizer
     stage_k1/ metrics.jsonl       per-stage metrics: training lines every log_interval steps, validation lines
               checkpoints/step_N  training checkpoints: model.safetensors holds the EMA weights (the export),
-                                  trainer_state.pt the raw weights, the step and the plateau history,
-                                  optimizer.pt the optimizer
+                                  raw_weights.safetensors the optimised weights, trainer_state.pt the step and the
+                                  plateau history, optimizer.pt the optimizer
               latest.json         the newest training checkpoint
               final/              the stage's exported student (EMA weights), and done.json its summary
     stage_k2/ ...
     latest.json                   points to the last finished stage's final/: `kforcing sample --ckpt OUT`,
                                   `kforcing eval --student OUT` use it
 
-Steps per stage are fixed (`steps`), or with `plateau_patience` a stage also ends early when the validation
-exact match (against the stage's targets) has not improved by `plateau_delta` over the last `plateau_patience`
-evaluations. The cosine schedule always spans `steps`.
+Contexts come from the teacher's own token cache, found through its checkpoint's `Provenance`, unless `corpus`
+or `data_dir` say otherwise.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
-import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from kforcing_ops import reference as _reference
-
 from . import checkpoint as ckpt
-from .data import TokenDataset, Tokenizer, prepare_dataset
+from .checkpoint import Provenance, RunLayout
+from .data import TokenDataset, Tokenizer, find_token_cache, heldout_contexts, prepare_dataset
+from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
-from .noise import counter_uniform
-from .train import (_Dist, _Metrics, _all_mean, _init_distributed, _prune, _resolve_device, _rng_state,
-                    _set_rng_state, _trim_metrics, param_groups, warmup_cosine_lr)
+from .runtime import resolve_device, write_json_atomic
+from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
+from .options import option, parse_int_list
+from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
+                      warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
-RUN_FILE = "distill.json"
-DONE_FILE = "done.json"
-
-# Seeds of the counter-based streams (XORed with the run's seed): training noise, temperatures, validation.
-_NOISE_KEY = 0x6B66_0001
-_TAU_KEY = 0x6B66_0002
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
 
 
 class DistillError(ValueError):
     """The settings of a distillation (or the checkpoints it is given) cannot work together."""
+
+
+def parse_tau(text: str) -> Tuple[float, float]:
+    """'1.0' -> (1.0, 1.0); '0.7:1.2' -> (0.7, 1.2)."""
+    try:
+        parts = [float(p) for p in str(text).split(":")]
+    except ValueError:
+        raise DistillError(f"--tau must be a temperature such as 1.0 or a range such as 0.7:1.2, got {text!r}") \
+            from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise DistillError(f"--tau must be T or MIN:MAX, got {text!r}")
+    return parts[0], parts[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,7 +80,7 @@ class DistillError(ValueError):
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Everything a distillation run needs; `kforcing distill --help` documents each flag.
+    """Everything a distillation run needs; each field's help is its `kforcing distill` flag's.
 
     Attributes (the less obvious ones):
         teacher: the AR teacher: a checkpoint directory or a `train-teacher` run directory. A K-Forcing student
@@ -113,67 +91,71 @@ class DistillConfig:
         seq_len: context tokens N per sequence (each has N windows); default: the teacher's training length, at
             most max_seq_len - max(schedule) so that every window's tokens fit the model's positions.
         tau: (min, max): each sequence's temperature is drawn uniformly from this range; (1, 1) fixes it.
-        corpus / data_dir: where contexts come from; default: the teacher's own token cache (or its corpus).
         lr: peak learning rate; default 1e-3 for models up to 256 wide, 3e-4 above.
-        plateau_patience: None, or end a stage early after this many evaluations without a gain of plateau_delta
-            in validation exact match (and after min_steps).
-        ar_eval_contexts: held-out contexts for the coupled agreement with the AR teacher, logged at the start and
-            the end of every stage (0 disables it).
         stop_after: stop (with a checkpoint) after this many optimizer steps in total, counted over all stages.
     """
 
-    teacher: str
-    out_dir: str
-    schedule: List[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
-    objective: str = "self-forcing"
-    steps: List[int] = dataclasses.field(default_factory=lambda: [1000])
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: Optional[int] = None
-    tau: Tuple[float, float] = (1.0, 1.0)
-    lr: Optional[float] = None
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    noise_lr_scale: float = 1.0
-    plateau_patience: Optional[int] = None
-    plateau_delta: float = 0.005
-    min_steps: int = 0
-    corpus: Optional[List[str]] = None
-    text_field: str = "text"
-    corpus_max_bytes: Optional[int] = None
-    data_dir: Optional[str] = None
-    val_fraction: float = 0.01
-    eval_interval: int = 200
-    eval_batches: int = 8
-    ar_eval_contexts: int = 128
-    save_interval: int = 500
-    log_interval: int = 10
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    resume: bool = False
-    stop_after: Optional[int] = None
-    tensorboard: bool = False
-    progress: bool = True
+    teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory", required=True)
+    out_dir: str = option(help="run directory of the students", flag="--out", required=True)
+    schedule: List[int] = option([1, 2, 4], "the stages' k, doubling from 1 (e.g. 1,2,4 or 1,2,4,8)",
+                                 convert=lambda text: parse_int_list(text, "--schedule"), flag_default="1,2,4")
+    objective: str = option("self-forcing", "self-forcing (the teacher's own tokens) or the noise-inversion baseline "
+                            "(data tokens, u drawn inside their teacher-CDF interval)", choices=list(OBJECTIVES))
+    steps: List[int] = option([1000], "optimizer steps per stage: one value, or one per stage (500,500,1000)",
+                              convert=lambda text: parse_int_list(text, "--steps"), flag_default="1000")
+    batch_size: int = loop_option("batch_size")
+    grad_accum: int = loop_option("grad_accum")
+    seq_len: Optional[int] = option(None, "context tokens per sequence, each the anchor of a window (default: the "
+                                    "teacher's training length, at most max_seq_len - max k)")
+    tau: Tuple[float, float] = option((1.0, 1.0), "the temperature the student learns: T, or MIN:MAX to draw one per "
+                                      "sequence uniformly (e.g. 0.7:1.2)", convert=parse_tau, flag_default="1.0")
+    lr: Optional[float] = option(None, "peak learning rate (default: 1e-3 up to width 256, 3e-4 above)")
+    min_lr_ratio: float = loop_option("min_lr_ratio")
+    warmup_steps: int = loop_option("warmup_steps", 50, "linear warmup steps per stage")
+    weight_decay: float = loop_option("weight_decay", 0.0)
+    beta1: float = loop_option("beta1")
+    beta2: float = loop_option("beta2")
+    grad_clip: float = loop_option("grad_clip")
+    ema_decay: float = option(0.999, "EMA decay of the exported weights")
+    noise_lr_scale: float = option(1.0, "learning-rate multiplier of the noise encoder (the only new weights of "
+                                   "stage 1)")
+    plateau_patience: Optional[int] = option(None, "also end a stage once this many evaluations in a row gain less "
+                                             "than --plateau-delta in validation exact match (default: off)")
+    plateau_delta: float = option(0.005, "the gain that counts as progress")
+    min_steps: int = option(0, "no plateau stop before this many steps of a stage")
+    corpus: Optional[List[str]] = option(None, "contexts from this corpus (as in train-teacher); default: the "
+                                         "teacher's own token cache", action="append")
+    text_field: str = option("text", "the text field of JSONL records / dataset rows")
+    corpus_max_bytes: Optional[int] = option(None, "read at most this many MB of --corpus", flag="--corpus-max-mb",
+                                             convert=lambda mb: None if mb is None else int(mb * 1e6), type=float)
+    data_dir: Optional[str] = option(None, "token cache directory for --corpus (default: OUT/data)")
+    val_fraction: float = option(0.01, "held-out share of documents for --corpus")
+    eval_interval: int = loop_option("eval_interval", help="steps between validation metrics")
+    eval_batches: int = option(8, "batches per validation")
+    ar_eval_contexts: int = option(128, "held-out contexts for the coupled agreement with the AR teacher at the "
+                                   "start and end of each stage (0: off)")
+    save_interval: int = loop_option("save_interval", 500)
+    log_interval: int = loop_option("log_interval")
+    keep_checkpoints: int = loop_option("keep_checkpoints", help="training checkpoints kept per stage")
+    seed: int = option(0, "seed of the noise, the temperatures and the data order")
+    device: str = loop_option("device")
+    dtype: str = loop_option("dtype", help="autocast dtype of the student; auto = bfloat16 on GPU, float32 on CPU "
+                             "(targets: float32 teacher passes, float64 CDF)")
+    compile: bool = loop_option("compile", help="torch.compile the student's training forward")
+    resume: bool = loop_option("resume", help="continue the run in OUT: finished stages are kept, an interrupted one "
+                               "continues exactly")
+    stop_after: Optional[int] = loop_option("stop_after", help="stop (with a checkpoint) after this many steps in "
+                                            "total over all stages")
+    tensorboard: bool = loop_option("tensorboard", help="also write TensorBoard events per stage")
+    progress: bool = loop_option("progress", help="hide the progress bars")
 
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         check_schedule(self.schedule, self.objective, start=None)
         self.stage_steps()  # validates steps
-        positive = ("batch_size", "grad_accum", "eval_interval", "eval_batches", "save_interval", "log_interval",
-                    "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise DistillError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "min_steps", "ar_eval_contexts"):
+        check_loop_options(self, DistillError)
+        for name in ("min_steps", "ar_eval_contexts"):
             if getattr(self, name) < 0:
                 raise DistillError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 1:
@@ -190,10 +172,6 @@ class DistillConfig:
         if self.stop_after is not None and not 1 <= self.stop_after <= sum(self.stage_steps()):
             raise DistillError(f"stop_after must be in [1, {sum(self.stage_steps())}] (steps of all stages), "
                                f"got {self.stop_after}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise DistillError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise DistillError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     def stage_steps(self) -> List[int]:
         """Steps of each stage (one value repeated, or one per stage)."""
@@ -211,6 +189,11 @@ class DistillConfig:
         if self.lr is not None:
             return self.lr
         return 1e-3 if model_config.n_embd <= 256 else 3e-4
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["tau"] = list(data["tau"])
+        return data
 
 
 def check_schedule(schedule: Sequence[int], objective: str = "self-forcing", start: Optional[int] = 1):
@@ -240,230 +223,18 @@ def check_schedule(schedule: Sequence[int], objective: str = "self-forcing", sta
                 raise DistillError(f"schedule {list(schedule)} must increase, got k={a} then k={b}")
 
 
-def parse_int_list(text: str, name: str) -> List[int]:
-    """'1,2,4' -> [1, 2, 4], with a clear error naming the option."""
-    try:
-        values = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise DistillError(f"{name} must be comma-separated integers such as 1,2,4, got {text!r}") from None
-    if not values:
-        raise DistillError(f"{name} is empty")
-    return values
+def plateaued(history: List[float], config: DistillConfig, step: int) -> bool:
+    """True when the last `plateau_patience` validations gained less than plateau_delta over the best before."""
+    patience = config.plateau_patience
+    if patience is None or step < config.min_steps or len(history) <= patience:
+        return False
+    return max(history[-patience:]) < max(history[:-patience]) + config.plateau_delta
 
 
-def parse_tau(text: str) -> Tuple[float, float]:
-    """'1.0' -> (1.0, 1.0); '0.7:1.2' -> (0.7, 1.2)."""
-    try:
-        parts = [float(p) for p in str(text).split(":")]
-    except ValueError:
-        raise DistillError(f"--tau must be a temperature such as 1.0 or a range such as 0.7:1.2, got {text!r}") \
-            from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise DistillError(f"--tau must be T or MIN:MAX, got {text!r}")
-    return parts[0], parts[1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Targets
-
-
-def _flat_tau(tau, batch, rows_per_sequence, device):
-    """tau as one float64 value per row of (batch * rows_per_sequence), or a float."""
-    if not isinstance(tau, torch.Tensor):
-        return float(tau)
-    tau = tau.to(device=device, dtype=torch.float64).reshape(-1)
-    if tau.numel() == 1:
-        return float(tau.item())
-    if tau.shape[0] != batch:
-        raise ValueError(f"`tau` must be a float or a (B,) tensor with B={batch}, got shape {tuple(tau.shape)}")
-    return tau.repeat_interleave(rows_per_sequence)
-
-
-@torch.no_grad()
-def ar_targets(teacher: ARModel, ids: torch.Tensor, u: torch.Tensor, tau) -> torch.Tensor:
-    """Stage 1 targets: the AR teacher's inverse-CDF token after every context position, at temperature tau.
-
-    Args:
-        teacher: the AR model (its logits are computed in float32, autocast off).
-        ids: (B, N) context tokens.
-        u: (B, W, 1) uniforms, W <= N windows: window t is anchored at context position t.
-        tau: a float or a (B,) tensor: the temperature of each sequence.
-
-    Returns:
-        (B, W, 1) int64: reference.inverse_cdf_sample(float64 logits at t, u[:, t, 0], tau), i.e. the token the
-        teacher samples at position t+1 with the uniform u (smallest v whose float64 CDF reaches u).
-    """
-    if not isinstance(teacher, ARModel):
-        raise TypeError(f"ar_targets needs an ARModel teacher, got {type(teacher).__name__}")
-    if u.dim() != 3 or u.shape[2] != 1 or u.shape[0] != ids.shape[0] or u.shape[1] > ids.shape[1]:
-        raise ValueError(f"`u` must be (B, W, 1) with B={ids.shape[0]} and W <= N={ids.shape[1]}, "
-                         f"got {tuple(u.shape)}")
-    batch, windows = u.shape[:2]
-    with _no_autocast(ids.device):
-        logits = teacher(ids)[:, :windows]
-    flat = logits.reshape(batch * windows, -1).double()
-    temperature = _flat_tau(tau, batch, windows, ids.device)
-    tokens = _reference.inverse_cdf_sample(flat, u.reshape(-1).double().contiguous(), temperature)
-    return tokens.view(batch, windows, 1)
-
-
-@torch.no_grad()
-def self_forcing_targets(teacher: PushForwardLM, ids: torch.Tensor, u: torch.Tensor, tau) -> torch.Tensor:
-    """Stage k -> 2k targets: two consecutive K-Forcing decode steps of the stage-k teacher, for every window.
-
-    Args:
-        teacher: the frozen stage-k student (a PushForwardLM with max_k >= k; run in float32, autocast off).
-        ids: (B, N) context tokens.
-        u: (B, W, 2k) uniforms: u[:, t, :k] for the teacher's first step from window t, u[:, t, k:] for its second.
-        tau: a float or a (B,) tensor.
-
-    Returns:
-        (B, W, 2k) int64. Tokens 0..k-1 = argmax of a staircase pass with u[..., :k]; tokens k..2k-1 = argmax of
-        a pass with window size 2k whose first k rows are those tokens (at positions t+1..t+k) and whose k hints
-        carry u[..., k:]. That is `generate_kforcing(teacher, ids[b, :t+1], 2k, k=k)` for window t when its
-        uniforms are u[b, t] (tested token for token); like decoding, the argmax is taken over float32 logits.
-    """
-    if not isinstance(teacher, PushForwardLM):
-        raise TypeError(f"self_forcing_targets needs a PushForwardLM teacher, got {type(teacher).__name__}")
-    if u.dim() != 3 or u.shape[2] % 2 or u.shape[0] != ids.shape[0]:
-        raise ValueError(f"`u` must be (B, W, 2k) with B={ids.shape[0]}, got {tuple(u.shape)}")
-    k = u.shape[2] // 2
-    if k > teacher.max_k:
-        raise ValueError(f"2k = {2 * k} uniforms per window need a teacher with max_k >= {k}, "
-                         f"this one has max_k={teacher.max_k}")
-    with _no_autocast(ids.device):
-        first = teacher.forward_train(ids, u[..., :k], tau).float().argmax(-1)
-        second = teacher.forward_train(ids, u[..., k:], tau, window_size=2 * k, window_tokens=first)
-    return torch.cat([first, second.float().argmax(-1)], dim=2)
-
-
-@torch.no_grad()
-def noise_inversion_batch(teacher: ARModel, tokens: torch.Tensor, v: torch.Tensor, tau):
-    """The noise-inversion baseline: data tokens as targets, u drawn inside their CDF interval under the teacher.
-
-    Args:
-        teacher: the AR model.
-        tokens: (B, N + K) data tokens: context x_0..x_{N-1} and K more, so that window t targets x_{t+1..t+K}.
-        v: (B, N, K) uniforms in [0, 1) that place each u inside its interval.
-        tau: a float or a (B,) tensor.
-
-    Returns:
-        (ids (B, N), u (B, N, K) float64, targets (B, N, K) int64, valid (B, N, K) bool). For target y at position
-        p the teacher's float64 CDF under x_{<p} at tau gives the interval (C(y-1), C(y)], and
-        u = C(y-1) + v * (C(y) - C(y-1)), clamped into the interval. `valid` says whether u maps back to y under
-        the exact inverse-CDF rule: a token whose probability is below float64 resolution next to its CDF cannot be
-        hit, which is the numerical fragility the paper reports.
-    """
-    if not isinstance(teacher, ARModel):
-        raise TypeError(f"noise_inversion_batch needs an ARModel teacher, got {type(teacher).__name__}")
-    batch, windows, k = v.shape
-    if tokens.shape != (batch, windows + k):
-        raise ValueError(f"`tokens` must be (B, N + K) = ({batch}, {windows + k}), got {tuple(tokens.shape)}")
-    with _no_autocast(tokens.device):
-        logits = teacher(tokens[:, :-1]).double()  # (B, N + K - 1, V): position p predicts p + 1
-    temperature = _flat_tau(tau, batch, 1, tokens.device)
-    if isinstance(temperature, torch.Tensor):
-        logits = logits / temperature.view(batch, 1, 1)
-    else:
-        logits = logits / temperature
-    # Window t, offset j targets the token at t + 1 + j, predicted by the logits at t + j.
-    index = torch.arange(windows, device=tokens.device)[:, None] + torch.arange(k, device=tokens.device)
-    targets = tokens[:, 1:][:, index]  # (B, N, K)
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # the reference's float64 CDF
-    cdf_windows = cdf[:, index]  # (B, N, K, V)
-    upper = cdf_windows.gather(-1, targets[..., None]).squeeze(-1)
-    below = (targets - 1).clamp(min=0)
-    lower = torch.where(targets > 0, cdf_windows.gather(-1, below[..., None]).squeeze(-1),
-                        torch.zeros_like(upper))
-    u = lower + v.double() * (upper - lower)
-    u = torch.minimum(torch.maximum(u, torch.nextafter(lower, torch.ones_like(lower))), upper).clamp(0.0, 1.0)
-    sampled = _reference.inverse_cdf_sample(logits[:, index].reshape(-1, logits.shape[-1]),
-                                            u.reshape(-1).contiguous())
-    valid = sampled.view_as(targets) == targets
-    return tokens[:, :windows], u, targets, valid
-
-
-@contextlib.contextmanager
-def _no_autocast(device):
-    with torch.autocast(device.type if isinstance(device, torch.device) else str(device), enabled=False):
-        yield
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Noise of the training batches
-
-
-def batch_noise(seed, stage, sample_keys, windows, k, tau_range):
-    """(u (B, windows, k) float64, tau (B,) float32) of the samples `sample_keys` (B,) int64 in stage `stage`.
-
-    u[b, t, j] = counter_uniform(seed ^ NOISE ^ stage, sample_keys[b], t * k + j); tau from its own stream,
-    uniform in tau_range. A pure function of its arguments: exact resumption and DDP need nothing else.
-    """
-    device = sample_keys.device
-    stream = (seed ^ _NOISE_KEY) + (stage << 20)
-    position = (torch.arange(windows, device=device)[:, None] * k + torch.arange(k, device=device))[None]
-    u = counter_uniform(stream, sample_keys[:, None, None], position)
+def _mid_tau(tau_range):
+    """The temperature the AR agreement is measured at: 1.0 when trained on it, else the middle of the range."""
     low, high = tau_range
-    if low == high:
-        tau = torch.full((len(sample_keys),), float(low), dtype=torch.float32, device=device)
-    else:
-        r = counter_uniform((seed ^ _TAU_KEY) + (stage << 20), sample_keys, 0)
-        tau = (low + (high - low) * r).to(torch.float32)
-    return u, tau
-
-
-# ---------------------------------------------------------------------------------------------------------
-# EMA
-
-
-class EMA:
-    """An exponential moving average of a model's floating-point parameters and buffers, in float32.
-
-    decay after n updates: min(decay, (1 + n) / (10 + n)). `copy_to(model)` writes the averages into a model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {name: value.detach().float().clone() for name, value in model.state_dict().items()
-                       if value.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, value in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].lerp_(value.detach().float(), 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module):
-        state = model.state_dict()
-        for name, value in self.shadow.items():
-            state[name].copy_(value)
-
-    def state_dict(self):
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state):
-        self.decay, self.updates = state["decay"], state["updates"]
-        for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loss and metrics
-
-
-def window_loss(logits: torch.Tensor, targets: torch.Tensor):
-    """(mean loss, per-offset loss (K,), per-offset accuracy (K,), exact match) of hint logits (B, W, K, V)."""
-    per_token = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
-    per_token = per_token.view(targets.shape)
-    correct = logits.detach().float().argmax(-1) == targets
-    return (per_token.mean(), per_token.detach().mean(dim=(0, 1)), correct.float().mean(dim=(0, 1)),
-            correct.all(dim=-1).float().mean())
+    return 1.0 if low <= 1.0 <= high else 0.5 * (low + high)
 
 
 class _StudentForward(nn.Module):
@@ -478,69 +249,211 @@ class _StudentForward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# One stage
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of the schedule: what it trains from and on."""
+
+    index: int
+    k: int
+    steps: int
+    layout: RunLayout
+    teacher: nn.Module  # the stage's teacher: the AR model, or the previous stage's student
+    ar_teacher: Optional[ARModel]  # the AR teacher of the run, when there is one (agreement, noise inversion)
+    teacher_checkpoint: str
+
+
+class StageTask(TrainingTask):
+    """The loss, validation and AR agreement of one distillation stage."""
+
+    unit = "windows"
+    bar_stats = {"exact": "train_exact_match"}
+
+    def __init__(self, config: DistillConfig, stage: Stage, dataset: TokenDataset, seq_len: int, info: DistInfo,
+                 device):
+        self.config, self.stage, self.dataset, self.seq_len, self.info, self.device = (
+            config, stage, dataset, seq_len, info, device)
+        self.hints = stage.k
+        self.global_batch = config.batch_size * config.grad_accum * info.world
+        self.units_per_step = self.global_batch * seq_len
+        teacher_k = getattr(stage.teacher, "max_k", 0)
+        self.name = f"distill k={stage.k}" + (f" (from k={teacher_k})" if teacher_k else " (from AR)")
+        self.history: List[float] = []
+        self.initial: Optional[dict] = None
+        self.records: dict = {}  # every validation metric, latest value
+        self.contexts = []
+        if stage.ar_teacher is not None and config.ar_eval_contexts:
+            max_len = min(seq_len, stage.teacher.config.max_seq_len - stage.k)
+            self.contexts = heldout_contexts(dataset, config.ar_eval_contexts, max_len=max_len, seed=config.seed)
+
+    def batch(self, split, step, first, sample_keys):
+        """(ids, u, tau, targets, share of valid noise inversions or None) of one micro-batch."""
+        config, stage = self.config, self.stage
+        noise_inversion = config.objective == "noise-inversion"
+        data_len = self.seq_len + self.hints - 1 if noise_inversion else self.seq_len
+        x, y = self.dataset.batch(split, step, len(sample_keys), data_len, config.seed + 104729 * (stage.index + 1),
+                                  first_index=first, device=self.device)
+        u, tau = batch_noise(config.seed, stage.index, sample_keys, self.seq_len, self.hints, config.tau)
+        if noise_inversion:
+            ids, u, targets, valid = noise_inversion_batch(stage.ar_teacher, torch.cat([x, y[:, -1:]], dim=1), u, tau)
+            return ids, u, tau, targets, valid.float().mean()
+        if isinstance(stage.teacher, ARModel):
+            return x, u, tau, ar_targets(stage.teacher, x, u, tau), None
+        return x, u, tau, self_forcing_targets(stage.teacher, x, u, tau), None
+
+    def loss(self, module, step, first_index):
+        keys = step * self.global_batch + first_index + torch.arange(self.config.batch_size, device=self.device)
+        ids, u, tau, targets, valid = self.batch("train", step, first_index, keys)
+        loss, offset_loss, offset_acc, exact = window_loss(module(ids, u, tau), targets)
+        stats = {"train_exact_match": exact.item(), "train_loss_{}": offset_loss.cpu(),
+                 "train_acc_{}": offset_acc.cpu()}
+        if valid is not None:
+            stats["inversion_valid"] = valid.item()
+        return loss, stats
+
+    @torch.no_grad()
+    def validate(self, step, model):
+        """Validation loss/accuracy against the stage's targets (EMA weights), all ranks."""
+        config, hints = self.config, self.hints
+        total = torch.zeros(3 + 2 * hints, dtype=torch.float64, device=self.device)
+        for i in range(self.info.rank, config.eval_batches, self.info.world):
+            keys = _VAL_OFFSET + i * config.batch_size + torch.arange(config.batch_size, device=self.device)
+            ids, u, tau, targets, _ = self.batch("val", i, i * config.batch_size, keys)
+            with self.autocast():
+                logits = model.forward_train(ids, u, tau)
+            loss, offset_loss, offset_acc, exact = window_loss(logits, targets)
+            one = torch.ones((), device=self.device, dtype=torch.float64)
+            total += torch.cat([torch.stack([loss.double(), exact.double(), one]), offset_loss.double(),
+                                offset_acc.double()])
+        if self.info.enabled:
+            dist.all_reduce(total)
+        n = total[2].item()
+        record = {"step": step, "val_loss": total[0].item() / n, "val_exact_match": total[1].item() / n}
+        for j in range(hints):
+            record[f"val_loss_{j + 1}"] = total[3 + j].item() / n
+            record[f"val_acc_{j + 1}"] = total[3 + hints + j].item() / n
+        return record
+
+    def ar_agreement(self, model):
+        if not self.contexts or not self.info.main:
+            return {}
+        # The same contexts and uniforms in every stage: a stage starts where the previous one ended.
+        result = coupled_agreement(self.stage.ar_teacher, model, self.contexts, self.stage.k, seed=self.config.seed,
+                                   temperature=_mid_tau(self.config.tau))
+        record = {"ar_exact_match": result["exact_match"]}
+        for j, value in enumerate(result["per_offset"]):
+            record[f"ar_agree_{j + 1}"] = value
+        return record
+
+    def evaluate(self, step, phase, model):
+        record = self.validate(step, model)
+        stop = False
+        if phase == "interval":
+            self.history.append(record["val_exact_match"])
+            stop = plateaued(self.history, self.config, step)
+        if phase != "interval" or stop:
+            record.update(self.ar_agreement(model))
+        if phase == "start":
+            self.initial = {key: value for key, value in record.items() if key != "step"}
+        self.records.update({key: value for key, value in record.items() if key != "step"})
+        return record, stop
+
+    def provenance(self, step, summary=None):
+        return Provenance("distill", step, str(self.dataset.directory.resolve()), self.seq_len, self.config.to_json(),
+                          teacher=self.stage.teacher_checkpoint, k=self.stage.k, summary=summary)
+
+    def state(self):
+        return {"history": self.history, "k": self.stage.k, "initial": self.initial}
+
+    def load_state(self, state):
+        self.history, self.initial = list(state["history"]), state.get("initial")
+
+
+def _check_stage_teacher(config: DistillConfig, stage: Stage):
+    if config.objective != "self-forcing":
+        return
+    if isinstance(stage.teacher, PushForwardLM):
+        if stage.teacher.max_k < stage.k // 2:
+            raise DistillError(f"stage k={stage.k} needs a teacher with max_k >= {stage.k // 2}, got "
+                               f"max_k={stage.teacher.max_k}")
+    elif stage.k != 1:
+        raise DistillError(f"self-forcing stage k={stage.k} needs a K-Forcing teacher; an AR teacher only starts k=1")
+
+
+def run_stage(config: DistillConfig, stage: Stage, dataset: TokenDataset, tokenizer, seq_len: int, info: DistInfo,
+              device, steps_before: int) -> Optional[dict]:
+    """Train one stage; returns its summary, or None when stop_after ended the run inside it."""
+    for model in (stage.teacher, stage.ar_teacher):
+        if model is not None:
+            model.eval().requires_grad_(False)
+    _check_stage_teacher(config, stage)
+    torch.manual_seed(config.seed + 7919 * stage.index)  # the same new noise encoder on every rank
+    student = PushForwardLM.from_teacher(stage.teacher, stage.k).to(device)
+    student.train().requires_grad_(True)
+    task = StageTask(config, stage, dataset, seq_len, info, device)
+    stop_at = stage.steps if config.stop_after is None else min(stage.steps, config.stop_after - steps_before)
+    peak = config.effective_lr(student.config)
+    trainer = Trainer(task, student, config, stage.layout, info, device, stage.steps, stop_at, peak,
+                      tokenizer=tokenizer, forward=_StudentForward(student), scaled_prefix="noise.",
+                      lr_scale=config.noise_lr_scale, ema_decay=config.ema_decay)
+    torch.manual_seed(config.seed + 7919 * stage.index + 1000003 * info.rank)  # per-rank dropout streams, if any
+    start = ckpt.find_resume_checkpoint(stage.layout.root)
+    if start is not None:
+        if not config.resume:
+            raise DistillError(f"{stage.layout.root} holds a training checkpoint; pass --resume to continue it")
+        trainer.resume(start)
+    was_plateaued = trainer.run()
+    if trainer.step < stage.steps and not was_plateaued:
+        return None
+    summary = {"k": stage.k, "objective": config.objective, "steps_budget": stage.steps, "seq_len": seq_len,
+               "global_batch": task.global_batch, "lr": peak, "teacher_max_k": getattr(stage.teacher, "max_k", 0),
+               "initial": task.initial, **task.records, "train_loss": trainer.last.get("train_loss"),
+               "step": trainer.step, "plateaued": was_plateaued, "windows": trainer.step * task.units_per_step,
+               "tokens": trainer.step * task.global_batch * seq_len}
+    if info.main:
+        provenance = task.provenance(trainer.step, {key: v for key, v in summary.items() if key != "initial"})
+        ckpt.save_checkpoint(stage.layout.final, trainer.eval_model(), tokenizer, provenance=provenance)
+        write_json_atomic(stage.layout.done, summary)
+    info.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run
 
 
-def _teacher_run_dir(teacher_path: Path) -> Optional[Path]:
-    """The run directory of a checkpoint (RUN/checkpoints/step_N -> RUN), or the path itself when it is a run."""
-    if (teacher_path / ckpt.LATEST).is_file():
-        return teacher_path
-    directory = ckpt.resolve_checkpoint(teacher_path)
-    run = directory.parent.parent
-    return run if (run / ckpt.LATEST).is_file() else None
-
-
-def _load_data(config: DistillConfig, teacher_dir: Path, teacher_config: dict, tokenizer: Optional[Tokenizer],
-               out: Path, info: _Dist) -> TokenDataset:
-    """The token dataset contexts come from (see DistillConfig.corpus / data_dir)."""
-    train = teacher_config.get("extra", {}).get("train", {})
+def _token_cache(config: DistillConfig, teacher: Optional[Provenance], tokenizer: Optional[Tokenizer],
+                 layout: RunLayout, info: DistInfo) -> TokenDataset:
+    """The token dataset contexts come from: the teacher's own cache (its provenance), or --corpus / --data-dir."""
     if tokenizer is None:
-        raise DistillError(f"teacher checkpoint {teacher_dir} has no tokenizer.json: the contexts cannot be tokenised "
-                           "(and the students would have no tokenizer)")
+        raise DistillError(f"teacher checkpoint {ckpt.resolve_checkpoint(config.teacher)} has no tokenizer.json: the "
+                           "contexts cannot be tokenised (and the students would have no tokenizer)")
     if config.data_dir is None and config.corpus is None:
-        run = _teacher_run_dir(Path(config.teacher).expanduser())
-        candidates = []
-        if teacher_config.get("extra", {}).get("data_dir"):  # a student teacher: the cache it was distilled on
-            candidates.append(Path(teacher_config["extra"]["data_dir"]))
-        if train.get("data_dir"):
-            candidates.append(Path(train["data_dir"]))
-        if run is not None:
-            candidates.append(run / "data")
-        for candidate in candidates:
-            meta = candidate / "meta.json"
-            if meta.is_file():
-                try:
-                    fingerprint = json.loads(meta.read_text()).get("tokenizer_fingerprint")
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                if fingerprint == tokenizer.fingerprint():
-                    return TokenDataset(candidate, verify=False)
-    corpus = config.corpus or train.get("corpus")
+        candidates = [teacher.token_cache if teacher else None, RunLayout(Path(config.teacher).expanduser()).data]
+        dataset = find_token_cache(candidates, tokenizer)
+        if dataset is not None:
+            return dataset
+    settings = teacher.settings if teacher is not None and teacher.stage == "teacher" else {}
+    corpus = config.corpus or settings.get("corpus")
     if not corpus:
         raise DistillError(f"cannot find the teacher's training data next to {config.teacher}; pass --corpus "
                            "(e.g. --corpus stdlib) to draw contexts from a corpus")
-    data_dir = Path(config.data_dir) if config.data_dir else out / "data"
-    max_bytes = config.corpus_max_bytes if config.corpus else train.get("corpus_max_bytes")
-    text_field = config.text_field if config.corpus else train.get("text_field", config.text_field)
-    val_fraction = config.val_fraction if config.corpus else train.get("val_fraction", config.val_fraction)
+    data_dir = Path(config.data_dir) if config.data_dir else layout.data
+    own = config.corpus is not None
+    args = (corpus, tokenizer, data_dir, config.val_fraction if own else settings.get("val_fraction", 0.01),
+            config.text_field if own else settings.get("text_field", config.text_field),
+            config.corpus_max_bytes if own else settings.get("corpus_max_bytes"))
     if info.main:
-        dataset = prepare_dataset(corpus, tokenizer, data_dir, val_fraction, text_field, max_bytes,
-                                  progress=config.progress)
+        dataset = prepare_dataset(*args, progress=config.progress)
     info.barrier()
-    if not info.main:
-        dataset = prepare_dataset(corpus, tokenizer, data_dir, val_fraction, text_field, max_bytes, verify=False)
-    return dataset
+    return dataset if info.main else prepare_dataset(*args, verify=False)
 
 
 _TRAJECTORY_FIELDS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "tau", "lr", "min_lr_ratio",
                       "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "ema_decay", "plateau_patience",
                       "plateau_delta", "min_steps", "corpus", "seed", "dtype")
-
-
-def _json_config(config: DistillConfig) -> dict:
-    data = dataclasses.asdict(config)
-    data["tau"] = list(data["tau"])
-    return data
 
 
 def distill(config: DistillConfig) -> dict:
@@ -550,380 +463,106 @@ def distill(config: DistillConfig) -> dict:
     "checkpoint": the final student's directory, "out_dir"}.
 
     Raises DistillError / ValueError for bad settings, kforcing.checkpoint.CheckpointError for missing or unfitting
-    checkpoints, kforcing.data errors for data problems.
+    checkpoints, kforcing.data errors for data problems, kforcing.trainer.TrainingError for a non-finite loss.
     """
     config.validate()
-    info = _init_distributed(config.device if config.device != "auto" else
-                             ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
+    with distributed(config.device) as info:
         return _distill(config, info)
-    finally:
-        if info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def _distill(config: DistillConfig, info: _Dist) -> dict:
-    device = _resolve_device(config.device, info)
-    out = Path(config.out_dir)
-    run_file = out / RUN_FILE
-    if run_file.is_file() and not config.resume:
-        raise DistillError(f"{out} already holds a distillation run; pass --resume to continue it (finished stages "
-                           "are kept), or choose another --out")
+def _context_length(config: DistillConfig, teacher, provenance: Optional[Provenance]) -> int:
+    max_k, max_seq = max(config.schedule), teacher.config.max_seq_len
+    if config.seq_len is not None:
+        seq_len = config.seq_len
+    else:  # the teacher's training length (a teacher run's only: a student's is its own context length)
+        trained = provenance.seq_len if provenance is not None and provenance.stage == "teacher" else None
+        seq_len = min(trained or max_seq, max_seq - max_k)
+    if seq_len < 1 or seq_len + max_k > max_seq:
+        raise DistillError(f"seq_len={seq_len} + max k={max_k} exceeds the teacher's max_seq_len={max_seq}: every "
+                           "window's tokens must fit the model's positions")
+    return seq_len
 
+
+def _write_settings(config: DistillConfig, layout: RunLayout, teacher_dir: Path, seq_len: int):
+    """distill.json: checked against the current settings on --resume (another teacher is an error)."""
+    current = config.to_json()
+    if layout.distill_settings.is_file():
+        saved = json.loads(layout.distill_settings.read_text())
+        if saved.get("teacher_checkpoint") not in (None, str(teacher_dir.resolve())):
+            raise DistillError(f"{layout.root} was distilled from {saved['teacher_checkpoint']}, not {teacher_dir}; "
+                               "resume with the original --teacher or choose another --out")
+        warn_changed_settings(saved, current, _TRAJECTORY_FIELDS, True)
+    write_json_atomic(layout.distill_settings, {**current, "teacher_checkpoint": str(teacher_dir.resolve()),
+                                                "seq_len_used": seq_len})
+
+
+def _distill(config: DistillConfig, info: DistInfo) -> dict:
+    device = resolve_device(config.device, info.local_rank)
+    layout = RunLayout(config.out_dir)
+    if layout.distill_settings.is_file() and not config.resume:
+        raise DistillError(f"{layout.root} already holds a distillation run; pass --resume to continue it (finished "
+                           "stages are kept), or choose another --out")
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
     teacher_dir = ckpt.resolve_checkpoint(config.teacher)
+    provenance = ckpt.Provenance.from_config(teacher_config)
     if isinstance(teacher, PushForwardLM):
+        if config.objective == "noise-inversion":
+            raise DistillError("--objective noise-inversion needs an AR teacher (the CDF intervals are the AR "
+                               f"model's); {teacher_dir} is a K-Forcing student")
         start = 2 * teacher.max_k if config.objective == "self-forcing" else teacher.max_k + 1
     else:
         start = 1
     check_schedule(config.schedule, config.objective, start)
-    if isinstance(teacher, PushForwardLM) and config.objective == "noise-inversion":
-        raise DistillError("--objective noise-inversion needs an AR teacher (the CDF intervals are the AR model's); "
-                           f"{teacher_dir} is a K-Forcing student")
-    max_k = max(config.schedule)
-    model_config = teacher.config
-    seq_len = config.seq_len or teacher_config.get("extra", {}).get("train", {}).get("seq_len") \
-        or model_config.max_seq_len
-    seq_len = min(seq_len, model_config.max_seq_len - max_k) if config.seq_len is None else seq_len
-    if seq_len < 1 or seq_len + max_k > model_config.max_seq_len:
-        raise DistillError(f"seq_len={seq_len} + max k={max_k} exceeds the teacher's max_seq_len="
-                           f"{model_config.max_seq_len}: every window's tokens must fit the model's positions")
-
+    seq_len = _context_length(config, teacher, provenance)
     if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if run_file.is_file():
-            saved = json.loads(run_file.read_text())
-            current = _json_config(config)
-            changed = [f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in _TRAJECTORY_FIELDS
-                       if key in saved and saved[key] != current[key]]
-            if saved.get("teacher_checkpoint") not in (None, str(teacher_dir.resolve())):
-                raise DistillError(f"{out} was distilled from {saved['teacher_checkpoint']}, not {teacher_dir}; "
-                                   "resume with the original --teacher or choose another --out")
-            if changed:
-                print("kforcing: resuming with changed settings (" + "; ".join(changed) + "): the run will differ "
-                      "from one that never stopped", file=sys.stderr)
-        ckpt._write_json(run_file, {**_json_config(config), "teacher_checkpoint": str(teacher_dir.resolve()),
-                                    "seq_len_used": seq_len})
+        layout.root.mkdir(parents=True, exist_ok=True)
+        _write_settings(config, layout, teacher_dir, seq_len)
         if tokenizer is not None:
-            tokenizer.save(out / "tokenizer.json")
+            tokenizer.save(layout.tokenizer)
     info.barrier()
-    dataset = _load_data(config, teacher_dir, teacher_config, tokenizer, out, info)
-    if dataset.vocab_size > model_config.vocab_size:
+    dataset = _token_cache(config, provenance, tokenizer, layout, info)
+    if dataset.vocab_size > teacher.config.vocab_size:
         raise DistillError(f"the data's tokenizer has {dataset.vocab_size} tokens but the teacher's vocabulary has "
-                           f"{model_config.vocab_size}: the corpus was tokenised with another tokenizer")
-
-    ar_teacher = teacher if isinstance(teacher, ARModel) else None
-    stage_teacher = teacher
-    summaries = []
-    steps_before = 0
-    stage_steps = config.stage_steps()
-
-    for index, k in enumerate(config.schedule):
-        stage_dir = out / f"stage_k{k}"
-        done = stage_dir / DONE_FILE
-        if done.is_file():
-            summary = json.loads(done.read_text())
-            final = stage_dir / "final"
-            if not (final / "config.json").is_file():
-                raise ckpt.CheckpointError(f"{done} marks stage k={k} finished but {final} is not a checkpoint; "
-                                           f"delete {stage_dir} to redo the stage")
-            summaries.append(summary)
-            steps_before += summary["steps_budget"]
-            stage_teacher, _, _ = ckpt.load_model(final, device=device, with_tokenizer=False)
-            if info.main:
-                ckpt.write_latest(out, final, summary["step"])
-            continue
-        if config.stop_after is not None and steps_before >= config.stop_after:
-            break
-        summary = _run_stage(config, info, device, index, k, stage_steps[index], stage_dir, stage_teacher,
-                             ar_teacher, dataset, tokenizer, seq_len, steps_before)
-        steps_before += stage_steps[index]
-        if summary is None:  # stopped mid-stage (stop_after)
-            break
-        summaries.append(summary)
-        stage_teacher, _, _ = ckpt.load_model(stage_dir / "final", device=device, with_tokenizer=False)
-        if info.main:
-            ckpt.write_latest(out, stage_dir / "final", summary["step"])
-        info.barrier()
-    final = None
-    if summaries and len(summaries) == len(config.schedule):
-        final = str(out / f"stage_k{config.schedule[-1]}" / "final")
-    return {"stages": summaries, "checkpoint": final, "out_dir": str(out), "seq_len": seq_len}
+                           f"{teacher.config.vocab_size}: the corpus was tokenised with another tokenizer")
+    return _run_schedule(config, teacher, str(teacher_dir.resolve()), dataset, tokenizer, seq_len, layout, info,
+                         device)
 
 
-def _run_stage(config: DistillConfig, info: _Dist, device, index, k, steps, stage_dir: Path, teacher,
-               ar_teacher, dataset: TokenDataset, tokenizer, seq_len, steps_before):
-    """Train one stage; returns its summary, or None when stop_after ended the run inside it."""
-    from tqdm import tqdm
-
-    from .evaluate import coupled_agreement, heldout_contexts
-
-    objective = config.objective
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if ar_teacher is not None:
-        for p in ar_teacher.parameters():
-            p.requires_grad_(False)
-    # The stage teacher's k (what it decodes per pass) and the uniforms per window.
-    hints = k
-    if objective == "self-forcing" and isinstance(teacher, PushForwardLM):
-        teacher_k = k // 2
-        if teacher.max_k < teacher_k:
-            raise DistillError(f"stage k={k} needs a teacher with max_k >= {teacher_k}, got max_k={teacher.max_k}")
-    elif objective == "self-forcing" and k != 1:
-        raise DistillError(f"self-forcing stage k={k} needs a K-Forcing teacher; an AR teacher only starts k=1")
-
-    torch.manual_seed(config.seed + 7919 * index)  # the same new noise encoder on every rank
-    student = PushForwardLM.from_teacher(teacher, k).to(device)
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    ema = EMA(student, config.ema_decay)
-    export = PushForwardLM.from_teacher(teacher, k).to(device).eval()  # holds the EMA weights
-    for p in export.parameters():
-        p.requires_grad_(False)
-    peak = config.effective_lr(student.config)
-    groups = param_groups(student, config.weight_decay, scaled_prefix="noise.", lr_scale=config.noise_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=peak,
-                                  betas=(config.beta1, config.beta2), fused=device.type == "cuda")
-
-    torch.manual_seed(config.seed + 7919 * index + 1000003 * info.rank)  # per-rank dropout streams, if any
-    latest = stage_dir / ckpt.LATEST
-    start_step, history, initial = 0, [], None
-    if latest.is_file():
-        if not config.resume:
-            raise DistillError(f"{stage_dir} holds a training checkpoint; pass --resume to continue it")
-        directory = ckpt.resolve_checkpoint(stage_dir)
-        ckpt.load_weights(export, directory)  # the EMA weights
-        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if state["world_size"] != info.world:
-            raise ckpt.CheckpointError(f"the checkpoint {directory} was written by {state['world_size']} process(es) "
-                                       f"but this run has {info.world}; exact resumption needs the same world size")
-        student.load_state_dict(load_file(str(directory / "student.safetensors"), device=str(device)))
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
-        ema.load_state_dict({"decay": state["ema_decay"], "updates": state["ema_updates"],
-                             "shadow": {n: v.float() for n, v in export.state_dict().items()
-                                        if v.is_floating_point()}})
-        start_step, history, initial = state["step"], list(state["history"]), state.get("initial")
-        _set_rng_state(state["rng"][info.rank], device)
-    elif info.main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    info.barrier()
-
-    train_model = _StudentForward(student)
-    if config.compile:
-        train_model = torch.compile(train_model)
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    metrics = _Metrics(stage_dir, info.main, config.tensorboard)
-    if info.main and start_step:
-        _trim_metrics(metrics.path, start_step)
-    elif info.main and metrics.path.exists():
-        metrics.path.unlink()
-
-    global_batch = config.batch_size * config.grad_accum * info.world
-    data_len = seq_len + hints - 1 if objective == "noise-inversion" else seq_len
-    data_seed = config.seed + 104729 * (index + 1)
-
-    def make_batch(split, step, first, batch_keys, model_teacher):
-        """(ids, u, tau, targets, valid fraction or None) of one micro-batch."""
-        x, y = dataset.batch(split, step, len(batch_keys), data_len, data_seed, first_index=first, device=device)
-        u, tau = batch_noise(config.seed, index, batch_keys, seq_len, hints, config.tau)
-        if objective == "noise-inversion":
-            tokens = torch.cat([x, y[:, -1:]], dim=1)
-            ids, u, targets, valid = noise_inversion_batch(ar_teacher, tokens, u, tau)
-            return ids, u, tau, targets, valid.float().mean()
-        ids = x
-        if isinstance(model_teacher, ARModel):
-            targets = ar_targets(model_teacher, ids, u, tau)
-        else:
-            targets = self_forcing_targets(model_teacher, ids, u, tau)
-        return ids, u, tau, targets, None
-
-    summary = {"k": k, "objective": objective, "steps_budget": steps, "seq_len": seq_len, "global_batch": global_batch,
-               "lr": peak, "teacher_max_k": getattr(teacher, "max_k", 0)}
-    contexts = []
-    if ar_teacher is not None and config.ar_eval_contexts:
-        contexts = heldout_contexts(dataset, config.ar_eval_contexts, max_len=min(seq_len, student.config.max_seq_len
-                                                                                  - k), seed=config.seed)
-
-    def validate(step):
-        """Validation loss/accuracy against the stage's targets (EMA weights), all ranks."""
-        ema.copy_to(export)
-        total = torch.zeros(3 + 2 * hints, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for i in range(info.rank, config.eval_batches, info.world):
-                keys = _VAL_OFFSET + i * config.batch_size + torch.arange(config.batch_size, device=device)
-                ids, u, tau, targets, valid = make_batch("val", i, i * config.batch_size, keys, teacher)
-                with autocast:
-                    logits = export.forward_train(ids, u, tau)
-                loss, offset_loss, offset_acc, exact = window_loss(logits, targets)
-                total += torch.cat([torch.stack([loss.double(), exact.double(), torch.ones((), device=device,
-                                                                                             dtype=torch.float64)]),
-                                    offset_loss.double(), offset_acc.double()])
-        if info.enabled:
-            dist.all_reduce(total)
-        n = total[2].item()
-        record = {"step": step, "val_loss": total[0].item() / n, "val_exact_match": total[1].item() / n}
-        for j in range(hints):
-            record[f"val_loss_{j + 1}"] = total[3 + j].item() / n
-            record[f"val_acc_{j + 1}"] = total[3 + hints + j].item() / n
-        return record
-
-    def ar_agreement(step):
-        if not contexts or not info.main:
-            return {}
-        ema.copy_to(export)
-        # The same contexts and uniforms in every stage: a stage starts where the previous one ended.
-        result = coupled_agreement(ar_teacher, export, contexts, k, seed=config.seed,
-                                   temperature=_mid_tau(config.tau))
-        record = {"ar_exact_match": result["exact_match"]}
-        for j, value in enumerate(result["per_offset"]):
-            record[f"ar_agree_{j + 1}"] = value
-        return record
-
-    def evaluate(step, with_ar):
-        record = validate(step)
-        if with_ar:
-            record.update(ar_agreement(step))
-        metrics.log(record)
-        summary.update({key: value for key, value in record.items() if key != "step"})
-        return record
-
-    def save(step):
-        rng = [_rng_state(device)]
-        if info.enabled:
-            rng = [None] * info.world
-            dist.all_gather_object(rng, _rng_state(device))
-        if info.main:
-            ema.copy_to(export)
-            directory = stage_dir / "checkpoints" / f"step_{step:07d}"
-            trainer_state = {"step": step, "rng": rng, "world_size": info.world, "history": history,
-                             "ema_decay": ema.decay, "ema_updates": ema.updates, "k": k,
-                             "initial": summary.get("initial")}
-            ckpt.save_checkpoint(directory, export, tokenizer, optimizer, trainer_state,
-                                 extra={"distill": _json_config(config), "stage": k, "step": step,
-                                        "data_dir": str(dataset.directory.resolve())})
-            from safetensors.torch import save_file
-            state = {n: v.detach().to("cpu").contiguous() for n, v in student.state_dict().items()}
-            tmp = directory / ".student.safetensors.tmp"
-            save_file(state, str(tmp))
-            tmp.replace(directory / "student.safetensors")
-            ckpt.write_latest(stage_dir, directory, step)
-            _prune(stage_dir / "checkpoints", config.keep_checkpoints, keep=directory)
-        info.barrier()
-
-    bar = tqdm(total=steps, initial=start_step, disable=not (config.progress and info.main),
-               desc=f"distill k={k}" + (f" (from k={summary['teacher_max_k']})" if summary["teacher_max_k"] else
-                                        " (from AR)"), unit="step", dynamic_ncols=True)
-    if start_step == 0:
-        first = evaluate(0, with_ar=True)
-        summary["initial"] = {key: value for key, value in first.items() if key != "step"}
-    elif initial is not None:
-        summary["initial"] = initial
-    stop_at = steps if config.stop_after is None else min(steps, config.stop_after - steps_before)
-    windows_per_step = global_batch * seq_len
-    window_start = time.perf_counter()
-    window = {"loss": 0.0, "steps": 0, "offset_loss": torch.zeros(hints), "offset_acc": torch.zeros(hints),
-              "exact": 0.0, "valid": 0.0}
-    step = start_step
-    plateaued = False
-    while step < stop_at:
-        lr = warmup_cosine_lr(step, steps, peak, config.warmup_steps, config.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        for micro in range(config.grad_accum):
-            first = (micro * info.world + info.rank) * config.batch_size
-            keys = step * global_batch + first + torch.arange(config.batch_size, device=device)
-            ids, u, tau, targets, valid = make_batch("train", step, first, keys, teacher)
-            sync = micro == config.grad_accum - 1 or not info.enabled
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
-                logits = train_model(ids, u, tau)
-                loss, offset_loss, offset_acc, exact = window_loss(logits, targets)
-            (loss / config.grad_accum).backward()
-            window["loss"] += loss.item() / config.grad_accum
-            window["offset_loss"] += offset_loss.cpu() / config.grad_accum
-            window["offset_acc"] += offset_acc.cpu() / config.grad_accum
-            window["exact"] += exact.item() / config.grad_accum
-            if valid is not None:
-                window["valid"] += valid.item() / config.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(student)
-        step += 1
-        window["steps"] += 1
-        bar.update(1)
-        if step % config.log_interval == 0 or step == stop_at:
-            n = window["steps"]
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "train_loss": _all_mean(window["loss"] / n, info, device), "lr": lr,
-                      "grad_norm": grad_norm, "train_exact_match": _all_mean(window["exact"] / n, info, device),
-                      "windows": step * windows_per_step, "windows_per_s": n * windows_per_step / elapsed}
-            for j in range(hints):
-                record[f"train_loss_{j + 1}"] = _all_mean(window["offset_loss"][j].item() / n, info, device)
-                record[f"train_acc_{j + 1}"] = _all_mean(window["offset_acc"][j].item() / n, info, device)
-            if objective == "noise-inversion":
-                record["inversion_valid"] = _all_mean(window["valid"] / n, info, device)
-            metrics.log(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", exact=f"{record['train_exact_match']:.3f}",
-                            lr=f"{lr:.1e}")
-            summary["train_loss"] = record["train_loss"]
-            window_start = time.perf_counter()
-            window = {"loss": 0.0, "steps": 0, "offset_loss": torch.zeros(hints), "offset_acc": torch.zeros(hints),
-                      "exact": 0.0, "valid": 0.0}
-        finishing = step == steps
-        if step % config.eval_interval == 0 and not finishing:
-            record = validate(step)
-            history.append(record["val_exact_match"])
-            plateaued = finishing = _plateaued(history, config, step)
-            if plateaued:
-                record.update(ar_agreement(step))
-            metrics.log(record)
-            summary.update({key: value for key, value in record.items() if key != "step"})
-        elif finishing:
-            evaluate(step, with_ar=True)
-        if finishing:
-            save(step)
-            break
-        if step % config.save_interval == 0 or step == stop_at:
-            save(step)
-    bar.close()
-    metrics.close()
-    if step < steps and not plateaued:
-        return None
-    summary.update({"step": step, "plateaued": plateaued, "windows": step * windows_per_step,
-                    "tokens": step * global_batch * seq_len})
-    final = stage_dir / "final"
-    if info.main:
-        ema.copy_to(export)
-        ckpt.save_checkpoint(final, export, tokenizer,
-                             extra={"distill": _json_config(config), "stage": k, "step": step,
-                                    "data_dir": str(dataset.directory.resolve()),
-                                    "summary": {key: v for key, v in summary.items() if key != "initial"}})
-        ckpt._write_json(stage_dir / DONE_FILE, summary)
-    info.barrier()
+def _finished_stage(stage_layout: RunLayout, k: int) -> dict:
+    summary = json.loads(stage_layout.done.read_text())
+    if not (stage_layout.final / "config.json").is_file():
+        raise ckpt.CheckpointError(f"{stage_layout.done} marks stage k={k} finished but {stage_layout.final} is not "
+                                   f"a checkpoint; delete {stage_layout.root} to redo the stage")
     return summary
 
 
-def _mid_tau(tau_range):
-    """The temperature the AR agreement is measured at: 1.0 when trained on it, else the middle of the range."""
-    low, high = tau_range
-    return 1.0 if low <= 1.0 <= high else 0.5 * (low + high)
+def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, layout, info, device) -> dict:
+    ar_teacher = teacher if isinstance(teacher, ARModel) else None
+    stage_teacher, stage_teacher_dir = teacher, teacher_dir
+    summaries, steps_before = [], 0
+    for index, (k, steps) in enumerate(zip(config.schedule, config.stage_steps())):
+        stage_layout = layout.stage(k)
+        if stage_layout.done.is_file():
+            summary = _finished_stage(stage_layout, k)
+        elif config.stop_after is not None and steps_before >= config.stop_after:
+            break
+        else:
+            stage = Stage(index, k, steps, stage_layout, stage_teacher, ar_teacher, stage_teacher_dir)
+            summary = run_stage(config, stage, dataset, tokenizer, seq_len, info, device, steps_before)
+            if summary is None:  # stopped mid-stage (stop_after)
+                break
+        summaries.append(summary)
+        steps_before += summary["steps_budget"]
+        stage_teacher, _, _ = ckpt.load_model(stage_layout.final, device=device, with_tokenizer=False)
+        stage_teacher_dir = str(stage_layout.final.resolve())
+        if info.main:
+            ckpt.write_latest(layout.root, stage_layout.final, summary["step"])
+        info.barrier()
+    final = None
+    if summaries and len(summaries) == len(config.schedule):
+        final = str(layout.stage(config.schedule[-1]).final)
+    return {"stages": summaries, "checkpoint": final, "out_dir": str(layout.root), "seq_len": seq_len}
 
 
-def _plateaued(history: List[float], config: DistillConfig, step: int) -> bool:
-    """True when the last `plateau_patience` validations gained less than plateau_delta over the best before."""
-    patience = config.plateau_patience
-    if patience is None or step < config.min_steps or len(history) <= patience:
-        return False
-    return max(history[-patience:]) < max(history[:-patience]) + config.plateau_delta
-
-
-__all__ = ["DistillConfig", "DistillError", "EMA", "OBJECTIVES", "ar_targets", "batch_noise", "check_schedule",
-           "distill", "noise_inversion_batch", "parse_int_list", "parse_tau",
-           "self_forcing_targets", "window_loss"]
+__all__ = ["DistillConfig", "DistillError", "OBJECTIVES", "Stage", "StageTask", "check_schedule", "distill",
+           "parse_tau", "plateaued", "run_stage"]

@@ -8,7 +8,7 @@ and AR and K-Forcing use the same u for the same position, so their samples are 
     AR:         y_p = inverse_cdf_sample(teacher logits at p - 1, u(seed, b, p), temperature, top_k, top_p)
     K-Forcing:  y_p = argmax(student logits at the hint row for p, conditioned on u(seed, b, p) and tau)
 
-Passes (METHOD.md section 4), with P the prompt length:
+Passes (docs/method.md §4), with P the prompt length:
     AR          [prompt] -> token P, then one row per token: max_new_tokens passes.
     K-Forcing   [prompt | k hints] -> tokens P..P+k-1, then [k committed | k hints] per step:
                 ceil(max_new_tokens / k) passes.
@@ -40,60 +40,11 @@ import torch
 
 import kforcing_ops
 
-from .model import ARModel, PushForwardLM, Transformer
+from .model import ARModel, KVCache, PushForwardLM
 from .noise import counter_uniform
 
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
-
-
-class KVCache:
-    """A static, preallocated KV cache shared by the AR and K-Forcing loops.
-
-    Attributes:
-        k, v: per layer, (B, L_max, H_kv, D) tensors (views into one allocation), written in place by
-            `kforcing_ops.window_attention_decode`.
-        seqlens: (B,) int32, the number of valid rows of each sequence (ragged batches). Only real (committed)
-            tokens are ever written; rows at or beyond seqlens[b] are never read.
-    """
-
-    def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, device=None, dtype=torch.float32):
-        if min(num_layers, batch_size, max_len, num_kv_heads, head_dim) < 1:
-            raise ValueError("KVCache: every dimension must be >= 1, got "
-                             f"layers={num_layers} batch={batch_size} max_len={max_len} "
-                             f"kv_heads={num_kv_heads} head_dim={head_dim}")
-        shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
-        self._k = torch.zeros(shape, device=device, dtype=dtype)
-        self._v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k = list(self._k.unbind(0))
-        self.v = list(self._v.unbind(0))
-        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
-
-    @classmethod
-    def for_model(cls, model: Transformer, batch_size, max_len, dtype=None):
-        """A cache sized for `model` (its layers, kv heads, head_dim, device and parameter dtype)."""
-        config = model.config
-        return cls(config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim,
-                   device=model.device, dtype=dtype or model.dtype)
-
-    @property
-    def num_layers(self):
-        return self._k.shape[0]
-
-    @property
-    def batch_size(self):
-        return self._k.shape[1]
-
-    @property
-    def max_len(self):
-        return self._k.shape[2]
-
-    def reset(self):
-        """Empty every sequence (lengths to 0; the rows are left as they are, and never read)."""
-        self.seqlens.zero_()
-
-    def nbytes(self):
-        return 2 * self._k.numel() * self._k.element_size()
 
 
 @dataclasses.dataclass
@@ -223,10 +174,11 @@ def _compiled(fn):
 
 
 _MAX_GRAPHS = 16  # captured shapes kept per pooled cache; further shapes run eagerly
-_graph_pool = weakref.WeakKeyDictionary()  # model -> _GraphPoolEntry (cuda_graph=True only)
+_graph_pool = weakref.WeakKeyDictionary()  # model -> _CudaGraphs (cuda_graph=True only)
 
 
-class _GraphPoolEntry:
+@dataclasses.dataclass
+class _CudaGraphs:
     """The KV cache and the CUDA graphs captured against it, kept between generate calls of one model.
 
     A CUDA graph replays fixed memory addresses, so it can only be reused with the very cache it was captured
@@ -236,60 +188,56 @@ class _GraphPoolEntry:
     This makes concurrent generate calls with cuda_graph=True on one model unsafe (one thread at a time).
     """
 
-    def __init__(self, key, cache):
-        self.key = key
-        self.cache = cache
-        self.graphs = {}
-        self.pool = torch.cuda.graph_pool_handle()
+    key: tuple
+    cache: KVCache
+    graphs: dict = dataclasses.field(default_factory=dict)
+    pool: object = dataclasses.field(default_factory=lambda: torch.cuda.graph_pool_handle())
 
 
 def _make_cache(model, batch, max_len, cuda_graph):
-    """(cache, graphs dict, memory pool): a fresh cache, or with cuda_graph the model's pooled one, reset."""
+    """(cache, _CudaGraphs or None): a fresh cache, or with cuda_graph the model's pooled one, reset."""
     if not cuda_graph:
-        return KVCache.for_model(model, batch, max_len), {}, None
+        return KVCache.for_model(model, batch, max_len), None
     if model.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
     key = (batch, model.dtype, model.device, model.config)
     entry = _graph_pool.get(model)
     if entry is None or entry.key != key or entry.cache.max_len < max_len:
         _graph_pool.pop(model, None)  # free the previous cache and graphs first
-        entry = _GraphPoolEntry(key, KVCache.for_model(model, batch, max_len))
+        entry = _CudaGraphs(key, KVCache.for_model(model, batch, max_len))
         _graph_pool[model] = entry
     entry.cache.reset()
-    return entry.cache, entry.graphs, entry.pool
+    return entry.cache, entry
 
 
 class _Step:
     """A decode step function run eagerly, compiled, or replayed from a CUDA graph (one graph per input shape).
 
     fn(*bound, *inputs): `bound` are the model, the cache and constants; `inputs` the per-step tensors. The step
-    mutates the KV cache in place and returns a tensor. For a CUDA graph the inputs are copied into static
-    buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards, so they leave no
-    trace (the rows they wrote are rewritten by the real step). Graphs live in `graphs` (shared through the
-    model's pool entry), keyed by the function, the constants and the input shapes.
+    mutates the KV cache in place and returns a tensor. For a CUDA graph (`cuda_graphs` given) the inputs are
+    copied into static buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards,
+    so they leave no trace (the rows they wrote are rewritten by the real step). Graphs are keyed by the
+    function, the constants and the input shapes.
     """
 
-    def __init__(self, fn, bound, cache, compile=False, cuda_graph=False, graphs=None, pool=None):
-        if cuda_graph and cache.seqlens.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+    def __init__(self, fn, bound, cache, compile=False, cuda_graphs: Optional[_CudaGraphs] = None):
         self.name = fn.__name__
         self.fn = _compiled(fn) if compile else fn
         self.bound = tuple(bound)
         self.constants = tuple(b for b in self.bound[2:] if not isinstance(b, torch.Tensor))
         self.cache = cache
-        self.cuda_graph = cuda_graph
-        self.graphs = {} if graphs is None else graphs
-        self.pool = pool
+        self.cuda_graphs = cuda_graphs
 
     def __call__(self, *inputs):
-        if not self.cuda_graph:
+        if self.cuda_graphs is None:
             return self.fn(*self.bound, *inputs)
+        graphs = self.cuda_graphs.graphs
         key = (self.name, self.constants, tuple((tuple(t.shape), t.dtype) for t in inputs))
-        if key not in self.graphs:
-            if len(self.graphs) >= _MAX_GRAPHS:
+        if key not in graphs:
+            if len(graphs) >= _MAX_GRAPHS:
                 return self.fn(*self.bound, *inputs)
-            self.graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_output = self.graphs[key]
+            graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_output = graphs[key]
         for buffer, value in zip(static_inputs, inputs):
             buffer.copy_(value)
         graph.replay()
@@ -306,7 +254,7 @@ class _Step:
                 self.cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.cuda_graphs.pool):
             static_output = self.fn(*self.bound, *static_inputs)
         self.cache.seqlens.copy_(saved)  # capture records the += n_commit without running it
         return graph, static_inputs, static_output
@@ -351,9 +299,9 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     _check_model(model, ARModel, "generate_ar")
     prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch = tail.shape[0]
-    cache, graphs, pool = _make_cache(model, batch, int(lengths.max()) + max_new_tokens, cuda_graph)
+    cache, cuda_graphs = _make_cache(model, batch, int(lengths.max()) + max_new_tokens, cuda_graph)
     passes = _prefill_prefix(model, cache, prefix, pad_id)
-    step = _Step(_ar_step, (model, cache), cache, compile=compile, cuda_graph=cuda_graph, graphs=graphs, pool=pool)
+    step = _Step(_ar_step, (model, cache), cache, compile, cuda_graphs)
 
     # The first pass (the prompt) is captured too with cuda_graph, eager otherwise (one compile per shape is not
     # worth it for a single pass).
@@ -387,7 +335,7 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
                       max_new_tokens: int, k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
                       freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
                       sequence_ids=None, compile: bool = False, cuda_graph: bool = False) -> GenerationOutput:
-    """Sample k tokens per forward pass from a push-forward student (METHOD.md section 4).
+    """Sample k tokens per forward pass from a push-forward student (docs/method.md §4).
 
     Step 1 runs [prompt | k hints] in one pass; every later step runs [the k tokens of the previous step | k new
     hints] (2k rows) and appends the k tokens to the cache. Token p of sequence b is the argmax of the hint
@@ -417,11 +365,10 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     prefix, tail, lengths, sequence_ids = _prepare(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch, device = tail.shape[0], tail.device
     num_steps = -(-max_new_tokens // k)
-    cache, graphs, pool = _make_cache(student, batch, int(lengths.max()) + num_steps * k, cuda_graph)
+    cache, cuda_graphs = _make_cache(student, batch, int(lengths.max()) + num_steps * k, cuda_graph)
     passes = _prefill_prefix(student, cache, prefix, pad_id)
     tau = float(temperature)
-    step = _Step(_kforcing_step, (student, cache, tau), cache, compile=compile, cuda_graph=cuda_graph,
-                 graphs=graphs, pool=pool)
+    step = _Step(_kforcing_step, (student, cache, tau), cache, compile, cuda_graphs)
 
     # Every uniform of the request is known up front: u for position lengths[b] + i. Their hint embeddings are
     # computed in chunks of steps (one batched noise-encoder call per chunk instead of one per step).
@@ -457,4 +404,4 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
     return GenerationOutput(tokens, out_lengths, passes)
 
 
-__all__ = ["GenerationOutput", "KVCache", "generate_ar", "generate_kforcing"]
+__all__ = ["GenerationOutput", "generate_ar", "generate_kforcing"]

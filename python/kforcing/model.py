@@ -1,75 +1,36 @@
 """The AR teacher and the push-forward student: one nanoGPT-style Transformer, two heads on it.
 
-Backbone (METHOD.md section 2): token embedding -> n_layer x [pre-LayerNorm attention with rotary position
+Backbone (docs/method.md §2): token embedding -> n_layer x [pre-LayerNorm attention with rotary position
 embeddings, pre-LayerNorm GELU MLP] -> final LayerNorm -> LM head. Untied input/output embeddings, no biases,
 grouped-query attention when n_kv_head < n_head. Rotary positions are passed explicitly with every row, so a
 hint row can carry the position of the token it predicts.
 
     ARModel          the teacher: `forward(ids)` -> logits for training, `decode(...)` over a static KV cache.
     PushForwardLM    the student: the same backbone + a noise embedding e(u, tau) for hint rows, `max_k` hints
-                     per window. `forward_train` runs the staircase layout of METHOD.md section 3; `decode` runs
+                     per window. `forward_train` runs the staircase layout of docs/method.md §3; `decode` runs
                      one [committed | hints] step of section 4. The LM head runs only on hint rows.
 
 Layouts. Hint i (0-based) of the window anchored at context position t predicts the token at position t+1+i and
 carries that rotary position. In `forward_train` the sequence is [N context rows | num_windows windows]; window t
 is anchored at context t. In decoding the rows are [committed tokens | hints], attending causally to a KV cache
-that holds real tokens only (`kforcing.generate.KVCache`).
+that holds real tokens only (`KVCache`).
 
-Attention and the noise embedding go through `kforcing_ops` (C++/CUDA kernels, falling back to its pure-PyTorch
-references where a kernel is missing). `set_ops_backend("reference")` (or the `ops_backend` context manager)
-switches the model to `kforcing_ops.reference` explicitly; the two must agree, which the tests check.
+Attention and the noise embedding go through the public `kforcing_ops` functions (C++/CUDA kernels, falling back to
+the pure-PyTorch references where a kernel is missing); `with kforcing_ops.use_reference():` runs the references
+instead, for every op at once.
 """
 
-import contextlib
 import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import kforcing_ops
-from kforcing_ops import reference as _reference
 from kforcing_ops.nn import NoiseEmbedding
-
-# ---------------------------------------------------------------------------------------------------------
-# Which implementation of the ops the model calls.
-
-OPS_BACKENDS = ("kforcing_ops", "reference")
-_ops_backend = "kforcing_ops"
-
-
-def set_ops_backend(name):
-    """Select the ops the models call: "kforcing_ops" (public functions: kernels, default) or "reference".
-
-    Applies to window attention (training and decode) and the noise embedding. Returns the previous setting.
-    """
-    global _ops_backend
-    if name not in OPS_BACKENDS:
-        raise ValueError(f"kforcing.model: unknown ops backend {name!r}; choose one of {OPS_BACKENDS}")
-    previous, _ops_backend = _ops_backend, name
-    return previous
-
-
-def get_ops_backend():
-    """The current ops backend name (see `set_ops_backend`)."""
-    return _ops_backend
-
-
-@contextlib.contextmanager
-def ops_backend(name):
-    """Context manager form of `set_ops_backend`: `with ops_backend("reference"): model(ids)`."""
-    previous = set_ops_backend(name)
-    try:
-        yield
-    finally:
-        set_ops_backend(previous)
-
-
-def _ops():
-    return kforcing_ops if _ops_backend == "kforcing_ops" else _reference
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -193,14 +154,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, attend):
-        batch, seq, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        q = apply_rotary(q.view(batch, seq, self.n_head, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(batch, seq, self.n_kv_head, self.head_dim), cos, sin)
-        v = v.reshape(batch, seq, self.n_kv_head, self.head_dim)
-        y = attend(q, k, v)
-        return self.wo(y.reshape(batch, seq, self.n_head * self.head_dim))
+        q = apply_rotary(rearrange(q, "b s (h d) -> b s h d", d=self.head_dim), cos, sin)
+        k = apply_rotary(rearrange(k, "b s (h d) -> b s h d", d=self.head_dim), cos, sin)
+        v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
+        return self.wo(rearrange(attend(q, k, v), "b s h d -> b s (h d)"))
 
 
 class MLP(nn.Module):
@@ -227,6 +186,60 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, attend):
         x = x + self.dropout(self.attn(self.norm1(x), cos, sin, attend))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The KV cache of decoding
+
+
+class KVCache:
+    """A static, preallocated KV cache shared by the AR and K-Forcing loops.
+
+    Attributes:
+        k, v: per layer, (B, L_max, H_kv, D) tensors (views into one allocation), written in place by
+            `kforcing_ops.window_attention_decode`.
+        seqlens: (B,) int32, the number of valid rows of each sequence (ragged batches). Only real (committed)
+            tokens are ever written; rows at or beyond seqlens[b] are never read.
+    """
+
+    def __init__(self, num_layers, batch_size, max_len, num_kv_heads, head_dim, device=None, dtype=torch.float32):
+        if min(num_layers, batch_size, max_len, num_kv_heads, head_dim) < 1:
+            raise ValueError("KVCache: every dimension must be >= 1, got "
+                             f"layers={num_layers} batch={batch_size} max_len={max_len} "
+                             f"kv_heads={num_kv_heads} head_dim={head_dim}")
+        shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+        self._k = torch.zeros(shape, device=device, dtype=dtype)
+        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = list(self._k.unbind(0))
+        self.v = list(self._v.unbind(0))
+        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
+
+    @classmethod
+    def for_model(cls, model: "Transformer", batch_size, max_len, dtype=None):
+        """A cache sized for `model` (its layers, kv heads, head_dim, device and parameter dtype)."""
+        config = model.config
+        return cls(config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim,
+                   device=model.device, dtype=dtype or model.dtype)
+
+    @property
+    def num_layers(self):
+        return self._k.shape[0]
+
+    @property
+    def batch_size(self):
+        return self._k.shape[1]
+
+    @property
+    def max_len(self):
+        return self._k.shape[2]
+
+    def reset(self):
+        """Empty every sequence (lengths to 0; the rows are left as they are, and never read)."""
+        self.seqlens.zero_()
+
+    def nbytes(self):
+        return 2 * self._k.numel() * self._k.element_size()
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,7 +299,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _decode_run(self, x, cache, n_commit):
-        """One decode pass of x (B, T, H) against `cache` (see kforcing.generate.KVCache); advances the cache.
+        """One decode pass of x (B, T, H) against `cache` (a `KVCache`); advances the cache.
 
         Row j of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are
         appended to the cache; the others (hints) are used in this pass only.
@@ -297,10 +310,10 @@ class Transformer(nn.Module):
         if cache.num_layers != self.config.n_layer:
             raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {self.config.n_layer}")
         positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
-        ops = _ops()
 
         def attend(layer, q, k, v):
-            return ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens, n_commit)
+            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
+                                                        n_commit)
 
         hidden = self._run(x, positions, attend)
         if n_commit:
@@ -334,9 +347,8 @@ class ARModel(Transformer):
             raise ValueError(f"sequence of {seq} tokens is longer than max_seq_len={self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(seq, device=ids.device)
-        ops = _ops()
         hidden = self._run(self.tok_emb(ids), positions,
-                           lambda layer, q, k, v: ops.window_attention(q, k, v, 0, 1))
+                           lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, 0, 1))
         return self.lm_head(hidden)
 
     @torch.no_grad()
@@ -345,7 +357,7 @@ class ARModel(Transformer):
 
         Args:
             ids: (B, T) tokens at positions cache.seqlens[b] + 0..T-1.
-            cache: a `kforcing.generate.KVCache`; its lengths advance by n_commit.
+            cache: a `KVCache`; its lengths advance by n_commit.
             n_commit: rows to write to the cache (default all T).
             logits: "last" -> (B, V) of the last row, "all" -> (B, T, V), None -> no LM head (prefill only).
         """
@@ -365,20 +377,25 @@ class ARModel(Transformer):
 # The push-forward student
 
 
-def _expand_tau(tau, u):
-    """tau as the noise embedding takes it for uniforms u (B, ...): a float, or a tensor broadcast to u's shape."""
+def broadcast_tau(tau, like):
+    """The temperature of every element of `like` (B, ...): a float stays a float; a 0-d tensor or a (B,) tensor
+    (one temperature per sequence) becomes a tensor of like's shape on like's device.
+
+    The one place a temperature argument is normalised: the noise embedding, the distillation targets and the
+    noise-inversion baseline all take tau as a float or per sequence.
+    """
     if not isinstance(tau, torch.Tensor):
         return float(tau)
     if tau.dim() == 0:
-        return tau.to(u.device).expand(u.shape)
-    if tau.dim() != 1 or tau.shape[0] != u.shape[0]:
-        raise ValueError(f"`tau` must be a float, a 0-d tensor or a (B,) tensor with B={u.shape[0]}, "
+        return tau.to(like.device).expand(like.shape)
+    if tau.dim() != 1 or tau.shape[0] != like.shape[0]:
+        raise ValueError(f"`tau` must be a float, a 0-d tensor or a (B,) tensor with B={like.shape[0]}, "
                          f"got shape {tuple(tau.shape)}")
-    return tau.to(u.device).view(-1, *([1] * (u.dim() - 1))).expand(u.shape)
+    return tau.to(like.device).view(-1, *([1] * (like.dim() - 1))).expand(like.shape)
 
 
 class PushForwardLM(Transformer):
-    """The K-Forcing student G(x, u_1..u_k): k tokens per forward pass (METHOD.md sections 2-4).
+    """The K-Forcing student G(x, u_1..u_k): k tokens per forward pass (docs/method.md §2-4).
 
     The teacher's backbone plus `noise`, a `kforcing_ops.nn.NoiseEmbedding` that gives hint rows their input
     vectors e(u_i, tau). Token i of a window is argmax of the logits at hint row i. `max_k` is the most hints per
@@ -418,12 +435,7 @@ class PushForwardLM(Transformer):
 
     def embed_noise(self, u, tau):
         """e(u, tau): u (...) in [0, 1] float32/float64, tau a float or (B,) tensor -> (..., H)."""
-        tau = _expand_tau(tau, u)
-        if _ops_backend == "kforcing_ops":
-            return self.noise(u, tau)
-        flat_tau = tau.reshape(-1) if isinstance(tau, torch.Tensor) else tau
-        x = _reference.noise_embedding(u.reshape(-1), flat_tau, self.noise.weight, self.noise.bias)
-        return self.noise.residual(x.view(*u.shape, -1))
+        return self.noise(u, broadcast_tau(tau, u))
 
     def _embed_sequence(self, ids, u, tau):
         """[tok_emb(ids) | e(u, tau)] for ids (B, Tc) and u (B, Th): (B, Tc + Th, H)."""
@@ -431,11 +443,7 @@ class PushForwardLM(Transformer):
             return self.tok_emb(ids)
         if isinstance(tau, torch.Tensor):
             tau = tau.to(u.device)
-        if _ops_backend == "kforcing_ops":
-            return self.noise.embed_sequence(ids, self.tok_emb.weight, u, tau)
-        x = _reference.noise_conditioned_embedding(ids, self.tok_emb.weight, u, tau, self.noise.weight,
-                                                   self.noise.bias)
-        return torch.cat([x[:, :ids.shape[1]], self.noise.residual(x[:, ids.shape[1]:])], dim=1)
+        return self.noise.embed_sequence(ids, self.tok_emb.weight, u, tau)
 
     def _check_u(self, u, shape, name="u"):
         if not isinstance(u, torch.Tensor) or u.dtype not in (torch.float32, torch.float64):
@@ -446,7 +454,7 @@ class PushForwardLM(Transformer):
     # -- training ---------------------------------------------------------------------------------------------
 
     def forward_train(self, ids, u, tau, window_size=None, window_tokens=None):
-        """Hint logits of every window in one pass, over the staircase layout (METHOD.md sections 3 and 5).
+        """Hint logits of every window in one pass, over the staircase layout (docs/method.md §3 and §5).
 
         Args:
             ids: (B, N) context tokens, N <= max_seq_len.
@@ -457,7 +465,7 @@ class PushForwardLM(Transformer):
                 checked when given.
             window_tokens: optional (B, num_windows, m) token ids fed as real token rows at the start of each
                 window, at positions t+1..t+m, before its k hints at positions t+1+m..t+m+k. This is the
-                self-forcing teacher pass of METHOD.md section 5 (m = k: the teacher's own first k tokens).
+                self-forcing teacher pass of docs/method.md §5 (m = k: the teacher's own first k tokens).
 
         Returns:
             (B, num_windows, k, V) logits at the hint rows; hint i of window t predicts the token at position
@@ -501,10 +509,9 @@ class PushForwardLM(Transformer):
         window_pos = (torch.arange(num_windows, device=device)[:, None] + 1
                       + torch.arange(rows, device=device)[None, :]).flatten()
         positions = torch.cat([torch.arange(context, device=device), window_pos])
-        ops = _ops()
         hidden = self._run(x, positions,
-                           lambda layer, q, k, v: ops.window_attention(q, k, v, num_windows, rows))
-        hint_hidden = hidden[:, context:].view(batch, num_windows, rows, -1)[:, :, given:]
+                           lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, num_windows, rows))
+        hint_hidden = rearrange(hidden[:, context:], "b (w r) h -> b w r h", r=rows)[:, :, given:]
         return self.lm_head(hint_hidden)
 
     # -- decoding ---------------------------------------------------------------------------------------------
@@ -518,7 +525,7 @@ class PushForwardLM(Transformer):
                 tokens of the previous step later). They are appended to the cache.
             u: (B, k) uniforms of the hints, float32/float64, k <= max_k (k = 0: a prefill with no logits).
             tau: temperature conditioning: a float or a (B,) tensor.
-            cache: a `kforcing.generate.KVCache`; its lengths advance by T.
+            cache: a `KVCache`; its lengths advance by T.
             hint_embeddings: optional (B, k, H) = embed_noise(u, tau), computed ahead of time (the uniforms of a
                 whole generation are known before it starts, so `generate_kforcing` embeds them in a few
                 batched calls instead of one per step). u and tau are then only used for shape checks.
@@ -563,7 +570,5 @@ def build_model(spec):
     return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
 
 
-__all__ = [
-    "ARModel", "ModelConfig", "OPS_BACKENDS", "PRESETS", "PushForwardLM", "Transformer", "build_model",
-    "get_ops_backend", "ops_backend", "set_ops_backend",
-]
+__all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "PushForwardLM", "Transformer", "broadcast_tau",
+           "build_model"]

@@ -1,6 +1,6 @@
 """Counter-based noise: uniforms that are a pure function of integer keys.
 
-K-Forcing puts all the randomness of sampling into explicit uniforms u (METHOD.md section 1). To make a sample a
+K-Forcing puts all the randomness of sampling into explicit uniforms u (docs/method.md §1). To make a sample a
 pure function of (seed, sequence, position), whatever the batch size, the order of the prompts or the decoding
 loop (AR or K-Forcing), every uniform is computed from its key with a stateless integer hash instead of being
 drawn from a stateful generator:

@@ -1,0 +1,109 @@
+"""kforcing.checkpoint: checksums verified on load, clear errors for broken files, resuming without latest.json,
+clean-up of interrupted saves, and training that stops on a non-finite loss before saving anything."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import kforcing.checkpoint as ckpt
+import kforcing.trainer
+from kforcing.data import iter_documents, train_tokenizer
+from kforcing.train import TrainConfig, train_teacher
+from kforcing.trainer import TrainingError
+
+pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
+
+CORPUS_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    texts = [text for _, text in iter_documents("stdlib", max_bytes=CORPUS_BYTES)]
+    return {"tokenizer": str(train_tokenizer(texts, vocab_size=300).save(root)), "data_dir": str(root / "data")}
+
+
+def config(out, shared, **overrides):
+    settings = dict(out_dir=str(out), corpus=["stdlib"], corpus_max_bytes=CORPUS_BYTES, tokenizer=shared["tokenizer"],
+                    data_dir=shared["data_dir"], seq_len=16, batch_size=2, steps=4, warmup_steps=1, eval_interval=4,
+                    eval_batches=1, save_interval=2, log_interval=1, progress=False, device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def run(shared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "teacher"
+    train_teacher(config(out, shared))
+    return out
+
+
+def copy_of(run, tmp_path):
+    directory = tmp_path / "checkpoint"
+    shutil.copytree(ckpt.resolve_checkpoint(run), directory)
+    return directory
+
+
+def test_every_tensor_file_has_a_checksum(run):
+    directory = ckpt.resolve_checkpoint(run)
+    files = ckpt.read_config(directory)["files"]
+    assert set(files) == {"model.safetensors", "optimizer.pt", "trainer_state.pt"}
+    assert all(len(digest) == 64 for digest in files.values())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:64]), "is corrupt: its sha256 does not match"),
+    (lambda p: p.write_bytes(b"garbage" * 100), "is corrupt: its sha256 does not match"),
+    (lambda p: p.unlink(), "is missing: the checkpoint is incomplete"),
+])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.pt"])
+def test_broken_files_are_checkpoint_errors_naming_the_file(run, tmp_path, damage, message, name):
+    directory = copy_of(run, tmp_path)
+    damage(directory / name)
+    with pytest.raises(ckpt.CheckpointError, match=message) as error:
+        if name == "model.safetensors":
+            ckpt.load_model(directory)
+        else:
+            ckpt.load_torch_file(directory, name)
+    assert str(directory / name) in str(error.value)
+
+
+def test_unreadable_content_with_a_matching_checksum(run, tmp_path):
+    directory = copy_of(run, tmp_path)
+    (directory / "optimizer.pt").write_bytes(b"not a pickle")
+    config = json.loads((directory / "config.json").read_text())
+    config["files"]["optimizer.pt"] = ckpt.sha256_file(directory / "optimizer.pt")
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer.pt is unreadable \("):
+        ckpt.load_torch_file(directory, "optimizer.pt")
+
+
+def test_resume_without_latest_json_continues_from_the_newest_complete_checkpoint(shared, tmp_path, monkeypatch):
+    out = tmp_path / "teacher"
+    train_teacher(config(out, shared, steps=6, stop_after=4))
+    (out / "latest.json").unlink()
+    incomplete = out / "checkpoints" / "step_0000005"  # a later checkpoint without its files is passed over
+    shutil.copytree(out / "checkpoints" / "step_0000004", incomplete)
+    (incomplete / "model.safetensors").unlink()
+    stale = [out / "checkpoints" / ".step_0000006.tmp4242", out / "checkpoints" / ".step_0000002.old4242"]
+    for path in stale:
+        path.mkdir()
+    (out / ".latest.json.tmp4242").write_text("{")
+    resumed_from = []
+    original = kforcing.trainer.Trainer.resume
+    monkeypatch.setattr(kforcing.trainer.Trainer, "resume",
+                        lambda self, directory: resumed_from.append(directory.name) or original(self, directory))
+    summary = train_teacher(config(out, shared, steps=6, resume=True))
+    assert resumed_from == ["step_0000004"] and summary["step"] == 6
+    assert not any(path.exists() for path in stale) and not (out / ".latest.json.tmp4242").exists()
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(shared, tmp_path, monkeypatch):
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * float("nan"))
+    out = tmp_path / "teacher"
+    with pytest.raises(TrainingError, match="non-finite loss at step 1"):
+        train_teacher(config(out, shared, save_interval=1))
+    assert not (out / "latest.json").exists() and not list(out.glob("checkpoints/step_*"))
