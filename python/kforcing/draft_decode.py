@@ -1,0 +1,219 @@
+"""Decoding with a `DraftStudent`: verified (lossless) or unverified, a fixed number of rows per pass (§8).
+
+Each pass runs, with static shapes:
+
+    trunk   the frozen teacher over k rows [c | d_2..d_k]: c, the last exact token, and the drafts that follow it.
+            All k rows are appended to the teacher's KV cache; the logits after every row are the teacher's
+            exact next-token distributions given the rows before.
+    sample  t_j = inverse_cdf_sample(logits after row j, u of position L+1+j), for j = 0..k-1, in one batched call.
+    accept  verified: draft d_{j+2} stands while it equals t_j; at the first mismatch the teacher's token t_j
+            replaces it. The new tokens t_0..t_a (a = accepted drafts) are exactly what AR sampling with the same
+            uniforms produces, so the output equals `generate_ar` token for token. Each sequence's cache length
+            moves back to the accepted rows (rows past it are overwritten by the next pass).
+            unverified: the k-1 drafts are taken as they are, plus the exact t_{k-1}: k tokens per pass.
+    head    commit the k trunk features to the head's KV cache (its length moves back the same way), then one
+            head pass over [the new exact token | hints] drafts the next k-1 tokens.
+
+Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
+decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every
+sequence has its tokens (or an EOS).
+"""
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+import kforcing_ops
+
+from .generate import KVCache, _as_prompt_list, _mask_after_eos
+from .hint_head import DraftStudent, drafts_from_logits, run_blocks
+from .noise import counter_uniform
+
+
+@dataclasses.dataclass
+class DraftOutput:
+    """The result of `generate_with_drafts`.
+
+    Attributes:
+        tokens: (B, max_new_tokens) int64; positions after a sequence's EOS hold pad_id.
+        lengths: (B,) int64, valid tokens per sequence (up to and including EOS).
+        num_passes: forward passes (trunk + head), prefill included.
+        tokens_per_pass: generated tokens per pass and sequence, averaged over the batch (1.0 for AR).
+        accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    num_passes: int
+    tokens_per_pass: float
+    accepted: List[float]
+
+    def tolist(self) -> List[List[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
+
+
+def _sample(logits, u, temperature, top_k, top_p):
+    """Exact teacher tokens (B, T) from logits (B, T, V) and uniforms (B, T)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), temperature, top_k,
+                                           top_p).view(u.shape)
+
+
+class _DraftDecoder:
+    """The state of one batched decode: both KV caches, the pending exact token and its drafts."""
+
+    def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling):
+        teacher, config = student.teacher, student.config
+        self.student, self.k, self.seed, self.sequence_ids, self.sampling = student, k, seed, sequence_ids, sampling
+        self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
+        self.head_cache = KVCache(student.head_config.num_layers, batch, max_len, config.n_kv_head,
+                                  config.head_dim, device=teacher.device, dtype=teacher.dtype)
+
+    def uniforms(self, positions):
+        return counter_uniform(self.seed, self.sequence_ids[:, None], positions)
+
+    def decode_rows(self, blocks, x, cache, n_commit):
+        """x (B, T, H) through `blocks` against `cache`, appending the first n_commit rows."""
+        positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(x.shape[1], device=x.device)
+
+        def attend(layer, q, k, v):
+            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
+                                                        n_commit)
+
+        hidden = run_blocks(blocks, x, positions, self.student.teacher.inv_freq, attend)
+        cache.seqlens.add_(n_commit)
+        return hidden
+
+    def trunk(self, ids):
+        """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
+        teacher = self.student.teacher
+        features = self.decode_rows(teacher.blocks, teacher.tok_emb(ids), self.trunk_cache, ids.shape[1])
+        return features, teacher.lm_head(teacher.norm(features))
+
+    def commit_features(self, features, keep):
+        """Append the trunk's features to the head's cache; each sequence keeps only its first `keep` rows."""
+        start = self.head_cache.seqlens.clone()
+        self.decode_rows(self.student.head.blocks, features, self.head_cache, features.shape[1])
+        self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+
+    def draft(self, exact):
+        """Drafts (B, k-1) of the tokens after `exact` (B,), the token at each sequence's head-cache length."""
+        student, k = self.student, self.k
+        position = self.head_cache.seqlens.to(torch.int64)[:, None]
+        u = self.uniforms(position + torch.arange(k, device=exact.device))  # u of exact, then of the drafts
+        temperature, top_k, top_p = self.sampling
+        x = student.window_inputs(exact[:, None], u[:, None], temperature)[:, 0]
+        hidden = self.decode_rows(student.head.blocks, x, self.head_cache, 0)
+        readout = student.head_config.readout
+        rows = hidden[:, 1:] if readout == "onehot" else hidden
+        return drafts_from_logits(student.head_logits(rows), u, readout, temperature, top_k, top_p)
+
+
+@torch.no_grad()
+def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k: Optional[int] = None,
+                         seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+                         verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
+                         sequence_ids=None) -> DraftOutput:
+    """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
+
+    Args:
+        student: a DraftStudent (teacher-exact token rows and a hint head).
+        prompts, max_new_tokens, seed, temperature, top_k, top_p, eos_id, pad_id, sequence_ids: as in
+            `kforcing.generate.generate_ar`; temperature must be a float here.
+        k: rows per pass, 2 <= k <= student.max_k (default max_k): the exact token and k-1 drafts.
+        verify: True: every draft is checked against the teacher's own token under the same uniform, and the
+            output equals `generate_ar(student.teacher, ...)` token for token. False: drafts are kept as they
+            are (k tokens per pass, the student's own distribution).
+
+    Returns:
+        DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
+    """
+    if not isinstance(student, DraftStudent):
+        raise TypeError(f"generate_with_drafts needs a DraftStudent, got {type(student).__name__}")
+    k = student.max_k if k is None else k
+    if not isinstance(k, int) or not 2 <= k <= student.max_k:
+        raise ValueError(f"k={k!r} is not allowed: this student drafts with 2 <= k <= max_k={student.max_k}")
+    prompt_list = _as_prompt_list(prompts)
+    config, device = student.config, student.device
+    lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
+    _check_request(prompt_list, max_new_tokens, config, eos_id, pad_id)
+    batch = len(prompt_list)
+    sequence_ids = (torch.arange(batch) if sequence_ids is None
+                    else torch.as_tensor(sequence_ids, dtype=torch.int64).flatten()).to(device)
+    if sequence_ids.shape[0] != batch:
+        raise ValueError(f"sequence_ids has {sequence_ids.shape[0]} entries for {batch} prompts")
+    sampling = (float(temperature), top_k, top_p)
+    decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
+                            sampling)
+
+    # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
+    # sequence's length, so they are never read and the next pass overwrites them.
+    ids = torch.full((batch, int(lengths.max())), pad_id, dtype=torch.int64)
+    for b, prompt in enumerate(prompt_list):
+        ids[b, :len(prompt)] = torch.tensor(prompt)
+    features, logits = decoder.trunk(ids.to(device))
+    decoder.trunk_cache.seqlens.copy_(lengths)
+    decoder.commit_features(features, lengths)
+    last = logits[torch.arange(batch, device=device), lengths - 1]
+    exact = _sample(last[:, None], decoder.uniforms(lengths[:, None]), *sampling)[:, 0]
+    drafts = decoder.draft(exact)
+
+    out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
+    out[:, 0] = exact
+    produced = torch.ones(batch, dtype=torch.int64, device=device)
+    finished = exact == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+    accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
+    passes, steps = 1, 0
+    offsets = torch.arange(k, device=device)
+    while True:
+        active = ~finished & (produced < max_new_tokens)
+        if not bool(active.any()):
+            break
+        start = decoder.trunk_cache.seqlens.to(torch.int64)
+        features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
+        teacher_tokens = _sample(logits, decoder.uniforms(start[:, None] + 1 + offsets), *sampling)
+        if verify:
+            matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
+            new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)
+            accepted += matches[active].double().sum(dim=0)
+            steps += int(active.sum())
+        else:
+            new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
+            n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
+        # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
+        advance = torch.where(active, 1 + n_accepted, 0)
+        keep = active[:, None] & (offsets[None, :] < advance[:, None])
+        index = (produced[:, None] + offsets).clamp(max=out.shape[1] - 1)
+        out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
+        if eos_id is not None:
+            finished |= ((new_tokens == eos_id) & keep).any(dim=1)
+        produced += advance
+        decoder.trunk_cache.seqlens.copy_(start + advance)
+        decoder.commit_features(features, advance)
+        exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
+        drafts = decoder.draft(exact)
+        passes += 1
+    tokens, out_lengths = _mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
+    generated = out_lengths.double().mean().item()
+    return DraftOutput(tokens, out_lengths, passes, generated / passes,
+                       (accepted / max(steps, 1)).tolist() if verify else [])
+
+
+def _check_request(prompts, max_new_tokens, config, eos_id, pad_id):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if len(prompt) + max_new_tokens > config.max_seq_len:
+            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's max_seq_len={config.max_seq_len}")
+        if any(not 0 <= t < config.vocab_size for t in prompt):
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={config.vocab_size})")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= value < config.vocab_size:
+            raise ValueError(f"{name}={value} is outside [0, vocab_size={config.vocab_size})")
+
+
+__all__ = ["DraftOutput", "generate_with_drafts"]

@@ -1,0 +1,125 @@
+"""DraftStudent: teacher-exact token rows, and verified decoding equal to AR sampling token for token."""
+
+import pytest
+import torch
+
+from kforcing.draft_decode import generate_with_drafts
+from kforcing.generate import generate_ar
+from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
+from kforcing.model import ARModel, ModelConfig
+from kforcing.noise import counter_uniform
+
+CONFIG = ModelConfig(vocab_size=97, n_layer=3, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=96)
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    model = ARModel(CONFIG).eval()
+    with torch.no_grad():  # a peaked, varied next-token distribution, so that drafts are sometimes right
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+def _student(readout="onehot", num_layers=1, max_k=4, seed=1):
+    teacher = _teacher()
+    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=num_layers, max_k=max_k, readout=readout))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # an untrained head that is not the teacher's copy either
+        for p in student.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student.eval()
+
+
+PROMPTS = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13]]
+
+
+@pytest.mark.parametrize("readout", ["onehot", "categorical"])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verified_decoding_equals_ar_sampling(readout, sampling, seed):
+    student = _student(readout)
+    want = generate_ar(student.teacher, PROMPTS, 40, seed=seed, **sampling)
+    got = generate_with_drafts(student, PROMPTS, 40, k=4, seed=seed, verify=True, **sampling)
+    assert torch.equal(got.tokens, want.tokens)
+
+
+def _oracle_drafts(monkeypatch, want, prompts, error_every):
+    """Replace the head's drafts by the AR continuation, wrong at a pseudo-random 1/error_every of positions."""
+    from kforcing import draft_decode
+
+    starts = torch.tensor([len(p) for p in prompts])
+
+    def draft(self, exact):
+        position = self.head_cache.seqlens.long().cpu()[:, None] + 1 + torch.arange(self.k - 1)
+        index = (position - starts[:, None]).clamp(max=want.shape[1] - 1)
+        drafts = want.gather(1, index)
+        wrong = counter_uniform(123, torch.arange(len(prompts))[:, None], position) < 1.0 / error_every
+        return torch.where(wrong, (drafts + 1) % CONFIG.vocab_size, drafts).to(exact.device)
+
+    monkeypatch.setattr(draft_decode._DraftDecoder, "draft", draft)
+
+
+@pytest.mark.parametrize("error_every", [1000, 5, 3])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_verification_accepts_rejects_and_rolls_back_exactly(monkeypatch, error_every, sampling):
+    student = _student()
+    want = generate_ar(student.teacher, PROMPTS, 48, seed=4, **sampling).tokens
+    _oracle_drafts(monkeypatch, want, PROMPTS, error_every)
+    got = generate_with_drafts(student, PROMPTS, 40, k=4, seed=4, **sampling)
+    assert torch.equal(got.tokens, want[:, :40])
+    if error_every == 1000:  # perfect drafts: k tokens per pass, every draft accepted
+        assert got.accepted == [1.0, 1.0, 1.0] and got.num_passes == 1 + -(-(40 - 1) // 4)
+    else:
+        assert 0.0 < got.accepted[-1] <= got.accepted[0] < 1.0 and 1.0 < got.tokens_per_pass < 4.0
+
+
+@pytest.mark.parametrize("batch_order", [[0, 1, 2, 3], [2, 0, 3, 1], [1]])
+def test_verified_decoding_is_independent_of_the_batch(batch_order):
+    student = _student()
+    full = generate_with_drafts(student, PROMPTS, 30, seed=5)
+    part = generate_with_drafts(student, [PROMPTS[i] for i in batch_order], 30, seed=5, sequence_ids=batch_order)
+    assert torch.equal(part.tokens, full.tokens[batch_order])
+
+
+def test_verified_decoding_stops_at_eos_like_ar():
+    student = _student()
+    want = generate_ar(student.teacher, PROMPTS, 40, seed=3)
+    eos = int(want.tokens[0, 6])
+    want = generate_ar(student.teacher, PROMPTS, 40, seed=3, eos_id=eos, pad_id=0)
+    got = generate_with_drafts(student, PROMPTS, 40, seed=3, eos_id=eos, pad_id=0)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+
+
+def test_unverified_decoding_makes_k_tokens_per_pass_and_starts_exact():
+    student = _student()
+    out = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, verify=False)
+    ar = generate_ar(student.teacher, PROMPTS, 33, seed=0)
+    assert out.num_passes == 1 + -(-(33 - 1) // 4)
+    assert torch.equal(out.tokens[:, 0], ar.tokens[:, 0])  # the first token is always the teacher's own
+
+
+def test_token_rows_are_the_teachers_bit_for_bit():
+    student = _student()
+    ids = torch.randint(0, CONFIG.vocab_size, (3, 17))
+    _, logits = student.trunk(ids)
+    assert torch.equal(logits, student.teacher(ids))
+
+
+def test_head_starts_from_the_teachers_last_blocks_and_keeps_the_teacher_frozen():
+    teacher = _teacher()
+    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=2))
+    assert torch.equal(student.head.blocks[1].mlp.fc.weight, teacher.blocks[-1].mlp.fc.weight)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert student.fingerprint == teacher_fingerprint(_teacher())
+    assert student.fingerprint != teacher_fingerprint(_teacher(seed=3))
+
+
+def test_bad_head_configs_are_refused():
+    with pytest.raises(ValueError, match="readout"):
+        HeadConfig(readout="argmax")
+    with pytest.raises(ValueError, match="max_k must be >= 2"):
+        HeadConfig(max_k=1)
+    with pytest.raises(ValueError, match="cannot be copied"):
+        HintHead(CONFIG, HeadConfig(num_layers=4))
+    with pytest.raises(ValueError, match="k=5"):
+        generate_with_drafts(_student(), PROMPTS, 8, k=5)
