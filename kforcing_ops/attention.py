@@ -29,7 +29,7 @@ def window_attention(q, k, v, num_windows, window_size, scale=None):
     Returns:
         (B, S, H, D) in q's dtype.
 
-    Mask (METHOD.md section 3): context row s attends to context rows 0..s; hint row i of window t attends to
+    Mask (docs/method.md §3): context row s attends to context rows 0..s; hint row i of window t attends to
     context rows 0..t and hint rows 0..i of its own window, and never to other windows. Differentiable in
     q, k and v.
     """

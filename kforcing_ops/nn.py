@@ -8,7 +8,7 @@ from .embedding import noise_conditioned_embedding, noise_embedding
 
 
 class NoiseEmbedding(nn.Module):
-    """e(u, tau): the input vector of a K-Forcing hint row (METHOD.md section 2).
+    """e(u, tau): the input vector of a K-Forcing hint row (docs/method.md §2).
 
     x = noise_embedding(u, tau, weight, bias)    sinusoidal features of u and tau + Linear, fused
     e = x + MLP(LayerNorm(x))                    a residual GELU MLP

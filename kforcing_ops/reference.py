@@ -77,7 +77,7 @@ def _nucleus(z, top_p, rank=None):
 
 
 def window_attention_mask(num_context, num_windows, window_size, device=None):
-    """The (S, S) boolean staircase mask of METHOD.md section 3 (True = may attend).
+    """The (S, S) boolean staircase mask of docs/method.md §3 (True = may attend).
 
     Rows/keys 0..N-1 are context, then num_windows windows of window_size hint rows; window t is anchored at
     context row t. Context row s sees context 0..s. Hint row (t, i) sees context 0..t and hints (t, 0..i).

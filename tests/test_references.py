@@ -1,4 +1,4 @@
-"""The references against independent naive implementations: plain loops over rows, written from METHOD.md."""
+"""The references against independent naive implementations: plain loops over rows, written from docs/method.md."""
 
 import math
 
@@ -9,7 +9,7 @@ from kforcing_ops import reference as ref
 
 
 def naive_visible_keys(context, window_size, row):
-    """The staircase, from METHOD.md section 3: context row s sees 0..s; hint (t, i) sees 0..t and (t, 0..i)."""
+    """The staircase, from docs/method.md §3: context row s sees 0..s; hint (t, i) sees 0..t and (t, 0..i)."""
     if row < context:
         return list(range(row + 1))
     t, i = divmod(row - context, window_size)
@@ -43,7 +43,7 @@ def test_window_attention_reference(context, num_windows, window_size, heads, kv
 
 
 def test_window_attention_mask_matches_the_method_example():
-    expected = torch.tensor([  # METHOD.md section 3, N = 3, W = 2
+    expected = torch.tensor([  # docs/method.md §3, N = 3, W = 2
         [1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0],
         [1, 0, 0, 1, 0, 0, 0, 0, 0], [1, 0, 0, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 0, 0, 0],
         [1, 1, 0, 0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
