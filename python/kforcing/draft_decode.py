@@ -26,8 +26,9 @@ import torch
 
 import kforcing_ops
 
-from .generate import KVCache, _as_prompt_list, _mask_after_eos
-from .hint_head import DraftStudent, drafts_from_logits, run_blocks
+from .generate import check_request, mask_after_eos
+from .hint_head import DraftStudent, drafts_from_logits
+from .model import KVCache, decode_blocks
 from .noise import counter_uniform
 
 
@@ -75,15 +76,7 @@ class _DraftDecoder:
 
     def decode_rows(self, blocks, x, cache, n_commit):
         """x (B, T, H) through `blocks` against `cache`, appending the first n_commit rows."""
-        positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(x.shape[1], device=x.device)
-
-        def attend(layer, q, k, v):
-            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
-                                                        n_commit)
-
-        hidden = run_blocks(blocks, x, positions, self.student.teacher.inv_freq, attend)
-        cache.seqlens.add_(n_commit)
-        return hidden
+        return decode_blocks(blocks, x, cache, n_commit, self.student.teacher.inv_freq)
 
     def trunk(self, ids):
         """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
@@ -134,15 +127,10 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 2 <= k <= student.max_k:
         raise ValueError(f"k={k!r} is not allowed: this student drafts with 2 <= k <= max_k={student.max_k}")
-    prompt_list = _as_prompt_list(prompts)
-    config, device = student.config, student.device
-    lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
-    _check_request(prompt_list, max_new_tokens, config, eos_id, pad_id)
+    prompt_list, sequence_ids = check_request(student.teacher, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    device = student.device
     batch = len(prompt_list)
-    sequence_ids = (torch.arange(batch) if sequence_ids is None
-                    else torch.as_tensor(sequence_ids, dtype=torch.int64).flatten()).to(device)
-    if sequence_ids.shape[0] != batch:
-        raise ValueError(f"sequence_ids has {sequence_ids.shape[0]} entries for {batch} prompts")
+    lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = (float(temperature), top_k, top_p)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
                             sampling)
@@ -194,26 +182,10 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
         drafts = decoder.draft(exact)
         passes += 1
-    tokens, out_lengths = _mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
+    tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
     generated = out_lengths.double().mean().item()
     return DraftOutput(tokens, out_lengths, passes, generated / passes,
                        (accepted / max(steps, 1)).tolist() if verify else [])
-
-
-def _check_request(prompts, max_new_tokens, config, eos_id, pad_id):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if len(prompt) + max_new_tokens > config.max_seq_len:
-            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's max_seq_len={config.max_seq_len}")
-        if any(not 0 <= t < config.vocab_size for t in prompt):
-            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={config.vocab_size})")
-    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if value is not None and not 0 <= value < config.vocab_size:
-            raise ValueError(f"{name}={value} is outside [0, vocab_size={config.vocab_size})")
 
 
 __all__ = ["DraftOutput", "generate_with_drafts"]

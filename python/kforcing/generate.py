@@ -40,6 +40,7 @@ import torch
 
 import kforcing_ops
 
+from .hint_head import DraftStudent
 from .model import ARModel, KVCache, PushForwardLM
 from .noise import counter_uniform
 
@@ -70,7 +71,8 @@ class GenerationOutput:
 # Shared plumbing
 
 
-def _as_prompt_list(prompts) -> List[List[int]]:
+def as_prompt_list(prompts) -> List[List[int]]:
+    """Prompts as lists of token ids, from a list of lists / 1-D tensors or a (B, P) tensor."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
@@ -90,9 +92,9 @@ def _as_prompt_list(prompts) -> List[List[int]]:
     return result
 
 
-def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
-    """Validate, pad, and split the prompts into (prefix for the ragged prefill, uniform tail)."""
-    prompt_list = _as_prompt_list(prompts)
+def check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
+    """Validate a generation request: (prompts as lists of ids, sequence ids (B,) int64 on the model's device)."""
+    prompt_list = as_prompt_list(prompts)
     config = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -112,17 +114,23 @@ def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
         if value is not None and not 0 <= value < config.vocab_size:
             raise ValueError(f"{name}={value} is outside [0, vocab_size={config.vocab_size})")
     batch = len(prompt_list)
-    device = model.device
     if sequence_ids is None:
         sequence_ids = torch.arange(batch, dtype=torch.int64)
     sequence_ids = torch.as_tensor(sequence_ids, dtype=torch.int64).flatten()
     if sequence_ids.shape[0] != batch:
         raise ValueError(f"sequence_ids has {sequence_ids.shape[0]} entries for {batch} prompts")
+    return prompt_list, sequence_ids.to(model.device)
+
+
+def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
+    """Validate, pad, and split the prompts into (prefix for the ragged prefill, uniform tail)."""
+    prompt_list, sequence_ids = check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    device = model.device
     lengths = [len(p) for p in prompt_list]
     shortest = min(lengths)
     prefix = [p[:len(p) - shortest] for p in prompt_list]
     tail = torch.tensor([p[len(p) - shortest:] for p in prompt_list], dtype=torch.int64, device=device)
-    return prefix, tail, torch.tensor(lengths, dtype=torch.int64, device=device), sequence_ids.to(device)
+    return prefix, tail, torch.tensor(lengths, dtype=torch.int64, device=device), sequence_ids
 
 
 def _prefill_prefix(model, cache, prefix, pad_id):
@@ -142,7 +150,7 @@ def _prefill_prefix(model, cache, prefix, pad_id):
     return 1
 
 
-def _mask_after_eos(tokens, eos_id, pad_id):
+def mask_after_eos(tokens, eos_id, pad_id):
     """(tokens with everything after the first EOS set to pad_id, lengths up to and including EOS)."""
     if eos_id is None:
         return tokens, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
@@ -322,7 +330,7 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
         if s + 1 < max_new_tokens:
             logits = step(y[:, None])
             passes += 1
-    tokens, out_lengths = _mask_after_eos(tokens, eos_id, pad_id)
+    tokens, out_lengths = mask_after_eos(tokens, eos_id, pad_id)
     return GenerationOutput(tokens, out_lengths, passes)
 
 
@@ -331,10 +339,11 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
 
 
 @torch.no_grad()
-def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[int]], torch.Tensor],
-                      max_new_tokens: int, k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
+def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
+                      prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int, k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
                       freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
-                      sequence_ids=None, compile: bool = False, cuda_graph: bool = False) -> GenerationOutput:
+                      sequence_ids=None, compile: bool = False, cuda_graph: bool = False, verify: bool = False,
+                      top_k: int = 0, top_p: float = 1.0):
     """Sample k tokens per forward pass from a push-forward student (docs/method.md §4).
 
     Step 1 runs [prompt | k hints] in one pass; every later step runs [the k tokens of the previous step | k new
@@ -349,11 +358,26 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
         k: tokens per pass, 1 <= k <= student.max_k (default max_k).
         temperature: tau, the temperature the student is conditioned on (> 0).
         freq_penalty: lambda of the frequency penalty (0 disables it).
+        verify, top_k, top_p: for a `DraftStudent` only, which this function hands to
+            `kforcing.draft_decode.generate_with_drafts` (verify=True: lossless, equal to `generate_ar` of its
+            teacher). A PushForwardLM cannot verify: its token rows are fine-tuned, so its logits are not the
+            teacher's.
 
     Returns:
         GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes); the last step's surplus tokens
-        (when k does not divide max_new_tokens) are dropped.
+        (when k does not divide max_new_tokens) are dropped. A DraftStudent returns a DraftOutput.
     """
+    if isinstance(student, DraftStudent):
+        from .draft_decode import generate_with_drafts  # imports this module: bound at call time
+        if freq_penalty or compile or cuda_graph:
+            raise ValueError("freq_penalty, compile and cuda_graph are not available for a DraftStudent")
+        return generate_with_drafts(student, prompts, max_new_tokens, k, seed, temperature, top_k, top_p,
+                                    verify=verify, eos_id=eos_id, pad_id=pad_id, sequence_ids=sequence_ids)
+    if verify:
+        raise ValueError("verify=True needs teacher-exact token rows, which a PushForwardLM does not have (its token "
+                         "rows are fine-tuned): distil a kforcing.hint_head.DraftStudent to decode losslessly")
+    if top_k or top_p < 1.0:
+        raise ValueError("top_k/top_p apply to a DraftStudent's verification; a PushForwardLM decodes by argmax")
     _check_model(student, PushForwardLM, "generate_kforcing")
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 1 <= k <= student.max_k:
@@ -400,7 +424,7 @@ def generate_kforcing(student: PushForwardLM, prompts: Union[Sequence[Sequence[i
             finished |= (y == eos_id).any(dim=1)
             if bool(finished.all()):
                 break
-    tokens, out_lengths = _mask_after_eos(tokens[:, :max_new_tokens], eos_id, pad_id)
+    tokens, out_lengths = mask_after_eos(tokens[:, :max_new_tokens], eos_id, pad_id)
     return GenerationOutput(tokens, out_lengths, passes)
 
 

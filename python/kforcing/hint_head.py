@@ -24,7 +24,6 @@ student of §3: window rows see the context features up to their anchor and thei
 """
 
 import dataclasses
-import functools
 import hashlib
 from typing import Optional
 
@@ -34,17 +33,9 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
-from .model import ARModel, Block, ModelConfig, rotary_cos_sin
+from .model import ARModel, Block, ModelConfig, run_blocks
 
 READOUTS = ("onehot", "categorical")
-
-
-def run_blocks(blocks, x, positions, inv_freq, attend):
-    """x (B, S, H) through `blocks` at rotary `positions`; attend(layer, q, k, v) chooses each layer's mask."""
-    cos, sin = rotary_cos_sin(positions, inv_freq)
-    for layer, block in enumerate(blocks):
-        x = block(x, cos, sin, functools.partial(attend, layer))
-    return x
 
 
 def teacher_fingerprint(teacher: ARModel) -> str:
@@ -245,5 +236,4 @@ def drafts_from_logits(logits, u, readout, temperature=1.0, top_k=0, top_p=1.0):
     return kforcing_ops.inverse_cdf_sample(flat, uniforms, temperature, top_k, top_p).view(logits.shape[:-1])
 
 
-__all__ = ["DraftStudent", "HeadConfig", "HintHead", "READOUTS", "drafts_from_logits", "run_blocks",
-           "teacher_fingerprint"]
+__all__ = ["DraftStudent", "HeadConfig", "HintHead", "READOUTS", "drafts_from_logits", "teacher_fingerprint"]

@@ -21,6 +21,7 @@ instead, for every op at once.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -246,6 +247,37 @@ class KVCache:
 # The shared backbone
 
 
+def run_blocks(blocks, x, positions, inv_freq, attend):
+    """x (B, S, H) through `blocks` at rotary `positions`; attend(layer, q, k, v) computes each layer's attention."""
+    cos, sin = rotary_cos_sin(positions, inv_freq)
+    for layer, block in enumerate(blocks):
+        x = block(x, cos, sin, functools.partial(attend, layer))
+    return x
+
+
+def decode_blocks(blocks, x, cache: KVCache, n_commit, inv_freq):
+    """One decode pass of x (B, T, H) through `blocks` against `cache`; advances its lengths by n_commit.
+
+    Row j of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are
+    appended to the cache; the others (hints) are used in this pass only (docs/method.md §3).
+    """
+    batch, rows = x.shape[:2]
+    if cache.batch_size != batch:
+        raise ValueError(f"the KV cache holds {cache.batch_size} sequences but the step has {batch}")
+    if cache.num_layers != len(blocks):
+        raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {len(blocks)}")
+    positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
+
+    def attend(layer, q, k, v):
+        return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
+                                                    n_commit)
+
+    hidden = run_blocks(blocks, x, positions, inv_freq, attend)
+    if n_commit:
+        cache.seqlens.add_(n_commit)
+    return hidden
+
+
 class Transformer(nn.Module):
     """The backbone shared by `ARModel` and `PushForwardLM` (not used on its own)."""
 
@@ -293,32 +325,11 @@ class Transformer(nn.Module):
 
     def _run(self, x, positions, attend):
         """The blocks and final norm over input vectors x (B, S, H) at `positions`; attend(layer, q, k, v)."""
-        cos, sin = rotary_cos_sin(positions, self.inv_freq)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, lambda q, k, v, layer=layer: attend(layer, q, k, v))
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, positions, self.inv_freq, attend))
 
     def _decode_run(self, x, cache, n_commit):
-        """One decode pass of x (B, T, H) against `cache` (a `KVCache`); advances the cache.
-
-        Row j of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are
-        appended to the cache; the others (hints) are used in this pass only.
-        """
-        batch, rows = x.shape[:2]
-        if cache.batch_size != batch:
-            raise ValueError(f"the KV cache holds {cache.batch_size} sequences but the step has {batch}")
-        if cache.num_layers != self.config.n_layer:
-            raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {self.config.n_layer}")
-        positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
-
-        def attend(layer, q, k, v):
-            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
-                                                        n_commit)
-
-        hidden = self._run(x, positions, attend)
-        if n_commit:
-            cache.seqlens.add_(n_commit)
-        return hidden
+        """One decode pass of x (B, T, H) through the blocks and final norm against `cache`; advances the cache."""
+        return self.norm(decode_blocks(self.blocks, x, cache, n_commit, self.inv_freq))
 
     def export_config(self):
         """The JSON-serialisable description from which `build_model` rebuilds this model (checkpoints)."""
@@ -571,4 +582,4 @@ def build_model(spec):
 
 
 __all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "PushForwardLM", "Transformer", "broadcast_tau",
-           "build_model"]
+           "build_model", "decode_blocks", "run_blocks"]
