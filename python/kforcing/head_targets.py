@@ -1,0 +1,83 @@
+"""On-policy targets and losses for a DraftStudent's hint head (docs/method.md §8).
+
+One training step over contexts ids (B, N), every context position t anchoring a window of k tokens:
+
+    1. trunk (no grad)   the teacher over ids: features and exact logits at every position.
+    2. y1                inverse_cdf_sample(teacher logits at t, u_1) under the sampling settings: exact.
+    3. head (grad)       draft logits for tokens 2..k of every window, in one staircase pass.
+    4. drafts            the head's own drafts from those logits (argmax, or its inverse CDF for `categorical`).
+    5. teacher (no grad) one staircase pass of the teacher over [context | windows (y1, d_2..d_{k-1})] gives its
+                         exact distribution of token j given the window's tokens before j: the distribution a
+                         verifier checks draft j against, given the drafts the head really makes (on-policy).
+    6. loss              onehot: cross-entropy against the teacher's token t_j = inverse_cdf_sample(that
+                         distribution, u_j). categorical: KL(teacher || head) between the distributions at the
+                         sampling temperature.
+
+The acceptance logged with it is what verified decoding would see on these windows: draft j counts when it and
+every draft before it equal the teacher's tokens.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import kforcing_ops
+
+from .hint_head import DraftStudent, drafts_from_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The sampling settings that define the teacher's distribution: what the head learns and what verifies it."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def sample_rows(logits, u, sampling: Sampling):
+    """Exact tokens (...) from logits (..., V) and uniforms (...) under `sampling`."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    tokens = kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), sampling.temperature,
+                                             sampling.top_k, sampling.top_p)
+    return tokens.view(u.shape)
+
+
+def head_step(student: DraftStudent, ids, u, sampling: Sampling):
+    """The loss of one batch and its metrics (see the module docstring).
+
+    Args:
+        student: the DraftStudent (its head in train mode).
+        ids: (B, N) contexts; every position anchors a window.
+        u: (B, N, k) uniforms of tokens 1..k of every window, k <= student.max_k.
+        sampling: the teacher's sampling settings.
+
+    Returns:
+        (loss, metrics): metrics has "loss", "acceptance" (k-1 floats: drafts 2..j+2 all equal the teacher's
+        tokens) and "tokens_per_pass" (1 + their sum: the verified tokens per pass these windows predict).
+    """
+    windows, k = u.shape[1], u.shape[2]
+    with torch.no_grad():
+        features, logits = student.trunk(ids)
+        y1 = sample_rows(logits[:, :windows], u[..., 0], sampling)
+    draft_logits = student.draft_logits(ids, features, y1, u, sampling.temperature)
+    readout = student.head_config.readout
+    with torch.no_grad():
+        drafts = drafts_from_logits(draft_logits.detach(), u, readout, sampling.temperature, sampling.top_k,
+                                    sampling.top_p)
+        window_tokens = torch.cat([y1[..., None], drafts[..., :-1]], dim=2)
+        teacher_logits = student.teacher_window_logits(ids, window_tokens).float()
+        targets = sample_rows(teacher_logits, u[..., 1:], sampling)
+    if readout == "onehot":
+        loss = F.cross_entropy(draft_logits.float().flatten(0, 2), targets.flatten())
+    else:
+        log_q = F.log_softmax(draft_logits.float() / sampling.temperature, dim=-1)
+        p = F.softmax(teacher_logits / sampling.temperature, dim=-1)
+        loss = F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+    accepted = (drafts == targets).long().cumprod(dim=-1).double().mean(dim=(0, 1))
+    metrics = {"loss": loss.item(), "acceptance": accepted.tolist(), "tokens_per_pass": 1 + accepted.sum().item()}
+    return loss, metrics
+
+
+__all__ = ["Sampling", "head_step", "sample_rows"]
