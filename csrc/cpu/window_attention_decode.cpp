@@ -127,8 +127,8 @@ at::Tensor window_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
                                     v_new.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
                                     v_cache.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                     q.strides(), k_new.strides(), v_new.strides(), k_cache.strides(),
-                                    v_cache.strides(), out.strides(), len.data(), q.size(1), q.size(2), kv_heads, q.size(3),
-                                    n_commit, scale};
+                                    v_cache.strides(), out.strides(), len.data(), q.size(1), q.size(2), kv_heads,
+                                    q.size(3), n_commit, scale};
     at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
       for (int64_t task = first; task < last; ++task) decode_task(args, task / kv_heads, task % kv_heads);
     });
