@@ -46,9 +46,12 @@ _TAU_KEY = 0x6B66_0002
 def inverse_cdf_float64(logits: torch.Tensor, u: torch.Tensor, temperature=1.0) -> torch.Tensor:
     """`kforcing_ops.inverse_cdf_sample` on float64 logits: the exact rule, with a float64 CDF.
 
-    The CPU kernel takes float32/bfloat16/float16 logits; until it accepts float64 ones, this runs the op's
-    reference (which computes in float64). When it does, drop the `use_reference()` block: one line.
+    The CPU kernel samples float64 logits itself. The CUDA kernel takes 16/32-bit logits only, so on a GPU the op's
+    float64 reference runs: one row per target, small next to the teacher pass that produced the logits.
     """
+    logits = logits.double()
+    if logits.device.type == "cpu":
+        return kforcing_ops.inverse_cdf_sample(logits, u, temperature)
     with kforcing_ops.use_reference():
         return kforcing_ops.inverse_cdf_sample(logits, u, temperature)
 
