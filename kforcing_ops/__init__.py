@@ -6,7 +6,8 @@
     noise_embedding          fused sinusoidal features of (u, tau) + Linear
     noise_conditioned_embedding  [token embeddings | noise embeddings]: a model's whole input sequence
 
-`reference` holds a pure-PyTorch version of each, and `with use_reference():` runs it in place of the kernels; `python -m kforcing_ops.info` shows how this was built.
+`reference` holds a pure-PyTorch version of each, and `with use_reference():` runs it in place of the kernels;
+`python -m kforcing_ops.info` shows how this was built.
 Importing initialises no CUDA.
 """
 

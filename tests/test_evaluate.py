@@ -16,11 +16,11 @@ from kforcing.evaluate import EvalConfig, check_targets, run_eval, save_results
 from kforcing.model import ARModel, ModelConfig, PushForwardLM
 from kforcing.report import eval_tables, write_eval_report
 from tolerances import DIFFERENT_PERPLEXITY_REL, PERPLEXITY_REL
+from tiny_models import CONFIG, models
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = ModelConfig.from_preset("tiny", vocab_size=300, max_seq_len=64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,21 +43,6 @@ def test_targets_need_both_sample_conditions():
 
 # ---------------------------------------------------------------------------------------------------------
 # The whole evaluation from checkpoints
-
-
-def models(seed=0, max_k=4):
-    torch.manual_seed(seed)
-    teacher = ARModel(CONFIG).eval()
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(10)
-    # An untrained student whose tokens depend on context and noise (weights at 2 / sqrt(fan_in)).
-    student = PushForwardLM(CONFIG, max_k).eval()
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.dim() >= 2:
-                p.normal_(std=2.0 / p.shape[1] ** 0.5)
-        student.tok_emb.weight.normal_(std=1.0)
-    return teacher, student
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from kforcing.metrics import (EvalError, agreement_from_tokens, check_compatible
                               unigram_entropy, window_tokens)
 from kforcing.model import ARModel, ModelConfig, PushForwardLM
 from tolerances import PERPLEXITY_REL
+from tiny_models import CONFIG, models
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
-
-CONFIG = ModelConfig.from_preset("tiny", vocab_size=300, max_seq_len=64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,21 +68,6 @@ def test_agreement_from_tokens():
 
 # ---------------------------------------------------------------------------------------------------------
 # Models
-
-
-def models(seed=0, max_k=4):
-    torch.manual_seed(seed)
-    teacher = ARModel(CONFIG).eval()
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(10)
-    # An untrained student whose tokens depend on context and noise (weights at 2 / sqrt(fan_in)).
-    student = PushForwardLM(CONFIG, max_k).eval()
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.dim() >= 2:
-                p.normal_(std=2.0 / p.shape[1] ** 0.5)
-        student.tok_emb.weight.normal_(std=1.0)
-    return teacher, student
 
 
 def contexts_of(n, seed=0):

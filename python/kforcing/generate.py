@@ -340,7 +340,8 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
 
 @torch.no_grad()
 def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
-                      prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int, k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
+                      prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
+                      k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
                       freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
                       sequence_ids=None, compile: bool = False, cuda_graph: bool = False, verify: bool = False,
                       top_k: int = 0, top_p: float = 1.0):

@@ -57,7 +57,7 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling):
         (loss, metrics): metrics has "loss", "acceptance" (k-1 floats: drafts 2..j+2 all equal the teacher's
         tokens) and "tokens_per_pass" (1 + their sum: the verified tokens per pass these windows predict).
     """
-    windows, k = u.shape[1], u.shape[2]
+    windows = u.shape[1]
     with torch.no_grad():
         features, logits = student.trunk(ids)
         y1 = sample_rows(logits[:, :windows], u[..., 0], sampling)

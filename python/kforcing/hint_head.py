@@ -208,7 +208,7 @@ class DraftStudent:
             token j+2 (as logits).
         """
         batch, context = ids.shape
-        windows, k = u.shape[1], u.shape[2]
+        windows = u.shape[1]
         window_x = self.window_inputs(y1, u, tau)
         rows = window_x.shape[2]
         x = torch.cat([features.to(window_x.dtype), window_x.flatten(1, 2)], dim=1)
