@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kforcing.head_targets import Sampling, head_step, sample_rows
-from kforcing.hint_head import DraftStudent, HeadConfig
+from kforcing.head_targets import head_step
+from kforcing.hint_head import DraftStudent, HeadConfig, Sampling, sample_rows
 from kforcing.model import ARModel, ModelConfig
 from kforcing.noise import counter_uniform
 

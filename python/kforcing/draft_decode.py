@@ -24,10 +24,8 @@ from typing import List, Optional
 
 import torch
 
-import kforcing_ops
-
 from .generate import check_request, mask_after_eos
-from .hint_head import DraftStudent, drafts_from_logits
+from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
 from .model import KVCache, decode_blocks
 from .noise import counter_uniform
 
@@ -52,13 +50,6 @@ class DraftOutput:
 
     def tolist(self) -> List[List[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
-
-
-def _sample(logits, u, temperature, top_k, top_p):
-    """Exact teacher tokens (B, T) from logits (B, T, V) and uniforms (B, T)."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    return kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), temperature, top_k,
-                                           top_p).view(u.shape)
 
 
 class _DraftDecoder:
@@ -95,12 +86,12 @@ class _DraftDecoder:
         student, k = self.student, self.k
         position = self.head_cache.seqlens.to(torch.int64)[:, None]
         u = self.uniforms(position + torch.arange(k, device=exact.device))  # u of exact, then of the drafts
-        temperature, top_k, top_p = self.sampling
-        x = student.window_inputs(exact[:, None], u[:, None], temperature)[:, 0]
+        sampling = self.sampling
+        x = student.window_inputs(exact[:, None], u[:, None], sampling.temperature)[:, 0]
         hidden = self.decode_rows(student.head.blocks, x, self.head_cache, 0)
         readout = student.head_config.readout
         rows = hidden[:, 1:] if readout == "onehot" else hidden
-        return drafts_from_logits(student.head_logits(rows), u, readout, temperature, top_k, top_p)
+        return drafts_from_logits(student.head_logits(rows), u, readout, sampling)
 
 
 @torch.no_grad()
@@ -131,7 +122,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     device = student.device
     batch = len(prompt_list)
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
-    sampling = (float(temperature), top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
                             sampling)
 
@@ -144,7 +135,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     decoder.trunk_cache.seqlens.copy_(lengths)
     decoder.commit_features(features, lengths)
     last = logits[torch.arange(batch, device=device), lengths - 1]
-    exact = _sample(last[:, None], decoder.uniforms(lengths[:, None]), *sampling)[:, 0]
+    exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
     drafts = decoder.draft(exact)
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
@@ -160,7 +151,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             break
         start = decoder.trunk_cache.seqlens.to(torch.int64)
         features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
-        teacher_tokens = _sample(logits, decoder.uniforms(start[:, None] + 1 + offsets), *sampling)
+        teacher_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1 + offsets), sampling)
         if verify:
             matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
             new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)

@@ -17,31 +17,10 @@ The acceptance logged with it is what verified decoding would see on these windo
 every draft before it equal the teacher's tokens.
 """
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
-import kforcing_ops
-
-from .hint_head import DraftStudent, drafts_from_logits
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The sampling settings that define the teacher's distribution: what the head learns and what verifies it."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-
-def sample_rows(logits, u, sampling: Sampling):
-    """Exact tokens (...) from logits (..., V) and uniforms (...) under `sampling`."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    tokens = kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), sampling.temperature,
-                                             sampling.top_k, sampling.top_p)
-    return tokens.view(u.shape)
+from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
 
 
 def head_step(student: DraftStudent, ids, u, sampling: Sampling):
@@ -64,8 +43,7 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling):
     draft_logits = student.draft_logits(ids, features, y1, u, sampling.temperature)
     readout = student.head_config.readout
     with torch.no_grad():
-        drafts = drafts_from_logits(draft_logits.detach(), u, readout, sampling.temperature, sampling.top_k,
-                                    sampling.top_p)
+        drafts = drafts_from_logits(draft_logits.detach(), u, readout, sampling)
         window_tokens = torch.cat([y1[..., None], drafts[..., :-1]], dim=2)
         teacher_logits = student.teacher_window_logits(ids, window_tokens).float()
         targets = sample_rows(teacher_logits, u[..., 1:], sampling)
@@ -80,4 +58,4 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling):
     return loss, metrics
 
 
-__all__ = ["Sampling", "head_step", "sample_rows"]
+__all__ = ["head_step"]

@@ -221,7 +221,24 @@ class DraftStudent:
         return self.head_logits(window_hidden)
 
 
-def drafts_from_logits(logits, u, readout, temperature=1.0, top_k=0, top_p=1.0):
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The sampling settings that define the teacher's distribution: what the head learns and what verifies it."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def sample_rows(logits, u, sampling: Sampling):
+    """Exact tokens (...) from logits (..., V) and uniforms (...) under `sampling`."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    tokens = kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), sampling.temperature,
+                                             sampling.top_k, sampling.top_p)
+    return tokens.view(u.shape)
+
+
+def drafts_from_logits(logits, u, readout, sampling: Sampling):
     """Draft tokens (..., k-1) from head logits (..., k-1, V) and the uniforms (..., k) of tokens 1..k.
 
     onehot: argmax. categorical: inverse_cdf_sample of each row's distribution with the uniform of its token,
@@ -229,11 +246,8 @@ def drafts_from_logits(logits, u, readout, temperature=1.0, top_k=0, top_p=1.0):
     """
     if readout == "onehot":
         return logits.float().argmax(-1)
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    uniforms = u[..., 1:].reshape(-1).contiguous()
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.reshape(-1, *([1] * (u.dim() - 1))).expand(u[..., 1:].shape).reshape(-1)
-    return kforcing_ops.inverse_cdf_sample(flat, uniforms, temperature, top_k, top_p).view(logits.shape[:-1])
+    return sample_rows(logits, u[..., 1:], sampling)
 
 
-__all__ = ["DraftStudent", "HeadConfig", "HintHead", "READOUTS", "drafts_from_logits", "teacher_fingerprint"]
+__all__ = ["DraftStudent", "HeadConfig", "HintHead", "READOUTS", "Sampling", "drafts_from_logits", "sample_rows",
+           "teacher_fingerprint"]
