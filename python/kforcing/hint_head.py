@@ -20,7 +20,7 @@ own position through a noise embedding e(u, tau). Two readouts turn head outputs
 A window therefore has k rows (onehot) or k-1 rows (categorical), and the head sees the same staircase as the
 student of §3: window rows see the context features up to their anchor and their own window causally.
 
-`DraftStudent` holds the teacher and the head; `kforcing.verify` decodes with it, with or without verification.
+`DraftStudent` holds the teacher and the head; `kforcing.draft_decode` decodes with it, with or without verification.
 """
 
 import dataclasses
