@@ -25,6 +25,7 @@ from kforcing.model import ARModel, ModelConfig, PushForwardLM
 from kforcing.noise import counter_uniform
 from kforcing.train import TrainConfig, train_teacher
 from tolerances import DDP_LOSS_ABS, DDP_WEIGHTS, HAND_BUILT_LOSS_ABS, RECOMPUTED_AGREEMENT_ABS
+import tiny_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 
@@ -47,16 +48,8 @@ def random_models(max_k=2, seed=0):
 
 
 def diverse_student(max_k, seed=0):
-    """An untrained student whose tokens depend strongly on context and noise (weights at 2 / sqrt(fan_in)), so
-    that equalities between target constructions are not satisfied by a constant output."""
     torch.manual_seed(seed)
-    student = PushForwardLM(TINY, max_k).eval()
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.dim() >= 2:
-                p.normal_(std=2.0 / p.shape[1] ** 0.5)
-        student.tok_emb.weight.normal_(std=1.0)
-    return student
+    return tiny_models.diverse_student(TINY, max_k)
 
 
 # ---------------------------------------------------------------------------------------------------------
