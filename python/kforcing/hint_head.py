@@ -74,6 +74,18 @@ class HeadConfig:
         if self.readout not in READOUTS:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadConfig":
+        """The inverse of to_dict; an unknown key (a checkpoint from a newer kforcing) is a clear error."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown head settings {unknown}: this kforcing knows {sorted(known)}")
+        return cls(**data)
+
     def window_rows(self, k):
         """Rows of one window for k tokens: y1 + k-1 hints (onehot) or y1 + k-2 hints (categorical)."""
         return k if self.readout == "onehot" else k - 1
