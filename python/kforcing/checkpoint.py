@@ -355,15 +355,21 @@ def describe_config_difference(a: ModelConfig, b: ModelConfig) -> str:
     return ", ".join(f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key])
 
 
-def load_weights(model: Transformer, path, strict: bool = True):
-    """Load a checkpoint's weights into `model`, with an error naming every mismatching tensor."""
+def load_weights(model, path, strict: bool = True):
+    """Load a checkpoint's weights into `model` (a Transformer or a HintHead), with an error naming every
+    mismatching tensor."""
     directory = resolve_checkpoint(path)
     config = read_config(directory)
-    saved_config = ModelConfig.from_dict(config["model"])
-    if saved_config != model.config:
+    mine = model.export_config()
+    saved_config, model_config = ModelConfig.from_dict(config["model"]), ModelConfig.from_dict(mine["model"])
+    if saved_config != model_config:
         raise CheckpointError(f"checkpoint {directory} was made for another model config "
-                              f"({describe_config_difference(saved_config, model.config)}; checkpoint vs model)")
-    state = load_file_checked(directory, MODEL_FILE, lambda p: load_file(str(p), device=str(model.device)), config)
+                              f"({describe_config_difference(saved_config, model_config)}; checkpoint vs model)")
+    if config.get("head") != mine.get("head"):
+        raise CheckpointError(f"checkpoint {directory} holds a head with settings {config.get('head')}, not "
+                              f"{mine.get('head')}")
+    state = load_file_checked(directory, MODEL_FILE, lambda p: load_file(str(p), device=str(_device_of(model))),
+                              config)
     expected = model.state_dict()
     problems = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
@@ -376,10 +382,27 @@ def load_weights(model: Transformer, path, strict: bool = True):
     return model
 
 
-def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True):
-    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run directory."""
+def _device_of(model) -> torch.device:
+    return next(iter(model.state_dict().values())).device
+
+
+def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True,
+               teacher=None):
+    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run directory.
+
+    A draft-student checkpoint (a hint head) loads as a `DraftStudent` with its teacher: `teacher` (an ARModel or a
+    checkpoint path) when given, else the teacher embedded in a merged export, else the checkpoint its provenance
+    names (see `kforcing.draft_checkpoint`).
+    """
     directory = resolve_checkpoint(path)
     config = read_config(directory)
+    if config.get("model_type") == "draft":
+        from .draft_checkpoint import load_draft_student
+
+        student = load_draft_student(directory, config, teacher, device)
+        if dtype is not None:
+            student.to(dtype)
+        return student.eval(), _tokenizer(directory, with_tokenizer), config
     try:
         model = build_model(config)
     except (ValueError, TypeError) as error:
@@ -388,10 +411,13 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tok
     load_weights(model, directory)
     if dtype is not None:
         model.to(dtype)
-    tokenizer = None
-    if with_tokenizer and (directory / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(directory / "tokenizer.json")
-    return model.eval(), tokenizer, config
+    return model.eval(), _tokenizer(directory, with_tokenizer), config
+
+
+def _tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
+    if wanted and (directory / "tokenizer.json").is_file():
+        return load_tokenizer(directory / "tokenizer.json")
+    return None
 
 
 __all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "sha256_file",

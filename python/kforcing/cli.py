@@ -118,43 +118,64 @@ def _add_sample_parser(subparsers):
     p = _new_parser(
         subparsers, "sample", "print samples from a teacher or a K-Forcing student checkpoint",
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
-        "student decodes --k tokens per pass. Both draw the uniform of position p of sample j from (--seed, j, p), "
-        "so a teacher and a student given the same seed are coupled.")
+        "student decodes --k tokens per pass. A draft student (distill --pathway head) decodes with its teacher: "
+        "with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it keeps "
+        "its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, p), so "
+        "models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    p.add_argument("--verify", action="store_true", help="draft students: lossless verified decoding")
+    p.add_argument("--teacher", default=None, help="draft students: the teacher checkpoint (default: the one it "
+                   "was trained on, from its provenance)")
     p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for several (default: EOS)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
     p.add_argument("--k", type=int, default=None, help="tokens per pass (students only; default: the student's max_k)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (student: its tau)")
-    p.add_argument("--top-k", type=int, default=0, help="AR only: keep the top-k tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="AR only: nucleus mass (1: all)")
+    p.add_argument("--top-k", type=int, default=0, help="AR and draft students: keep the top-k tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="AR and draft students: nucleus mass (1: all)")
     p.add_argument("--freq-penalty", type=float, default=0.0, help="student only: frequency penalty lambda")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=_sample)
 
 
+def _check_sample_args(args, model) -> str:
+    """The kind of model ("ar", "pushforward" or "draft"), after checking the flags fit it."""
+    from .hint_head import DraftStudent
+    from .model import PushForwardLM
+
+    kind = "draft" if isinstance(model, DraftStudent) else "pushforward" if isinstance(model, PushForwardLM) else "ar"
+    if args.k is not None and kind == "ar":
+        raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
+    if kind == "pushforward" and (args.top_k or args.top_p < 1.0):
+        raise ValueError("--top-k/--top-p apply to AR teachers and draft students; a push-forward student decodes "
+                         "by argmax")
+    if kind != "pushforward" and args.freq_penalty:
+        raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
+    if args.verify and kind != "draft":
+        raise ValueError("--verify needs a draft student (distill --pathway head): only its token rows are the "
+                         "teacher's own" + (", and a push-forward student's are fine-tuned" if kind == "pushforward"
+                                           else ""))
+    if args.teacher is not None and kind != "draft":
+        raise ValueError("--teacher applies to draft students only")
+    return kind
+
+
 def _sample(args):
     import torch
 
     from .checkpoint import load_model
+    from .draft_decode import generate_with_drafts
     from .generate import generate_ar, generate_kforcing
-    from .model import PushForwardLM
     from .runtime import resolve_device
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
+    model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device), teacher=args.teacher)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.ckpt} has no tokenizer.json, so text prompts cannot be encoded")
-    is_student = isinstance(model, PushForwardLM)
-    if args.k is not None and not is_student:
-        raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
-    if is_student and (args.top_k or args.top_p < 1.0):
-        raise ValueError("--top-k/--top-p apply to AR teachers only; a student decodes by argmax")
-    if not is_student and args.freq_penalty:
-        raise ValueError("--freq-penalty applies to K-Forcing students only")
+    kind = _check_sample_args(args, model)
     texts = args.prompt or [""]
     prompts = []
     for text in texts:
@@ -162,10 +183,14 @@ def _sample(args):
         prompts.extend([[tokenizer.eos_id] + ids] * args.num_samples)  # EOS = document start
     eos = None if args.no_stop else tokenizer.eos_id
     start = time.perf_counter()
-    if is_student:
+    if kind == "pushforward":
         out = generate_kforcing(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
                                 temperature=args.temperature, freq_penalty=args.freq_penalty, eos_id=eos,
                                 pad_id=tokenizer.pad_id)
+    elif kind == "draft":
+        out = generate_with_drafts(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   verify=args.verify, eos_id=eos, pad_id=tokenizer.pad_id)
     else:
         out = generate_ar(model, prompts, args.max_new_tokens, seed=args.seed, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=tokenizer.pad_id)
@@ -177,7 +202,10 @@ def _sample(args):
         print(f"=== sample {i // args.num_samples}.{j}")
         print(text + tokenizer.decode(tokens))
     generated = int(out.lengths.sum())
-    kind = f"K-Forcing k={args.k or model.max_k}" if is_student else "AR"
+    if kind == "ar":
+        kind = "AR"
+    else:
+        kind = ("verified " if args.verify else "") + f"K-Forcing k={args.k or model.max_k}"
     print(f"[{kind}: {generated} tokens in {out.num_passes} passes, {elapsed:.2f} s, "
           f"{generated / max(elapsed, 1e-9):.1f} tokens/s, {torch.get_num_threads()} CPU threads]", file=sys.stderr)
     return 0
@@ -195,7 +223,11 @@ def _add_distill_parser(subparsers):
         "Progressive self-forcing distillation (docs/method.md §5). Stage k=1 learns the teacher's float64 "
         "inverse-CDF tokens at temperature tau; stage k -> 2k learns two consecutive decode steps of the frozen "
         "stage-k student. Each stage writes OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json "
-        "points to the newest finished student. Under torchrun it trains with DDP.")
+        "points to the newest finished student. Under torchrun it trains with DDP. With --pathway head the teacher "
+        "stays frozen and only a hint head trains (docs/method.md §8): its token rows are the teacher's own, and "
+        "`kforcing sample --verify` decodes losslessly, several tokens per pass.")
+    add_options(p.add_argument_group("the student"), DistillConfig, [
+        "pathway", "readout", "head_layers", "windows", "top_k", "top_p"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])
@@ -214,6 +246,13 @@ def _distill(args):
     summary = distill(config_from_args(DistillConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
         for stage in summary["stages"]:
+            if "verified_tokens_per_pass" in stage or "val_tokens_per_pass" in stage:
+                accept = ", ".join(f"{stage.get(f'val_accept_{j}', 0.0):.3f}" for j in range(2, stage["k"] + 1))
+                measured = stage.get("verified_tokens_per_pass")
+                print(f"stage k={stage['k']}: {stage['step']} steps, acceptance per draft offset [{accept}], "
+                      f"verified tokens per pass " + ("-" if measured is None else f"{measured:.2f}"),
+                      file=sys.stderr)
+                continue
             agree = [stage.get(f"ar_agree_{j}") for j in range(1, stage["k"] + 1)]
             agree = ", ".join("-" if a is None else f"{a:.3f}" for a in agree)
             print(f"stage k={stage['k']}: {stage['step']} steps, val exact match {stage['val_exact_match']:.3f}, "

@@ -44,6 +44,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, Tokenizer, find_token_cache, heldout_contexts, prepare_dataset
+from .head_targets import WINDOWS
+from .distill_draft import check_draft_run, run_draft_stage
+from .hint_head import READOUTS, DraftStudent, HeadConfig
 from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
@@ -53,6 +56,8 @@ from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distr
                       warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
+PATHWAYS = ("full", "head")  # full: PushForwardLM (every weight trains); head: DraftStudent (a hint head only)
+DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4]}
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
 
 
@@ -97,8 +102,19 @@ class DistillConfig:
 
     teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory", required=True)
     out_dir: str = option(help="run directory of the students", flag="--out", required=True)
-    schedule: List[int] = option([1, 2, 4], "the stages' k, doubling from 1 (e.g. 1,2,4 or 1,2,4,8)",
-                                 convert=lambda text: parse_int_list(text, "--schedule"), flag_default="1,2,4")
+    pathway: str = option("full", "the student: full (every weight fine-tuned, hint rows through the whole model: "
+                          "the original method) or head (a hint head on the frozen teacher: exact token rows, "
+                          "lossless verified decoding)", choices=list(PATHWAYS))
+    schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
+                                           "from k >= 2 (default 4)",
+                                           convert=lambda text: parse_int_list(text, "--schedule") if text else None)
+    readout: str = option("onehot", "head: onehot (the draft is the argmax of a row that sees its own uniform) or "
+                          "categorical (a distribution sampled with the token's uniform)", choices=list(READOUTS))
+    head_layers: int = option(2, "head: Transformer blocks of the hint head (copied from the teacher's last ones)")
+    windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
+                          "teacher (exact teacher rollouts)", choices=list(WINDOWS))
+    top_k: int = option(0, "head: the top-k of the sampling distribution the head learns (0: off)")
+    top_p: float = option(1.0, "head: the top-p of the sampling distribution the head learns (1: off)")
     objective: str = option("self-forcing", "self-forcing (the teacher's own tokens) or the noise-inversion baseline "
                             "(data tokens, u drawn inside their teacher-CDF interval)", choices=list(OBJECTIVES))
     steps: List[int] = option([1000], "optimizer steps per stage: one value, or one per stage (500,500,1000)",
@@ -152,7 +168,14 @@ class DistillConfig:
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
-        check_schedule(self.schedule, self.objective, start=None)
+        if self.pathway not in PATHWAYS:
+            raise DistillError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
+        if self.schedule is None:
+            self.schedule = list(DEFAULT_SCHEDULES[self.pathway])
+        if self.pathway == "full":
+            check_schedule(self.schedule, self.objective, start=None)
+        else:
+            self._validate_draft()
         self.stage_steps()  # validates steps
         check_loop_options(self, DistillError)
         for name in ("min_steps", "ar_eval_contexts"):
@@ -172,6 +195,22 @@ class DistillConfig:
         if self.stop_after is not None and not 1 <= self.stop_after <= sum(self.stage_steps()):
             raise DistillError(f"stop_after must be in [1, {sum(self.stage_steps())}] (steps of all stages), "
                                f"got {self.stop_after}")
+
+    def _validate_draft(self):
+        if self.objective != "self-forcing":
+            raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
+                               "exact windows (--windows)")
+        check_schedule(self.schedule, "growth", start=2)
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise DistillError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        try:
+            self.head_config()
+        except ValueError as error:
+            raise DistillError(str(error)) from None
+
+    def head_config(self) -> HeadConfig:
+        """The hint head a draft pathway trains (max_k: the schedule's largest k)."""
+        return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout)
 
     def stage_steps(self) -> List[int]:
         """Steps of each stage (one value repeated, or one per stage)."""
@@ -206,6 +245,13 @@ def check_schedule(schedule: Sequence[int], objective: str = "self-forcing", sta
     """
     if not schedule or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in schedule):
         raise DistillError(f"schedule must be a non-empty list of positive ints such as 1,2,4, got {schedule!r}")
+    if objective == "growth":  # a draft student's head: any increasing schedule from k >= start
+        if schedule[0] < start:
+            raise DistillError(f"schedule {list(schedule)} must start at k >= {start}: the head drafts tokens 2..k")
+        for a, b in zip(schedule, schedule[1:]):
+            if b <= a:
+                raise DistillError(f"schedule {list(schedule)} must increase, got k={a} then k={b}")
+        return
     if objective == "self-forcing":
         if start is not None and schedule[0] != start:
             what = "an AR teacher" if start == 1 else f"a teacher student with max_k={start // 2}"
@@ -505,14 +551,19 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
     teacher_dir = ckpt.resolve_checkpoint(config.teacher)
     provenance = ckpt.Provenance.from_config(teacher_config)
-    if isinstance(teacher, PushForwardLM):
+    if config.pathway != "full":
+        if not isinstance(teacher, ARModel):
+            raise DistillError(f"--pathway {config.pathway} needs an AR teacher; {teacher_dir} is a "
+                               f"{type(teacher).__name__}")
+        check_draft_run(config, info)
+    elif isinstance(teacher, PushForwardLM):
         if config.objective == "noise-inversion":
             raise DistillError("--objective noise-inversion needs an AR teacher (the CDF intervals are the AR "
                                f"model's); {teacher_dir} is a K-Forcing student")
         start = 2 * teacher.max_k if config.objective == "self-forcing" else teacher.max_k + 1
+        check_schedule(config.schedule, config.objective, start)
     else:
-        start = 1
-    check_schedule(config.schedule, config.objective, start)
+        check_schedule(config.schedule, config.objective, 1)
     seq_len = _context_length(config, teacher, provenance)
     if info.main:
         layout.root.mkdir(parents=True, exist_ok=True)
@@ -524,8 +575,8 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
     if dataset.vocab_size > teacher.config.vocab_size:
         raise DistillError(f"the data's tokenizer has {dataset.vocab_size} tokens but the teacher's vocabulary has "
                            f"{teacher.config.vocab_size}: the corpus was tokenised with another tokenizer")
-    return _run_schedule(config, teacher, str(teacher_dir.resolve()), dataset, tokenizer, seq_len, layout, info,
-                         device)
+    run = _run_schedule if config.pathway == "full" else _run_draft_schedule
+    return run(config, teacher, str(teacher_dir.resolve()), dataset, tokenizer, seq_len, layout, info, device)
 
 
 def _finished_stage(stage_layout: RunLayout, k: int) -> dict:
@@ -539,6 +590,38 @@ def _finished_stage(stage_layout: RunLayout, k: int) -> dict:
 def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, layout, info, device) -> dict:
     ar_teacher = teacher if isinstance(teacher, ARModel) else None
     stage_teacher, stage_teacher_dir = teacher, teacher_dir
+
+    def train(index, k, steps, stage_layout, steps_before):
+        stage = Stage(index, k, steps, stage_layout, stage_teacher, ar_teacher, stage_teacher_dir)
+        return run_stage(config, stage, dataset, tokenizer, seq_len, info, device, steps_before)
+
+    def finished(stage_layout):  # the next stage's teacher: this stage's student
+        nonlocal stage_teacher, stage_teacher_dir
+        stage_teacher, _, _ = ckpt.load_model(stage_layout.final, device=device, with_tokenizer=False)
+        stage_teacher_dir = str(stage_layout.final.resolve())
+
+    return _schedule_loop(config, layout, info, seq_len, train, finished)
+
+
+def _run_draft_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, layout, info, device) -> dict:
+    """The stages of a draft student: one head grows through the schedule's k, on the same frozen teacher."""
+    torch.manual_seed(config.seed)  # the head's new noise encoder
+    student = DraftStudent.from_teacher(teacher, config.head_config())
+
+    def train(index, k, steps, stage_layout, steps_before):
+        return run_draft_stage(config, student, index, k, steps, stage_layout, dataset, tokenizer, seq_len, info,
+                               device, steps_before, teacher_dir)
+
+    def finished(stage_layout):  # the next stage continues from this stage's exported (EMA) head
+        ckpt.load_weights(student.head, stage_layout.final)
+
+    return _schedule_loop(config, layout, info, seq_len, train, finished)
+
+
+def _schedule_loop(config, layout, info, seq_len, train, finished) -> dict:
+    """Run the stages in order: a finished stage is kept, `train(index, k, steps, stage layout, steps before)`
+    runs the others (None: stop_after ended the run inside it); `finished(stage layout)` hands a stage's export
+    to the next one."""
     summaries, steps_before = [], 0
     for index, (k, steps) in enumerate(zip(config.schedule, config.stage_steps())):
         stage_layout = layout.stage(k)
@@ -547,14 +630,12 @@ def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, lay
         elif config.stop_after is not None and steps_before >= config.stop_after:
             break
         else:
-            stage = Stage(index, k, steps, stage_layout, stage_teacher, ar_teacher, stage_teacher_dir)
-            summary = run_stage(config, stage, dataset, tokenizer, seq_len, info, device, steps_before)
+            summary = train(index, k, steps, stage_layout, steps_before)
             if summary is None:  # stopped mid-stage (stop_after)
                 break
         summaries.append(summary)
         steps_before += summary["steps_budget"]
-        stage_teacher, _, _ = ckpt.load_model(stage_layout.final, device=device, with_tokenizer=False)
-        stage_teacher_dir = str(stage_layout.final.resolve())
+        finished(stage_layout)
         if info.main:
             ckpt.write_latest(layout.root, stage_layout.final, summary["step"])
         info.barrier()
@@ -564,5 +645,5 @@ def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, lay
     return {"stages": summaries, "checkpoint": final, "out_dir": str(layout.root), "seq_len": seq_len}
 
 
-__all__ = ["DistillConfig", "DistillError", "OBJECTIVES", "Stage", "StageTask", "check_schedule", "distill",
+__all__ = ["DistillConfig", "DistillError", "OBJECTIVES", "PATHWAYS", "Stage", "StageTask", "check_schedule", "distill",
            "parse_tau", "plateaued", "run_stage"]

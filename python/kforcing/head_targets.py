@@ -8,7 +8,10 @@ One training step over contexts ids (B, N), every context position t anchoring a
     4. drafts            the head's own drafts from those logits (argmax, or its inverse CDF for `categorical`).
     5. teacher (no grad) one staircase pass of the teacher over [context | windows (y1, d_2..d_{k-1})] gives its
                          exact distribution of token j given the window's tokens before j: the distribution a
-                         verifier checks draft j against, given the drafts the head really makes (on-policy).
+                         verifier checks draft j against, given the drafts the head really makes (on-policy,
+                         windows="student"). With windows="teacher" the windows are the teacher's own exact
+                         rollouts instead (y1, t_2, .., t_{k-1}, sampled with the same uniforms: k-2 more staircase
+                         passes), the windows verified decoding commits when every draft is right.
     6. loss              onehot: cross-entropy against the teacher's token t_j = inverse_cdf_sample(that
                          distribution, u_j). categorical: KL(teacher || head) between the distributions at the
                          sampling temperature.
@@ -23,7 +26,23 @@ import torch.nn.functional as F
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
 
 
-def head_step(student: DraftStudent, ids, u, sampling: Sampling):
+WINDOWS = ("student", "teacher")
+
+
+def teacher_rollout(student: DraftStudent, ids, y1, u, sampling: Sampling):
+    """The teacher's exact windows (B, W, k-1) = (y1, t_2, .., t_{k-1}) and its logits after each row (B, W, k-1, V).
+
+    Token j of a window is inverse_cdf_sample of the teacher's distribution given the window so far, with u_j:
+    exactly what AR sampling with the window's uniforms produces.
+    """
+    tokens = y1[..., None]
+    for j in range(1, u.shape[2] - 1):
+        logits = student.teacher_window_logits(ids, tokens)[:, :, -1].float()
+        tokens = torch.cat([tokens, sample_rows(logits, u[..., j], sampling)[..., None]], dim=2)
+    return tokens, student.teacher_window_logits(ids, tokens).float()
+
+
+def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = "student"):
     """The loss of one batch and its metrics (see the module docstring).
 
     Args:
@@ -31,21 +50,26 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling):
         ids: (B, N) contexts; every position anchors a window.
         u: (B, N, k) uniforms of tokens 1..k of every window, k <= student.max_k.
         sampling: the teacher's sampling settings.
+        windows: "student" (the head's own drafts, on-policy) or "teacher" (the teacher's exact rollouts).
 
     Returns:
         (loss, metrics): metrics has "loss", "acceptance" (k-1 floats: drafts 2..j+2 all equal the teacher's
         tokens) and "tokens_per_pass" (1 + their sum: the verified tokens per pass these windows predict).
     """
-    windows = u.shape[1]
+    if windows not in WINDOWS:
+        raise ValueError(f"unknown windows {windows!r}; choose one of {WINDOWS}")
     with torch.no_grad():
         features, logits = student.trunk(ids)
-        y1 = sample_rows(logits[:, :windows], u[..., 0], sampling)
+        y1 = sample_rows(logits[:, :u.shape[1]], u[..., 0], sampling)
     draft_logits = student.draft_logits(ids, features, y1, u, sampling.temperature)
     readout = student.head_config.readout
     with torch.no_grad():
         drafts = drafts_from_logits(draft_logits.detach(), u, readout, sampling)
-        window_tokens = torch.cat([y1[..., None], drafts[..., :-1]], dim=2)
-        teacher_logits = student.teacher_window_logits(ids, window_tokens).float()
+        if windows == "student":
+            window_tokens = torch.cat([y1[..., None], drafts[..., :-1]], dim=2)
+            teacher_logits = student.teacher_window_logits(ids, window_tokens).float()
+        else:
+            _, teacher_logits = teacher_rollout(student, ids, y1, u, sampling)
         targets = sample_rows(teacher_logits, u[..., 1:], sampling)
     if readout == "onehot":
         loss = F.cross_entropy(draft_logits.float().flatten(0, 2), targets.flatten())
@@ -58,4 +82,4 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling):
     return loss, metrics
 
 
-__all__ = ["head_step"]
+__all__ = ["WINDOWS", "head_step", "teacher_rollout"]

@@ -99,10 +99,17 @@ class HintHead(nn.Module):
         if config.num_layers > model_config.n_layer:
             raise ValueError(f"a head of {config.num_layers} layers cannot be copied from a teacher of "
                              f"{model_config.n_layer} layers")
-        self.config = config
+        self.config, self.model_config = config, model_config
+        self.teacher_fingerprint: Optional[str] = None  # set by DraftStudent: the teacher these weights belong to
         self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(model_config.n_embd, bias=False)
         self.noise = NoiseEmbedding(model_config.n_embd, num_freqs=config.noise_num_freqs)
+
+    def export_config(self) -> dict:
+        """What a checkpoint's config.json records of the head (`kforcing.checkpoint`): the teacher's model config,
+        the head's settings and the fingerprint of the teacher the head was trained on."""
+        return {"model_type": "draft", "model": self.model_config.to_dict(), "head": self.config.to_dict(),
+                "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
     def from_teacher(cls, teacher: ARModel, config: HeadConfig):
@@ -123,12 +130,16 @@ class DraftStudent:
         fingerprint: `teacher_fingerprint(teacher)`, stored in checkpoints and checked when loading.
     """
 
-    def __init__(self, teacher: ARModel, head: HintHead):
+    def __init__(self, teacher: ARModel, head: HintHead, fingerprint: Optional[str] = None):
+        """fingerprint: `teacher_fingerprint(teacher)` when the caller has it already (it hashes every weight)."""
         if not isinstance(teacher, ARModel):
             raise TypeError(f"a DraftStudent needs an ARModel teacher, got {type(teacher).__name__}")
+        if head.model_config != teacher.config:
+            raise ValueError("the head was built for another model config than the teacher's")
         teacher.requires_grad_(False)
         self.teacher, self.head = teacher, head
-        self.fingerprint = teacher_fingerprint(teacher)
+        self.fingerprint = fingerprint or teacher_fingerprint(teacher)
+        head.teacher_fingerprint = self.fingerprint
 
     @classmethod
     def from_teacher(cls, teacher: ARModel, config: HeadConfig = HeadConfig()):
@@ -154,6 +165,20 @@ class DraftStudent:
         self.teacher.eval()
         self.head.eval()
         return self
+
+    def to(self, *args, **kwargs):
+        """Move or cast the teacher and the head together (as nn.Module.to)."""
+        self.teacher.to(*args, **kwargs)
+        self.head.to(*args, **kwargs)
+        return self
+
+    @property
+    def dtype(self):
+        return self.teacher.dtype
+
+    def num_params(self) -> int:
+        """Trainable (head) parameters: what a draft checkpoint stores."""
+        return sum(p.numel() for p in self.head.parameters())
 
     # -- the trunk (exact teacher) -----------------------------------------------------------------------------
 

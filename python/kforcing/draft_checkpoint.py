@@ -1,0 +1,84 @@
+"""Checkpoints of draft students: the hint head's weights and the fingerprint of its teacher, never the teacher.
+
+A draft-student checkpoint is a `kforcing.checkpoint` directory whose config.json has model_type "draft":
+
+    model.safetensors     the HintHead's state dict (the only trained weights)
+    config.json           "model": the teacher's ModelConfig, "head": the HeadConfig, "teacher_fingerprint": the
+                          sha256 prefix of the teacher's config and weights (`teacher_fingerprint`), "provenance":
+                          its `teacher` names the teacher checkpoint it was trained on
+    teacher.safetensors   only in a merged export (`save_draft_student(..., merged=True)`): the teacher's weights,
+                          so that the directory decodes on its own
+
+Loading finds the teacher in this order: the one the caller passes, the embedded one of a merged export, the
+checkpoint the provenance names. Whatever it is, its fingerprint must equal the recorded one: a head is only valid
+on the exact teacher it was trained on, so another teacher (other weights, even a fine-tune of the same model) is a
+`CheckpointError` that names both fingerprints.
+"""
+
+from pathlib import Path
+from typing import Optional, Union
+
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError, Provenance
+from .hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
+from .model import ARModel, ModelConfig
+
+TEACHER_FILE = "teacher.safetensors"
+
+
+def save_draft_student(directory, student: DraftStudent, tokenizer=None, provenance: Optional[Provenance] = None,
+                       merged: bool = False) -> Path:
+    """Write `student`'s head (and with merged=True its teacher's weights too) as a checkpoint directory."""
+    tensors = None
+    if merged:
+        tensors = {TEACHER_FILE: {name: value.detach().to("cpu").contiguous()
+                                  for name, value in student.teacher.state_dict().items()}}
+    return ckpt.save_checkpoint(directory, student.head, tokenizer, provenance=provenance, tensors=tensors)
+
+
+def _find_teacher(directory: Path, config: dict, teacher, device) -> ARModel:
+    if isinstance(teacher, ARModel):
+        return teacher
+    if teacher is not None:
+        path = teacher
+    elif TEACHER_FILE in config.get("files", {}):
+        model = ARModel(ModelConfig.from_dict(config["model"])).to(device)
+        model.load_state_dict(ckpt.load_tensors(directory, TEACHER_FILE, device))
+        return model.eval()
+    else:
+        provenance = Provenance.from_config(config)
+        path = provenance.teacher if provenance is not None else None
+        if path is None:
+            raise CheckpointError(f"{directory} is a draft student without its teacher and names none; pass the "
+                                  "teacher it was trained on (--teacher)")
+        if not Path(path).exists():
+            raise CheckpointError(f"{directory} was trained on the teacher {path}, which no longer exists; pass it "
+                                  "(--teacher) from where it is now")
+    model, _, _ = ckpt.load_model(path, device=device, with_tokenizer=False)
+    if not isinstance(model, ARModel):
+        raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a "
+                              f"{type(model).__name__}")
+    return model
+
+
+def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, ARModel] = None,
+                       device="cpu") -> DraftStudent:
+    """The DraftStudent of a draft checkpoint (see the module docstring), in eval mode."""
+    directory = Path(directory)
+    try:
+        head_config = HeadConfig.from_dict(config["head"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{directory}: unreadable head settings ({error})") from None
+    model = _find_teacher(directory, config, teacher, device)
+    fingerprint = teacher_fingerprint(model)
+    if fingerprint != config.get("teacher_fingerprint"):
+        raise CheckpointError(f"{directory} was trained on a teacher with fingerprint {config.get('teacher_fingerprint')}"
+                              f", but the teacher given has fingerprint {fingerprint} (other weights or config): a "
+                              "hint head only fits the exact teacher it was trained on")
+    head = HintHead(model.config, head_config).to(device=model.device, dtype=model.dtype)
+    head.teacher_fingerprint = fingerprint
+    ckpt.load_weights(head, directory)
+    return DraftStudent(model, head, fingerprint).eval()
+
+
+__all__ = ["TEACHER_FILE", "load_draft_student", "save_draft_student"]
