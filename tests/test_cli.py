@@ -107,7 +107,9 @@ def test_sample_errors(teacher_run, tmp_path, capsys):
     fails(["--ckpt", str(teacher_run), "--prompt", "def f(): pass\n" * 200],
           "longer than the model's max_seq_len=256")
     fails(["--ckpt", str(teacher_run), "--max-new-tokens", "300"], "exceeds the model's max_seq_len=256")
-    fails(["--ckpt", str(teacher_run), "--freq-penalty", "1.0"], "--freq-penalty applies to K-Forcing students")
+    fails(["--ckpt", str(teacher_run), "--freq-penalty", "1.0"], "--freq-penalty applies to push-forward")
+    fails(["--ckpt", str(teacher_run), "--verify"], "--verify needs a draft student")
+    fails(["--ckpt", str(teacher_run), "--teacher", str(teacher_run)], "--teacher applies to draft students only")
 
 
 def test_resume_with_another_config_is_a_clear_error(teacher_run, capsys):

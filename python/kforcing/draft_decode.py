@@ -55,15 +55,16 @@ class DraftOutput:
 class _DraftDecoder:
     """The state of one batched decode: both KV caches, the pending exact token and its drafts."""
 
-    def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling):
+    def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling, hint_seed):
         teacher, config = student.teacher, student.config
         self.student, self.k, self.seed, self.sequence_ids, self.sampling = student, k, seed, sequence_ids, sampling
+        self.hint_seed = seed if hint_seed is None else hint_seed
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = KVCache(student.head_config.num_layers, batch, max_len, config.n_kv_head,
                                   config.head_dim, device=teacher.device, dtype=teacher.dtype)
 
-    def uniforms(self, positions):
-        return counter_uniform(self.seed, self.sequence_ids[:, None], positions)
+    def uniforms(self, positions, seed=None):
+        return counter_uniform(self.seed if seed is None else seed, self.sequence_ids[:, None], positions)
 
     def decode_rows(self, blocks, x, cache, n_commit):
         """x (B, T, H) through `blocks` against `cache`, appending the first n_commit rows."""
@@ -85,9 +86,11 @@ class _DraftDecoder:
         """Drafts (B, k-1) of the tokens after `exact` (B,), the token at each sequence's head-cache length."""
         student, k = self.student, self.k
         position = self.head_cache.seqlens.to(torch.int64)[:, None]
-        u = self.uniforms(position + torch.arange(k, device=exact.device))  # u of exact, then of the drafts
+        positions = position + torch.arange(k, device=exact.device)
+        u = self.uniforms(positions)  # u of exact, then of the drafts
+        hints = self.uniforms(positions, self.hint_seed)
         sampling = self.sampling
-        x = student.window_inputs(exact[:, None], u[:, None], sampling.temperature)[:, 0]
+        x = student.window_inputs(exact[:, None], hints[:, None], sampling.temperature)[:, 0]
         hidden = self.decode_rows(student.head.blocks, x, self.head_cache, 0)
         readout = student.head_config.readout
         rows = hidden[:, 1:] if readout == "onehot" else hidden
@@ -98,7 +101,7 @@ class _DraftDecoder:
 def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k: Optional[int] = None,
                          seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                          verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
-                         sequence_ids=None) -> DraftOutput:
+                         sequence_ids=None, hint_seed: Optional[int] = None) -> DraftOutput:
     """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
 
     Args:
@@ -109,6 +112,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         verify: True: every draft is checked against the teacher's own token under the same uniform, and the
             output equals `generate_ar(student.teacher, ...)` token for token. False: drafts are kept as they
             are (k tokens per pass, the student's own distribution).
+        hint_seed: a diagnostic (the u-shuffle test): the hint rows carry uniforms drawn from this seed instead of
+            the decoding seed, while the teacher and a categorical readout still sample with the decoding seed's.
+            Verified output stays exact; the acceptance shows how much the drafts owe to the right uniforms.
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
@@ -124,7 +130,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
-                            sampling)
+                            sampling, hint_seed)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
     # sequence's length, so they are never read and the next pass overwrites them.

@@ -35,15 +35,17 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from . import checkpoint as ckpt
+from . import evaluate_draft as draft_eval
 from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, find_token_cache, heldout_contexts
 from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreement, decode_speed,
                       generate_samples, sample_quality)
+from .hint_head import DraftStudent, Sampling
 from .model import ARModel, PushForwardLM
 from .options import option, parse_int_list
 from .runtime import machine_info, resolve_device, write_json_atomic
@@ -78,6 +80,8 @@ class EvalConfig:
     sample_len: int = option(128, "tokens per sample")
     prompt_len: int = option(0, "0: unconditional samples (EOS prompt); N: held-out prefixes of N tokens")
     temperature: float = option(1.0, "sampling temperature (the student's tau)")
+    top_k: int = option(0, "draft students: the top-k of the sampling distribution (0: off)")
+    top_p: float = option(1.0, "draft students: the top-p of the sampling distribution (1: off)")
     freq_penalty: float = option(1.0, "lambda of the penalised student samples (0: none)")
     batch_sizes: List[int] = option([1, 8, 32], "batch sizes of the decode benchmark ('' to skip it)",
                                     convert=lambda text: parse_int_list(text, "--batch-sizes") if text.strip() else [],
@@ -101,6 +105,8 @@ class EvalConfig:
             raise EvalError(f"prompt_len must be >= 0, got {self.prompt_len}")
         if not 0.0 < self.temperature < math.inf:
             raise EvalError(f"temperature must be positive, got {self.temperature}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise EvalError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.freq_penalty < 0:
             raise EvalError(f"freq_penalty must be >= 0, got {self.freq_penalty}")
         if any(b < 1 for b in self.batch_sizes):
@@ -112,7 +118,7 @@ class Models:
     """The checkpoints an evaluation compares, loaded, with what they were trained from."""
 
     teacher: ARModel
-    student: PushForwardLM
+    student: Union[PushForwardLM, DraftStudent]
     tokenizer: object
     teacher_provenance: Optional[Provenance]
     student_provenance: Optional[Provenance]
@@ -123,13 +129,17 @@ class Models:
 def load_models(config: EvalConfig, device) -> Models:
     """The teacher, the student and the optional reference, checked to be comparable."""
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
-    student, student_tokenizer, student_config = ckpt.load_model(config.student, device=device)
     if not isinstance(teacher, ARModel):
         raise EvalError(f"--teacher {config.teacher} is a {type(teacher).__name__}; it must be the AR teacher")
-    if not isinstance(student, PushForwardLM):
+    student, student_tokenizer, student_config = ckpt.load_model(config.student, device=device, teacher=teacher)
+    if isinstance(student, ARModel):
         raise EvalError(f"--student {config.student} is an AR model; it must be a K-Forcing student "
                         "(a `kforcing distill` output)")
-    check_compatible(teacher, student, tokenizer, student_tokenizer)
+    if isinstance(student, PushForwardLM):
+        check_compatible(teacher, student, tokenizer, student_tokenizer)
+        if config.top_k or config.top_p < 1.0:
+            raise EvalError("--top-k/--top-p apply to draft students; a push-forward student samples the full "
+                            "distribution at its temperature")
     models = Models(teacher, student, tokenizer or student_tokenizer, Provenance.from_config(teacher_config),
                     Provenance.from_config(student_config))
     if config.reference:
@@ -242,11 +252,12 @@ def _quality(config: EvalConfig, models: Models, prompts, ks, bar) -> Dict:
     return result
 
 
-def _check_ks(config: EvalConfig, student: PushForwardLM) -> List[int]:
-    ks = config.ks or default_ks(student.max_k)
+def _check_ks(config: EvalConfig, student) -> List[int]:
+    smallest = 2 if isinstance(student, DraftStudent) else 1  # a draft student's k counts the exact token too
+    ks = config.ks or [k for k in default_ks(student.max_k) if k >= smallest]
     for k in ks:
-        if not 1 <= k <= student.max_k:
-            raise EvalError(f"--k {k} is not allowed: the student decodes 1 <= k <= max_k={student.max_k}")
+        if not smallest <= k <= student.max_k:
+            raise EvalError(f"--k {k} is not allowed: the student decodes {smallest} <= k <= max_k={student.max_k}")
     return ks
 
 
@@ -278,6 +289,8 @@ def run_eval(config: EvalConfig) -> Dict:
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
                "teacher_params": models.teacher.num_params(), "student_params": models.student.num_params(),
                "machine": machine_info(device), "training": training_budget(models)}
+    if isinstance(models.student, DraftStudent):
+        return _draft_eval(config, models, dataset, prompts, results)
     sample_sets = 1 + len(ks) * (2 if config.freq_penalty else 1)
     bar = tqdm(total=len(ks) + sample_sets + len(config.batch_sizes) * config.speed_repeats, desc="eval",
                unit="task", disable=not config.progress, dynamic_ncols=True)
@@ -298,6 +311,44 @@ def run_eval(config: EvalConfig) -> Dict:
                                         results["speed_tokens"], config.speed_repeats, progress=bar)
     bar.close()
     results["targets"] = check_targets(results)
+    return results
+
+
+def _draft_eval(config: EvalConfig, models: Models, dataset, prompts, results: Dict) -> Dict:
+    """The measurements of a draft student (`kforcing.evaluate_draft`), into `results`."""
+    from tqdm import tqdm
+
+    student, ks = models.student, results["ks"]
+    sampling = Sampling(config.temperature, config.top_k, config.top_p)
+    common = dict(length=config.sample_len, seed=config.seed, sampling=sampling, batch_size=config.batch_size)
+    results.update(kind="draft", head=student.head_config.to_dict(), sampling=vars(sampling))
+    bar = tqdm(total=4 + len(config.batch_sizes) * config.speed_repeats, desc="eval", unit="task",
+               disable=not config.progress, dynamic_ncols=True)
+    bar.set_postfix_str("AR samples")
+    reference = draft_eval.ar_samples(student.teacher, prompts, **common)
+    bar.update(1)
+    bar.set_postfix_str("verified decoding")
+    results["verified"] = draft_eval.verified_rows(student, prompts, ks, reference=reference, **common)
+    bar.update(1)
+    bar.set_postfix_str("u-blind floor and u-shuffle")
+    results["diagnostics"] = draft_eval.diagnostics(student, prompts, max(ks), **common)
+    bar.update(1)
+    bar.set_postfix_str("unverified samples")
+    results["quality"] = draft_eval.unverified_quality(student, prompts, ks, reference=reference, models=models,
+                                                       **common)
+    if models.tokenizer is not None:
+        results["examples"] = {"AR teacher (= verified)": models.tokenizer.decode(reference[0])}
+    bar.update(1)
+    results["speed"] = []
+    if config.batch_sizes:
+        bar.set_postfix_str("decode speed")
+        speed_prompts = heldout_contexts(dataset, max(config.batch_sizes), 16, 16, seed=config.seed + 2)
+        results["speed_tokens"] = min(config.speed_tokens, student.config.max_seq_len - 16 - 2 * max(ks))
+        results["speed"] = draft_eval.draft_speed(student, ks, config.batch_sizes, speed_prompts,
+                                                  results["speed_tokens"], config.speed_repeats, config.seed,
+                                                  sampling, progress=bar)
+    bar.close()
+    results["targets"] = draft_eval.check_draft_targets(results)
     return results
 
 

@@ -99,6 +99,10 @@ def targets_table(results: Dict) -> str:
 
 def eval_tables(results: Dict) -> str:
     """The Markdown tables of an evaluation (agreement, sample quality, decode speed, targets)."""
+    if results.get("kind") == "draft":
+        from .report_draft import draft_tables
+
+        return draft_tables(results)
     parts = ["### Coupled agreement with the AR teacher (same contexts, same u)\n\n" + agreement_table(results),
              "### Sample quality\n\n" + quality_table(results)]
     if results.get("speed"):
@@ -145,7 +149,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
-    """quality_vs_k.png, agreement.png and (with a decode benchmark) throughput.png in `out`."""
+    """quality_vs_k.png, agreement.png and (with a decode benchmark) throughput.png in `out` (a draft student's:
+    `kforcing.report_draft.plot_draft`)."""
+    if results.get("kind") == "draft":
+        from .report_draft import plot_draft
+
+        return plot_draft(results, out)
     plt = _pyplot()
     ks = results["ks"]
     teacher = next(q for q in results["quality"] if q["k"] == 0)

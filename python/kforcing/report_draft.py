@@ -1,0 +1,90 @@
+"""Tables and plots of a draft student's evaluation (`kforcing.evaluate_draft`): results as data in, Markdown and
+PNG out, as `kforcing.report` does for push-forward students."""
+
+from pathlib import Path
+from typing import Dict
+
+from .report import _fmt, _pyplot, _row, _save, quality_table, speed_table
+
+_TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verified output equals AR sampling",
+                 "accept_2_floor": "acceptance at offset 2 vs the u-blind floor",
+                 "entropy_rel": "unverified samples: relative entropy gap to the teacher's",
+                 "ppl_ratio": "unverified samples: PPL / PPL of the teacher's samples",
+                 "repeat_ratio": "unverified samples: longest repeat / the teacher's"}
+
+
+def _sampling(results: Dict) -> str:
+    s = results["sampling"]
+    return (f"temperature {s['temperature']:g}, top-k {s['top_k'] or 'off'}, "
+            f"top-p {s['top_p'] if s['top_p'] < 1 else 'off'}")
+
+
+def verified_table(results: Dict) -> str:
+    settings, max_k = results["settings"], max(results["ks"])
+    diag = results["diagnostics"]
+    lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {_sampling(results)}. Accepted "
+             "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
+             "u-blind floor drafts from the teacher's own distribution with independent uniforms; u-shuffle feeds "
+             "the hint rows another seed's uniforms.\n",
+             _row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
+             "|" + "---|" * (3 + max_k)]
+    for v in results["verified"]:
+        cells = [_fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
+        lines.append(_row(["verified", str(v["k"]), _fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
+                           "NO"] + cells))
+    lines.append(_row(["u-shuffle", str(diag["k"]), _fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
+                      + [_fmt(a) for a in diag["shuffle"]]))
+    floor_tpp = 1 + sum(diag["floor"])
+    lines.append(_row(["u-blind floor", str(diag["k"]), f"{floor_tpp:.2f} (predicted)", "-"]
+                      + [_fmt(a) for a in diag["floor"]]))
+    return "\n".join(lines)
+
+
+def targets_table(results: Dict) -> str:
+    targets = results["targets"]
+    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
+    for key, name in _TARGET_NAMES.items():
+        t = targets[key]
+        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
+        lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def draft_tables(results: Dict) -> str:
+    parts = ["### Verified decoding (lossless) and its diagnostics\n\n" + verified_table(results),
+             "### Unverified samples against the teacher's (no penalty)\n\n" + quality_table(results)]
+    if results.get("speed"):
+        parts.append("### Decode speed\n\n" + speed_table(results))
+    parts.append(f"### Targets at k={results['targets']['k']}\n\n" + targets_table(results))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_draft(results: Dict, out: Path) -> Dict[str, Path]:
+    """acceptance.png (per offset: verified, u-shuffle, u-blind floor) and, with a benchmark, throughput.png."""
+    plt = _pyplot()
+    diag = results["diagnostics"]
+    verified = next(v for v in results["verified"] if v["k"] == diag["k"])
+    offsets = list(range(2, diag["k"] + 1))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for values, label, style in ((verified["accepted"], "draft student", "o-"), (diag["shuffle"], "u-shuffle", "s--"),
+                                 (diag["floor"], "u-blind floor", "k:")):
+        ax.plot(offsets, values, style, label=label)
+    ax.set(xlabel="draft offset j", ylabel="drafts 2..j all accepted", ylim=(0, 1.02), xticks=offsets,
+           title=f"verified decoding, k={diag['k']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = {"acceptance": _save(fig, out / "acceptance.png")}
+    if results.get("speed"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
+            rows = [s for s in results["speed"] if s["decoder"] == name]
+            ax.plot([s["batch"] for s in rows], [s["tokens_per_s"] for s in rows], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths["throughput"] = _save(fig, out / "throughput.png")
+    return paths
+
+
+__all__ = ["draft_tables", "plot_draft", "targets_table", "verified_table"]
