@@ -1,26 +1,35 @@
-"""A draft student with teacher-exact token rows: the frozen AR teacher plus a light hint head (docs/method.md §8).
+"""A draft student with teacher-exact token rows: the frozen AR teacher plus trainable hint rows (docs/method.md §8).
 
 Every row that holds a real token (context, committed tokens) runs through the frozen teacher, so its logits are
-the teacher's own, bit for bit. Only the head trains. For a window anchored at token position t:
+the teacher's own, bit for bit. Only the hint rows' module trains. For a window anchored at token position t:
 
-    trunk   the teacher over the tokens 0..t -> final features h_0..h_t (pre final-norm) and exact logits
+    trunk   the teacher over the tokens 0..t -> its token stream and exact logits
     y1      token t+1 = inverse_cdf_sample(teacher logits at t, u_1): an exact teacher sample
-    head    a few Transformer blocks (initialised from the teacher's last blocks) over
-            [h_0..h_t | y1 as a token row | hint rows carrying u_2, u_3, ...]
-            ending in the teacher's LM head; its outputs draft tokens 2..k
+    draft   the window rows [y1 as a token row | hint rows carrying u_2, u_3, ...] -> drafts of tokens 2..k
+
+Two pathways compute the draft rows (`HeadConfig.pathway`):
+
+    head    a `HintHead`: a few Transformer blocks (initialised from the teacher's last blocks) over
+            [the trunk's final features h_0..h_t | window rows], ending in the teacher's LM head.
+    trunk   `kforcing.trunk_adapters.TrunkAdapters`: the window rows run through every block of the teacher;
+            the y1 row with the teacher's weights, hint rows with per-layer adapters (a row-gated LoRA of rank
+            `adapter_rank`, or full copies of the blocks for adapter_rank=0). At layer l they attend to the
+            teacher's keys/values of tokens 0..t at layer l (the token stream) and to their own window.
 
 Row i of a window (0 = the y1 row) sits at position t+1+i and, for i >= 1, carries the uniform of the token at its
-own position through a noise embedding e(u, tau). Two readouts turn head outputs into drafts:
+own position through a noise embedding e(u, tau). Two readouts turn the rows' outputs into drafts:
 
     onehot       rows 1..k-1 are hints for u_2..u_k; draft j = argmax of the logits at the row of position j.
     categorical  rows 0..k-2 (y1 and hints for u_2..u_{k-1}) each output a distribution over the NEXT token;
                  draft j = inverse_cdf_sample(that distribution, u_j), so the row that drafts token j never sees
-                 u_j, only u_2..u_{j-1}.
+                 u_j, only u_2..u_{j-1}. In the trunk pathway row 0 is the teacher's own computation, so the
+                 draft of token 2 is the teacher's token (and with k = 2 there is nothing to train).
 
-A window therefore has k rows (onehot) or k-1 rows (categorical), and the head sees the same staircase as the
-student of §3: window rows see the context features up to their anchor and their own window causally.
+A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft rows see the same staircase as the
+student of §3: window rows see the context up to their anchor and their own window causally.
 
-`DraftStudent` holds the teacher and the head; `kforcing.draft_decode` decodes with it, with or without verification.
+`DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
+parameters); `kforcing.draft_decode` decodes with it, with or without verification.
 """
 
 import dataclasses
@@ -51,7 +60,7 @@ def teacher_fingerprint(teacher: ARModel) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-    """The shape of a hint head.
+    """The shape of a draft student's trainable part (a hint head, or trunk adapters).
 
     Attributes:
         num_layers: Transformer blocks in the head (copied from the teacher's last blocks at initialisation).
