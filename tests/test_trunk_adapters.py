@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kforcing.draft_decode import generate_with_drafts
-from kforcing.generate import generate_ar
+from kforcing.generate import generate_ar, generate_kforcing
 from kforcing.head_targets import head_step
 from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, Sampling, sample_rows
 from kforcing.model import KVCache, decode_blocks, run_blocks
@@ -133,6 +133,29 @@ def test_verified_decoding_stops_at_eos_like_ar(rank, readout):
     got = generate_with_drafts(student, PROMPTS, 30, k=3, seed=3, eos_id=eos, pad_id=0)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
     assert int(got.lengths[0]) == 7
+
+
+def test_generate_kforcing_verifies_a_trunk_student():
+    student = draft_student(peaked_teacher(), _config(4, "categorical"))
+    want = generate_ar(student.teacher, PROMPTS, 12, seed=2, temperature=0.7, top_k=20)
+    got = generate_kforcing(student, PROMPTS, 12, seed=2, temperature=0.7, top_k=20, verify=True)
+    assert torch.equal(got.tokens, want.tokens)
+
+
+def test_dropout_leaves_the_y1_row_exact():
+    teacher = peaked_teacher()
+    config = HeadConfig(max_k=3, readout="categorical", pathway="trunk", adapter_rank=4)
+    student = DraftStudent.from_teacher(teacher, config)
+    for module in student.head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    student.head.train()
+    ids, u = _batch(3)
+    stream, y1 = _y1(student, ids, u)
+    rows = student.draft_logits(ids, stream, y1, u, 1.0)
+    torch.testing.assert_close(rows[:, :, 0], student.teacher_window_logits(ids, y1[..., None])[:, :, 0],
+                               atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(rows[:, :, 1], student.eval().draft_logits(ids, stream, y1, u, 1.0)[:, :, 1])
 
 
 @pytest.mark.parametrize("rank, readout", [(1, "onehot"), (0, "categorical")])

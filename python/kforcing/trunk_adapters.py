@@ -154,9 +154,17 @@ class BlockAdapter(nn.Module):
         k = apply_rotary(rearrange(k, "b s (h d) -> b s h d", d=self.head_dim), cos, sin)
         v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
         out = rearrange(attend(q, k, v), "b (w r) h d -> b w r (h d)", w=windows, r=rows)
-        x = x + self.dropout(self.wo(block.attn.wo, out, n_token))
+        x = x + self._dropout(self.wo(block.attn.wo, out, n_token), n_token)
         h = self.norm2(block.norm2, x, n_token)
-        return x + self.dropout(self.proj(block.mlp.proj, F.gelu(self.fc(block.mlp.fc, h, n_token)), n_token))
+        return x + self._dropout(self.proj(block.mlp.proj, F.gelu(self.fc(block.mlp.fc, h, n_token)), n_token),
+                                 n_token)
+
+    def _dropout(self, x, n_token):
+        """Residual dropout on hint rows only (token rows compute exactly what the teacher in eval mode does)."""
+        if not self.training or self.dropout.p == 0.0:
+            return x
+        token, hint = _split_rows(x, n_token)
+        return torch.cat([token, self.dropout(hint)], dim=-2)
 
 
 class TrunkAdapters(nn.Module):
