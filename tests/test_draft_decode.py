@@ -6,28 +6,18 @@ import torch
 from kforcing.draft_decode import generate_with_drafts
 from kforcing.generate import generate_ar, generate_kforcing
 from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.model import PushForwardLM
 from kforcing.noise import counter_uniform
 
-CONFIG = ModelConfig(vocab_size=97, n_layer=3, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=96)
+from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
 
 
 def _teacher(seed=0):
-    torch.manual_seed(seed)
-    model = ARModel(CONFIG).eval()
-    with torch.no_grad():  # a peaked, varied next-token distribution, so that drafts are sometimes right
-        model.lm_head.weight.mul_(40.0)
-    return model
+    return peaked_teacher(seed)
 
 
 def _student(readout="onehot", num_layers=1, max_k=4, seed=1):
-    teacher = _teacher()
-    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=num_layers, max_k=max_k, readout=readout))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # an untrained head that is not the teacher's copy either
-        for p in student.head.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return student.eval()
+    return draft_student(_teacher(), HeadConfig(num_layers=num_layers, max_k=max_k, readout=readout), seed=seed)
 
 
 PROMPTS = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13]]

@@ -1,7 +1,8 @@
-"""Tiny random teacher/student pairs shared by the metric and evaluation tests."""
+"""Tiny random teacher/student pairs shared by the metric, evaluation and draft-student tests."""
 
 import torch
 
+from kforcing.hint_head import DraftStudent, HeadConfig
 from kforcing.model import ARModel, ModelConfig, PushForwardLM
 
 CONFIG = ModelConfig.from_preset("tiny", vocab_size=300, max_seq_len=64)
@@ -26,3 +27,27 @@ def models(seed=0, max_k=4):
     with torch.no_grad():
         teacher.lm_head.weight.mul_(10)
     return teacher, diverse_student(CONFIG, max_k)
+
+
+# A teacher small enough to decode a ragged batch with a draft student in well under a second on one CPU core.
+DRAFT_CONFIG = ModelConfig(vocab_size=97, n_layer=3, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=96)
+
+
+def peaked_teacher(seed=0, config=DRAFT_CONFIG):
+    """A random ARModel with a peaked, varied next-token distribution (LM head x 40), so drafts are sometimes right."""
+    torch.manual_seed(seed)
+    model = ARModel(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+def draft_student(teacher, head_config: HeadConfig, seed=1, scale=0.05):
+    """A DraftStudent of `teacher` whose trainable parameters are moved off their initialisation by
+    scale * N(0, 1) (LoRA B included, so adapters are non-zero): an untrained student that is not the teacher."""
+    student = DraftStudent.from_teacher(teacher, head_config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in student.head.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return student.eval()

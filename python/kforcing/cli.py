@@ -118,8 +118,8 @@ def _add_sample_parser(subparsers):
     p = _new_parser(
         subparsers, "sample", "print samples from a teacher or a K-Forcing student checkpoint",
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
-        "student decodes --k tokens per pass. A draft student (distill --pathway head) decodes with its teacher: "
-        "with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it keeps "
+        "student decodes --k tokens per pass. A draft student (distill --pathway head or trunk) decodes with its "
+        "teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it keeps "
         "its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, p), so "
         "models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
@@ -154,8 +154,8 @@ def _check_sample_args(args, model) -> str:
     if kind != "pushforward" and args.freq_penalty:
         raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
     if args.verify and kind != "draft":
-        raise ValueError("--verify needs a draft student (distill --pathway head): only its token rows are the "
-                         "teacher's own" + (", and a push-forward student's are fine-tuned" if kind == "pushforward"
+        raise ValueError("--verify needs a draft student (distill --pathway head or trunk): only its token rows are "
+                         "the teacher's own" + (", and a push-forward student's are fine-tuned" if kind == "pushforward"
                                            else ""))
     if args.teacher is not None and kind != "draft":
         raise ValueError("--teacher applies to draft students only")
@@ -223,11 +223,11 @@ def _add_distill_parser(subparsers):
         "Progressive self-forcing distillation (docs/method.md §5). Stage k=1 learns the teacher's float64 "
         "inverse-CDF tokens at temperature tau; stage k -> 2k learns two consecutive decode steps of the frozen "
         "stage-k student. Each stage writes OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json "
-        "points to the newest finished student. Under torchrun it trains with DDP. With --pathway head the teacher "
-        "stays frozen and only a hint head trains (docs/method.md §8): its token rows are the teacher's own, and "
-        "`kforcing sample --verify` decodes losslessly, several tokens per pass.")
+        "points to the newest finished student. Under torchrun it trains with DDP. With --pathway head or trunk the "
+        "teacher stays frozen and only the hint rows' weights train (docs/method.md §8): its token rows are the "
+        "teacher's own, and `kforcing sample --verify` decodes losslessly, several tokens per pass.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
-        "pathway", "readout", "head_layers", "windows", "top_k", "top_p"])
+        "pathway", "readout", "head_layers", "adapter_rank", "windows", "top_k", "top_p"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])

@@ -56,8 +56,10 @@ from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distr
                       warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
-PATHWAYS = ("full", "head")  # full: PushForwardLM (every weight trains); head: DraftStudent (a hint head only)
-DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4]}
+# full: a PushForwardLM (every weight trains); head / trunk: a DraftStudent (the teacher frozen; a hint head on its
+# final states, or adapters on its blocks for hint rows only).
+PATHWAYS = ("full", "head", "trunk")
+DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4]}
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
 
 
@@ -103,14 +105,17 @@ class DistillConfig:
     teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory", required=True)
     out_dir: str = option(help="run directory of the students", flag="--out", required=True)
     pathway: str = option("full", "the student: full (every weight fine-tuned, hint rows through the whole model: "
-                          "the original method) or head (a hint head on the frozen teacher: exact token rows, "
-                          "lossless verified decoding)", choices=list(PATHWAYS))
+                          "the original method), head (a hint head on the frozen teacher's final states) or trunk "
+                          "(hint rows through the frozen teacher with adapters); head and trunk keep the teacher's "
+                          "token rows exact and decode losslessly with verification", choices=list(PATHWAYS))
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
                                            convert=lambda text: parse_int_list(text, "--schedule") if text else None)
     readout: str = option("onehot", "head: onehot (the draft is the argmax of a row that sees its own uniform) or "
                           "categorical (a distribution sampled with the token's uniform)", choices=list(READOUTS))
     head_layers: int = option(2, "head: Transformer blocks of the hint head (copied from the teacher's last ones)")
+    adapter_rank: int = option(8, "trunk: the rank of the hint-row LoRA on every linear layer (0: a full copy of "
+                               "the block weights for hint rows)")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
     top_k: int = option(0, "head: the top-k of the sampling distribution the head learns (0: off)")
@@ -210,7 +215,8 @@ class DistillConfig:
 
     def head_config(self) -> HeadConfig:
         """The hint head a draft pathway trains (max_k: the schedule's largest k)."""
-        return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout)
+        return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout,
+                          pathway=self.pathway, adapter_rank=self.adapter_rank)
 
     def stage_steps(self) -> List[int]:
         """Steps of each stage (one value repeated, or one per stage)."""
@@ -606,7 +612,10 @@ def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, lay
 def _run_draft_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, layout, info, device) -> dict:
     """The stages of a draft student: one head grows through the schedule's k, on the same frozen teacher."""
     torch.manual_seed(config.seed)  # the head's new noise encoder
-    student = DraftStudent.from_teacher(teacher, config.head_config())
+    try:
+        student = DraftStudent.from_teacher(teacher, config.head_config())
+    except ValueError as error:  # settings that only the teacher's shape rules out (e.g. adapter_rank > width)
+        raise DistillError(str(error)) from None
 
     def train(index, k, steps, stage_layout, steps_before):
         return run_draft_stage(config, student, index, k, steps, stage_layout, dataset, tokenizer, seq_len, info,

@@ -1,4 +1,4 @@
-"""Distillation of a draft student: a hint head on the frozen teacher (`kforcing distill --pathway head`).
+"""Distillation of a draft student: the frozen teacher plus trained hint rows (`distill --pathway head|trunk`).
 
     kforcing distill --teacher runs/teacher --pathway head --tau 0.7 --top-k 50 --top-p 0.9 --out runs/draft
 
@@ -98,7 +98,8 @@ class DraftTask(TrainingTask):
             return {}
         sampling, results = self.sampling, []
         for first in range(0, len(self.prompts), self.config.batch_size):
-            out = generate_with_drafts(self._eval_student(head).eval(), self.prompts[first:first + self.config.batch_size],
+            chunk = self.prompts[first:first + self.config.batch_size]
+            out = generate_with_drafts(self._eval_student(head).eval(), chunk,
                                        VERIFY_NEW_TOKENS, k=self.k, seed=self.config.seed,
                                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
             results.append((out.tokens_per_pass, out.accepted))

@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, Provenance
 from .hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
 from .model import ARModel, ModelConfig
+from .trunk_adapters import TrunkAdapters
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -72,10 +73,11 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
     model = _find_teacher(directory, config, teacher, device)
     fingerprint = teacher_fingerprint(model)
     if fingerprint != config.get("teacher_fingerprint"):
-        raise CheckpointError(f"{directory} was trained on a teacher with fingerprint {config.get('teacher_fingerprint')}"
-                              f", but the teacher given has fingerprint {fingerprint} (other weights or config): a "
+        raise CheckpointError(f"{directory} was trained on a teacher with fingerprint "
+                              f"{config.get('teacher_fingerprint')}, but the teacher given has fingerprint {fingerprint} (other weights or config): a "
                               "hint head only fits the exact teacher it was trained on")
-    head = HintHead(model.config, head_config).to(device=model.device, dtype=model.dtype)
+    module = TrunkAdapters if head_config.pathway == "trunk" else HintHead
+    head = module(model.config, head_config).to(device=model.device, dtype=model.dtype)
     head.teacher_fingerprint = fingerprint
     ckpt.load_weights(head, directory)
     return DraftStudent(model, head, fingerprint).eval()

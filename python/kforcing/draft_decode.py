@@ -11,8 +11,12 @@ Each pass runs, with static shapes:
             uniforms produces, so the output equals `generate_ar` token for token. Each sequence's cache length
             moves back to the accepted rows (rows past it are overwritten by the next pass).
             unverified: the k-1 drafts are taken as they are, plus the exact t_{k-1}: k tokens per pass.
-    head    commit the k trunk features to the head's KV cache (its length moves back the same way), then one
-            head pass over [the new exact token | hints] drafts the next k-1 tokens.
+    draft   head pathway: commit the k trunk features to the head's KV cache (its length moves back the same
+            way), then one head pass over [the new exact token | hints] drafts the next k-1 tokens.
+            trunk pathway: one pass of [the new exact token | hints] through the teacher's blocks, the exact row
+            with the teacher's weights and the hint rows with the adapters; at every layer the rows attend to
+            the teacher's cache of that layer and causally to each other, and append nothing to it (there is
+            no second cache).
 
 Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
 decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every
@@ -53,48 +57,59 @@ class DraftOutput:
 
 
 class _DraftDecoder:
-    """The state of one batched decode: both KV caches, the pending exact token and its drafts."""
+    """The state of one batched decode: the KV caches, the pending exact token and its drafts.
+
+    Head pathway: the teacher's cache and the head's own cache (the trunk's features of committed tokens).
+    Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
+    """
 
     def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling, hint_seed):
         teacher, config = student.teacher, student.config
         self.student, self.k, self.seed, self.sequence_ids, self.sampling = student, k, seed, sequence_ids, sampling
         self.hint_seed = seed if hint_seed is None else hint_seed
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
-        self.head_cache = KVCache(student.head_config.num_layers, batch, max_len, config.n_kv_head,
-                                  config.head_dim, device=teacher.device, dtype=teacher.dtype)
+        self.head_cache = None
+        if student.pathway == "head":
+            self.head_cache = KVCache(student.head_config.num_layers, batch, max_len, config.n_kv_head,
+                                      config.head_dim, device=teacher.device, dtype=teacher.dtype)
+
+    @property
+    def draft_cache(self):
+        """The cache the draft rows attend to; its length is the position of the pending exact token."""
+        return self.trunk_cache if self.head_cache is None else self.head_cache
 
     def uniforms(self, positions, seed=None):
         return counter_uniform(self.seed if seed is None else seed, self.sequence_ids[:, None], positions)
 
-    def decode_rows(self, blocks, x, cache, n_commit):
-        """x (B, T, H) through `blocks` against `cache`, appending the first n_commit rows."""
-        return decode_blocks(blocks, x, cache, n_commit, self.student.teacher.inv_freq)
-
     def trunk(self, ids):
         """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
         teacher = self.student.teacher
-        features = self.decode_rows(teacher.blocks, teacher.tok_emb(ids), self.trunk_cache, ids.shape[1])
+        features = decode_blocks(teacher.blocks, teacher.tok_emb(ids), self.trunk_cache, ids.shape[1],
+                                 teacher.inv_freq)
         return features, teacher.lm_head(teacher.norm(features))
 
     def commit_features(self, features, keep):
-        """Append the trunk's features to the head's cache; each sequence keeps only its first `keep` rows."""
+        """Head pathway: append the trunk's features to the head's cache; each sequence keeps only its first
+        `keep` rows. Trunk pathway: nothing to do (the teacher's cache is all the draft rows read)."""
+        if self.head_cache is None:
+            return
         start = self.head_cache.seqlens.clone()
-        self.decode_rows(self.student.head.blocks, features, self.head_cache, features.shape[1])
+        decode_blocks(self.student.head.blocks, features, self.head_cache, features.shape[1],
+                      self.student.teacher.inv_freq)
         self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
 
     def draft(self, exact):
-        """Drafts (B, k-1) of the tokens after `exact` (B,), the token at each sequence's head-cache length."""
+        """Drafts (B, k-1) of the tokens after `exact` (B,), the token at each sequence's draft-cache length."""
         student, k = self.student, self.k
-        position = self.head_cache.seqlens.to(torch.int64)[:, None]
+        cache = self.draft_cache
+        position = cache.seqlens.to(torch.int64)[:, None]
         positions = position + torch.arange(k, device=exact.device)
         u = self.uniforms(positions)  # u of exact, then of the drafts
         hints = self.uniforms(positions, self.hint_seed)
         sampling = self.sampling
         x = student.window_inputs(exact[:, None], hints[:, None], sampling.temperature)[:, 0]
-        hidden = self.decode_rows(student.head.blocks, x, self.head_cache, 0)
-        readout = student.head_config.readout
-        rows = hidden[:, 1:] if readout == "onehot" else hidden
-        return drafts_from_logits(student.head_logits(rows), u, readout, sampling)
+        logits = student.readout_logits(student.decode_window(x, cache))
+        return drafts_from_logits(logits, u, student.head_config.readout, sampling)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Evaluation of a draft student (`kforcing eval` when --student is a `distill --pathway head` output).
+"""Evaluation of a draft student (`kforcing eval` when --student is a `distill --pathway head|trunk` output).
 
 A draft student's token rows are its teacher's, so there is no agreement to measure on them: verified decoding
 reproduces the teacher exactly, and what matters is how many tokens each pass earns and whether the drafts carry
@@ -143,7 +143,8 @@ def check_draft_targets(results: Dict) -> Dict:
     repeat = student["longest_repeat_mean"] / max(teacher["longest_repeat_mean"], 1e-12)
     return {"k": k,
             "tokens_per_pass": {"value": verified["tokens_per_pass"], "target": "reported", "reached": True},
-            "exact": {"value": str(verified["equals_ar"]), "target": "verified == AR", "reached": verified["equals_ar"]},
+            "exact": {"value": str(verified["equals_ar"]), "target": "verified == AR",
+                      "reached": verified["equals_ar"]},
             "accept_2_floor": {"value": f"{verified['accepted'][0]:.3f} vs floor {floor:.3f}", "target": "> floor",
                                "reached": verified["accepted"][0] > floor},
             "entropy_rel": {"value": entropy, "target": f"<= {DRAFT_TARGETS['entropy_rel']}",

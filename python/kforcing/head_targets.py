@@ -1,11 +1,13 @@
-"""On-policy targets and losses for a DraftStudent's hint head (docs/method.md §8).
+"""On-policy targets and losses for a DraftStudent's hint rows, in either pathway (docs/method.md §8).
 
 One training step over contexts ids (B, N), every context position t anchoring a window of k tokens:
 
-    1. trunk (no grad)   the teacher over ids: features and exact logits at every position.
+    1. trunk (no grad)   the teacher over ids: exact logits at every position, and its token stream (final
+                         features for the head pathway, every layer's keys/values for the trunk pathway).
     2. y1                inverse_cdf_sample(teacher logits at t, u_1) under the sampling settings: exact.
-    3. head (grad)       draft logits for tokens 2..k of every window, in one staircase pass.
-    4. drafts            the head's own drafts from those logits (argmax, or its inverse CDF for `categorical`).
+    3. draft (grad)      draft logits for tokens 2..k of every window, in one staircase pass: the hint head over
+                         the features, or the teacher's blocks with adapters over the keys/values.
+    4. drafts            the student's own drafts from those logits (argmax, or its inverse CDF for `categorical`).
     5. teacher (no grad) one staircase pass of the teacher over [context | windows (y1, d_2..d_{k-1})] gives its
                          exact distribution of token j given the window's tokens before j: the distribution a
                          verifier checks draft j against, given the drafts the head really makes (on-policy,
@@ -46,7 +48,7 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = 
     """The loss of one batch and its metrics (see the module docstring).
 
     Args:
-        student: the DraftStudent (its head in train mode).
+        student: the DraftStudent (its head in train mode), either pathway.
         ids: (B, N) contexts; every position anchors a window.
         u: (B, N, k) uniforms of tokens 1..k of every window, k <= student.max_k.
         sampling: the teacher's sampling settings.
@@ -59,9 +61,9 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = 
     if windows not in WINDOWS:
         raise ValueError(f"unknown windows {windows!r}; choose one of {WINDOWS}")
     with torch.no_grad():
-        features, logits = student.trunk(ids)
+        stream, logits = student.trunk(ids)
         y1 = sample_rows(logits[:, :u.shape[1]], u[..., 0], sampling)
-    draft_logits = student.draft_logits(ids, features, y1, u, sampling.temperature)
+    draft_logits = student.draft_logits(ids, stream, y1, u, sampling.temperature)
     readout = student.head_config.readout
     with torch.no_grad():
         drafts = drafts_from_logits(draft_logits.detach(), u, readout, sampling)

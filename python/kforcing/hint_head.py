@@ -1,31 +1,40 @@
-"""A draft student with teacher-exact token rows: the frozen AR teacher plus a light hint head (docs/method.md §8).
+"""A draft student with teacher-exact token rows: the frozen AR teacher plus trainable hint rows (docs/method.md §8).
 
 Every row that holds a real token (context, committed tokens) runs through the frozen teacher, so its logits are
-the teacher's own, bit for bit. Only the head trains. For a window anchored at token position t:
+the teacher's own, bit for bit. Only the hint rows' module trains. For a window anchored at token position t:
 
-    trunk   the teacher over the tokens 0..t -> final features h_0..h_t (pre final-norm) and exact logits
+    trunk   the teacher over the tokens 0..t -> its token stream and exact logits
     y1      token t+1 = inverse_cdf_sample(teacher logits at t, u_1): an exact teacher sample
-    head    a few Transformer blocks (initialised from the teacher's last blocks) over
-            [h_0..h_t | y1 as a token row | hint rows carrying u_2, u_3, ...]
-            ending in the teacher's LM head; its outputs draft tokens 2..k
+    draft   the window rows [y1 as a token row | hint rows carrying u_2, u_3, ...] -> drafts of tokens 2..k
+
+Two pathways compute the draft rows (`HeadConfig.pathway`):
+
+    head    a `HintHead`: a few Transformer blocks (initialised from the teacher's last blocks) over
+            [the trunk's final features h_0..h_t | window rows], ending in the teacher's LM head.
+    trunk   `kforcing.trunk_adapters.TrunkAdapters`: the window rows run through every block of the teacher;
+            the y1 row with the teacher's weights, hint rows with per-layer adapters (a row-gated LoRA of rank
+            `adapter_rank`, or full copies of the blocks for adapter_rank=0). At layer l they attend to the
+            teacher's keys/values of tokens 0..t at layer l (the token stream) and to their own window.
 
 Row i of a window (0 = the y1 row) sits at position t+1+i and, for i >= 1, carries the uniform of the token at its
-own position through a noise embedding e(u, tau). Two readouts turn head outputs into drafts:
+own position through a noise embedding e(u, tau). Two readouts turn the rows' outputs into drafts:
 
     onehot       rows 1..k-1 are hints for u_2..u_k; draft j = argmax of the logits at the row of position j.
     categorical  rows 0..k-2 (y1 and hints for u_2..u_{k-1}) each output a distribution over the NEXT token;
                  draft j = inverse_cdf_sample(that distribution, u_j), so the row that drafts token j never sees
-                 u_j, only u_2..u_{j-1}.
+                 u_j, only u_2..u_{j-1}. In the trunk pathway row 0 is the teacher's own computation, so the
+                 draft of token 2 is the teacher's token (and with k = 2 there is nothing to train).
 
-A window therefore has k rows (onehot) or k-1 rows (categorical), and the head sees the same staircase as the
-student of §3: window rows see the context features up to their anchor and their own window causally.
+A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft rows see the same staircase as the
+student of §3: window rows see the context up to their anchor and their own window causally.
 
-`DraftStudent` holds the teacher and the head; `kforcing.draft_decode` decodes with it, with or without verification.
+`DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
+parameters); `kforcing.draft_decode` decodes with it, with or without verification.
 """
 
 import dataclasses
 import hashlib
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -33,9 +42,11 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
-from .model import ARModel, Block, ModelConfig, run_blocks
+from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
+from .trunk_adapters import TrunkAdapters
 
 READOUTS = ("onehot", "categorical")
+PATHWAYS = ("head", "trunk")
 
 
 def teacher_fingerprint(teacher: ARModel) -> str:
@@ -49,19 +60,27 @@ def teacher_fingerprint(teacher: ARModel) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-    """The shape of a hint head.
+    """The shape of a draft student's trainable part (a hint head, or trunk adapters).
 
     Attributes:
         num_layers: Transformer blocks in the head (copied from the teacher's last blocks at initialisation).
         max_k: tokens per window the head is built for: the exact y1 plus max_k - 1 drafts (>= 2).
         readout: "onehot" or "categorical" (see the module docstring).
         noise_num_freqs: F of the noise embedding (default: width // 2).
+        pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features) or "trunk"
+            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`).
+        adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
+            attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
+            weights, for hint rows only. At most the model width (checked when the adapters are built).
+            num_layers is unused by the trunk pathway (it adapts every block).
     """
 
     num_layers: int = 2
     max_k: int = 4
     readout: str = "onehot"
     noise_num_freqs: Optional[int] = None
+    pathway: str = "head"
+    adapter_rank: int = 8
 
     def __post_init__(self):
         for name in ("num_layers", "max_k"):
@@ -73,6 +92,12 @@ class HeadConfig:
                              f"got {self.max_k}")
         if self.readout not in READOUTS:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
+        if self.pathway not in PATHWAYS:
+            raise ValueError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
+        rank = self.adapter_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"HeadConfig.adapter_rank must be an int >= 0 (r >= 1: a rank-r LoRA; 0: a full copy "
+                             f"of each block), got {rank!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,10 +117,13 @@ class HeadConfig:
 
 
 class HintHead(nn.Module):
-    """The trainable part of a `DraftStudent`: blocks, a final norm and the noise encoder of the hint rows."""
+    """The trainable part of a head-pathway `DraftStudent`: blocks, a final norm and the noise encoder."""
 
     def __init__(self, model_config: ModelConfig, config: HeadConfig):
         super().__init__()
+        if config.pathway != "head":
+            raise ValueError(f"a HintHead is the 'head' pathway; this HeadConfig has pathway={config.pathway!r} "
+                             "(build it with build_head or DraftStudent.from_teacher)")
         if config.num_layers > model_config.n_layer:
             raise ValueError(f"a head of {config.num_layers} layers cannot be copied from a teacher of "
                              f"{model_config.n_layer} layers")
@@ -121,19 +149,44 @@ class HintHead(nn.Module):
         return head
 
 
+def build_head(teacher: ARModel, config: HeadConfig):
+    """The trainable module of `config.pathway`, initialised from the teacher: a `HintHead` ("head") or
+    `TrunkAdapters` ("trunk"; checks adapter_rank against the teacher's width)."""
+    if config.pathway == "trunk":
+        return TrunkAdapters.from_teacher(teacher, config)
+    return HintHead.from_teacher(teacher, config)
+
+
+class TokenStream(NamedTuple):
+    """What the teacher's pass over the context gives the draft rows.
+
+    features: (B, N, H) final hidden states before the final norm (the head pathway's input).
+    keys, values: per layer, (B, N, H_kv, D) rotated keys and values (the trunk pathway attends to them); None
+        in the head pathway.
+    """
+
+    features: torch.Tensor
+    keys: Optional[List[torch.Tensor]] = None
+    values: Optional[List[torch.Tensor]] = None
+
+
 class DraftStudent:
-    """A frozen AR teacher (token rows, exact) and a `HintHead` (hint rows, trained).
+    """A frozen AR teacher (token rows, exact) and a trainable module for the hint rows.
 
     Attributes:
         teacher: the ARModel; its parameters are frozen (requires_grad False) and never saved with the head.
-        head: the HintHead; `head.parameters()` is all that trains.
+        head: the trainable module of the pathway: a `HintHead` ("head") or `TrunkAdapters` ("trunk");
+            `head.parameters()` is all that trains.
         fingerprint: `teacher_fingerprint(teacher)`, stored in checkpoints and checked when loading.
     """
 
-    def __init__(self, teacher: ARModel, head: HintHead, fingerprint: Optional[str] = None):
+    def __init__(self, teacher: ARModel, head, fingerprint: Optional[str] = None):
         """fingerprint: `teacher_fingerprint(teacher)` when the caller has it already (it hashes every weight)."""
         if not isinstance(teacher, ARModel):
             raise TypeError(f"a DraftStudent needs an ARModel teacher, got {type(teacher).__name__}")
+        expected = TrunkAdapters if head.config.pathway == "trunk" else HintHead
+        if not isinstance(head, expected):
+            raise TypeError(f"pathway {head.config.pathway!r} needs a {expected.__name__}, got {type(head).__name__}")
         if head.model_config != teacher.config:
             raise ValueError("the head was built for another model config than the teacher's")
         teacher.requires_grad_(False)
@@ -143,7 +196,7 @@ class DraftStudent:
 
     @classmethod
     def from_teacher(cls, teacher: ARModel, config: HeadConfig = HeadConfig()):
-        return cls(teacher, HintHead.from_teacher(teacher, config))
+        return cls(teacher, build_head(teacher, config))
 
     @property
     def config(self) -> ModelConfig:
@@ -152,6 +205,10 @@ class DraftStudent:
     @property
     def head_config(self) -> HeadConfig:
         return self.head.config
+
+    @property
+    def pathway(self) -> str:
+        return self.head.config.pathway
 
     @property
     def max_k(self) -> int:
@@ -183,13 +240,24 @@ class DraftStudent:
     # -- the trunk (exact teacher) -----------------------------------------------------------------------------
 
     def trunk(self, ids, positions=None):
-        """(features (B, S, H) before the final norm, logits (B, S, V)) of the teacher over ids (B, S)."""
+        """(TokenStream, logits (B, S, V)) of the teacher over ids (B, S).
+
+        The stream holds the features (before the final norm) and, in the trunk pathway, every layer's keys and
+        values; they are read off the teacher's own pass, so the logits are the teacher's bit for bit.
+        """
         teacher = self.teacher
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device)
-        features = run_blocks(teacher.blocks, teacher.tok_emb(ids), positions, teacher.inv_freq,
-                              lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, 0, 1))
-        return features, teacher.lm_head(teacher.norm(features))
+        keys, values = ([], []) if self.pathway == "trunk" else (None, None)
+
+        def attend(layer, q, k, v):
+            if keys is not None:
+                keys.append(k)
+                values.append(v)
+            return kforcing_ops.window_attention(q, k, v, 0, 1)
+
+        features = run_blocks(teacher.blocks, teacher.tok_emb(ids), positions, teacher.inv_freq, attend)
+        return TokenStream(features, keys, values), teacher.lm_head(teacher.norm(features))
 
     def teacher_window_logits(self, ids, window_tokens):
         """Teacher logits after every row of token windows: ids (B, N), window_tokens (B, W, m) -> (B, W, m, V).
@@ -209,13 +277,18 @@ class DraftStudent:
 
     @staticmethod
     def _staircase_positions(context, windows, rows, device):
-        window = torch.arange(windows, device=device)[:, None] + 1 + torch.arange(rows, device=device)[None, :]
-        return torch.cat([torch.arange(context, device=device), window.flatten()])
+        return torch.cat([torch.arange(context, device=device),
+                          DraftStudent._window_positions(windows, rows, device)])
 
-    # -- the head -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _window_positions(windows, rows, device):
+        window = torch.arange(windows, device=device)[:, None] + 1 + torch.arange(rows, device=device)[None, :]
+        return window.flatten()
+
+    # -- the draft rows -----------------------------------------------------------------------------------------
 
     def window_inputs(self, y1, u, tau):
-        """The head's input rows of every window: (B, W, rows, H) = [tok_emb(y1) | e(u_2..), tau)].
+        """The input rows of every window: (B, W, rows, H) = [tok_emb(y1) | e(u_2..), tau)].
 
         y1: (B, W) exact first tokens; u: (B, W, k) uniforms of tokens 1..k (u[..., 0] is y1's, unused here).
         """
@@ -228,15 +301,26 @@ class DraftStudent:
             tau = tau.to(u.device).view(-1, 1, 1).expand(hints.shape)
         return torch.cat([y1_rows, self.head.noise(hints, tau).to(y1_rows.dtype)], dim=2)
 
-    def head_logits(self, x):
-        """The teacher's LM head over the head's final norm: x (..., H) -> (..., V)."""
-        return self.teacher.lm_head(self.head.norm(x))
+    def readout_logits(self, hidden):
+        """Draft logits from the window rows' hidden states (..., rows, H) -> (..., k-1, V).
 
-    def draft_logits(self, ids, features, y1, u, tau):
-        """Head logits for tokens 2..k of every window (training layout).
+        onehot: the hint rows (1..k-1); categorical: every row. Final norm: the head's (head pathway); the
+        teacher's for the y1 row and the adapters' for hint rows (trunk pathway); then the teacher's LM head.
+        """
+        first = 1 if self.head.config.readout == "onehot" else 0
+        hidden = hidden[..., first:, :]
+        if self.pathway == "trunk":
+            normed = self.head.final_norm(self.teacher.norm, hidden, 1 - first)
+        else:
+            normed = self.head.norm(hidden)
+        return self.teacher.lm_head(normed)
+
+    def draft_logits(self, ids, stream, y1, u, tau):
+        """Draft logits for tokens 2..k of every window (training layout), in either pathway.
 
         Args:
-            ids: (B, N) context; features: (B, N, H) the trunk's features of it (no gradient needed).
+            ids: (B, N) context; stream: `trunk(ids)[0]`, the TokenStream of it (no gradient needed; in the head
+                pathway a (B, N, H) features tensor works too).
             y1: (B, W) exact first tokens of the windows anchored at 0..W-1; u: (B, W, k) their uniforms.
             tau: a float or a (B,) tensor.
 
@@ -244,18 +328,63 @@ class DraftStudent:
             (B, W, k-1, V): onehot, logits whose argmax drafts token j+2; categorical, the distribution of
             token j+2 (as logits).
         """
-        batch, context = ids.shape
-        windows = u.shape[1]
         window_x = self.window_inputs(y1, u, tau)
-        rows = window_x.shape[2]
+        if self.pathway == "trunk":
+            hidden = self._trunk_window_hidden(ids, stream, window_x)
+        else:
+            hidden = self._head_window_hidden(ids, stream, window_x)
+        return self.readout_logits(hidden)
+
+    def _head_window_hidden(self, ids, stream, window_x):
+        """Head pathway: the head's blocks over [context features | window rows] -> (B, W, rows, H)."""
+        features = stream.features if isinstance(stream, TokenStream) else stream
+        batch, context = ids.shape
+        windows, rows = window_x.shape[1], window_x.shape[2]
         x = torch.cat([features.to(window_x.dtype), window_x.flatten(1, 2)], dim=1)
         hidden = run_blocks(self.head.blocks, x, self._staircase_positions(context, windows, rows, ids.device),
                             self.teacher.inv_freq,
                             lambda layer, q, kk, v: kforcing_ops.window_attention(q, kk, v, windows, rows))
-        window_hidden = hidden[:, context:].view(batch, windows, rows, -1)
-        if self.head.config.readout == "onehot":
-            window_hidden = window_hidden[:, :, 1:]
-        return self.head_logits(window_hidden)
+        return hidden[:, context:].view(batch, windows, rows, -1)
+
+    def _trunk_window_hidden(self, ids, stream, window_x):
+        """Trunk pathway: window rows through the teacher's blocks with the adapters -> (B, W, rows, H).
+
+        At layer l the window rows attend, with the staircase mask, to [the token stream's keys/values of the
+        context at layer l | their own rows]; context rows get zero queries and their outputs are dropped.
+        """
+        if not isinstance(stream, TokenStream) or stream.keys is None:
+            raise ValueError("the trunk pathway needs the TokenStream of student.trunk(ids) (per-layer keys/values)")
+        context = ids.shape[1]
+        windows, rows = window_x.shape[1], window_x.shape[2]
+
+        def attend(layer, q, k, v):
+            context_k, context_v = stream.keys[layer], stream.values[layer]
+            q = torch.cat([q.new_zeros(q.shape[0], context, *q.shape[2:]), q], dim=1)
+            k = torch.cat([context_k.to(k.dtype), k], dim=1)
+            v = torch.cat([context_v.to(v.dtype), v], dim=1)
+            return kforcing_ops.window_attention(q, k, v, windows, rows)[:, context:]
+
+        return self.head.run(self.teacher.blocks, window_x, self._window_positions(windows, rows, ids.device),
+                             self.teacher.inv_freq, attend)
+
+    def decode_window(self, x, cache):
+        """One draft pass in decoding: window rows x (B, rows, H) = [exact token | hints] -> hidden (B, rows, H).
+
+        Row j of sequence b sits at position cache.seqlens[b] + j; nothing is appended to the cache. Head pathway:
+        the head's blocks against the head's cache. Trunk pathway: the teacher's blocks with the adapters, each
+        layer attending to the teacher's cache of that layer (the exact row with the teacher's weights).
+        """
+        if self.pathway == "head":
+            return decode_blocks(self.head.blocks, x, cache, 0, self.teacher.inv_freq)
+        if cache.num_layers != len(self.teacher.blocks) or cache.batch_size != x.shape[0]:
+            raise ValueError(f"the KV cache ({cache.num_layers} layers, {cache.batch_size} sequences) does not fit "
+                             f"the teacher ({len(self.teacher.blocks)} layers) and {x.shape[0]} sequences")
+        positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(x.shape[1], device=x.device)
+
+        def attend(layer, q, k, v):
+            return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens, 0)
+
+        return self.head.run(self.teacher.blocks, x[:, None], positions, self.teacher.inv_freq, attend)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,5 +415,5 @@ def drafts_from_logits(logits, u, readout, sampling: Sampling):
     return sample_rows(logits, u[..., 1:], sampling)
 
 
-__all__ = ["DraftStudent", "HeadConfig", "HintHead", "READOUTS", "Sampling", "drafts_from_logits", "sample_rows",
-           "teacher_fingerprint"]
+__all__ = ["DraftStudent", "HeadConfig", "HintHead", "PATHWAYS", "READOUTS", "Sampling", "TokenStream", "build_head",
+           "drafts_from_logits", "sample_rows", "teacher_fingerprint"]
