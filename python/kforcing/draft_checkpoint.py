@@ -74,8 +74,9 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
     fingerprint = teacher_fingerprint(model)
     if fingerprint != config.get("teacher_fingerprint"):
         raise CheckpointError(f"{directory} was trained on a teacher with fingerprint "
-                              f"{config.get('teacher_fingerprint')}, but the teacher given has fingerprint {fingerprint} (other weights or config): a "
-                              "hint head only fits the exact teacher it was trained on")
+                              f"{config.get('teacher_fingerprint')}, but the teacher given has fingerprint "
+                              f"{fingerprint} (other weights or config): a hint head only fits the exact teacher it "
+                              "was trained on")
     module = TrunkAdapters if head_config.pathway == "trunk" else HintHead
     head = module(model.config, head_config).to(device=model.device, dtype=model.dtype)
     head.teacher_fingerprint = fingerprint
