@@ -120,8 +120,8 @@ def _add_sample_parser(subparsers):
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
         "student decodes --k tokens per pass. A draft student (distill --pathway head or trunk) decodes with its "
         "teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it "
-        "keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, p), so "
-        "models given the same seed are coupled.")
+        "keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
+        "p), so models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
     p.add_argument("--verify", action="store_true", help="draft students: lossless verified decoding")
     p.add_argument("--teacher", default=None, help="draft students: the teacher checkpoint (default: the one it "
