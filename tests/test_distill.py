@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 import kforcing.checkpoint as ckpt
 import kforcing_ops
 from kforcing.cli import main
-from kforcing.data import iter_documents, train_tokenizer
 from kforcing.data import heldout_contexts
 from kforcing.distill import DistillConfig, DistillError, check_schedule, distill, parse_tau, plateaued
 from kforcing.metrics import coupled_agreement
@@ -23,7 +22,6 @@ from kforcing.trainer import EMA, RAW_WEIGHTS_FILE, TrainingError
 from kforcing.generate import generate_ar, generate_kforcing
 from kforcing.model import ARModel, ModelConfig, PushForwardLM
 from kforcing.noise import counter_uniform
-from kforcing.train import TrainConfig, train_teacher
 from tolerances import DDP_LOSS_ABS, DDP_WEIGHTS, HAND_BUILT_LOSS_ABS, RECOMPUTED_AGREEMENT_ABS
 import tiny_models
 
@@ -239,16 +237,7 @@ def test_schedule_and_settings_errors():
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    """A tiny AR teacher trained for a few seconds on 0.5 MB of the default corpus (vocab 512)."""
-    root = tmp_path_factory.mktemp("distill")
-    texts = [text for _, text in iter_documents("stdlib", max_bytes=500_000)]
-    tokenizer_path = train_tokenizer(texts, vocab_size=512).save(root)
-    config = TrainConfig(out_dir=str(root / "teacher"), preset="tiny", corpus=["stdlib"], corpus_max_bytes=500_000,
-                         tokenizer=str(tokenizer_path), seq_len=64, batch_size=16, steps=150, warmup_steps=15,
-                         eval_interval=150, eval_batches=2, save_interval=150, log_interval=50, progress=False,
-                         device="cpu")
-    train_teacher(config)
-    return root / "teacher"
+    return tiny_models.trained_teacher(tmp_path_factory.mktemp("distill"))
 
 
 def short(teacher_run, out, **overrides):

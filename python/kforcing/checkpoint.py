@@ -365,9 +365,15 @@ def load_weights(model, path, strict: bool = True):
     if saved_config != model_config:
         raise CheckpointError(f"checkpoint {directory} was made for another model config "
                               f"({describe_config_difference(saved_config, model_config)}; checkpoint vs model)")
-    if config.get("head") != mine.get("head"):
-        raise CheckpointError(f"checkpoint {directory} holds a head with settings {config.get('head')}, not "
-                              f"{mine.get('head')}")
+    if (config.get("head") is None) != (mine.get("head") is None):
+        raise CheckpointError(f"checkpoint {directory} is a {config.get('model_type')} checkpoint; it does not fit a "
+                              f"{type(model).__name__}")
+    if mine.get("head") is not None:
+        from .hint_head import HeadConfig
+
+        saved_head, model_head = HeadConfig.from_dict(config["head"]), HeadConfig.from_dict(mine["head"])
+        if saved_head != model_head:  # compared as configs: fields added since the checkpoint take their defaults
+            raise CheckpointError(f"checkpoint {directory} holds a head with settings {saved_head}, not {model_head}")
     state = load_file_checked(directory, MODEL_FILE, lambda p: load_file(str(p), device=str(_device_of(model))),
                               config)
     expected = model.state_dict()

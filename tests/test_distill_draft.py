@@ -1,0 +1,151 @@
+"""distill --pathway head|trunk: draft checkpoints, resuming, evaluation, the CLI, bad settings, and learning."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import kforcing.checkpoint as ckpt
+from kforcing.checkpoint import CheckpointError
+from kforcing.cli import main
+from kforcing.distill import DistillConfig, DistillError, distill
+from kforcing.draft_checkpoint import TEACHER_FILE, save_draft_student
+from kforcing.draft_decode import generate_with_drafts
+from kforcing.evaluate import EvalConfig, run_eval
+from kforcing.generate import generate_ar
+from kforcing.hint_head import DraftStudent
+from kforcing.model import ARModel
+from kforcing.report import eval_tables
+from tiny_models import trained_teacher
+
+SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    return trained_teacher(tmp_path_factory.mktemp("draft"))
+
+
+def settings(teacher_run, out, **overrides):
+    values = dict(teacher=str(teacher_run), out_dir=str(out), pathway="head", tau=(0.7, 0.7), top_k=50, top_p=0.9,
+                  steps=[6], batch_size=4, seq_len=16, head_layers=1, warmup_steps=2, eval_interval=3, eval_batches=1,
+                  ar_eval_contexts=4, save_interval=100, log_interval=1, progress=False, device="cpu")
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def head_weights(path):
+    student, _, _ = ckpt.load_model(path)
+    return {name: value.clone() for name, value in student.head.state_dict().items()}
+
+
+@pytest.mark.parametrize("pathway", ["head", "trunk"])
+def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_path, pathway):
+    summary = distill(settings(teacher_run, tmp_path / "run", pathway=pathway, adapter_rank=2, readout="categorical"))
+    stage = summary["stages"][0]
+    assert stage["k"] == 4 and stage["step"] == 6 and stage["pathway"] == pathway
+    for key in ("val_tokens_per_pass", "verified_tokens_per_pass", "val_accept_2", "verified_accept_4"):
+        assert key in stage and key in stage["initial"]
+    student, tokenizer, config = ckpt.load_model(tmp_path / "run")
+    assert isinstance(student, DraftStudent) and student.head_config.pathway == pathway
+    assert config["model_type"] == "draft" and config["teacher_fingerprint"] == student.fingerprint
+    files = {path.name for path in (tmp_path / "run" / "stage_k4" / "final").iterdir()}
+    assert TEACHER_FILE not in files and tokenizer is not None  # the teacher is referenced, never copied
+    prompts = [[tokenizer.eos_id] + [5, 6, 7][:n] for n in (0, 3, 1)]
+    ar = generate_ar(student.teacher, prompts, 20, seed=3, **SAMPLING)
+    out = generate_with_drafts(student, prompts, 20, seed=3, **SAMPLING)
+    assert torch.equal(out.tokens, ar.tokens)
+
+
+def test_resuming_a_draft_run_is_exact(teacher_run, tmp_path):
+    distill(settings(teacher_run, tmp_path / "straight", steps=[8], save_interval=4))
+    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, stop_after=4))
+    assert not (tmp_path / "resumed" / "stage_k4" / "done.json").exists()
+    with pytest.raises(DistillError, match="--resume"):
+        distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4))
+    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, resume=True))
+    straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_progressive_growth_continues_the_same_head(teacher_run, tmp_path):
+    summary = distill(settings(teacher_run, tmp_path / "run", schedule=[2, 4], steps=[3, 3]))
+    assert [s["k"] for s in summary["stages"]] == [2, 4]
+    assert summary["checkpoint"].endswith("stage_k4/final")
+    first, second = head_weights(tmp_path / "run" / "stage_k2" / "final"), head_weights(tmp_path / "run")
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_head_refuses_another_teacher_and_a_merged_export_stands_alone(teacher_run, tmp_path):
+    distill(settings(teacher_run, tmp_path / "run"))
+    student, tokenizer, _ = ckpt.load_model(tmp_path / "run")
+    other = ARModel(student.config)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        ckpt.load_model(tmp_path / "run", teacher=other)
+    with torch.no_grad():  # one weight changed by a rounding step is another teacher too
+        student.teacher.lm_head.weight[0, 0] += 1e-3
+    with pytest.raises(CheckpointError, match="only fits the exact teacher"):
+        ckpt.load_model(tmp_path / "run", teacher=student.teacher)
+    student, _, _ = ckpt.load_model(tmp_path / "run")
+    save_draft_student(tmp_path / "merged", student, tokenizer, merged=True)
+    moved = tmp_path / "moved_teacher"
+    shutil.move(str(teacher_run), str(moved))
+    try:
+        with pytest.raises(CheckpointError, match="no longer exists"):
+            ckpt.load_model(tmp_path / "run")
+        alone, _, _ = ckpt.load_model(tmp_path / "merged")
+        assert alone.fingerprint == student.fingerprint
+        found, _, _ = ckpt.load_model(tmp_path / "run", teacher=moved)
+        assert found.fingerprint == student.fingerprint
+    finally:
+        shutil.move(str(moved), str(teacher_run))
+
+
+def test_eval_of_a_draft_student(teacher_run, tmp_path):
+    distill(settings(teacher_run, tmp_path / "run"))
+    config = EvalConfig(teacher=str(teacher_run), student=str(tmp_path / "run"), num_samples=4, sample_len=12,
+                        batch_size=4, batch_sizes=[1], speed_tokens=8, speed_repeats=1, progress=False, **SAMPLING)
+    results = run_eval(config)
+    assert results["kind"] == "draft" and results["ks"] == [2, 4]
+    assert all(row["equals_ar"] for row in results["verified"])
+    diagnostics = results["diagnostics"]
+    assert len(diagnostics["floor"]) == len(diagnostics["shuffle"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in diagnostics["floor"] + diagnostics["shuffle"])
+    assert [row["k"] for row in results["quality"]] == [0, 2, 4]
+    assert {row["decoder"] for row in results["speed"]} == {"AR", "verified k=2", "unverified k=2", "verified k=4",
+                                                           "unverified k=4"}
+    tables = eval_tables(results)
+    assert "u-blind floor" in tables and "verified tokens per pass" in tables
+    json.dumps(results)  # eval.json is plain data
+    with pytest.raises(ValueError, match="--k 1 is not allowed"):
+        run_eval(EvalConfig(**{**config.__dict__, "ks": [1]}))
+
+
+def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
+    distill(settings(teacher_run, tmp_path / "run"))
+    common = ["sample", "--ckpt", str(tmp_path / "run"), "--max-new-tokens", "12", "--temperature", "0.7",
+              "--top-k", "50", "--top-p", "0.9", "--no-stop", "--prompt", "def "]
+    assert main(common + ["--verify"]) == 0
+    verified = capsys.readouterr()
+    assert main(["sample", "--ckpt", str(teacher_run), *common[3:]]) == 0
+    assert capsys.readouterr().out == verified.out  # lossless: the teacher's own sample
+    assert "verified K-Forcing k=4" in verified.err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(tau=(0.7, 1.0)), "one sampling distribution"),
+    (dict(schedule=[1, 2]), "must start at k >= 2"),
+    (dict(schedule=[4, 2]), "must increase"),
+    (dict(objective="noise-inversion"), "is for --pathway full"),
+    (dict(pathway="trunk", adapter_rank=10_000), "adapter_rank=10000 is larger than the model width"),
+    (dict(readout="argmax"), "unknown readout"),
+    (dict(pathway="sideways"), "unknown pathway"),
+    (dict(top_p=0.0), "top_p in"),
+])
+def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
+    with pytest.raises(DistillError, match=message):
+        distill(settings(teacher_run, tmp_path / "run", **overrides))
+    assert not (tmp_path / "run" / "stage_k4").exists()
