@@ -7,7 +7,7 @@
 // The `code` option changes u's half (columns [0, 2F)) only; tau's half is always the sinusoids above, since
 // tau is a temperature, not a position in [0, 1]:
 //   sinusoid  the features above.
-//   dyadic    cos(2 pi 2^j u), sin(2 pi 2^j u), j < F: feature j resolves intervals of width 2^-(j+1). The phase
+//   dyadic    cos(2 pi 2^j u), sin(2 pi 2^j u), j < F: feature j repeats with period 2^-j. The phase
 //             frac(2^j u) is exact (u = M 2^-S, so it is M mod 2^(S-j) scaled), and only 2 pi phase in [-pi, pi]
 //             meets a rounded sin/cos: the features are as accurate at j = 60 as at j = 0. They are 1-periodic in
 //             u, so u = 1 encodes as u = 0.
