@@ -3,6 +3,8 @@
 Per M rows (H = 768, F = 384 by default), side by side in one run:
   kernel        kforcing_ops.noise_embedding, tau shared by all rows (a scalar, as one sequence's temperature)
   kernel_rows   kforcing_ops.noise_embedding with a tau per row (no folding: the full K = 4F product)
+  dyadic        kernel with code="dyadic" (u's features from the exact phase frac(2^j u))
+  binary        kernel with code="binary" (u's features are its binary digits)
   unfused       fp32 features (M, 4F), then a Linear in the weight's dtype: the best unfused form
   reference     float64 features, then a Linear (kforcing_ops.reference; the original implementation's form)
   gemm          (GPU) the bare dense GEMM of the same shape, (M, 4F) @ (4F, H), on precomputed features
@@ -56,6 +58,8 @@ def main(argv=None):
     impls = {
         "kernel": lambda u, tau_rows: kforcing_ops.noise_embedding(u, 0.8, weight, bias),
         "kernel_rows": lambda u, tau_rows: kforcing_ops.noise_embedding(u, tau_rows, weight, bias),
+        "dyadic": lambda u, tau_rows: kforcing_ops.noise_embedding(u, 0.8, weight, bias, code="dyadic"),
+        "binary": lambda u, tau_rows: kforcing_ops.noise_embedding(u, 0.8, weight, bias, code="binary"),
         "unfused": lambda u, tau_rows: unfused(u, tau_rows, weight, bias),
         "reference": lambda u, tau_rows: reference.noise_embedding(u, tau_rows, weight, bias),
     }

@@ -2,6 +2,7 @@
 
 Compared side by side, per (N, V):
   kernel        kforcing_ops.inverse_cdf_sample
+  descending    kforcing_ops.inverse_cdf_sample(order="descending"): the CDF walks tokens by descending probability
   composition   softmax -> float64 cumsum -> searchsorted (the "reference composition")
   compiled      torch.compile of the composition
   reference     kforcing_ops.reference.inverse_cdf_sample (the composition + the rule's edge cases)
@@ -39,14 +40,17 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256], help="N: rows sampled per call")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 50257, 131072], help="V: vocabulary sizes")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compiled", "reference", "multinomial"],
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["descending", "compiled", "reference", "multinomial"],
                         help="baselines to leave out (compiled takes a while to warm up)")
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     torch._dynamo.config.recompile_limit = 64  # one compile per (N, V)
     compiled = torch.compile(composition, dynamic=False)
-    impls = {"kernel": kforcing_ops.inverse_cdf_sample, "composition": composition, "compiled": compiled,
+    impls = {"kernel": kforcing_ops.inverse_cdf_sample,
+             "descending": lambda logits, u: kforcing_ops.inverse_cdf_sample(logits, u, order="descending"),
+             "composition": composition, "compiled": compiled,
              "reference": reference.inverse_cdf_sample, "multinomial": multinomial}
     impls = {k: v for k, v in impls.items() if k not in args.skip}
 

@@ -29,9 +29,10 @@ std::string build_info() { return KFORCING_BUILD_INFO_JSON; }
 TORCH_LIBRARY(kforcing, m) {
   m.def("build_info() -> str", &build_info);
 
+  // `order`: the order the CDF walks the support, "vocab" or "descending" (kforcing/sampling.h).
   m.def(
       "inverse_cdf_sample(Tensor logits, Tensor u, Tensor? temperatures, float temperature, int top_k, "
-      "float top_p) -> Tensor");
+      "float top_p, str order=\"vocab\") -> Tensor");
 
   m.def(
       "window_attention(Tensor q, Tensor k, Tensor v, int num_windows, int window_size, float scale) "
@@ -43,14 +44,18 @@ TORCH_LIBRARY(kforcing, m) {
       "window_attention_decode(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor cache_seqlens, int n_commit, float scale) -> Tensor");
 
-  m.def("noise_embedding(Tensor u, Tensor? tau, float tau_value, Tensor weight, Tensor? bias) -> Tensor");
+  // `code`: u's features, "sinusoid", "dyadic" or "binary" (kforcing/embedding.h).
+  m.def(
+      "noise_embedding(Tensor u, Tensor? tau, float tau_value, Tensor weight, Tensor? bias, "
+      "str code=\"sinusoid\") -> Tensor");
   m.def(
       "noise_embedding_backward(Tensor grad_out, Tensor u, Tensor? tau, float tau_value, int num_freqs, "
-      "bool with_bias) -> (Tensor grad_weight, Tensor? grad_bias)");
+      "bool with_bias, str code=\"sinusoid\") -> (Tensor grad_weight, Tensor? grad_bias)");
   m.def(
       "noise_conditioned_embedding(Tensor token_ids, Tensor token_table, Tensor u, Tensor? tau, float tau_value, "
-      "Tensor weight, Tensor? bias) -> Tensor");
+      "Tensor weight, Tensor? bias, str code=\"sinusoid\") -> Tensor");
   m.def(
       "noise_conditioned_embedding_backward(Tensor grad_out, Tensor token_ids, int vocab, Tensor u, Tensor? tau, "
-      "float tau_value, int num_freqs, bool with_bias) -> (Tensor grad_table, Tensor grad_weight, Tensor? grad_bias)");
+      "float tau_value, int num_freqs, bool with_bias, str code=\"sinusoid\") "
+      "-> (Tensor grad_table, Tensor grad_weight, Tensor? grad_bias)");
 }

@@ -42,13 +42,23 @@ def same_device(t, ref, op, name, ref_name):
           f"`{name}` is on {t.device} but `{ref_name}` is on {ref.device}; all tensors must be on one device")
 
 
+NOISE_CODES = ("sinusoid", "dyadic", "binary")
+CDF_ORDERS = ("vocab", "descending")
+
+
+def choice(given, choices, op, name):
+    """A string option: one of `choices` (ValueError naming the argument and the choices)."""
+    value(given in choices, op, f"`{name}` must be one of {', '.join(map(repr, choices))}, got {given!r}")
+
+
 # The sampler kernels: float64 logits on CPU only (sampled in float64); the reference takes all four anywhere.
 SAMPLER_TYPES = {"cpu": FLOAT_TYPES + (torch.float64,), "cuda": FLOAT_TYPES}
 
 
-def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logits_types=None):
+def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logits_types=None, order="vocab"):
     """`logits_types`: default, what the kernel for logits' device takes; the reference passes all four."""
     op = "inverse_cdf_sample"
+    choice(order, CDF_ORDERS, op, "order")
     dim(logits, 2, op, "logits", "(N, V)")
     if logits_types is None:
         torch._check_type(logits.dtype != torch.float64 or logits.device.type == "cpu", lambda: (
@@ -174,9 +184,10 @@ def tau_values(tau, op):
         value(False, op, f"`tau` must be positive and finite; element {first} is {float(tau[first])}")
 
 
-def noise_embedding(u, tau, weight, bias, tau_scalar=None):
+def noise_embedding(u, tau, weight, bias, tau_scalar=None, code="sinusoid"):
     """`tau`: the tensor, or None with the float in `tau_scalar` (None: not known, as in a backward)."""
     op = "noise_embedding"
+    choice(code, NOISE_CODES, op, "code")
     dim(u, 1, op, "u", "(M,)")
     dtype(u, UNIFORM_TYPES, op, "u")
     if tau is None and tau_scalar is not None:
@@ -199,9 +210,10 @@ def noise_embedding(u, tau, weight, bias, tau_scalar=None):
         same_device(bias, weight, op, "bias", "weight")
 
 
-def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, tau_scalar=None):
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, tau_scalar=None, code="sinusoid"):
     """`tau`: the tensor, or None with the float in `tau_scalar`."""
     op = "noise_conditioned_embedding"
+    choice(code, NOISE_CODES, op, "code")
     if tau is None and tau_scalar is not None:
         tau_value(tau_scalar, op)
     dim(token_ids, 2, op, "token_ids", "(B, Tc)")

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from . import _checks
 from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
 
@@ -10,21 +11,24 @@ from .embedding import noise_conditioned_embedding, noise_embedding
 class NoiseEmbedding(nn.Module):
     """e(u, tau): the input vector of a K-Forcing hint row (docs/method.md §2).
 
-    x = noise_embedding(u, tau, weight, bias)    sinusoidal features of u and tau + Linear, fused
+    x = noise_embedding(u, tau, weight, bias)    features of u (by `code`) and tau + Linear, fused
     e = x + MLP(LayerNorm(x))                    a residual GELU MLP
 
     Args:
         hidden: H, the model width.
         num_freqs: F, frequencies per sinusoid; the Linear maps 4F features to H. Default H // 2 (4F = 2H).
         mlp_ratio: the MLP's hidden width is mlp_ratio * H.
+        code: how u is encoded, "sinusoid" (default), "dyadic" or "binary" (see `kforcing_ops.noise_embedding`).
 
     Init: weight ~ N(0, 0.02) and bias = 0, as a token embedding (features are cos/sin, so the output has the
     scale of an embedding row); the MLP's output layer is zero, so at initialisation e = x and the residual
     MLP starts as the identity.
     """
 
-    def __init__(self, hidden, num_freqs=None, mlp_ratio=4, device=None, dtype=None):
+    def __init__(self, hidden, num_freqs=None, mlp_ratio=4, code="sinusoid", device=None, dtype=None):
         super().__init__()
+        _checks.choice(code, _checks.NOISE_CODES, "NoiseEmbedding", "code")
+        self.code = code
         self.num_freqs = num_freqs or max(1, hidden // 2)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(hidden, 4 * self.num_freqs, **factory))
@@ -51,17 +55,17 @@ class NoiseEmbedding(nn.Module):
     def forward(self, u, tau):
         """u: any shape (...) in [0, 1]; tau: a float or a tensor broadcastable to u. Returns (..., H)."""
         tau = torch.broadcast_to(tau, u.shape).reshape(-1) if isinstance(tau, torch.Tensor) else tau
-        x = noise_embedding(u.reshape(-1), tau, self.weight, self.bias)
+        x = noise_embedding(u.reshape(-1), tau, self.weight, self.bias, self.code)
         return self.residual(x.view(*u.shape, -1))
 
     def embed_sequence(self, token_ids, token_table, u, tau):
         """[token_table[token_ids] | e(u, tau)]: (B, Tc + Th, H), a model's whole input sequence."""
-        x = noise_conditioned_embedding(token_ids, token_table, u, tau, self.weight, self.bias)
+        x = noise_conditioned_embedding(token_ids, token_table, u, tau, self.weight, self.bias, self.code)
         contexts = token_ids.shape[1]
         return torch.cat([x[:, :contexts], self.residual(x[:, contexts:])], dim=1)
 
     def extra_repr(self):
-        return f"hidden={self.weight.shape[0]}, num_freqs={self.num_freqs}, init_std=0.02"
+        return f"hidden={self.weight.shape[0]}, num_freqs={self.num_freqs}, code={self.code!r}, init_std=0.02"
 
 
 class WindowAttention(nn.Module):

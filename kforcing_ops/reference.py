@@ -16,11 +16,15 @@ from . import _checks
 # inverse_cdf_sample
 
 
-def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """Float64 reference of kforcing_ops.inverse_cdf_sample (softmax + cumsum + searchsorted)."""
+def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vocab"):
+    """Float64 reference of kforcing_ops.inverse_cdf_sample (softmax + cumsum + searchsorted).
+
+    order="descending" first stable-sorts each row by descending logit (so by descending probability, equal
+    logits by smaller id), and walks the CDF in that order.
+    """
     temperatures = temperature if isinstance(temperature, torch.Tensor) else None
     _checks.inverse_cdf_sample(logits, u, temperatures, 1.0 if temperatures is not None else temperature,
-                               top_k, top_p, logits_types=_checks.FLOAT_TYPES + (torch.float64,))
+                               top_k, top_p, logits_types=_checks.FLOAT_TYPES + (torch.float64,), order=order)
     op = "inverse_cdf_sample"
     t = (temperatures.double() if temperatures is not None
          else torch.full((logits.shape[0],), float(temperature), dtype=torch.float64, device=logits.device))
@@ -44,6 +48,10 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         z = z.masked_fill(~_nucleus(z, top_p, rank=torch.where(z > -math.inf, x, -math.inf)), -math.inf)
     p = torch.softmax(z, dim=1)
+    # The walk order: positions of the CDF -> token ids (the support first; -inf logits have p = 0).
+    walk = (torch.sort(torch.where(z > -math.inf, x, -math.inf), dim=1, descending=True, stable=True).indices
+            if order == "descending" else torch.arange(vocab, device=x.device).expand(x.shape[0], vocab))
+    z, p = z.gather(1, walk), p.gather(1, walk)
     cdf = p.cumsum(dim=1)
     tokens = torch.searchsorted(cdf, u[:, None]).squeeze(1)
     support = z > -math.inf  # every finite surviving logit has p > 0, even where float64 rounds it to 0
@@ -52,7 +60,7 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     # u = 0 would land on a leading zero-probability token; u = 1 may meet the rounded total mass early, and u
     # above it lands past the end.
     tokens = torch.where(u == 0, first_support, torch.where(u == 1, last_support, tokens))
-    return torch.minimum(tokens, last_support)
+    return walk.gather(1, torch.minimum(tokens, last_support)[:, None]).squeeze(1)
 
 
 def _nucleus(z, top_p, rank=None):
@@ -145,31 +153,63 @@ def noise_frequencies(num_freqs, device=None):
     return 10000.0 ** (-torch.arange(num_freqs, dtype=torch.float64, device=device) / num_freqs)
 
 
-def noise_features(u, tau, num_freqs):
-    """[cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)]: (M, 4F) in float64."""
+def _times_power_of_two(u, k):
+    """u * 2^k (u float64 in [0, 1], k >= 0 an integer tensor) without rounding: two exact power-of-two steps, so
+    no intermediate overflows for k up to about 1000 (the result may be inf, which is even: `u` has no such digit)."""
+    half = k // 2
+    return u * torch.exp2(half.double()) * torch.exp2((k - half).double())
+
+
+def _dyadic_phase(u, num_freqs):
+    """frac(u 2^j), j = 0..F-1, exactly: (M, F) float64. u 2^j >= 2^53 is an even integer, phase 0."""
+    x = _times_power_of_two(u[:, None], torch.arange(num_freqs, device=u.device))
+    return torch.where(x < 2.0 ** 53, x - x.floor(), 0.0)
+
+
+def _binary_digits(u, count):
+    """Digits d_1..d_count of u's binary expansion (d_k = floor(u 2^k) mod 2; all 1 for u = 1): (M, count)."""
+    x = _times_power_of_two(u[:, None], torch.arange(1, count + 1, device=u.device))
+    digits = torch.where(x < 2.0 ** 53, x.floor().remainder(2.0), 0.0)  # above 2^53 every float64 is even
+    return torch.where(u[:, None] == 1.0, 1.0, digits)
+
+
+def noise_features(u, tau, num_freqs, code="sinusoid"):
+    """[u features (2F), cos(2 pi tau f), sin(2 pi tau f)]: (M, 4F) in float64.
+
+    u's features by `code`: "sinusoid" cos/sin(2 pi u f); "dyadic" cos/sin(2 pi frac(u 2^j)); "binary" 2 d_k - 1,
+    k = 1..2F (see kforcing_ops.noise_embedding). float32 u converts to float64 exactly, so the digits and phases
+    are those of the input value.
+    """
     f = noise_frequencies(num_freqs, device=u.device)
     tau = tau.double() if isinstance(tau, torch.Tensor) else torch.full_like(u, tau, dtype=torch.float64)
-    angle_u = 2 * math.pi * u.double()[:, None] * f
+    u = u.double()
     angle_tau = 2 * math.pi * tau[:, None] * f
-    return torch.cat([angle_u.cos(), angle_u.sin(), angle_tau.cos(), angle_tau.sin()], dim=1)
+    if code == "binary":
+        u_features = 2.0 * _binary_digits(u, 2 * num_freqs) - 1.0
+    else:
+        angle_u = 2 * math.pi * (_dyadic_phase(u, num_freqs) if code == "dyadic" else u[:, None] * f)
+        u_features = torch.cat([angle_u.cos(), angle_u.sin()], dim=1)
+    return torch.cat([u_features, angle_tau.cos(), angle_tau.sin()], dim=1)
 
 
-def noise_embedding(u, tau, weight, bias=None):
+def noise_embedding(u, tau, weight, bias=None, code="sinusoid"):
     """Reference of kforcing_ops.noise_embedding: float64 features, then a Linear in weight's dtype."""
     tau_tensor = tau if isinstance(tau, torch.Tensor) else None
-    _checks.noise_embedding(u, tau_tensor, weight, bias, tau_scalar=None if tau_tensor is not None else float(tau))
+    _checks.noise_embedding(u, tau_tensor, weight, bias, tau_scalar=None if tau_tensor is not None else float(tau),
+                            code=code)
     if tau_tensor is not None:
         _checks.tau_values(tau_tensor, "noise_embedding")
     _checks.value(bool(((u >= 0) & (u <= 1)).all()), "noise_embedding", "`u` must lie in [0, 1]")
-    features = noise_features(u.detach(), tau.detach() if tau_tensor is not None else tau, weight.shape[1] // 4)
+    features = noise_features(u.detach(), tau.detach() if tau_tensor is not None else tau, weight.shape[1] // 4,
+                              code)
     return F.linear(features.to(weight.dtype), weight, bias)
 
 
-def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=None):
+def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=None, code="sinusoid"):
     """Reference of kforcing_ops.noise_conditioned_embedding: cat(token_table[token_ids], noise embeddings)."""
     tau_tensor = tau if isinstance(tau, torch.Tensor) else None
     _checks.noise_conditioned_embedding(token_ids, token_table, u, tau_tensor, weight, bias,
-                                        tau_scalar=None if tau_tensor is not None else float(tau))
+                                        tau_scalar=None if tau_tensor is not None else float(tau), code=code)
     if tau_tensor is not None:
         _checks.tau_values(tau_tensor, "noise_conditioned_embedding")
     _checks.value(bool(((token_ids >= 0) & (token_ids < token_table.shape[0])).all()), "noise_conditioned_embedding",
@@ -177,5 +217,5 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
     batch, hints = u.shape
     if isinstance(tau, torch.Tensor):  # a 0-d tensor is every sequence's tau
         tau = (tau.reshape(1).expand(batch) if tau.dim() == 0 else tau)[:, None].expand(batch, hints).reshape(-1)
-    noise = noise_embedding(u.reshape(-1), tau, weight, bias).view(batch, hints, weight.shape[0])
+    noise = noise_embedding(u.reshape(-1), tau, weight, bias, code).view(batch, hints, weight.shape[0])
     return torch.cat([F.embedding(token_ids, token_table), noise], dim=1)

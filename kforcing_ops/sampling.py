@@ -5,7 +5,7 @@ import torch
 from . import _checks, _ext, reference
 
 
-def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vocab"):
     """Draw one token per row by inverse CDF from an explicit uniform: a pure function of (logits, u).
 
     Args:
@@ -17,15 +17,20 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
         top_p: then keep the nucleus: a token survives when the (renormalised) mass of strictly larger logits
             is < top_p, so the smallest set of most likely tokens reaching top_p survives, ties included;
             1.0 disables.
+        order: the order in which the CDF walks the support: "vocab" (default), token ids 0..V-1; or
+            "descending", by descending probability (descending logit), equal logits by smaller id first. Both
+            sample the same distribution exactly; they differ in which token a given u maps to ("descending"
+            puts the likely tokens at small u, so nearby uniforms tend to draw the same likely token).
 
     Returns:
         (N,) int64 token ids.
 
     The rule: p = softmax(logits * inv_t) with inv_t = min(1 / temperature, F), F the largest finite value of the
     compute type (float32, about 3.4e38; float64 for float64 logits), restricted and renormalised as above. The
-    support is the finite logits the filters keep; the token is the smallest support index v, in vocabulary
-    order, with sum_{v' <= v} p_v' >= u. So u = 0 gives the first support token and u = 1 the last (also where
-    rounding leaves u above the total mass); -inf and filtered-out logits are never returned.
+    support is the finite logits the filters keep; the token is the first support token v, in the walk order,
+    whose running mass (p_v plus the p of the tokens before it) is >= u. So u = 0 gives the first support token
+    and u = 1 the last (also where rounding leaves u above the total mass); -inf and filtered-out logits are never
+    returned.
 
     Extreme temperatures follow the same rule: a tiny temperature (1 / T above F, i.e. T below about 2.9e-39
     for float32) samples as T = 1 / F, which keeps only the largest logit and its ties unless logits differ by
@@ -46,9 +51,11 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """
     temperatures, temperature_value = (
         (temperature, 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature)))
+    _checks.choice(order, _checks.CDF_ORDERS, "inverse_cdf_sample", "order")
     if _ext.use_kernel("inverse_cdf_sample", logits.device):
-        return torch.ops.kforcing.inverse_cdf_sample(logits, u, temperatures, temperature_value, top_k, top_p)
-    return reference.inverse_cdf_sample(logits, u, temperature, top_k, top_p)
+        return torch.ops.kforcing.inverse_cdf_sample(logits, u, temperatures, temperature_value, top_k, top_p,
+                                                     order)
+    return reference.inverse_cdf_sample(logits, u, temperature, top_k, top_p, order)
 
 
 def raise_on_invalid_samples(tokens):
@@ -62,6 +69,6 @@ def raise_on_invalid_samples(tokens):
 
 
 @torch.library.register_fake("kforcing::inverse_cdf_sample")
-def _inverse_cdf_sample_fake(logits, u, temperatures, temperature, top_k, top_p):
-    _checks.inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p)
+def _inverse_cdf_sample_fake(logits, u, temperatures, temperature, top_k, top_p, order="vocab"):
+    _checks.inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, order=order)
     return logits.new_empty(logits.shape[0], dtype=torch.long)

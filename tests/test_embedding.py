@@ -37,15 +37,16 @@ def embedding_cases():
                 yield pytest.param(device, dtype, *shape, marks=marks, id=f"{device}-{str(dtype)[6:]}-{shape}")
 
 
-def check_against_float64(got, u, tau, weight, bias, dtype):
+def check_against_float64(got, u, tau, weight, bias, dtype, code="sinusoid"):
     exact = ref.noise_embedding(u.double(), tau.double() if isinstance(tau, torch.Tensor) else tau, weight.double(),
-                                bias.double())
+                                bias.double(), code)
     if got.numel() == 0:
         return
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         assert (got.double() - exact).abs().max() <= EMBEDDING_FP32_RTOL * exact.abs().max()
     else:  # plain PyTorch in the same precision: features cast to dtype, then Linear in dtype
-        assert_within_pytorch_error(got, ref.noise_embedding(u, tau, weight, bias), exact, dtype, "noise_embedding")
+        assert_within_pytorch_error(got, ref.noise_embedding(u, tau, weight, bias, code), exact, dtype,
+                                    "noise_embedding")
 
 
 @pytest.mark.parametrize("device,dtype,rows,freqs,hidden", list(embedding_cases()))
@@ -103,6 +104,188 @@ def test_decode_shaped_assembly(device):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Codes: u's features as dyadic sinusoids or binary digits
+
+CODES = ["sinusoid", "dyadic", "binary"]
+
+
+def coded_uniforms(rows, device, dtype):
+    """Random uniforms plus the awkward ones: both ends, dyadic rationals, the largest value below 1."""
+    u = torch.rand(rows, device=device, dtype=dtype)
+    special = torch.tensor([0.0, 1.0, 0.5, 0.75, 0.375, 1 - torch.finfo(dtype).eps / 2], dtype=dtype)
+    u[:min(rows, len(special))] = special[:rows].to(device)
+    return u
+
+
+def code_cases():
+    for device in ("cpu", "cuda"):
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        for dtype in DTYPES[device] + ([torch.float64] if device == "cpu" else []):
+            for code in ("dyadic", "binary"):
+                yield pytest.param(device, dtype, code, marks=marks, id=f"{device}-{str(dtype)[6:]}-{code}")
+
+
+@pytest.mark.parametrize("device,dtype,code", list(code_cases()))
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,freqs,hidden", [(0, 8, 16), (1, 19, 37), (37, 16, 48), (111, 19, 37)])
+@pytest.mark.parametrize("per_row_tau", [False, True])
+def test_codes_match_float64(device, dtype, code, u_dtype, rows, freqs, hidden, per_row_tau):
+    u = coded_uniforms(rows, device, u_dtype)
+    tau = torch.rand(rows, device=device) * 2 + 0.01 if per_row_tau else 0.8
+    weight, bias = weights(hidden, freqs, dtype, device)
+    with expect_kernel("noise_embedding"):
+        got = ko.noise_embedding(u, tau, weight, bias, code=code)
+    assert got.shape == (rows, hidden) and got.dtype == dtype
+    check_against_float64(got, u, tau, weight, bias, dtype, code)
+
+
+def feature_probe(u, freqs, code, dtype=torch.float64):
+    """The kernel's features themselves: an identity weight maps them to the output unchanged."""
+    eye = torch.eye(4 * freqs, dtype=dtype, device=u.device)
+    with expect_kernel("noise_embedding"):
+        return ko.noise_embedding(u, 0.5, eye, code=code)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_binary_digits_are_exact_in_either_precision(device):
+    """Digits read from the input value: the same as float64 floor(u 2^k) mod 2, for fp32 and fp64 u alike."""
+    weight_dtype = torch.float64 if device == "cpu" else torch.float32
+    freqs = 24  # 48 digits
+    below_half = 0.5 - 2.0 ** -40  # fp64 only: rounds to 0.5 in fp32, which flips all of its first 40 digits
+    u64 = torch.tensor([0.0, 1.0, 0.5, 0.75, below_half, 2.0 ** -30, 1 - 2.0 ** -48], dtype=torch.float64,
+                       device=device)
+    for u in (u64, coded_uniforms(200, device, torch.float32), coded_uniforms(200, device, torch.float64)):
+        got = feature_probe(u, freqs, "binary", weight_dtype)[:, :2 * freqs].double()
+        want = ref.noise_features(u, 0.5, freqs, "binary")[:, :2 * freqs]
+        assert torch.equal(got, want)
+        scaled = torch.stack([torch.floor(u.double().cpu() * 2.0 ** k) % 2 for k in range(1, 2 * freqs + 1)], 1)
+        by_formula = torch.where(u.cpu()[:, None] == 1, 1.0, scaled) * 2 - 1
+        assert torch.equal(got.cpu(), by_formula)
+    got = feature_probe(u64, freqs, "binary", weight_dtype)[:, :2 * freqs].cpu()
+    assert (got[0] == -1).all() and (got[1] == 1).all()  # u = 0: all digits 0; u = 1: 0.111..._2
+    assert got[4, 0] == -1 and (got[4, 1:40] == 1).all() and (got[4, 40:] == -1).all()
+    assert got[5, 29] == 1 and (got[5, :29] == -1).all()
+    got32 = feature_probe(u64.float(), freqs, "binary", weight_dtype)[4, :2 * freqs].cpu()
+    assert got32[0] == 1 and (got32[1:] == -1).all()  # the fp32 value is 0.5 exactly
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dyadic_features_stay_accurate_at_high_frequencies(device):
+    """frac(2^j u) is exact, so feature j = 59 is as accurate as feature 0; u = 1 encodes as u = 0."""
+    freqs = 60
+    u = coded_uniforms(300, device, torch.float64)
+    want = ref.noise_features(u, 0.5, freqs, "dyadic")
+    if device == "cpu":
+        got = feature_probe(u, freqs, "dyadic")
+        assert (got - want).abs().max() <= 1e-14
+    got = feature_probe(u, freqs, "dyadic", torch.float32).double()
+    assert (got - want).abs().max() <= 1e-6
+    assert torch.equal(got[0, :2 * freqs], got[1, :2 * freqs])
+
+
+def test_binary_is_piecewise_constant_in_u():
+    """The derivative in u is zero almost everywhere: a step far below the last digit changes nothing."""
+    u = torch.rand(64, dtype=torch.float64) * 0.99
+    weight, bias = weights(16, 4, torch.float64, "cpu")
+    step = 2.0 ** -40  # far below digit 2F = 8, and far above u's last bit
+    inside = (torch.floor(u * 2 ** 8) == torch.floor((u + step) * 2 ** 8))
+    same = ko.noise_embedding(u + step, 0.4, weight, bias, code="binary") == ko.noise_embedding(
+        u, 0.4, weight, bias, code="binary")
+    assert same[inside].all() and inside.sum() > 50
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code", ["dyadic", "binary"])
+@pytest.mark.parametrize("tau_kind", ["float", "per_sequence"])
+def test_noise_conditioned_codes(device, code, tau_kind):
+    batch, contexts, hints, vocab, hidden, freqs = 3, 5, 19, 40, 37, 19
+    ids = torch.randint(0, vocab, (batch, contexts), device=device)
+    table = torch.randn(vocab, hidden, device=device) * 0.1
+    u = torch.rand(batch, hints, device=device, dtype=torch.float64)
+    u[0, :2] = torch.tensor([0.0, 1.0])
+    tau = 0.9 if tau_kind == "float" else torch.rand(batch, device=device) + 0.1
+    weight, bias = weights(hidden, freqs, torch.float32, device)
+    with expect_kernel("noise_conditioned_embedding"):
+        got = ko.noise_conditioned_embedding(ids, table, u, tau, weight, bias, code=code)
+    want = ref.noise_conditioned_embedding(ids, table.double(), u, tau if tau_kind == "float" else tau.double(),
+                                           weight.double(), bias.double(), code)
+    assert torch.equal(got[:, :contexts], table[ids])
+    assert (got.double() - want).abs().max() <= EMBEDDING_FP32_RTOL * want.abs().max()
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_gradcheck_float64_codes(code):
+    """Weight and bias (the tau columns included) for every code. u gets no gradient: it is noise (and under
+    "binary" its derivative is zero almost everywhere)."""
+    u = coded_uniforms(9, "cpu", torch.float64)
+    ids = torch.randint(0, 11, (2, 3))
+    uu = torch.rand(2, 4, dtype=torch.float64)
+    table = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    for tau in (0.4, torch.rand(9, dtype=torch.float64) + 0.1):
+        weight = torch.randn(6, 4 * 3, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        with expect_kernel("noise_embedding_backward"):
+            assert torch.autograd.gradcheck(lambda w, b: ko.noise_embedding(u, tau, w, b, code=code), (weight, bias))
+        seq_tau = tau if isinstance(tau, float) else tau[:2]
+        with expect_kernel("noise_conditioned_embedding_backward"):
+            assert torch.autograd.gradcheck(
+                lambda t, w, b: ko.noise_conditioned_embedding(ids, t, uu, seq_tau, w, b, code=code),
+                (table, weight, bias))
+    with pytest.raises(ValueError, match="`u` requires grad"):
+        ko.noise_embedding(u.clone().requires_grad_(), 0.4, weight, bias, code=code)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code", ["dyadic", "binary"])
+def test_opcheck_and_compile_codes(device, code):
+    u, ids = torch.rand(10, device=device), torch.randint(0, 9, (2, 3), device=device)
+    weight, bias = weights(16, 4, torch.float32, device)
+    table = torch.randn(9, 16, device=device)
+    uu = torch.rand(2, 5, device=device, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.kforcing.noise_embedding.default, (u, None, 0.3, weight, bias, code))
+    torch.library.opcheck(torch.ops.kforcing.noise_embedding.default,
+                          (u, torch.rand(10, device=device), 0.0, weight.requires_grad_(), None, code))
+    torch.library.opcheck(torch.ops.kforcing.noise_conditioned_embedding.default,
+                          (ids, table.requires_grad_(), uu, torch.rand(2, device=device), 0.0, weight, bias, code))
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def embed(u, uu, weight, bias, table):
+        return ko.noise_embedding(u, 0.7, weight, bias, code=code).sum() + ko.noise_conditioned_embedding(
+            ids, table, uu, 0.7, weight, bias, code=code).sum()
+
+    with expect_kernel("noise_embedding", "noise_conditioned_embedding"):
+        got = embed(u, uu, weight, bias, table)
+        got.backward()
+    want = ko.noise_embedding(u, 0.7, weight, bias, code=code).sum() + ko.noise_conditioned_embedding(
+        ids, table, uu, 0.7, weight, bias, code=code).sum()
+    torch.testing.assert_close(got, want)
+
+
+def test_unknown_code_is_a_clear_error():
+    u, (weight, bias) = torch.rand(5), weights(8, 4, torch.float32, "cpu")
+    ids, table, uu = torch.randint(0, 9, (2, 3)), torch.randn(9, 8), torch.rand(2, 4)
+    message = "`code` must be one of 'sinusoid', 'dyadic', 'binary', got 'gray'"
+    calls = [
+        lambda: ko.noise_embedding(u, 0.3, weight, bias, code="gray"),
+        lambda: ref.noise_embedding(u, 0.3, weight, bias, code="gray"),
+        lambda: torch.ops.kforcing.noise_embedding(u, None, 0.3, weight, bias, "gray"),
+        lambda: torch.ops.kforcing.noise_embedding_backward(torch.randn(5, 8), u, None, 0.3, 4, True, "gray"),
+        lambda: ko.noise_conditioned_embedding(ids, table, uu, 0.3, weight, bias, code="gray"),
+        lambda: ref.noise_conditioned_embedding(ids, table, uu, 0.3, weight, bias, code="gray"),
+        lambda: torch.ops.kforcing.noise_conditioned_embedding(ids, table, uu, None, 0.3, weight, bias, "gray"),
+        lambda: NoiseEmbedding(8, num_freqs=2, code="gray"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fu, fw, fb = (mode.from_tensor(t) for t in (u, weight, bias))
+        with pytest.raises(ValueError, match=message):
+            torch.ops.kforcing.noise_embedding(fu, None, 0.3, fw, fb, "gray")
+
+
+# --------------------------------------------------------------------------------------------------------
 # Gradients
 
 
@@ -127,7 +310,8 @@ def test_gradcheck_float64_noise_conditioned():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_match_reference(device, dtype):
+@pytest.mark.parametrize("code", CODES)
+def test_gradients_match_reference(device, dtype, code):
     ids = torch.randint(0, 30, (4, 6), device=device)
     u = torch.rand(4, 20, device=device)
     tau = torch.rand(4, device=device)
@@ -136,7 +320,8 @@ def test_gradients_match_reference(device, dtype):
 
     def grads(fn, tensors):
         tensors = [t.detach().clone().requires_grad_() for t in tensors]
-        return torch.autograd.grad(fn(ids, tensors[0], u, tau, *tensors[1:]), tensors, grad.to(tensors[0].dtype))
+        return torch.autograd.grad(fn(ids, tensors[0], u, tau, *tensors[1:], code=code), tensors,
+                                   grad.to(tensors[0].dtype))
 
     with expect_kernel("noise_conditioned_embedding_backward"):
         got = grads(ko.noise_conditioned_embedding, leaves)
@@ -280,3 +465,14 @@ def test_noise_embedding_module_starts_as_its_linear_part():
     assert module.weight.std().item() == pytest.approx(0.02, rel=0.2)
     seq = module.embed_sequence(torch.randint(0, 10, (3, 2)), torch.randn(10, 32), u, torch.full((3,), 0.6))
     torch.testing.assert_close(seq[:, 2:], x)
+
+
+@pytest.mark.parametrize("code", ["dyadic", "binary"])
+def test_noise_embedding_module_code(code):
+    module = NoiseEmbedding(32, num_freqs=8, code=code)
+    u = torch.rand(3, 5)
+    x = ko.noise_embedding(u.reshape(-1), 0.6, module.weight, module.bias, code=code).view(3, 5, 32)
+    torch.testing.assert_close(module(u, 0.6), x)
+    seq = module.embed_sequence(torch.randint(0, 10, (3, 2)), torch.randn(10, 32), u, 0.6)
+    torch.testing.assert_close(seq[:, 2:], x)
+    assert f"code='{code}'" in repr(module)

@@ -1,6 +1,7 @@
 """The references against independent naive implementations: plain loops over rows, written from docs/method.md."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -90,7 +91,39 @@ def test_noise_embedding_reference():
         assert got[m].tolist() == pytest.approx(want, abs=1e-12)
 
 
-def naive_sample(row, u, temperature, top_k, top_p):
+def naive_dyadic_features(x, freqs):
+    """cos/sin(2 pi 2^j x) with the phase taken exactly by Fraction arithmetic."""
+    phases = [float((Fraction(x) * 2 ** j) % 1) for j in range(freqs)]
+    return [math.cos(2 * math.pi * p) for p in phases] + [math.sin(2 * math.pi * p) for p in phases]
+
+
+def naive_binary_features(x, freqs):
+    """Digits of x's binary expansion by repeated doubling (1 = 0.111..._2), as 2 d - 1."""
+    if x == 1.0:
+        return [1.0] * (2 * freqs)
+    digits, rest = [], Fraction(x)
+    for _ in range(2 * freqs):
+        rest *= 2
+        digits.append(1.0 if rest >= 1 else -1.0)
+        rest -= int(rest)
+    return digits
+
+
+@pytest.mark.parametrize("code,naive", [("dyadic", naive_dyadic_features), ("binary", naive_binary_features)])
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.float64])
+def test_noise_codes_reference(code, naive, u_dtype):
+    rows, freqs = 8, 30
+    u = torch.rand(rows, dtype=u_dtype)
+    u[:4] = torch.tensor([0.0, 1.0, 0.5 - 2.0 ** -40, 0.1])
+    got = ref.noise_features(u, 0.7, freqs, code)
+    for m in range(rows):
+        x = u[m].item()  # the input value: fp32 values are exact in a Python float
+        tau = [2 * math.pi * 0.7 * 10000 ** (-j / freqs) for j in range(freqs)]
+        want = naive(x, freqs) + [math.cos(a) for a in tau] + [math.sin(a) for a in tau]
+        assert got[m].tolist() == pytest.approx(want, abs=1e-12)
+
+
+def naive_sample(row, u, temperature, top_k, top_p, order="vocab"):
     """The rule of kforcing/sampling.h, with Python floats and sorted lists."""
     z = [x / temperature for x in row]
     if 0 < top_k < len(z):
@@ -105,21 +138,25 @@ def naive_sample(row, u, temperature, top_k, top_p):
         p = [pv if sum(pw for pw, zw in zip(p, z) if zw > zv) < top_p else 0.0 for pv, zv in zip(p, z)]
         total = sum(p)
         p = [x / total for x in p]
+    walk = list(range(len(p)))
+    if order == "descending":  # larger logits first, equal logits by smaller id
+        walk.sort(key=lambda v: (-row[v], v))
     cumulative = 0.0
-    for v, pv in enumerate(p):
-        cumulative += pv
-        if pv > 0 and cumulative >= u:
+    for v in walk:
+        cumulative += p[v]
+        if p[v] > 0 and cumulative >= u:
             return v
-    return max(v for v, pv in enumerate(p) if pv > 0)
+    return [v for v in walk if p[v] > 0][-1]
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.7)])
-def test_sampler_reference(top_k, top_p):
+@pytest.mark.parametrize("order", ["vocab", "descending"])
+def test_sampler_reference(top_k, top_p, order):
     logits = torch.randn(200, 9, dtype=torch.float64)
     logits[::7, 2] = -math.inf
     logits[1::5, :3] = logits[1::5, :3].round()  # some ties
     u = torch.rand(200, dtype=torch.float64)
     u[0], u[1] = 0.0, 1.0
-    got = ref.inverse_cdf_sample(logits, u, 0.8, top_k, top_p).tolist()
-    want = [naive_sample(row, x, 0.8, top_k, top_p) for row, x in zip(logits.tolist(), u.tolist())]
+    got = ref.inverse_cdf_sample(logits, u, 0.8, top_k, top_p, order).tolist()
+    want = [naive_sample(row, x, 0.8, top_k, top_p, order) for row, x in zip(logits.tolist(), u.tolist())]
     assert got == want

@@ -15,8 +15,17 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BOUNDARY_TOLERANCE = SAMPLER_BOUNDARY_TOLERANCE
 
 
-def float64_cdf(logits, temperature, top_k, top_p):
-    """The float64 CDF of the rule (over the restricted, renormalised support), one row per input row."""
+def walk_order(logits, order):
+    """Positions of the CDF -> token ids: vocabulary order, or descending logit (equal logits by smaller id)."""
+    x = logits.double()
+    if order == "descending":
+        return torch.sort(torch.where(torch.isnan(x), -math.inf, x), dim=1, descending=True, stable=True).indices
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape)
+
+
+def float64_cdf(logits, temperature, top_k, top_p, order="vocab"):
+    """The float64 CDF of the rule (over the restricted, renormalised support) in the walk order, one row per
+    input row."""
     x = logits.double()
     t = temperature.double() if isinstance(temperature, torch.Tensor) else torch.full((x.shape[0],), temperature,
                                                                                        dtype=torch.float64)
@@ -28,19 +37,21 @@ def float64_cdf(logits, temperature, top_k, top_p):
         z = z.masked_fill(x < x.topk(top_k, dim=1).values[:, -1:], -math.inf)
     if top_p < 1:
         z = z.masked_fill(~ref._nucleus(z, top_p, rank=torch.where(z > -math.inf, x, -math.inf)), -math.inf)
-    return torch.softmax(z, dim=1).cumsum(dim=1)
+    return torch.softmax(z, dim=1).gather(1, walk_order(logits, order)).cumsum(dim=1)
 
 
-def assert_agrees(got, logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def assert_agrees(got, logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vocab"):
     """Exact agreement with the float64 reference, except for u within BOUNDARY_TOLERANCE of a boundary."""
     want = ref.inverse_cdf_sample(logits.cpu(), u.cpu(), temperature if not isinstance(temperature, torch.Tensor)
-                                  else temperature.cpu(), top_k, top_p)
+                                  else temperature.cpu(), top_k, top_p, order)
     got = got.cpu()
     differ = (got != want).nonzero().flatten()
     if differ.numel():
-        cdf = float64_cdf(logits[differ].cpu(), temperature[differ].cpu() if isinstance(temperature, torch.Tensor)
-                          else temperature, top_k, top_p)
-        lo = torch.minimum(got[differ], want[differ])
+        rows = logits[differ].cpu()
+        cdf = float64_cdf(rows, temperature[differ].cpu() if isinstance(temperature, torch.Tensor)
+                          else temperature, top_k, top_p, order)
+        position = walk_order(rows, order).argsort(dim=1)  # token id -> its position in the walk
+        lo = torch.minimum(position.gather(1, got[differ, None]), position.gather(1, want[differ, None])).squeeze(1)
         boundary = cdf.gather(1, lo[:, None]).squeeze(1)  # the CDF value between the two answers
         distance = (u[differ].cpu().double() - boundary).abs()
         assert (distance <= BOUNDARY_TOLERANCE).all(), (
@@ -372,13 +383,120 @@ def test_cuda_mismatched_devices():
 
 
 # --------------------------------------------------------------------------------------------------------
+# order="descending": the CDF walks the support by descending probability, equal logits by smaller id
+
+
+def descending_cases():
+    for device in ("cpu", "cuda"):
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        for dtype in DTYPES + ([torch.float64] if device == "cpu" else []):
+            yield pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("device,dtype", list(descending_cases()))
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.9), (40, 0.8)])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_descending_matches_float64_reference(device, dtype, top_k, top_p, temperature, ties):
+    rows, vocab = 111, 1001
+    logits = (torch.randint(-4, 4, (rows, vocab), device=device).to(dtype) if ties
+              else random_logits(rows, vocab, dtype, device))
+    u = torch.rand(rows, dtype=torch.float64, device=device)
+    u[0], u[1], u[2], u[3] = 0.0, 1.0, 0.0, 1.0  # the ends of the CDF
+    with expect_kernel("inverse_cdf_sample"):
+        got = ko.inverse_cdf_sample(logits, u, temperature, top_k, top_p, order="descending")
+    assert_agrees(got, logits, u, temperature, top_k, top_p, order="descending")
+    support_logits = logits.double().gather(1, got[:, None]).squeeze(1)
+    # u = 0: the largest logit (smallest id among its ties); u = 1: the smallest support logit, largest id.
+    for r in (0, 2):
+        assert support_logits[r] == logits[r].double().max()
+        assert got[r] == (logits[r].double() == logits[r].double().max()).nonzero()[0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [1, 7, 19])
+def test_descending_odd_vocab_and_u_ends(device, vocab):
+    logits = random_logits(37, vocab, torch.float32, device)
+    logits[:, vocab // 2] = logits[:, 0]  # a tie with token 0
+    for u in (torch.zeros(37, device=device), torch.ones(37, device=device), torch.rand(37, device=device)):
+        got = ko.inverse_cdf_sample(logits, u, order="descending")
+        assert_agrees(got, logits, u.double(), order="descending")
+    last = ko.inverse_cdf_sample(logits, torch.ones(37, device=device), order="descending")
+    smallest = logits.min(dim=1, keepdim=True).values
+    want_last = vocab - 1 - (logits == smallest).flip(1).int().argmax(dim=1)  # the largest id among the smallest
+    assert torch.equal(last, want_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_descending_non_contiguous_logits(device, dtype):
+    base = random_logits(2000, 40, dtype, device)
+    u = torch.rand(40, dtype=torch.float64, device=device)
+    for logits in (base.t(), base.t()[:, ::3], random_logits(80, 3000, dtype, device)[::2, 5:2005]):
+        rows = logits.shape[0]
+        for top_k, top_p in [(0, 1.0), (9, 0.9)]:
+            got = ko.inverse_cdf_sample(logits, u[:rows], 1.0, top_k, top_p, order="descending")
+            assert torch.equal(got, ko.inverse_cdf_sample(logits.contiguous(), u[:rows], 1.0, top_k, top_p,
+                                                          order="descending"))
+            assert_agrees(got, logits, u[:rows], 1.0, top_k, top_p, order="descending")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (6, 1.0), (0, 0.8)])
+def test_both_orders_sample_the_same_distribution(device, top_k, top_p):
+    """Evenly spaced u over one row: each order draws every token n p_v times, give or take one."""
+    n, vocab = 20000, 17
+    row = torch.randn(vocab, device=device)
+    row[3] = row[11]  # a tie
+    logits = row.expand(n, vocab)
+    u = (torch.arange(n, dtype=torch.float64, device=device) + 0.5) / n
+    p = float64_cdf(logits[:1].cpu(), 1.0, top_k, top_p).diff(prepend=torch.zeros(1, 1, dtype=torch.float64))[0]
+    for order in ("vocab", "descending"):
+        counts = torch.bincount(ko.inverse_cdf_sample(logits, u, 1.0, top_k, top_p, order=order).cpu(),
+                                minlength=vocab)
+        assert ((counts.double() - n * p).abs() <= 1.0 + 1e-6).all(), order
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_descending_on_equal_logits_is_the_vocab_order(device):
+    logits = torch.full((50, 33), 0.25, device=device)
+    u = torch.rand(50, device=device)
+    assert torch.equal(ko.inverse_cdf_sample(logits, u, order="descending"), ko.inverse_cdf_sample(logits, u))
+
+
+def test_descending_bad_rows_raise():
+    logits, u = torch.randn(3, 10), torch.rand(3)
+    logits[1, 4] = math.nan
+    with pytest.raises(ValueError, match="row 1 of `logits` contains NaN or \\+inf"):
+        ko.inverse_cdf_sample(logits, u, order="descending")
+    with pytest.raises(ValueError, match="row 0 of `logits` has no finite logit"):
+        ko.inverse_cdf_sample(torch.full((1, 4), -math.inf), u[:1], order="descending")
+
+
+def test_unknown_order_is_a_clear_error():
+    logits, u = torch.randn(2, 10), torch.rand(2)
+    message = "kforcing.inverse_cdf_sample: `order` must be"
+    for call in (lambda: ko.inverse_cdf_sample(logits, u, order="ascending"),
+                 lambda: ref.inverse_cdf_sample(logits, u, order="ascending"),
+                 lambda: torch.ops.kforcing.inverse_cdf_sample(logits, u, None, 1.0, 0, 1.0, "ascending")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.kforcing.inverse_cdf_sample(mode.from_tensor(logits), mode.from_tensor(u), None, 1.0, 0, 1.0,
+                                                  "ascending")
+
+
+# --------------------------------------------------------------------------------------------------------
 # Registration, compile, CUDA graphs
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     logits, u = torch.randn(6, 300, device=device), torch.rand(6, device=device)
-    for args in [(logits, u, None, 1.0, 0, 1.0), (logits, u, torch.rand(6, device=device) + 0.5, 1.0, 20, 0.9)]:
+    for args in [(logits, u, None, 1.0, 0, 1.0), (logits, u, torch.rand(6, device=device) + 0.5, 1.0, 20, 0.9),
+                 (logits, u, None, 0.7, 0, 1.0, "descending"),
+                 (logits, u, torch.rand(6, device=device) + 0.5, 1.0, 20, 0.9, "descending")]:
         torch.library.opcheck(torch.ops.kforcing.inverse_cdf_sample.default, args)
 
 
@@ -393,25 +511,35 @@ def test_torch_compile_fullgraph(device):
     logits, u = torch.randn(5, 100, device=device), torch.rand(5, device=device)
     assert torch.equal(sample(logits, u), ko.inverse_cdf_sample(logits * 2.0, u, 0.7, 10))
 
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def sample_descending(logits, u):
+        return ko.inverse_cdf_sample(logits * 2.0, u, temperature=0.7, order="descending")
+
+    with expect_kernel("inverse_cdf_sample"):
+        got = sample_descending(logits, u)
+    assert torch.equal(got, ko.inverse_cdf_sample(logits * 2.0, u, 0.7, order="descending"))
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("top_k", [0, 8])
-def test_cuda_graph_capture(top_k):
+@pytest.mark.parametrize("order", ["vocab", "descending"])
+def test_cuda_graph_capture(top_k, order):
     logits, u = torch.randn(16, 50257, device="cuda"), torch.rand(16, device="cuda")
-    out = ko.inverse_cdf_sample(logits, u, 1.0, top_k)  # warm-up outside the graph
+    out = ko.inverse_cdf_sample(logits, u, 1.0, top_k, order=order)  # warm-up outside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ko.inverse_cdf_sample(logits, u, 1.0, top_k)
+        out = ko.inverse_cdf_sample(logits, u, 1.0, top_k, order=order)
     logits.copy_(torch.randn_like(logits))
     u.copy_(torch.rand_like(u))
     graph.replay()
-    assert torch.equal(out, ko.inverse_cdf_sample(logits, u, 1.0, top_k))
+    assert torch.equal(out, ko.inverse_cdf_sample(logits, u, 1.0, top_k, order=order))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (30, 0.9)])
-def test_cuda_agrees_with_cpu(top_k, top_p):
+@pytest.mark.parametrize("order", ["vocab", "descending"])
+def test_cuda_agrees_with_cpu(top_k, top_p, order):
     logits, u = torch.randn(500, 20000), torch.rand(500, dtype=torch.float64)
-    cpu = ko.inverse_cdf_sample(logits, u, 1.3, top_k, top_p)
-    cuda = ko.inverse_cdf_sample(logits.cuda(), u.cuda(), 1.3, top_k, top_p).cpu()
+    cpu = ko.inverse_cdf_sample(logits, u, 1.3, top_k, top_p, order=order)
+    cuda = ko.inverse_cdf_sample(logits.cuda(), u.cuda(), 1.3, top_k, top_p, order=order).cpu()
     assert (cpu != cuda).sum() <= 1

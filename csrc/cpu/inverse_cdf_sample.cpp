@@ -10,6 +10,9 @@
 //   3. Walk the chunk masses to the chunk where the running mass reaches u * Z, and rescan only that chunk,
 //      element by element with an fp64 running sum. u = 0 takes the first support token (the first chunk with
 //      support, whatever its rescaled mass), u = 1 or a target above every running mass the last one.
+// order = "descending" replaces 2-3 (sample_row_descending): one pass collects the support as (logit, id) pairs
+// and weighs them exp((x - M) * inv_t); a sort by (logit descending, id ascending), O(S log S) for a support of
+// S tokens (S = V without top-k / top-p, about k with it); then the walk to u * Z in that order.
 // Compute type: fp32 for fp32 / bf16 / fp16 logits, fp64 for fp64 logits. inv_t = 1 / T clamped to the compute
 // type's largest finite value, so no temperature makes an exponent NaN: (x - m) is clamped to the lowest finite
 // value and -inf logits are outside the support, never exponentiated.
@@ -17,7 +20,7 @@
 // an fp64 reference unless u lies within about 1e-7 (relative) of a CDF boundary; tests/test_sampling.py
 // measures this.
 // Memory: each row is read once plus one chunk, never outside the row; no (N, V) temporaries; O(V) scratch per
-// thread only when top-k / top-p is used.
+// thread only when top-k / top-p or the descending order is used.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,6 +31,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "kforcing/dispatch.h"
@@ -67,6 +71,7 @@ struct Scratch {
   std::vector<calc_t> exps = std::vector<calc_t>(kChunk);
   std::vector<ChunkMass<calc_t>> chunks;
   std::vector<calc_t> row;  // top-k / top-p only
+  std::vector<std::pair<calc_t, int64_t>> support;  // order = "descending" only
 };
 
 // Elements [begin, begin + n) of a row in the compute type: the row itself when it already is contiguous in it.
@@ -183,9 +188,43 @@ calc_t support_threshold(const scalar_t* row, int64_t stride, int64_t vocab, dou
   return threshold;
 }
 
+// order = "descending": the support sorted by (logit descending, id ascending), walked to u * Z.
+template <typename scalar_t, typename calc_t>
+int64_t sample_row_descending(const scalar_t* row, int64_t stride, int64_t vocab, double u, double inv_t,
+                              calc_t threshold, Scratch<calc_t>& scratch, int64_t row_index) {
+  auto& support = scratch.support;
+  support.clear();
+  calc_t row_max = neg_inf<calc_t>();
+  for (int64_t i = 0; i < vocab; ++i) {
+    const calc_t x = static_cast<calc_t>(row[i * stride]);
+    check_row_max(x, row_index);
+    row_max = std::max(row_max, x);
+    if (in_support(x, threshold)) support.emplace_back(x, i);
+  }
+  KF_CHECK_VALUE(!support.empty(), kOp, "row ", row_index, " of `logits` has no finite logit");
+  std::sort(support.begin(), support.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  if (u == 0.0) return support.front().second;
+  // The weights as the vocab order forms them (an fp32 exp for fp32-family logits), summed in fp64.
+  constexpr calc_t kLowest = std::numeric_limits<calc_t>::lowest();
+  const calc_t inv_t_c = static_cast<calc_t>(inv_t);
+  auto weight = [&](calc_t x) { return static_cast<double>(std::exp(std::max(x - row_max, kLowest) * inv_t_c)); };
+  double total = 0.0;
+  for (const auto& entry : support) total += weight(entry.first);
+  // u = 1 is the end of the CDF: the last support token, even when rounding reaches u * Z earlier.
+  const double target = u == 1.0 ? std::numeric_limits<double>::infinity() : u * total;
+  double running = 0.0;
+  for (const auto& entry : support) {
+    running += weight(entry.first);
+    if (running >= target) return entry.second;
+  }
+  return support.back().second;
+}
+
 template <typename scalar_t, typename calc_t>
 int64_t sample_row(const scalar_t* row, int64_t stride, int64_t vocab, double u, double temperature,
-                   int64_t top_k, double top_p, Scratch<calc_t>& scratch, int64_t row_index) {
+                   int64_t top_k, double top_p, CdfOrder order, Scratch<calc_t>& scratch, int64_t row_index) {
   KF_CHECK_VALUE(u >= 0.0 && u <= 1.0, kOp, "`u` must lie in [0, 1]; row ", row_index, " has ", u);
   KF_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), kOp,
                  "`temperature` must be positive and finite; row ", row_index, " has ", temperature);
@@ -195,6 +234,9 @@ int64_t sample_row(const scalar_t* row, int64_t stride, int64_t vocab, double u,
   const calc_t threshold = sampling_filters_support(top_k, vocab, top_p)
                                ? support_threshold(row, stride, vocab, inv_t, top_k, top_p, scratch, row_index)
                                : neg_inf<calc_t>();
+  if (order == CdfOrder::kDescending) {
+    return sample_row_descending(row, stride, vocab, u, inv_t, threshold, scratch, row_index);
+  }
 
   const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
   auto& chunks = scratch.chunks;
@@ -260,9 +302,10 @@ int64_t sample_row(const scalar_t* row, int64_t stride, int64_t vocab, double u,
 
 at::Tensor inverse_cdf_sample_cpu(const at::Tensor& logits, const at::Tensor& u,
                                   const std::optional<at::Tensor>& temperatures, double temperature,
-                                  int64_t top_k, double top_p) {
+                                  int64_t top_k, double top_p, c10::string_view order) {
   check_inverse_cdf_sample_args(logits, u, temperatures, temperature, top_k, top_p,
                                 {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  const CdfOrder cdf_order = parse_cdf_order(order);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   if (rows == 0) return out;
@@ -281,7 +324,8 @@ at::Tensor inverse_cdf_sample_cpu(const at::Tensor& logits, const at::Tensor& u,
       Scratch<calc_t> scratch;
       for (int64_t r = first; r < last; ++r) {
         const double t = t_ptr ? t_ptr[r] : temperature;
-        out_ptr[r] = sample_row(base + r * row_stride, col_stride, vocab, u_ptr[r], t, top_k, top_p, scratch, r);
+        out_ptr[r] = sample_row(base + r * row_stride, col_stride, vocab, u_ptr[r], t, top_k, top_p, cdf_order,
+                                scratch, r);
       }
     });
   });

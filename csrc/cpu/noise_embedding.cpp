@@ -1,7 +1,8 @@
 // noise_embedding and noise_conditioned_embedding, CPU kernels: forward and backward.
 //
 // Features (kforcing/embedding.h) are generated kRowBlock rows at a time into a cache-resident scratch block
-// (vectorised sin/cos, fp32, or fp64 for fp64 weights) and multiplied straight into the output rows by the BLAS
+// (vectorised sin/cos, fp32, or fp64 for fp64 weights; u's half under the chosen code: sinusoids, dyadic
+// sinusoids from the exact phase frac(2^j u), or +-1 binary digits of u) and multiplied straight into the output rows by the BLAS
 // GEMM (at::addmm_out on row views of the output): the (M, 4F) feature tensor of the unfused form never exists.
 // A tau shared by many rows (a scalar, or one per sequence in noise_conditioned_embedding) is folded into the bias
 // (bias + W[:, 2F:] @ features(tau)), so only the u half, K = 2F, goes through the GEMM.
@@ -56,6 +57,40 @@ void sinusoids(acc_t x, const acc_t* omega, int64_t num_freqs, acc_t* out) {
   }
 }
 
+// cos(angle[j]) into out[j], sin(angle[j]) into out[n + j], the angles read from out[n..2n) and overwritten.
+template <typename acc_t>
+void sinusoids_of_angles(int64_t n, acc_t* out) {
+  using V = Vec<acc_t>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V angle = V::loadu(out + n + j);
+    angle.cos().store(out + j);
+    angle.sin().store(out + n + j);
+  }
+  for (; j < n; ++j) {
+    const acc_t angle = out[n + j];
+    out[j] = std::cos(angle);
+    out[n + j] = std::sin(angle);
+  }
+}
+
+// u's 2F features under `code` into out[0..2F). u is the exact input value (fp32 u converts to fp64 exactly).
+template <typename acc_t>
+void u_features(NoiseCode code, double u, const acc_t* omega, int64_t num_freqs, acc_t* out) {
+  if (code == NoiseCode::kSinusoid) {
+    sinusoids<acc_t>(static_cast<acc_t>(u), omega, num_freqs, out);
+    return;
+  }
+  const DyadicParts parts = dyadic_parts(u);
+  if (code == NoiseCode::kBinary) {
+    for (int64_t c = 0; c < 2 * num_freqs; ++c) out[c] = binary_digit(parts, c + 1) ? acc_t(1) : acc_t(-1);
+    return;
+  }
+  // The phase is exact in fp64; only 2 pi phase, in [-pi, pi], is rounded to the compute type.
+  for (int64_t j = 0; j < num_freqs; ++j) out[num_freqs + j] = static_cast<acc_t>(2.0 * M_PI * dyadic_phase(parts, j));
+  sinusoids_of_angles<acc_t>(num_freqs, out);
+}
+
 // 2 pi f_j, j < F, in the compute type `options` carries.
 at::Tensor angular_frequencies(int64_t num_freqs, const at::TensorOptions& options) {
   at::Tensor omega = at::empty({num_freqs}, options.dtype(at::kDouble));
@@ -66,7 +101,8 @@ at::Tensor angular_frequencies(int64_t num_freqs, const at::TensorOptions& optio
 
 struct Frequencies {
   int64_t num_freqs;
-  at::Tensor omega;  // (F)
+  at::Tensor omega;  // (F): tau's angular frequencies, and u's under the sinusoid code
+  NoiseCode code;    // u's features
 };
 
 // Everything the forward needs of one weight, in the compute type.
@@ -76,8 +112,9 @@ struct NoiseWeight : Frequencies {
   at::Tensor tau_half;  // (H, 2F) view
   at::Tensor bias;      // (H): zeros without a bias
 
-  NoiseWeight(const at::Tensor& w, const std::optional<at::Tensor>& b)
-      : Frequencies{w.size(1) / 4, angular_frequencies(w.size(1) / 4, w.options().dtype(compute_type(w.scalar_type())))} {
+  NoiseWeight(const at::Tensor& w, const std::optional<at::Tensor>& b, NoiseCode code)
+      : Frequencies{w.size(1) / 4, angular_frequencies(w.size(1) / 4, w.options().dtype(compute_type(w.scalar_type()))),
+                    code} {
     const auto type = compute_type(w.scalar_type());
     weight = w.to(type).contiguous();
     u_half = weight.narrow(1, 0, 2 * num_freqs);
@@ -105,7 +142,7 @@ void fill_features(const Frequencies& w, const double* u, const double* tau, int
     scalar_t* out = block.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        sinusoids<scalar_t>(static_cast<scalar_t>(u[first + r]), omega, f, out + r * width);
+        u_features<scalar_t>(w.code, u[first + r], omega, f, out + r * width);
         if (tau) sinusoids<scalar_t>(static_cast<scalar_t>(tau[first + r]), omega, f, out + r * width + 2 * f);
       }
     });
@@ -171,13 +208,15 @@ at::Tensor checked_uniforms(const at::Tensor& u, const char* op) {
 constexpr std::initializer_list<at::ScalarType> kWeightTypes = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
 
 at::Tensor noise_embedding_cpu(const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
-                               const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::string_view code) {
   check_noise_embedding_args(u, tau, tau_value, weight, bias, kWeightTypes);
+  const NoiseCode u_code = parse_noise_code(code, "noise_embedding");
   const int64_t rows = u.size(0);
   at::Tensor out = at::empty({rows, weight.size(0)}, weight.options());
   if (rows == 0) return out;
   const at::Tensor u64 = checked_uniforms(u, "noise_embedding");
-  const NoiseWeight w(weight, bias);
+  const NoiseWeight w(weight, bias, u_code);
   if (tau.has_value()) {
     const at::Tensor tau64 = checked_tau64(*tau, "noise_embedding");
     embed_rows(w, u64.const_data_ptr<double>(), tau64.const_data_ptr<double>(), at::Tensor(), rows, out);
@@ -189,11 +228,12 @@ at::Tensor noise_embedding_cpu(const at::Tensor& u, const std::optional<at::Tens
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> noise_embedding_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
-    int64_t num_freqs, bool with_bias) {
+    int64_t num_freqs, bool with_bias, c10::string_view code) {
+  const NoiseCode u_code = parse_noise_code(code, "noise_embedding_backward");
   const auto type = compute_type(grad_out.scalar_type());
   const at::Tensor g = grad_out.to(type).contiguous();
   const at::Tensor u64 = u.to(at::kDouble).contiguous();
-  const Frequencies w{num_freqs, angular_frequencies(num_freqs, g.options())};
+  const Frequencies w{num_freqs, angular_frequencies(num_freqs, g.options()), u_code};
   at::Tensor grad_weight = at::zeros({grad_out.size(1), 4 * num_freqs}, g.options());
   const int64_t rows = g.size(0);
   if (tau.has_value()) {
@@ -231,8 +271,10 @@ void gather_tokens(const at::Tensor& ids, const at::Tensor& table, at::Tensor& o
 
 at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at::Tensor& token_table,
                                            const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
-                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                           c10::string_view code) {
   check_noise_conditioned_args(token_ids, token_table, u, tau, tau_value, weight, bias, kWeightTypes);
+  const NoiseCode u_code = parse_noise_code(code, "noise_conditioned_embedding");
   // Every sequence's tau is checked, whether or not it has hint rows (as the reference does).
   const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding") : at::Tensor();
   const int64_t batch = token_ids.size(0), contexts = token_ids.size(1), hints = u.size(1);
@@ -242,7 +284,7 @@ at::Tensor noise_conditioned_embedding_cpu(const at::Tensor& token_ids, const at
                           [&] { gather_tokens<index_t>(token_ids, token_table, out); });
   if (hints == 0) return out;
   const at::Tensor u64 = checked_uniforms(u, "noise_conditioned_embedding");
-  const NoiseWeight w(weight, bias);
+  const NoiseWeight w(weight, bias, u_code);
   const at::Tensor shared = tau.has_value() ? at::Tensor() : w.folded_bias(tau_value);
   for (int64_t b = 0; b < batch; ++b) {
     const at::Tensor folded = tau.has_value() ? w.folded_bias(tau64.const_data_ptr<double>()[b]) : shared;
@@ -273,7 +315,9 @@ void scatter_token_grads(const at::Tensor& ids, const at::Tensor& g, at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_embedding_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& token_ids, int64_t vocab, const at::Tensor& u,
-    const std::optional<at::Tensor>& tau, double tau_value, int64_t num_freqs, bool with_bias) {
+    const std::optional<at::Tensor>& tau, double tau_value, int64_t num_freqs, bool with_bias,
+    c10::string_view code) {
+  const NoiseCode u_code = parse_noise_code(code, "noise_conditioned_embedding_backward");
   const auto type = compute_type(grad_out.scalar_type());
   const at::Tensor g = grad_out.to(type).contiguous();
   const int64_t batch = g.size(0), contexts = token_ids.size(1), hints = u.size(1), width = g.size(2);
@@ -284,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_
   at::Tensor grad_bias = at::zeros({width}, g.options());
   const at::Tensor u64 = u.to(at::kDouble).contiguous();
   const at::Tensor tau64 = tau.has_value() ? checked_tau64(*tau, "noise_conditioned_embedding_backward") : at::Tensor();
-  const Frequencies w{num_freqs, angular_frequencies(num_freqs, g.options())};
+  const Frequencies w{num_freqs, angular_frequencies(num_freqs, g.options()), u_code};
   for (int64_t b = 0; b < batch && hints > 0; ++b) {
     const at::Tensor gb = g[b].narrow(0, contexts, hints);
     accumulate_weight_grad(w, u64.const_data_ptr<double>() + b * hints, nullptr, gb, hints, grad_weight);

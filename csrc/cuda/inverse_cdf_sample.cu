@@ -18,6 +18,12 @@
 //   1. the row max; 2. the k-th largest key by 8-bit radix select (4 histogram passes, integer counts);
 //   3. the top-p threshold by bisection over keys of the deterministic mass S(t) = sum_{key >= t} e;
 //   4. a tiled block scan of the row in vocabulary order until the running mass reaches u * S(threshold).
+// order = "descending" always takes the filtered kernel (with or without filters), and replaces step 4:
+//   4'. the tie group where the descending mass reaches the target u * S: the largest key g with S(g) >= u * S, by
+//       bisection over keys between the smallest support key and the max's key (at most 32 passes of S(.)); then
+//       a scan of the tokens with key == g in vocabulary order, starting from the mass S(g + 1) of larger logits.
+//   Exact: the token is the first in (logit descending, id ascending) order whose running mass reaches u * S.
+//   Cost per row: O(V) per pass, about 34 passes over the row (the min, the bisection, S(g + 1) and the scan).
 // Invalid rows write kInvalidSample (-1): no host sync, so the op can be captured in a CUDA graph.
 
 #include <ATen/core/Tensor.h>
@@ -140,6 +146,8 @@ __global__ void __launch_bounds__(kThreads)
 // first support index whose running support mass (starting at `carry`) reaches `target` (so a target of 0 finds
 // the first support index). Advances `carry` by the tile's mass and `last_support` to the tile's last support
 // index. Returns the index, or -1.
+// Support tokens with key <= key_hi only take part (key_hi = UINT32_MAX: all of them; the descending order
+// searches one tie group).
 template <int THREADS, int ITEMS, typename Reader>
 struct TileSearch {
   using Scan = cub::BlockScan<double, THREADS>;
@@ -150,8 +158,8 @@ struct TileSearch {
   };
 
   __device__ static int64_t run(TempStorage& storage, int64_t* broadcast, const Reader& reader, int64_t begin,
-                                int64_t end, uint32_t tau, float m, float inv_t, double target, double& carry,
-                                int64_t& last_support) {
+                                int64_t end, uint32_t tau, uint32_t key_hi, float m, float inv_t, double target,
+                                double& carry, int64_t& last_support) {
     float e[ITEMS];
     bool kept[ITEMS];
     double local = 0.0;
@@ -159,8 +167,8 @@ struct TileSearch {
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
       const float x = mine + j < end ? reader(mine + j) : -INFINITY;
-      kept[j] = in_support(x, tau);
-      e[j] = support_exp(x, tau, m, inv_t);
+      kept[j] = in_support(x, tau) && order_key(x) <= key_hi;
+      e[j] = kept[j] ? support_exp(x, tau, m, inv_t) : 0.f;
       local += e[j];
     }
     double before, tile_mass;
@@ -291,8 +299,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = chosen * kChunk, end = min(begin + kChunk, vocab);
   double running = 0.0;
   int64_t last_support = -1;
-  const int64_t found = Search::run(storage.search, broadcast, reader, begin, end, 0u, maxes[chosen], inv_t,
-                                    chunk_target, running, last_support);
+  const int64_t found = Search::run(storage.search, broadcast, reader, begin, end, 0u, UINT32_MAX, maxes[chosen],
+                                    inv_t, chunk_target, running, last_support);
   if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_support;  // -1 (invalid) if the chunk had none
 }
 
@@ -300,19 +308,23 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kFilterThreads)
     filtered_sample_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t col_stride,
                            int64_t vocab, const double* __restrict__ u, const double* __restrict__ temperatures,
-                           double temperature, int64_t top_k, double top_p, int64_t* __restrict__ out) {
+                           double temperature, int64_t top_k, double top_p, bool descending,
+                           int64_t* __restrict__ out) {
   using Search = TileSearch<kFilterThreads, kFilterItems, RowReader<scalar_t>>;
   using ReduceF = cub::BlockReduce<float, kFilterThreads>;
   using ReduceD = cub::BlockReduce<double, kFilterThreads>;
+  using ReduceK = cub::BlockReduce<uint32_t, kFilterThreads>;
   __shared__ union {
     typename ReduceF::TempStorage max;
     typename ReduceD::TempStorage sum;
+    typename ReduceK::TempStorage key;
     typename Search::TempStorage search;
     int histogram[kRadixBins];
   } storage;
   __shared__ float row_max_shared;
   __shared__ double mass_shared;
   __shared__ uint32_t digit_shared;
+  __shared__ uint32_t key_shared;
   __shared__ int64_t remaining_shared;
   __shared__ int64_t broadcast[2];
 
@@ -397,22 +409,51 @@ __global__ void __launch_bounds__(kFilterThreads)
     support_mass = mass_from(tau);
   }
 
-  // 4. Scan the support in vocabulary order, one tile at a time, until the running mass reaches u * S.
   const double target = u_row == 1.0 ? INFINITY : u_row * support_mass;  // u = 1: the last support token
+  // 4'. descending: the tie group g where the descending mass reaches the target (u = 1: the smallest support
+  //     key, whose search below then ends on the group's last token), and the mass S(g + 1) before it.
+  uint32_t key_lo = tau, key_hi = UINT32_MAX;
   double carry = 0.0;
+  if (descending) {
+    uint32_t lowest = UINT32_MAX;
+    for (int64_t i = threadIdx.x; i < vocab; i += kFilterThreads) {
+      const float x = reader(i);
+      if (in_support(x, tau)) lowest = min(lowest, order_key(x));
+    }
+    lowest = ReduceK(storage.key).Reduce(lowest, MinOp());
+    if (threadIdx.x == 0) key_shared = lowest;
+    __syncthreads();
+    uint64_t lo = key_shared, hi = order_key(m);  // S(lo) = S >= target (u < 1), so lo always qualifies
+    __syncthreads();
+    while (lo < hi) {
+      const uint64_t mid = lo + (hi - lo + 1) / 2;
+      if (mass_from(static_cast<uint32_t>(mid)) >= target) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    key_lo = key_hi = static_cast<uint32_t>(lo);
+    carry = lo == order_key(m) ? 0.0 : mass_from(static_cast<uint32_t>(lo + 1));
+  }
+
+  // 4. Scan the support (descending: the group) in vocabulary order, one tile at a time, until the running mass
+  //    reaches u * S.
   int64_t last_support = -1, found = -1;
   for (int64_t begin = 0; begin < vocab && found < 0; begin += kFilterThreads * kFilterItems) {
     const int64_t end = min(begin + kFilterThreads * kFilterItems, vocab);
-    found = Search::run(storage.search, broadcast, reader, begin, end, tau, m, inv_t, target, carry, last_support);
+    found = Search::run(storage.search, broadcast, reader, begin, end, key_lo, key_hi, m, inv_t, target, carry,
+                        last_support);
   }
   if (threadIdx.x == 0) out[row] = found >= 0 ? found : last_support;  // -1 (invalid) if no support
 }
 
 at::Tensor inverse_cdf_sample_cuda(const at::Tensor& logits, const at::Tensor& u,
                                    const std::optional<at::Tensor>& temperatures, double temperature,
-                                   int64_t top_k, double top_p) {
+                                   int64_t top_k, double top_p, c10::string_view order) {
   check_inverse_cdf_sample_args(logits, u, temperatures, temperature, top_k, top_p,
                                 {at::kFloat, at::kBFloat16, at::kHalf});
+  const bool descending = parse_cdf_order(order) == CdfOrder::kDescending;
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
@@ -425,10 +466,10 @@ at::Tensor inverse_cdf_sample_cuda(const at::Tensor& logits, const at::Tensor& u
 
   KF_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "inverse_cdf_sample_cuda", [&] {
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
-    if (sampling_filters_support(top_k, vocab, top_p)) {
+    if (descending || sampling_filters_support(top_k, vocab, top_p)) {
       filtered_sample_kernel<scalar_t><<<rows, kFilterThreads, 0, stream>>>(
           data, row_stride, col_stride, vocab, u64.const_data_ptr<double>(), t_ptr, temperature, top_k, top_p,
-          out.mutable_data_ptr<int64_t>());
+          descending, out.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }

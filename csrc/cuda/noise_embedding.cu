@@ -10,6 +10,9 @@
 //     ~2^-21, far below bf16/fp16 rounding. W tiles are staged with 16-byte loads; rows padded by 8 elements.
 //   noise_gemm_simt_kernel (fp32 weights, and shapes the tensor-core path does not take): 64 x 64 tiles, 4 x 4
 //     outputs per thread, accurate sincospif features, fp32 throughout.
+//   Under the dyadic and binary codes (kforcing/embedding.h) u's features come from the exact fp64 u instead: the
+//     integer mantissa gives the digit, or the phase frac(2^j u) in [-1/2, 1/2), so only sin/cos of a reduced
+//     angle is rounded (fast or accurate as above). A warp-uniform branch; no extra instantiations.
 //   The epilogue adds the row's bias and writes the row where the caller wants it (rows Tc.. of each sequence for
 //   noise_conditioned_embedding), or NaN when u is outside [0, 1].
 // noise_conditioned_embedding's token rows are a gather that writes NaN for an id outside [0, V) and never reads
@@ -56,6 +59,8 @@ struct NoiseGemmParams {
   const float* bias;    // (bias sources, H) fp32
   const float* freqs;   // (F): f_j
   const float* u;       // (rows)
+  const double* u64;    // (rows): the exact u the dyadic and binary codes read; null for sinusoids
+  NoiseCode code;       // u's features
   const float* tau;     // (rows) when K = 4F, else null
   void* out;
   int64_t rows, hidden, num_freqs, k, weight_stride;
@@ -68,9 +73,25 @@ struct NoiseGemmParams {
   __device__ const float* bias_row(int64_t m) const { return bias + (bias_per_seq ? m / rows_per_seq : 0) * hidden; }
 };
 
+// u's feature `col` < 2F under the dyadic or binary code, from the exact u; `fast`: hardware sin/cos (the reduced
+// angle is in [-pi, pi], where they are accurate to ~2^-21).
+__device__ __forceinline__ float coded_feature(const NoiseGemmParams& p, int64_t row, int64_t col, bool fast) {
+  const DyadicParts parts = dyadic_parts(p.u64[row]);
+  if (p.code == NoiseCode::kBinary) return binary_digit(parts, col + 1) ? 1.f : -1.f;
+  const float phase = static_cast<float>(dyadic_phase(parts, col % p.num_freqs));  // exact until this rounding
+  float s, c;
+  if (fast) {
+    __sincosf(6.283185307179586f * phase, &s, &c);
+  } else {
+    sincospif(2.f * phase, &s, &c);
+  }
+  return col < p.num_freqs ? c : s;
+}
+
 // Feature `col` of a row, phase-reduced to [-pi, pi] for the fast hardware sin/cos (mma path).
 __device__ __forceinline__ float fast_feature(const NoiseGemmParams& p, int64_t row, int64_t col) {
   const int64_t part = col / p.num_freqs, j = col % p.num_freqs;
+  if (part < 2 && p.code != NoiseCode::kSinusoid) return coded_feature(p, row, col, true);
   const float x = part < 2 ? p.u[row] : p.tau[row];
   const float turns = p.freqs[j] * x;
   const float angle = 6.283185307179586f * (turns - rintf(turns));
@@ -80,6 +101,7 @@ __device__ __forceinline__ float fast_feature(const NoiseGemmParams& p, int64_t 
 // The same feature to fp32 accuracy (simt path, fp32 outputs): sin(pi * 2fx), cos(pi * 2fx).
 __device__ __forceinline__ float exact_feature(const NoiseGemmParams& p, int64_t row, int64_t col) {
   const int64_t part = col / p.num_freqs, j = col % p.num_freqs;
+  if (part < 2 && p.code != NoiseCode::kSinusoid) return coded_feature(p, row, col, false);
   const float x = part < 2 ? p.u[row] : p.tau[row];
   float s, c;
   sincospif(2.f * p.freqs[j] * x, &s, &c);
@@ -307,11 +329,24 @@ void launch_noise_gemm(const NoiseGemmParams& p, const at::Tensor& weight) {
 
 constexpr std::initializer_list<at::ScalarType> kCudaWeightTypes = {at::kFloat, at::kBFloat16, at::kHalf};
 
-NoiseGemmParams gemm_params(const at::Tensor& weight, const at::Tensor& freqs, const at::Tensor& u32, int64_t rows) {
+// The exact uniforms the dyadic and binary codes read (fp32 u converts exactly); undefined for sinusoids.
+at::Tensor exact_uniforms(const at::Tensor& u, NoiseCode code) {
+  return code == NoiseCode::kSinusoid ? at::Tensor() : u.to(at::kDouble).contiguous();
+}
+
+// The u inputs of every kernel: fp32 u (validity, sinusoids) and, for the other codes, the exact u.
+void set_uniforms(NoiseGemmParams& p, const at::Tensor& u32, const at::Tensor& u64, NoiseCode code) {
+  p.u = u32.const_data_ptr<float>();
+  p.u64 = u64.defined() ? u64.const_data_ptr<double>() : nullptr;
+  p.code = code;
+}
+
+NoiseGemmParams gemm_params(const at::Tensor& weight, const at::Tensor& freqs, const at::Tensor& u32,
+                            const at::Tensor& u64, NoiseCode code, int64_t rows) {
   NoiseGemmParams p{};
   p.weight = weight.const_data_ptr();
   p.freqs = freqs.const_data_ptr<float>();
-  p.u = u32.const_data_ptr<float>();
+  set_uniforms(p, u32, u64, code);
   p.rows = rows;
   p.hidden = weight.size(0);
   p.num_freqs = weight.size(1) / 4;
@@ -320,15 +355,18 @@ NoiseGemmParams gemm_params(const at::Tensor& weight, const at::Tensor& freqs, c
 }
 
 at::Tensor noise_embedding_cuda(const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
-                                const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+                                const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                                c10::string_view code) {
   check_noise_embedding_args(u, tau, tau_value, weight_in, bias, kCudaWeightTypes);
+  const NoiseCode u_code = parse_noise_code(code, "noise_embedding");
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const int64_t rows = u.size(0), f = weight.size(1) / 4;
   at::Tensor out = at::empty({rows, weight.size(0)}, weight.options());
   if (rows == 0) return out;
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(f, u.options());
-  NoiseGemmParams p = gemm_params(weight, freqs, u32, rows);
+  const at::Tensor u64 = exact_uniforms(u, u_code);
+  NoiseGemmParams p = gemm_params(weight, freqs, u32, u64, u_code, rows);
   p.out = out.mutable_data_ptr();
   p.rows_per_seq = p.seq_rows = rows;
   at::Tensor bias32, tau32;
@@ -367,14 +405,16 @@ at::Tensor weight_grad(const NoiseGemmParams& p, const at::Tensor& grad, int64_t
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> noise_embedding_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& u, const std::optional<at::Tensor>& tau, double tau_value,
-    int64_t num_freqs, bool with_bias) {
+    int64_t num_freqs, bool with_bias, c10::string_view code) {
+  const NoiseCode u_code = parse_noise_code(code, "noise_embedding_backward");
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor grad_out = grad_out_in.contiguous();
   const int64_t rows = u.size(0), hidden = grad_out.size(1);
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(num_freqs, u.options());
+  const at::Tensor u64 = exact_uniforms(u, u_code);
   NoiseGemmParams p{};
   p.freqs = freqs.const_data_ptr<float>();
-  p.u = u32.const_data_ptr<float>();
+  set_uniforms(p, u32, u64, u_code);
   p.rows = rows;
   p.hidden = hidden;
   p.num_freqs = num_freqs;
@@ -398,8 +438,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> noise_embedding_backward_cuda(
 at::Tensor noise_conditioned_embedding_cuda(const at::Tensor& token_ids, const at::Tensor& token_table_in,
                                             const at::Tensor& u, const std::optional<at::Tensor>& tau,
                                             double tau_value, const at::Tensor& weight_in,
-                                            const std::optional<at::Tensor>& bias) {
+                                            const std::optional<at::Tensor>& bias, c10::string_view code) {
   check_noise_conditioned_args(token_ids, token_table_in, u, tau, tau_value, weight_in, bias, kCudaWeightTypes);
+  const NoiseCode u_code = parse_noise_code(code, "noise_conditioned_embedding");
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor token_table = token_table_in.contiguous(), ids = token_ids.contiguous();
@@ -420,10 +461,11 @@ at::Tensor noise_conditioned_embedding_cuda(const at::Tensor& token_ids, const a
   }
   if (hints == 0) return out;
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(f, u.options());
+  const at::Tensor u64 = exact_uniforms(u, u_code);
   const at::Tensor sources =
       tau.has_value() ? invalid_tau_to_nan(*tau) : at::full({1}, tau_value, u.options().dtype(at::kDouble));
   const at::Tensor bias32 = folded_bias(sources, weight, bias);
-  NoiseGemmParams p = gemm_params(weight, freqs, u32, batch * hints);
+  NoiseGemmParams p = gemm_params(weight, freqs, u32, u64, u_code, batch * hints);
   p.out = out.mutable_data_ptr();
   p.bias = bias32.const_data_ptr<float>();
   p.bias_per_seq = tau.has_value();
@@ -437,7 +479,9 @@ at::Tensor noise_conditioned_embedding_cuda(const at::Tensor& token_ids, const a
 
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_embedding_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& token_ids, int64_t vocab, const at::Tensor& u,
-    const std::optional<at::Tensor>& tau, double tau_value, int64_t num_freqs, bool with_bias) {
+    const std::optional<at::Tensor>& tau, double tau_value, int64_t num_freqs, bool with_bias,
+    c10::string_view code) {
+  const NoiseCode u_code = parse_noise_code(code, "noise_conditioned_embedding_backward");
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor grad_out = grad_out_in.contiguous();
   const int64_t batch = grad_out.size(0), contexts = token_ids.size(1), hints = u.size(1), hidden = grad_out.size(2);
@@ -457,9 +501,10 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> noise_conditioned_
   at::Tensor tau_feats = tau_features(sources, num_freqs).expand({batch, 2 * num_freqs});
   const at::Tensor tau_grad = seq_sums.t().mm(tau_feats);  // sum over sequences of g_sum_b outer features(tau_b)
   const at::Tensor u32 = u.to(at::kFloat).contiguous(), freqs = frequencies(num_freqs, u.options());
+  const at::Tensor u64 = exact_uniforms(u, u_code);
   NoiseGemmParams p{};
   p.freqs = freqs.const_data_ptr<float>();
-  p.u = u32.const_data_ptr<float>();
+  set_uniforms(p, u32, u64, u_code);
   p.rows = batch * hints;
   p.hidden = hidden;
   p.num_freqs = num_freqs;

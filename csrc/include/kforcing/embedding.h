@@ -4,18 +4,75 @@
 //
 // Features of a row with uniform u and temperature tau, F frequencies f_j = 10000^(-j/F):
 //   [cos(2 pi u f), sin(2 pi u f), cos(2 pi tau f), sin(2 pi tau f)]   (4F values; weight is (H, 4F))
+// The `code` option changes u's half (columns [0, 2F)) only; tau's half is always the sinusoids above, since
+// tau is a temperature, not a position in [0, 1]:
+//   sinusoid  the features above.
+//   dyadic    cos(2 pi 2^j u), sin(2 pi 2^j u), j < F: feature j repeats with period 2^-j. The phase
+//             frac(2^j u) is exact (u = M 2^-S, so it is M mod 2^(S-j) scaled), and only 2 pi phase in [-pi, pi]
+//             meets a rounded sin/cos: the features are as accurate at j = 60 as at j = 0. They are 1-periodic in
+//             u, so u = 1 encodes as u = 0.
+//   binary    c = 2 d_{c+1} - 1 in {-1, +1} for c < 2F, d_k the k-th binary digit of u (weight 2^-k): the
+//             expansion of u < 1 that terminates, and 0.111..._2 for u = 1, so u = 1 sits next to the uniforms
+//             just below it rather than on top of u = 0. Digits are read from the exact fp64 value (fp32 u
+//             converts exactly), so every device and precision gives the same digits. Piecewise constant in u.
 // When tau is one value for many rows (a scalar, or one per sequence), the tau half of the product is the same
 // vector for all of them: the kernels fold W[:, 2F:] @ features(tau) into the bias once and multiply only the u
 // half, which halves the work without changing the result beyond rounding.
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
+
 #include <cmath>
+#include <cstdint>
 #include <optional>
 
 #include "kforcing/checks.h"
 
 namespace kforcing {
+
+enum class NoiseCode : int { kSinusoid = 0, kDyadic = 1, kBinary = 2 };
+
+// The schema's `code` string; anything else is an error that lists the choices.
+inline NoiseCode parse_noise_code(c10::string_view code, const char* op) {
+  if (code == "sinusoid") return NoiseCode::kSinusoid;
+  if (code == "dyadic") return NoiseCode::kDyadic;
+  if (code == "binary") return NoiseCode::kBinary;
+  KF_CHECK_VALUE(false, op, "`code` must be one of 'sinusoid', 'dyadic', 'binary', got '", std::string(code), "'");
+  return NoiseCode::kSinusoid;
+}
+
+// u = mantissa * 2^-shift exactly, mantissa < 2^53 (u in [0, 1] as fp64). A u outside [0, 1] or NaN, which the
+// kernels reject (CPU) or turn into a NaN row (CUDA), decomposes as 0, so no conversion below is undefined.
+struct DyadicParts {
+  uint64_t mantissa;
+  int shift;
+  bool one;  // u == 1
+};
+
+C10_HOST_DEVICE inline DyadicParts dyadic_parts(double u) {
+  if (!(u >= 0.0 && u <= 1.0)) return {0, 0, false};
+  int exponent = 0;
+  const double fraction = frexp(u, &exponent);  // u = fraction * 2^exponent, fraction in [1/2, 1) or 0
+  return {static_cast<uint64_t>(ldexp(fraction, 53)), 53 - exponent, u == 1.0};
+}
+
+// The k-th binary digit of u (weight 2^-k), k >= 1; all ones for u = 1 (0.111..._2).
+C10_HOST_DEVICE inline bool binary_digit(const DyadicParts& u, int64_t k) {
+  if (u.one) return true;
+  const int64_t bit = u.shift - k;  // the digit's position in the mantissa; outside [0, 64) it is 0
+  return bit >= 0 && bit < 64 && ((u.mantissa >> bit) & 1u);
+}
+
+// frac(2^j u) - (1 if it is >= 1/2), in [-1/2, 1/2): the phase of the dyadic feature j, exact.
+C10_HOST_DEVICE inline double dyadic_phase(const DyadicParts& u, int64_t j) {
+  const int64_t bits = u.shift - j;  // fractional bits of 2^j u
+  if (bits <= 0) return 0.0;
+  const uint64_t low = bits >= 64 ? u.mantissa : u.mantissa & ((uint64_t{1} << bits) - 1);
+  const double phase = ldexp(static_cast<double>(low), static_cast<int>(-bits));
+  return phase >= 0.5 ? phase - 1.0 : phase;
+}
 
 // 2 pi f_j in fp64; kernels round it once to their compute type.
 inline double angular_frequency(int64_t j, int64_t num_freqs) {

@@ -6,10 +6,14 @@
 //   fp64 for fp64 logits), restricted to the top-k logits (ties at the k-th value kept), then to the top-p
 //   nucleus (a token is kept when the mass of strictly larger logits is < top_p; ties kept), renormalised.
 //   The support is the finite logits that survive the filters (-inf logits never do).
-//   The token is the smallest support index v with sum_{v' <= v} p_v' >= u; u = 0 gives the first support
-//   token, u = 1 the last, and if rounding leaves u above the total mass, the last support token is returned.
+//   The CDF walks the support in an order: "vocab", token ids 0..V-1; or "descending", logits from the largest
+//   down (the order of the probabilities, which the logits give exactly at any temperature), equal logits by
+//   smaller id first. The token is the first support token in that order whose running mass sum p >= u; u = 0
+//   gives the first support token in the order, u = 1 the last, and if rounding leaves u above the total mass,
+//   the last one is returned. Both orders sample the same distribution exactly; they map u differently.
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -23,6 +27,17 @@ namespace kforcing {
 // Returned on CUDA for a row that is invalid (NaN or +inf logit, no finite logit, u outside [0, 1], or a
 // temperature that is not positive and finite). The CPU kernel raises instead.
 constexpr int64_t kInvalidSample = -1;
+
+enum class CdfOrder : int { kVocab = 0, kDescending = 1 };
+
+// The schema's `order` string; anything else is an error that lists the choices.
+inline CdfOrder parse_cdf_order(c10::string_view order) {
+  if (order == "vocab") return CdfOrder::kVocab;
+  if (order == "descending") return CdfOrder::kDescending;
+  KF_CHECK_VALUE(false, "inverse_cdf_sample", "`order` must be 'vocab' or 'descending', got '", std::string(order),
+                 "'");
+  return CdfOrder::kVocab;
+}
 
 inline bool sampling_filters_support(int64_t top_k, int64_t vocab, double top_p) {
   return (top_k > 0 && top_k < vocab) || top_p < 1.0;
