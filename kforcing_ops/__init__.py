@@ -12,6 +12,7 @@ Importing initialises no CUDA.
 """
 
 from . import _ext
+from ._checks import CDF_ORDERS, NOISE_CODES
 from ._ext import use_reference
 from . import reference
 from .attention import window_attention, window_attention_decode
@@ -21,6 +22,8 @@ from .sampling import inverse_cdf_sample, raise_on_invalid_samples
 __version__ = _ext.BUILD_INFO["version"]
 
 __all__ = [
+    "CDF_ORDERS",
+    "NOISE_CODES",
     "inverse_cdf_sample",
     "noise_conditioned_embedding",
     "noise_embedding",

@@ -134,6 +134,8 @@ def _add_sample_parser(subparsers):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (student: its tau)")
     p.add_argument("--top-k", type=int, default=0, help="AR and draft students: keep the top-k tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="AR and draft students: nucleus mass (1: all)")
+    p.add_argument("--cdf-order", default="vocab", choices=["vocab", "descending"], help="AR and draft students: "
+                   "the inverse CDF's token order (a draft student: the one it was distilled with)")
     p.add_argument("--freq-penalty", type=float, default=0.0, help="student only: frequency penalty lambda")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -148,9 +150,9 @@ def _check_sample_args(args, model) -> str:
     kind = "draft" if isinstance(model, DraftStudent) else "pushforward" if isinstance(model, PushForwardLM) else "ar"
     if args.k is not None and kind == "ar":
         raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
-    if kind == "pushforward" and (args.top_k or args.top_p < 1.0):
-        raise ValueError("--top-k/--top-p apply to AR teachers and draft students; a push-forward student decodes "
-                         "by argmax")
+    if kind == "pushforward" and (args.top_k or args.top_p < 1.0 or args.cdf_order != "vocab"):
+        raise ValueError("--top-k/--top-p/--cdf-order apply to AR teachers and draft students; a push-forward "
+                         "student decodes by argmax")
     if kind != "pushforward" and args.freq_penalty:
         raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
     if args.verify and kind != "draft":
@@ -190,10 +192,11 @@ def _sample(args):
     elif kind == "draft":
         out = generate_with_drafts(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   verify=args.verify, eos_id=eos, pad_id=tokenizer.pad_id)
+                                   verify=args.verify, eos_id=eos, pad_id=tokenizer.pad_id, order=args.cdf_order)
     else:
         out = generate_ar(model, prompts, args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=tokenizer.pad_id)
+                          top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=tokenizer.pad_id,
+                          order=args.cdf_order)
     elapsed = time.perf_counter() - start
     for i, tokens in enumerate(out.tolist()):
         text, j = texts[i // args.num_samples], i % args.num_samples
@@ -227,7 +230,7 @@ def _add_distill_parser(subparsers):
         "teacher stays frozen and only the hint rows' weights train (docs/method.md §8): its token rows are the "
         "teacher's own, and `kforcing sample --verify` decodes losslessly, several tokens per pass.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
-        "pathway", "readout", "head_layers", "adapter_rank", "windows", "top_k", "top_p"])
+        "pathway", "readout", "head_layers", "adapter_rank", "noise_code", "windows", "top_k", "top_p", "cdf_order"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])

@@ -11,7 +11,11 @@ Phases (each one resumes: re-running keeps what is finished):
     3. distill     progressive self-forcing distillation 1 -> 2 -> 4 (`kforcing.distill.distill`);
     4. eval        coupled agreement, sample quality with and without frequency penalty, and the AR vs K-Forcing
                    decode benchmark (`kforcing.evaluate.run_eval`);
-    5. report      a summary table on stdout and a report folder (`kforcing.report`).
+    5. draft       a draft student: a hint head on the frozen teacher, at the sampling settings of DRAFT_SAMPLING
+                   (`kforcing.distill.distill` with pathway "head");
+    6. draft eval  verified (lossless) and unverified decoding side by side: tokens per pass, acceptance against
+                   the u-blind floor, sample quality and speed against AR (`kforcing.evaluate.run_eval`);
+    7. report      a summary table on stdout and a report folder (`kforcing.report`).
 
 Each phase hands the next what it returned (its summary, kept in demo_state.json); the report is made from those
 results and the eval results data (eval/eval.json), never from another phase's Markdown.
@@ -25,6 +29,7 @@ The report folder (default runs/demo, runs/demo-quick, runs/demo-full):
     eval/            eval.json, eval.md (`kforcing eval`'s output)
     teacher/         the teacher run (checkpoints, tokenizer, token cache, metrics.jsonl)
     student/         the distillation run (stage_k1, stage_k2, stage_k4, latest.json -> the k=4 student)
+    draft/           the draft student's run (stage_k4, latest.json) and its evaluation (draft/eval/eval.json)
     demo_state.json  which phases are finished, with their results and wall times
 """
 
@@ -45,6 +50,7 @@ from .checkpoint import RunLayout
 from .distill import DistillConfig, distill
 from .evaluate import EvalConfig, load_results, run_eval, save_results
 from .report import demo_markdown, plot_eval, plot_training, summary_table, write_eval_report
+from .report_draft import plot_draft
 from .runtime import git_sha, resolve_device, write_json_atomic, write_text_atomic
 from .train import TrainConfig, train_teacher
 
@@ -72,6 +78,7 @@ class DemoProfile:
     speed_tokens: int
     speed_repeats: int
     ar_eval_contexts: int
+    draft_steps: int = 600
     schedule: List[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
     teacher_lr: Optional[float] = None
     distill_lr: Optional[float] = None
@@ -85,19 +92,25 @@ PROFILES = {
         name="quick", preset="tiny", corpus_mb=1.0, vocab_size=512, teacher_steps=300, teacher_batch=16,
         teacher_seq_len=64, distill_steps=[150, 120, 120], distill_batch=16, distill_seq_len=48, eval_contexts=64,
         num_samples=8, sample_len=48, batch_sizes=[1, 8], speed_tokens=32, speed_repeats=2, ar_eval_contexts=64,
-        warmup=20, eval_interval=50, minutes="about 2 minutes on a 2-core CPU"),
+        draft_steps=120, warmup=20, eval_interval=50, minutes="about 3 minutes on a 2-core CPU"),
     "default": DemoProfile(
         name="default", preset="tiny", corpus_mb=3.0, vocab_size=1024, teacher_steps=1000, teacher_batch=16,
         teacher_seq_len=128, distill_steps=[500, 500, 600], distill_batch=16, distill_seq_len=64,
         eval_contexts=256, num_samples=32, sample_len=128, batch_sizes=[1, 8, 32], speed_tokens=64,
-        speed_repeats=3, ar_eval_contexts=128, eval_interval=100, minutes="about 10 minutes on a 2-core CPU"),
+        speed_repeats=3, ar_eval_contexts=128, draft_steps=1200, eval_interval=100,
+        minutes="about 25 minutes on a 2-core CPU"),
     "full": DemoProfile(
         name="full", preset="small", corpus_mb=None, vocab_size=8192, teacher_steps=20000, teacher_batch=32,
         teacher_seq_len=512, distill_steps=[5000, 5000, 10000], distill_batch=32, distill_seq_len=256,
         eval_contexts=1024, num_samples=128, sample_len=256, batch_sizes=[1, 8, 32, 128, 256], speed_tokens=128,
-        speed_repeats=5, ar_eval_contexts=512, warmup=500, eval_interval=500,
+        speed_repeats=5, ar_eval_contexts=512, draft_steps=10000, warmup=500, eval_interval=500,
         minutes="hours on one GPU (days on a CPU)"),
 }
+
+
+# The sampling settings the demo's draft student learns and is verified at (truncated sampling: the distribution
+# users sample with, and one a few steps can learn; docs/method.md §8).
+DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 
 
 class _State:
@@ -129,7 +142,8 @@ class _State:
         return self.data["phases"][phase]
 
 
-_PHASE_NAMES = {"teacher": "teacher", "distill": "distillation", "eval": "evaluation"}
+_PHASE_NAMES = {"teacher": "teacher", "distill": "distillation", "eval": "evaluation", "draft": "draft student",
+                "draft_eval": "draft evaluation"}
 
 
 def _log(message):
@@ -157,18 +171,28 @@ def _distill_config(prof: DemoProfile, teacher: Path, out: Path, device: str, pr
         resume=True, progress=progress)
 
 
-def _eval_config(prof: DemoProfile, teacher: Path, student: Path, out: Path, device: str,
-                 progress: bool) -> EvalConfig:
+def _draft_config(prof: DemoProfile, teacher: Path, out: Path, device: str, progress: bool) -> DistillConfig:
+    return DistillConfig(
+        teacher=str(teacher), out_dir=str(out), pathway="head", tau=(DRAFT_SAMPLING["temperature"],) * 2,
+        top_k=DRAFT_SAMPLING["top_k"], top_p=DRAFT_SAMPLING["top_p"], steps=[prof.draft_steps],
+        batch_size=prof.distill_batch, seq_len=prof.distill_seq_len, warmup_steps=prof.warmup,
+        eval_interval=max(prof.eval_interval, prof.draft_steps // 4), eval_batches=4,
+        ar_eval_contexts=prof.ar_eval_contexts, save_interval=prof.draft_steps,
+        log_interval=max(1, prof.draft_steps // 20), device=device, resume=True, progress=progress)
+
+
+def _eval_config(prof: DemoProfile, teacher: Path, student: Path, out: Path, device: str, progress: bool,
+                 **sampling) -> EvalConfig:
     return EvalConfig(
         teacher=str(teacher), student=str(student), out_dir=str(out), contexts=prof.eval_contexts,
         num_samples=prof.num_samples, sample_len=prof.sample_len, batch_sizes=prof.batch_sizes,
         speed_tokens=prof.speed_tokens, speed_repeats=prof.speed_repeats,
-        batch_size=min(32, max(8, prof.num_samples)), device=device, plots=False, progress=progress)
+        batch_size=min(32, max(8, prof.num_samples)), device=device, plots=False, progress=progress, **sampling)
 
 
 def _run_phases(prof: DemoProfile, out: Path, state: _State, device: str, progress: bool) -> Dict:
     """Run (or skip) teacher, distillation and evaluation; returns their results by phase."""
-    teacher_dir, student_dir, eval_dir = out / "teacher", out / "student", out / "eval"
+    teacher_dir, student_dir, eval_dir, draft_dir = out / "teacher", out / "student", out / "eval", out / "draft"
 
     def teacher():
         summary = train_teacher(_teacher_config(prof, teacher_dir, device, progress))
@@ -183,17 +207,30 @@ def _run_phases(prof: DemoProfile, out: Path, state: _State, device: str, progre
         save_results(results, eval_dir)
         return {}
 
+    def draft():
+        summary = distill(_draft_config(prof, teacher_dir, draft_dir, device, progress))
+        return {"stages": summary["stages"], "checkpoint": summary["checkpoint"]}
+
+    def draft_evaluation():
+        config = _eval_config(prof, teacher_dir, draft_dir, draft_dir / "eval", device, progress, **DRAFT_SAMPLING)
+        save_results(run_eval(config), draft_dir / "eval")
+        return {}
+
     return {
-        "teacher": state.run("teacher", f"1/4 corpus + teacher ({prof.preset} preset, {prof.teacher_steps} steps) -> "
+        "teacher": state.run("teacher", f"1/6 corpus + teacher ({prof.preset} preset, {prof.teacher_steps} steps) -> "
                              f"{teacher_dir}", teacher),
-        "distill": state.run("distill", f"2/4 distillation k = {' -> '.join(map(str, prof.schedule))} "
+        "distill": state.run("distill", f"2/6 distillation k = {' -> '.join(map(str, prof.schedule))} "
                              f"({prof.distill_steps} steps) -> {student_dir}", student),
-        "eval": state.run("eval", f"3/4 evaluation + decode benchmark -> {eval_dir}", evaluation),
+        "eval": state.run("eval", f"3/6 evaluation + decode benchmark -> {eval_dir}", evaluation),
+        "draft": state.run("draft", f"4/6 draft student: a hint head on the frozen teacher ({prof.draft_steps} "
+                           f"steps) -> {draft_dir}", draft),
+        "draft_eval": state.run("draft_eval", f"5/6 verified and unverified decoding -> {draft_dir / 'eval'}",
+                                draft_evaluation),
     }
 
 
-def _summary(prof: DemoProfile, out: Path, phases: Dict, results: Dict, teacher_records: List[Dict], state: _State,
-             seconds: float) -> Dict:
+def _summary(prof: DemoProfile, out: Path, phases: Dict, results: Dict, draft_results: Dict,
+             teacher_records: List[Dict], state: _State, seconds: float) -> Dict:
     """summary.json: every number of the report, from the phases' results and the eval results."""
     val = [r for r in teacher_records if "val_loss" in r]
     teacher = phases["teacher"]
@@ -209,6 +246,7 @@ def _summary(prof: DemoProfile, out: Path, phases: Dict, results: Dict, teacher_
                     "first_val_loss": val[0]["val_loss"] if val else None,
                     "val_loss": val[-1]["val_loss"] if val else None},
         "stages": phases["distill"]["stages"], "eval": results,
+        "draft": {"stages": phases["draft"]["stages"], "eval": draft_results},
         "files": {"teacher_checkpoint": os.path.relpath(teacher["checkpoint"], out)},
     }
 
@@ -231,9 +269,10 @@ def run_demo(profile="default", out_dir=None, device="auto", threads=None, progr
     started = time.perf_counter()
     phases = _run_phases(prof, out, state, device_name, progress)
 
-    _log("4/4 report")
-    results = load_results(out / "eval")
+    _log("6/6 report")
+    results, draft_results = load_results(out / "eval"), load_results(out / "draft" / "eval")
     write_eval_report(results, out / "eval", plots=False)
+    write_eval_report(draft_results, out / "draft" / "eval", plots=False)
     plots = out / "plots"
     if plots.exists():
         shutil.rmtree(plots)
@@ -241,7 +280,8 @@ def run_demo(profile="default", out_dir=None, device="auto", threads=None, progr
     stage_records = {k: RunLayout(out / "student").stage(k).read_metrics() for k in prof.schedule}
     teacher_records = RunLayout(out / "teacher").read_metrics()
     plot_paths = {**plot_eval(results, plots), **plot_training(teacher_records, stage_records, plots)}
-    data = _summary(prof, out, phases, results, teacher_records, state, time.perf_counter() - started)
+    plot_paths.update({f"draft_{name}": path for name, path in plot_draft(draft_results, plots, "draft_").items()})
+    data = _summary(prof, out, phases, results, draft_results, teacher_records, state, time.perf_counter() - started)
     write_json_atomic(out / "summary.json", data)
     report = out / "report.md"
     write_text_atomic(report, demo_markdown(data, plot_paths, out))

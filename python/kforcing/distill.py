@@ -46,7 +46,7 @@ from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, Tokenizer, find_token_cache, heldout_contexts, prepare_dataset
 from .head_targets import WINDOWS
 from .distill_draft import check_draft_run, run_draft_stage
-from .hint_head import READOUTS, DraftStudent, HeadConfig
+from .hint_head import CDF_ORDERS, NOISE_CODES, READOUTS, DraftStudent, HeadConfig, Sampling
 from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
@@ -120,6 +120,10 @@ class DistillConfig:
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
     top_k: int = option(0, "head: the top-k of the sampling distribution the head learns (0: off)")
     top_p: float = option(1.0, "head: the top-p of the sampling distribution the head learns (1: off)")
+    cdf_order: str = option("vocab", "head: the token order of the inverse CDF that maps u to tokens: vocab (token "
+                            "ids) or descending (probability); sample and eval with the same", choices=list(CDF_ORDERS))
+    noise_code: str = option("sinusoid", "head: how hint rows encode their uniforms: sinusoid, dyadic (frequencies "
+                             "2^j) or binary (the digits of u)", choices=list(NOISE_CODES))
     objective: str = option("self-forcing", "self-forcing (the teacher's own tokens) or the noise-inversion baseline "
                             "(data tokens, u drawn inside their teacher-CDF interval)", choices=list(OBJECTIVES))
     steps: List[int] = option([1000], "optimizer steps per stage: one value, or one per stage (500,500,1000)",
@@ -216,7 +220,11 @@ class DistillConfig:
     def head_config(self) -> HeadConfig:
         """The hint head a draft pathway trains (max_k: the schedule's largest k)."""
         return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout,
-                          pathway=self.pathway, adapter_rank=self.adapter_rank)
+                          pathway=self.pathway, adapter_rank=self.adapter_rank, noise_code=self.noise_code)
+
+    def sampling(self) -> Sampling:
+        """The sampling distribution a draft pathway's head learns: --tau, --top-k, --top-p, --cdf-order."""
+        return Sampling(self.tau[0], self.top_k, self.top_p, self.cdf_order)
 
     def stage_steps(self) -> List[int]:
         """Steps of each stage (one value repeated, or one per stage)."""

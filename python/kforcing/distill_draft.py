@@ -26,7 +26,7 @@ from .data import TokenDataset, heldout_contexts
 from .draft_checkpoint import save_draft_student
 from .draft_decode import generate_with_drafts
 from .head_targets import head_step
-from .hint_head import DraftStudent, Sampling
+from .hint_head import DraftStudent
 from .runtime import write_json_atomic
 from .targets import batch_noise
 from .trainer import DistInfo, Trainer, TrainingTask
@@ -46,7 +46,7 @@ class DraftTask(TrainingTask):
         self.config, self.student, self.index, self.k = config, student, index, k
         self.dataset, self.seq_len, self.info, self.device = dataset, seq_len, info, device
         self.teacher_checkpoint = teacher_checkpoint
-        self.sampling = Sampling(config.tau[0], config.top_k, config.top_p)
+        self.sampling = config.sampling()
         self.global_batch = config.batch_size * config.grad_accum
         self.units_per_step = self.global_batch * seq_len
         self.name = f"distill {config.pathway} k={k}"
@@ -100,8 +100,7 @@ class DraftTask(TrainingTask):
         for first in range(0, len(self.prompts), self.config.batch_size):
             chunk = self.prompts[first:first + self.config.batch_size]
             out = generate_with_drafts(self._eval_student(head).eval(), chunk,
-                                       VERIFY_NEW_TOKENS, k=self.k, seed=self.config.seed,
-                                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+                                       VERIFY_NEW_TOKENS, k=self.k, seed=self.config.seed, **vars(sampling))
             results.append((out.tokens_per_pass, out.accepted))
         record = {"verified_tokens_per_pass": sum(r[0] for r in results) / len(results)}
         for j in range(self.k - 1):

@@ -41,8 +41,10 @@ class DraftOutput:
     Attributes:
         tokens: (B, max_new_tokens) int64; positions after a sequence's EOS hold pad_id.
         lengths: (B,) int64, valid tokens per sequence (up to and including EOS).
-        num_passes: forward passes (trunk + head), prefill included.
-        tokens_per_pass: generated tokens per pass and sequence, averaged over the batch (1.0 for AR).
+        num_passes: forward passes (trunk + head) of the batch, prefill included: until its slowest sequence is
+            done.
+        tokens_per_pass: each sequence's generated tokens over the passes it took part in (prefill included),
+            averaged over the batch (1.0 for AR): the rate of one sequence, whatever the others in its batch do.
         accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted.
     """
 
@@ -116,7 +118,7 @@ class _DraftDecoder:
 def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k: Optional[int] = None,
                          seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                          verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
-                         sequence_ids=None, hint_seed: Optional[int] = None) -> DraftOutput:
+                         sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab") -> DraftOutput:
     """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
 
     Args:
@@ -127,6 +129,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         verify: True: every draft is checked against the teacher's own token under the same uniform, and the
             output equals `generate_ar(student.teacher, ...)` token for token. False: drafts are kept as they
             are (k tokens per pass, the student's own distribution).
+        order: the CDF's token order ("vocab" or "descending"), as in `generate_ar`; a head learns one of them.
         hint_seed: a diagnostic (the u-shuffle test): the hint rows carry uniforms drawn from this seed instead of
             the decoding seed, while the teacher and a categorical readout still sample with the decoding seed's.
             Verified output stays exact; the acceptance shows how much the drafts owe to the right uniforms.
@@ -143,7 +146,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     device = student.device
     batch = len(prompt_list)
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
-    sampling = Sampling(float(temperature), top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p, order)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
                             sampling, hint_seed)
 
@@ -165,6 +168,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     finished = exact == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool, device=device)
     accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
     passes, steps = 1, 0
+    sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
     offsets = torch.arange(k, device=device)
     while True:
         active = ~finished & (produced < max_new_tokens)
@@ -183,6 +187,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
         # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
         advance = torch.where(active, 1 + n_accepted, 0)
+        sequence_passes += active.long()
         keep = active[:, None] & (offsets[None, :] < advance[:, None])
         index = (produced[:, None] + offsets).clamp(max=out.shape[1] - 1)
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
@@ -195,8 +200,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         drafts = decoder.draft(exact)
         passes += 1
     tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
-    generated = out_lengths.double().mean().item()
-    return DraftOutput(tokens, out_lengths, passes, generated / passes,
+    rate = (out_lengths.double() / sequence_passes.double()).mean().item()
+    return DraftOutput(tokens, out_lengths, passes, rate,
                        (accepted / max(steps, 1)).tolist() if verify else [])
 
 

@@ -45,7 +45,7 @@ from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, find_token_cache, heldout_contexts
 from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreement, decode_speed,
                       generate_samples, sample_quality)
-from .hint_head import DraftStudent, Sampling
+from .hint_head import CDF_ORDERS, DraftStudent, Sampling
 from .model import ARModel, PushForwardLM
 from .options import option, parse_int_list
 from .runtime import machine_info, resolve_device, write_json_atomic
@@ -82,6 +82,8 @@ class EvalConfig:
     temperature: float = option(1.0, "sampling temperature (the student's tau)")
     top_k: int = option(0, "draft students: the top-k of the sampling distribution (0: off)")
     top_p: float = option(1.0, "draft students: the top-p of the sampling distribution (1: off)")
+    cdf_order: str = option("vocab", "draft students: the inverse CDF's token order (vocab or descending): the one "
+                            "the head was distilled with", choices=list(CDF_ORDERS))
     freq_penalty: float = option(1.0, "lambda of the penalised student samples (0: none)")
     batch_sizes: List[int] = option([1, 8, 32], "batch sizes of the decode benchmark ('' to skip it)",
                                     convert=lambda text: parse_int_list(text, "--batch-sizes") if text.strip() else [],
@@ -137,9 +139,9 @@ def load_models(config: EvalConfig, device) -> Models:
                         "(a `kforcing distill` output)")
     if isinstance(student, PushForwardLM):
         check_compatible(teacher, student, tokenizer, student_tokenizer)
-        if config.top_k or config.top_p < 1.0:
-            raise EvalError("--top-k/--top-p apply to draft students; a push-forward student samples the full "
-                            "distribution at its temperature")
+        if config.top_k or config.top_p < 1.0 or config.cdf_order != "vocab":
+            raise EvalError("--top-k/--top-p/--cdf-order apply to draft students; a push-forward student samples "
+                            "the full distribution at its temperature in vocabulary order")
     models = Models(teacher, student, tokenizer or student_tokenizer, Provenance.from_config(teacher_config),
                     Provenance.from_config(student_config))
     if config.reference:
@@ -319,7 +321,7 @@ def _draft_eval(config: EvalConfig, models: Models, dataset, prompts, results: D
     from tqdm import tqdm
 
     student, ks = models.student, results["ks"]
-    sampling = Sampling(config.temperature, config.top_k, config.top_p)
+    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.cdf_order)
     common = dict(length=config.sample_len, seed=config.seed, sampling=sampling, batch_size=config.batch_size)
     results.update(kind="draft", head=student.head_config.to_dict(), sampling=vars(sampling))
     bar = tqdm(total=4 + len(config.batch_sizes) * config.speed_repeats, desc="eval", unit="task",

@@ -281,7 +281,7 @@ def _check_model(model, cls, name):
 def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
                 seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                 eos_id: Optional[int] = None, pad_id: int = 0, sequence_ids=None, compile: bool = False,
-                cuda_graph: bool = False) -> GenerationOutput:
+                cuda_graph: bool = False, order: str = "vocab") -> GenerationOutput:
     """Sample from the AR teacher, one token per pass, with explicit counter-based uniforms.
 
     Token p of sequence b is `kforcing_ops.inverse_cdf_sample(logits, u(seed, sequence_ids[b], p), temperature,
@@ -300,6 +300,8 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
             request to reproduce part of it (a sample depends only on its own prompt and id).
         compile: torch.compile the per-token step.
         cuda_graph: replay the passes as CUDA graphs (CUDA only; see the module docstring).
+        order: the CDF's token order, "vocab" or "descending" (`kforcing_ops.inverse_cdf_sample`): the same
+            distribution, another map from u to tokens.
 
     Returns:
         GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes).
@@ -321,7 +323,7 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     all_u = counter_uniform(seed, sequence_ids[None, :],
                             lengths[None, :] + torch.arange(max_new_tokens, device=tail.device)[:, None])
     for s in range(max_new_tokens):
-        y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p)
+        y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p, order)
         tokens[:, s] = y
         if eos_id is not None:
             finished |= y == eos_id
@@ -344,7 +346,7 @@ def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
                       k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
                       freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
                       sequence_ids=None, compile: bool = False, cuda_graph: bool = False, verify: bool = False,
-                      top_k: int = 0, top_p: float = 1.0):
+                      top_k: int = 0, top_p: float = 1.0, order: str = "vocab"):
     """Sample k tokens per forward pass from a push-forward student (docs/method.md §4).
 
     Step 1 runs [prompt | k hints] in one pass; every later step runs [the k tokens of the previous step | k new
@@ -359,7 +361,7 @@ def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
         k: tokens per pass, 1 <= k <= student.max_k (default max_k).
         temperature: tau, the temperature the student is conditioned on (> 0).
         freq_penalty: lambda of the frequency penalty (0 disables it).
-        verify, top_k, top_p: for a `DraftStudent` only, which this function hands to
+        verify, top_k, top_p, order: for a `DraftStudent` only, which this function hands to
             `kforcing.draft_decode.generate_with_drafts` (verify=True: lossless, equal to `generate_ar` of its
             teacher). A PushForwardLM cannot verify: its token rows are fine-tuned, so its logits are not the
             teacher's.
@@ -373,12 +375,14 @@ def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
         if freq_penalty or compile or cuda_graph:
             raise ValueError("freq_penalty, compile and cuda_graph are not available for a DraftStudent")
         return generate_with_drafts(student, prompts, max_new_tokens, k, seed, temperature, top_k, top_p,
-                                    verify=verify, eos_id=eos_id, pad_id=pad_id, sequence_ids=sequence_ids)
+                                    verify=verify, eos_id=eos_id, pad_id=pad_id, sequence_ids=sequence_ids,
+                                    order=order)
     if verify:
         raise ValueError("verify=True needs teacher-exact token rows, which a PushForwardLM does not have (its token "
                          "rows are fine-tuned): distil a kforcing.hint_head.DraftStudent to decode losslessly")
-    if top_k or top_p < 1.0:
-        raise ValueError("top_k/top_p apply to a DraftStudent's verification; a PushForwardLM decodes by argmax")
+    if top_k or top_p < 1.0 or order != "vocab":
+        raise ValueError("top_k/top_p/order apply to a DraftStudent's verification; a PushForwardLM decodes by "
+                         "argmax")
     _check_model(student, PushForwardLM, "generate_kforcing")
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 1 <= k <= student.max_k:

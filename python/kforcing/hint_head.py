@@ -46,6 +46,8 @@ from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
 from .trunk_adapters import TrunkAdapters
 
 READOUTS = ("onehot", "categorical")
+NOISE_CODES = kforcing_ops.NOISE_CODES
+CDF_ORDERS = kforcing_ops.CDF_ORDERS
 PATHWAYS = ("head", "trunk")
 
 
@@ -67,6 +69,8 @@ class HeadConfig:
         max_k: tokens per window the head is built for: the exact y1 plus max_k - 1 drafts (>= 2).
         readout: "onehot" or "categorical" (see the module docstring).
         noise_num_freqs: F of the noise embedding (default: width // 2).
+        noise_code: how the hint rows encode their uniforms: "sinusoid", "dyadic" or "binary" (see
+            `kforcing_ops.noise_embedding`).
         pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features) or "trunk"
             (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`).
         adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
@@ -79,6 +83,7 @@ class HeadConfig:
     max_k: int = 4
     readout: str = "onehot"
     noise_num_freqs: Optional[int] = None
+    noise_code: str = "sinusoid"
     pathway: str = "head"
     adapter_rank: int = 8
 
@@ -92,6 +97,8 @@ class HeadConfig:
                              f"got {self.max_k}")
         if self.readout not in READOUTS:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
+        if self.noise_code not in NOISE_CODES:
+            raise ValueError(f"unknown noise_code {self.noise_code!r}; choose one of {NOISE_CODES}")
         if self.pathway not in PATHWAYS:
             raise ValueError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
         rank = self.adapter_rank
@@ -131,7 +138,7 @@ class HintHead(nn.Module):
         self.teacher_fingerprint: Optional[str] = None  # set by DraftStudent: the teacher these weights belong to
         self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(model_config.n_embd, bias=False)
-        self.noise = NoiseEmbedding(model_config.n_embd, num_freqs=config.noise_num_freqs)
+        self.noise = NoiseEmbedding(model_config.n_embd, num_freqs=config.noise_num_freqs, code=config.noise_code)
 
     def export_config(self) -> dict:
         """What a checkpoint's config.json records of the head (`kforcing.checkpoint`): the teacher's model config,
@@ -394,13 +401,18 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    order: str = "vocab"  # the CDF's token order: "vocab" (ids) or "descending" (probability), both exact
+
+    def __post_init__(self):
+        if self.order not in CDF_ORDERS:
+            raise ValueError(f"unknown CDF order {self.order!r}; choose one of {CDF_ORDERS}")
 
 
 def sample_rows(logits, u, sampling: Sampling):
     """Exact tokens (...) from logits (..., V) and uniforms (...) under `sampling`."""
     flat = logits.float().reshape(-1, logits.shape[-1])
     tokens = kforcing_ops.inverse_cdf_sample(flat, u.reshape(-1).contiguous(), sampling.temperature,
-                                             sampling.top_k, sampling.top_p)
+                                             sampling.top_k, sampling.top_p, sampling.order)
     return tokens.view(u.shape)
 
 

@@ -16,7 +16,7 @@ from .runtime import write_text_atomic
 
 SECTIONS = ["## Summary", "## Setup", "## 1. Corpus and tokenizer", "## 2. Teacher", "## 3. Distillation",
             "## 4. Coupled agreement", "## 5. Sample quality", "## 6. Decode speed", "## 7. Quality targets",
-            "## 8. Samples", "## 9. Files and next steps"]
+            "## 8. Draft student: verified and unverified decoding", "## 9. Samples", "## 10. Files and next steps"]
 _HEADLINE_TARGETS = ("agree_offset_1", "agree_offset_4", "sample_quality")
 _TARGET_NAMES = {"agree_offset_1": "agreement at offset 1", "agree_offset_4": "agreement at offset 4",
                  "ppl_ratio": "PPL(student) / PPL(AR samples), under the teacher",
@@ -271,6 +271,10 @@ def summary_table(data: Dict) -> str:
     reached = [name for name, t in targets.items() if t["reached"]]
     missed = [name for name, t in targets.items() if not t["reached"]]
     lines += ["", f"quality targets at k={max(ks)}: reached {reached or 'none'}; not reached {missed or 'none'}"]
+    if data.get("draft"):
+        from .report_draft import draft_summary_lines
+
+        lines += [""] + draft_summary_lines(data["draft"])
     return "\n".join(lines)
 
 
@@ -335,8 +339,27 @@ def _files_section(data: Dict, out: Path) -> str:
             "- Numbers: `summary.json`, `eval/eval.json`; per-stage metrics: `student/stage_kK/metrics.jsonl`.\n"
             f"- Sample from the student: `kforcing sample --ckpt {out}/student --k {max(data['eval']['ks'])} "
             "--prompt \"def \"`\n"
+            f"- Sample losslessly from the draft student: `kforcing sample --ckpt {out}/draft --verify "
+            "--temperature 0.7 --top-k 50 --top-p 0.9 --prompt \"def \"`\n"
             f"- Evaluate again: `kforcing eval --teacher {out}/teacher --student {out}/student --k "
             f"{','.join(map(str, data['eval']['ks']))}`\n")
+
+
+def _draft_section(data: Dict, plots: Dict[str, Path], out: Path) -> str:
+    from .report_draft import draft_tables
+
+    draft = data["draft"]
+    stage = draft["stages"][-1]
+    text = ("A draft student keeps the teacher frozen: its token rows are the teacher's own, and a small hint head "
+            "drafts the next tokens from the uniforms (docs/method.md §8). Verified decoding checks every draft "
+            "against the teacher's token with the same uniform, so its output is the teacher's AR sample, token for "
+            "token; unverified decoding keeps the drafts. "
+            f"Trained {stage['step']} steps on {stage['windows_seen']:,} windows; held-out tokens per pass during "
+            f"training {stage['initial'].get('verified_tokens_per_pass', float('nan')):.2f} -> "
+            f"{stage.get('verified_tokens_per_pass', float('nan')):.2f}.\n\n")
+    pictures = "".join(f"\n![{name}]({_rel(path, out)})\n" for name, path in plots.items()
+                       if name.startswith("draft_"))
+    return text + draft_tables(draft["eval"]).replace("### ", "#### ") + pictures
 
 
 def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
@@ -350,6 +373,7 @@ def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
             (speed_table(results) or "(skipped)")
             + (f"\n\n![throughput]({_rel(plots['throughput'], out)})\n" if "throughput" in plots else "\n"),
             f"At k={results['targets']['k']}, no frequency penalty.\n\n" + targets_table(results) + "\n",
+            _draft_section(data, plots, out),
             "The first unconditional sample of each set (same seed, so the rows are coupled), decoded:\n" + "".join(
                 f"\n**{name}**\n\n```\n{text[:600].replace('```', chr(39) * 3)}\n```\n"
                 for name, text in results.get("examples", {}).items()),

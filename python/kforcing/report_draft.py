@@ -2,7 +2,7 @@
 PNG out, as `kforcing.report` does for push-forward students."""
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from .report import _fmt, _pyplot, _row, _save, quality_table, speed_table
 
@@ -59,8 +59,9 @@ def draft_tables(results: Dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def plot_draft(results: Dict, out: Path) -> Dict[str, Path]:
-    """acceptance.png (per offset: verified, u-shuffle, u-blind floor) and, with a benchmark, throughput.png."""
+def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
+    """acceptance.png (per offset: verified, u-shuffle, u-blind floor) and, with a benchmark, throughput.png, in
+    `out` (file names start with `prefix`)."""
     plt = _pyplot()
     diag = results["diagnostics"]
     verified = next(v for v in results["verified"] if v["k"] == diag["k"])
@@ -73,7 +74,7 @@ def plot_draft(results: Dict, out: Path) -> Dict[str, Path]:
            title=f"verified decoding, k={diag['k']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths = {"acceptance": _save(fig, out / "acceptance.png")}
+    paths = {"acceptance": _save(fig, out / f"{prefix}acceptance.png")}
     if results.get("speed"):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
@@ -83,8 +84,33 @@ def plot_draft(results: Dict, out: Path) -> Dict[str, Path]:
         ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        paths["throughput"] = _save(fig, out / "throughput.png")
+        paths["throughput"] = _save(fig, out / f"{prefix}throughput.png")
     return paths
 
 
-__all__ = ["draft_tables", "plot_draft", "targets_table", "verified_table"]
+def draft_summary_lines(draft: Dict) -> List[str]:
+    """The demo summary's lines for the draft student: verified and unverified decoding beside AR."""
+    results, stage = draft["eval"], draft["stages"][-1]
+    k = max(results["ks"])
+    verified = next(v for v in results["verified"] if v["k"] == k)
+    quality = {q["k"]: q for q in results["quality"]}
+    speed = {s["decoder"]: s for s in results.get("speed", []) if s["batch"] == 1}
+    floor = results["diagnostics"]["floor"]
+    lines = [f"draft student ({stage['step']} steps, {_sampling(results)}), k={k}:",
+             f"{'':26}{'verified':>12}{'unverified':>12}{'AR':>10}",
+             f"{'tokens per pass':26}{verified['tokens_per_pass']:>12.2f}{float(k):>12.2f}{1.0:>10.2f}",
+             f"{'acceptance offsets 2..k':26}" + " / ".join(f"{a:.2f}" for a in verified["accepted"])
+             + "   (u-blind floor " + " / ".join(f"{a:.2f}" for a in floor) + ")",
+             f"{'equals AR sampling':26}{'yes' if verified['equals_ar'] else 'NO':>12}{'-':>12}{'-':>10}"]
+    for key, label in (("ppl_teacher", "PPL under teacher"), ("unigram_entropy", "unigram entropy"),
+                       ("longest_repeat_mean", "longest repeat (mean)")):
+        lines.append(f"{label:26}{quality[0][key]:>12.2f}{quality[k][key]:>12.2f}{quality[0][key]:>10.2f}")
+    if speed:
+        lines.append(f"{'tokens/s (batch 1)':26}{speed[f'verified k={k}']['tokens_per_s']:>12.0f}"
+                     f"{speed[f'unverified k={k}']['tokens_per_s']:>12.0f}{speed['AR']['tokens_per_s']:>10.0f}")
+        lines.append(f"{'speedup vs AR (batch 1)':26}{speed[f'verified k={k}']['speedup']:>11.2f}x"
+                     f"{speed[f'unverified k={k}']['speedup']:>11.2f}x{'1.00x':>10}")
+    return lines
+
+
+__all__ = ["draft_summary_lines", "draft_tables", "plot_draft", "targets_table", "verified_table"]

@@ -187,7 +187,7 @@ class TrunkAdapters(nn.Module):
         self.teacher_fingerprint = None  # set by DraftStudent: the teacher these weights belong to
         self.layers = nn.ModuleList(BlockAdapter(model_config, rank) for _ in range(model_config.n_layer))
         self.norm = nn.LayerNorm(width, bias=False)
-        self.noise = NoiseEmbedding(width, num_freqs=config.noise_num_freqs)
+        self.noise = NoiseEmbedding(width, num_freqs=config.noise_num_freqs, code=config.noise_code)
 
     def export_config(self) -> dict:
         """What a checkpoint's config.json records (as `HintHead.export_config`)."""

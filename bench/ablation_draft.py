@@ -1,0 +1,190 @@
+"""Ablation of the student's options at one wall-clock budget: each row changes one option from the default.
+
+For every row, a short calibration run times the row's training step, then `kforcing.distill.distill` trains it
+for as many steps as fit --minutes (so each row gets the same wall-clock budget, with its full learning-rate
+schedule), and the result is evaluated on the same held-out prompts and seeds:
+
+    tokens/pass   verified decoding (lossless: checked equal to AR sampling), k = 4, at the row's sampling settings
+    accept j      the share of verification steps whose drafts 2..j were all accepted
+    floor         the same for a u-blind drafter (drafts sampled from the teacher with independent uniforms)
+    shuffle       acceptance at offset 2..k when the hint rows get another seed's uniforms
+    quality       unverified samples (k tokens per pass, no penalty) vs the teacher's samples at the same settings:
+                  perplexity under the teacher, unigram entropy, longest repeated n-gram
+
+The `paper` row is the original method (every weight fine-tuned, sinusoidal code, one-hot readout, progressive
+self-forcing 1 -> 2 -> 4, vocabulary order, temperature 1). Its token rows are not the teacher's, so it cannot
+verify: the table gives its coupled agreement per offset with the AR teacher instead (what verified decoding
+would accept if its drafts were checked), and the quality of its samples.
+
+Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with matplotlib, a plot beside them.
+
+    python bench/ablation_draft.py --teacher runs/demo/teacher --minutes 4
+    python bench/ablation_draft.py --teacher runs/demo/teacher --rows default categorical --minutes 1
+"""
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from kforcing import checkpoint as ckpt  # noqa: E402
+from kforcing import evaluate_draft as draft_eval  # noqa: E402
+from kforcing.data import heldout_contexts  # noqa: E402
+from kforcing.distill import DistillConfig, distill  # noqa: E402
+from kforcing.evaluate import EvalConfig, Models, heldout_data  # noqa: E402
+from kforcing.hint_head import Sampling  # noqa: E402
+from kforcing.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
+
+TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
+DEFAULT = dict(pathway="head", head_layers=2, readout="onehot", windows="student", noise_code="sinusoid",
+               cdf_order="vocab", **TRUNCATED)
+ROWS = {
+    "default": {},
+    "categorical": dict(readout="categorical"),
+    "trunk": dict(pathway="trunk", adapter_rank=8),
+    "trunk-categorical": dict(pathway="trunk", adapter_rank=8, readout="categorical"),
+    "head-1-layer": dict(head_layers=1),
+    "teacher-windows": dict(windows="teacher"),
+    "dyadic": dict(noise_code="dyadic"),
+    "binary": dict(noise_code="binary"),
+    "descending": dict(cdf_order="descending"),
+    "temperature-1": dict(tau=(1.0, 1.0), top_k=0, top_p=1.0),
+    "paper": dict(pathway="full", schedule=[1, 2, 4], tau=(1.0, 1.0), top_k=0, top_p=1.0),
+}
+CALIBRATION_STEPS = 20
+
+
+def distill_config(args, row, out, steps, **extra):
+    """The row's DistillConfig for `steps` optimizer steps in all (split evenly over a progressive row's stages)."""
+    settings = {**DEFAULT, **ROWS[row]}
+    stages = len(settings.get("schedule", [4]))
+    per_stage = max(1, steps // stages)
+    return DistillConfig(teacher=args.teacher, out_dir=str(out), steps=[per_stage], batch_size=args.batch_size,
+                         seq_len=args.seq_len, warmup_steps=min(50, per_stage // 10), eval_interval=10 ** 6,
+                         eval_batches=2, ar_eval_contexts=0, save_interval=10 ** 6, progress=False, device="cpu",
+                         seed=args.seed, **settings, **extra)
+
+
+def seconds_per_step(args, row, scratch):
+    """Wall seconds per training step of `row`, from the throughput its own short run logs after warming up
+    (averaged over the stages of a progressive row); the run is thrown away."""
+    out = scratch / f"{row}-calibration"
+    stages = len(ROWS[row].get("schedule", [4]))
+    distill(distill_config(args, row, out, CALIBRATION_STEPS * stages, log_interval=CALIBRATION_STEPS // 2))
+    per_step = []
+    for stage in sorted(out.glob("stage_k*")):
+        logged = [r for r in ckpt.RunLayout(stage).read_metrics() if "windows_per_s" in r]
+        per_step.append(args.batch_size * args.seq_len / logged[-1]["windows_per_s"])
+    shutil.rmtree(out)
+    return sum(per_step) / len(per_step)
+
+
+def evaluate_row(args, row, student, models, prompts, reference):
+    """The table's measurements of one trained row (see the module docstring)."""
+    settings = {**DEFAULT, **ROWS[row]}
+    sampling = Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
+    common_args = dict(length=args.sample_len, seed=args.seed, sampling=sampling, batch_size=args.eval_batch)
+    if settings["pathway"] == "full":
+        agreement = coupled_agreement(models.teacher, student, prompts, 4, seed=args.seed, temperature=1.0)
+        samples = generate_samples(student, prompts, args.sample_len, seed=args.seed, k=4)
+        result = {"agreement": agreement["per_offset"]}
+    else:
+        verified = draft_eval.verified_rows(student, prompts, [4], reference=reference[sampling], **common_args)[0]
+        diagnostics = draft_eval.diagnostics(student, prompts, 4, **common_args)
+        samples = draft_eval.draft_decoding(student, prompts, args.sample_len, 4, args.seed, sampling,
+                                            args.eval_batch, verify=False)["samples"]
+        result = {"tokens_per_pass": verified["tokens_per_pass"], "accepted": verified["accepted"],
+                  "equals_ar": verified["equals_ar"], "floor": diagnostics["floor"], "shuffle": diagnostics["shuffle"]}
+    teacher_quality = sample_quality(reference[sampling], prompts, models.teacher)
+    quality = sample_quality(samples, prompts, models.teacher)
+    result.update(teacher_quality=teacher_quality, quality=quality)
+    return result
+
+
+def table(rows):
+    lines = ["| row | changed | steps | train s | tokens/pass (verified) | accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 "
+             "| u-shuffle 2 / 3 / 4 | PPL ratio | entropy gap | repeat ratio |", "|" + "---|" * 11]
+    for r in rows:
+        q, t = r["quality"], r["teacher_quality"]
+        changed = ", ".join(f"{k}={v}" for k, v in ROWS[r["row"]].items()) or "(the default)"
+        if "tokens_per_pass" in r:
+            tpp = f"{r['tokens_per_pass']:.3f}" + ("" if r["equals_ar"] else " (NOT EXACT)")
+            accept = " / ".join(f"{a:.3f}" for a in r["accepted"])
+            floor = " / ".join(f"{a:.3f}" for a in r["floor"])
+            shuffle = " / ".join(f"{a:.3f}" for a in r["shuffle"])
+        else:
+            tpp = "cannot verify"
+            accept = "agreement " + " / ".join(f"{a:.3f}" for a in r["agreement"][1:])
+            floor = shuffle = "-"
+        lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp} | {accept} | "
+                     f"{floor} | {shuffle} | {q['ppl_teacher'] / t['ppl_teacher']:.2f} | "
+                     f"{abs(q['unigram_entropy'] - t['unigram_entropy']) / t['unigram_entropy']:.1%} | "
+                     f"{q['longest_repeat_mean'] / max(t['longest_repeat_mean'], 1e-9):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, help="the AR teacher run (e.g. the demo's runs/demo/teacher)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which rows to run")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training wall-clock budget per row")
+    parser.add_argument("--batch-size", type=int, default=16, help="contexts per training step")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per context (each anchors a window)")
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts of the evaluation")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
+    parser.add_argument("--sample-len", type=int, default=64, help="tokens decoded per prompt")
+    parser.add_argument("--eval-batch", type=int, default=32, help="prompts per decode call")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
+    parser.add_argument("--keep", default=None, help="keep the trained rows in this directory (default: a "
+                        "temporary one, deleted)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kforcing-ablation-"))
+    teacher, tokenizer, _ = ckpt.load_model(args.teacher)
+    models = Models(teacher, None, tokenizer, ckpt.read_provenance(args.teacher), None)
+    dataset = heldout_data(EvalConfig(teacher=args.teacher, student=args.teacher), models)
+    prompts = heldout_contexts(dataset, args.prompts, args.prompt_len, args.prompt_len, seed=args.seed + 1)
+    reference = {}  # the teacher's AR samples per sampling setting: what verified decoding must equal
+    rows = []
+    for row in args.rows:
+        settings = {**DEFAULT, **ROWS[row]}
+        sampling = Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
+        if sampling not in reference:
+            reference[sampling] = draft_eval.ar_samples(teacher, prompts, args.sample_len, args.seed, sampling,
+                                                        args.eval_batch)
+        per_step = seconds_per_step(args, row, scratch)
+        steps = max(CALIBRATION_STEPS, int(60 * args.minutes / per_step))
+        print(f"[{row}] {per_step:.3f} s/step -> {steps} steps in {args.minutes:g} min", flush=True)
+        out = scratch / row
+        start = time.perf_counter()
+        distill(distill_config(args, row, out, steps))
+        train_seconds = time.perf_counter() - start
+        student, _, _ = ckpt.load_model(out)
+        result = {"row": row, "steps": steps, "seconds_per_step": per_step, "train_seconds": train_seconds,
+                  **evaluate_row(args, row, student, models, prompts, reference)}
+        rows.append(result)
+        print(table([result]).splitlines()[-1], flush=True)
+    if not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = (f"Teacher `{args.teacher}`; each row trains for {args.minutes:g} min of wall clock on this machine "
+            f"({torch.get_num_threads()} threads), contexts {args.batch_size} x {args.seq_len}; evaluation on "
+            f"{args.prompts} held-out {args.prompt_len}-token prompts x {args.sample_len} tokens, k = 4, the same "
+            "seeds for every row. Default: " + ", ".join(f"{k}={v}" for k, v in DEFAULT.items()) +
+            ". Ratios are the unverified samples' over the teacher's own samples at the row's sampling settings.\n\n"
+            + table(rows))
+    print(text)
+    if not args.no_save:
+        config = {key: value for key, value in vars(args).items()}
+        json_path, md_path, _ = common.save("ablation_draft", device, rows, text, extra={"settings": config,
+                                                                                         "default": DEFAULT})
+        print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
