@@ -42,7 +42,7 @@ from kforcing.hint_head import Sampling  # noqa: E402
 from kforcing.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
-DEFAULT = dict(pathway="head", head_layers=2, readout="onehot", windows="student", noise_code="sinusoid",
+DEFAULT = dict(pathway="head", readout="onehot", windows="student", noise_code="sinusoid",
                cdf_order="vocab", **TRUNCATED)
 ROWS = {
     "default": {},

@@ -29,12 +29,14 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     assert f"report: {report}" in first.stdout
     assert "K-Forcing demo summary" in first.stdout and "speedup vs AR (batch 1)" in first.stdout
     assert "train-teacher" in first.stderr and "distill k=4" in first.stderr  # progress bars
+    assert "distill head k=4" in first.stderr and "verified" in first.stdout
     text = report.read_text()
     for section in SECTIONS:
         assert section in text, section
     positions = [text.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
-    for name in ("teacher_loss", "distill_curves", "quality_vs_k", "agreement", "throughput"):
+    for name in ("teacher_loss", "distill_curves", "quality_vs_k", "agreement", "throughput", "draft_acceptance",
+                 "draft_throughput"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"plots/{name}.png" in text
     summary = json.loads((out / "summary.json").read_text())
@@ -47,6 +49,12 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     assert stage1["ar_agree_1"] > stage1["initial"]["ar_agree_1"] + 0.1  # distillation moved the student
     results = summary["eval"]
     assert results["ks"] == [1, 2, 4] and len(results["quality"]) == 7 and results["speed"]
+    # The draft student: trained, and decoded losslessly (equal to AR sampling) and unverified, side by side.
+    draft = summary["draft"]
+    assert [s["step"] for s in draft["stages"]] == [quick.draft_steps]
+    assert draft["eval"]["kind"] == "draft" and all(v["equals_ar"] for v in draft["eval"]["verified"])
+    assert {s["decoder"] for s in draft["eval"]["speed"]} >= {"AR", "verified k=4", "unverified k=4"}
+    assert (out / "draft" / "eval" / "eval.md").is_file()
     # Checkpoints: the teacher run and the students, the run's latest being the k=4 student.
     latest = json.loads((out / "student" / "latest.json").read_text())
     assert latest["checkpoint"] == "stage_k4/final"
@@ -56,18 +64,20 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     stage1_weights = out / "student" / "stage_k1" / "final" / "model.safetensors"
     mtime = stage1_weights.stat().st_mtime_ns
     second = run_demo(out, "--no-progress")
-    for phase in ("teacher: finished earlier", "distillation: finished earlier", "evaluation: finished earlier"):
+    for phase in ("teacher: finished earlier", "distillation: finished earlier", "evaluation: finished earlier",
+                  "draft student: finished earlier", "draft evaluation: finished earlier"):
         assert phase in second.stderr
     assert second.stdout.split("report:")[0] == first.stdout.split("report:")[0]
 
     # An interrupted distillation resumes from its finished stages: redo only stage k=4 and what follows.
     state = json.loads((out / "demo_state.json").read_text())
-    del state["phases"]["distill"], state["phases"]["eval"]
+    for phase in ("distill", "eval", "draft", "draft_eval"):
+        del state["phases"][phase]
     (out / "demo_state.json").write_text(json.dumps(state))
     for path in sorted((out / "student" / "stage_k4").rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     third = run_demo(out, "--no-progress")
-    assert "teacher: finished earlier" in third.stderr and "2/4 distillation" in third.stderr
+    assert "teacher: finished earlier" in third.stderr and "2/6 distillation" in third.stderr
     assert stage1_weights.stat().st_mtime_ns == mtime  # stages k=1 and k=2 were kept
     assert json.loads((out / "summary.json").read_text())["stages"][2]["step"] == quick.distill_steps[2]
     # The students in the folder work with the other commands.

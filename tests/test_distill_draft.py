@@ -29,9 +29,11 @@ def teacher_run(tmp_path_factory):
 
 def settings(teacher_run, out, **overrides):
     values = dict(teacher=str(teacher_run), out_dir=str(out), pathway="head", tau=(0.7, 0.7), top_k=50, top_p=0.9,
-                  steps=[6], batch_size=4, seq_len=16, head_layers=1, warmup_steps=2, eval_interval=3, eval_batches=1,
+                  steps=[6], batch_size=4, seq_len=16, warmup_steps=2, eval_interval=3, eval_batches=1,
                   ar_eval_contexts=4, save_interval=100, log_interval=1, progress=False, device="cpu")
     values.update(overrides)
+    if values["pathway"] == "head":
+        values.setdefault("head_layers", 1)
     return DistillConfig(**values)
 
 
@@ -42,7 +44,8 @@ def head_weights(path):
 
 @pytest.mark.parametrize("pathway", ["head", "trunk"])
 def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_path, pathway):
-    summary = distill(settings(teacher_run, tmp_path / "run", pathway=pathway, adapter_rank=2, readout="categorical"))
+    sizes = dict(adapter_rank=2) if pathway == "trunk" else {}
+    summary = distill(settings(teacher_run, tmp_path / "run", pathway=pathway, readout="categorical", **sizes))
     stage = summary["stages"][0]
     assert stage["k"] == 4 and stage["step"] == 6 and stage["pathway"] == pathway
     for key in ("val_tokens_per_pass", "verified_tokens_per_pass", "val_accept_2", "verified_accept_4"):
@@ -144,6 +147,9 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(readout="argmax"), "unknown readout"),
     (dict(pathway="sideways"), "unknown pathway"),
     (dict(top_p=0.0), "top_p in"),
+    (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
+    (dict(pathway="full", top_k=50), "--top-k applies to --pathway head or trunk"),
+    (dict(pathway="trunk", readout="categorical", schedule=[2, 4]), "nothing to train below k = 3"),
 ])
 def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):

@@ -230,7 +230,8 @@ def _add_distill_parser(subparsers):
         "teacher stays frozen and only the hint rows' weights train (docs/method.md §8): its token rows are the "
         "teacher's own, and `kforcing sample --verify` decodes losslessly, several tokens per pass.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
-        "pathway", "readout", "head_layers", "adapter_rank", "noise_code", "windows", "top_k", "top_p", "cdf_order"])
+        "paper", "pathway", "readout", "head_layers", "adapter_rank", "noise_code", "windows", "top_k", "top_p",
+        "cdf_order"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])

@@ -47,7 +47,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .checkpoint import RunLayout
-from .distill import DistillConfig, distill
+from .distill import DRAFT_SAMPLING, DistillConfig, distill
 from .evaluate import EvalConfig, load_results, run_eval, save_results
 from .report import demo_markdown, plot_eval, plot_training, summary_table, write_eval_report
 from .report_draft import plot_draft
@@ -106,11 +106,6 @@ PROFILES = {
         speed_repeats=5, ar_eval_contexts=512, draft_steps=10000, warmup=500, eval_interval=500,
         minutes="hours on one GPU (days on a CPU)"),
 }
-
-
-# The sampling settings the demo's draft student learns and is verified at (truncated sampling: the distribution
-# users sample with, and one a few steps can learn; docs/method.md §8).
-DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 
 
 class _State:

@@ -60,6 +60,9 @@ OBJECTIVES = ("self-forcing", "noise-inversion")
 # final states, or adapters on its blocks for hint rows only).
 PATHWAYS = ("full", "head", "trunk")
 DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4]}
+# The distribution a draft student learns unless told otherwise: truncated sampling, what users sample with; the
+# ablation in bench/results/ablation_draft_cpu compares it with temperature 1 over the whole vocabulary.
+DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
 
 
@@ -104,6 +107,9 @@ class DistillConfig:
 
     teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory", required=True)
     out_dir: str = option(help="run directory of the students", flag="--out", required=True)
+    paper: bool = option(False, "the original method in one flag: --pathway full (every weight fine-tuned), "
+                         "progressive self-forcing 1,2,4 at temperature 1, sinusoidal noise code, one-hot readout, "
+                         "vocabulary CDF order; it overrides those settings")
     pathway: str = option("full", "the student: full (every weight fine-tuned, hint rows through the whole model: "
                           "the original method), head (a hint head on the frozen teacher's final states) or trunk "
                           "(hint rows through the frozen teacher with adapters); head and trunk keep the teacher's "
@@ -113,13 +119,16 @@ class DistillConfig:
                                            convert=lambda text: parse_int_list(text, "--schedule") if text else None)
     readout: str = option("onehot", "head: onehot (the draft is the argmax of a row that sees its own uniform) or "
                           "categorical (a distribution sampled with the token's uniform)", choices=list(READOUTS))
-    head_layers: int = option(2, "head: Transformer blocks of the hint head (copied from the teacher's last ones)")
-    adapter_rank: int = option(8, "trunk: the rank of the hint-row LoRA on every linear layer (0: a full copy of "
-                               "the block weights for hint rows)")
+    head_layers: Optional[int] = option(None, "head: Transformer blocks of the hint head, copied from the teacher's "
+                                        "last ones (default 2)")
+    adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer (0: a "
+                                         "full copy of the block weights for hint rows; default 8)")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
-    top_k: int = option(0, "head: the top-k of the sampling distribution the head learns (0: off)")
-    top_p: float = option(1.0, "head: the top-p of the sampling distribution the head learns (1: off)")
+    top_k: Optional[int] = option(None, "head/trunk: the top-k of the sampling distribution the head learns (0: "
+                                  f"off; default {DRAFT_SAMPLING['top_k']})")
+    top_p: Optional[float] = option(None, "head/trunk: the top-p of the sampling distribution the head learns (1: "
+                                    f"off; default {DRAFT_SAMPLING['top_p']})")
     cdf_order: str = option("vocab", "head: the token order of the inverse CDF that maps u to tokens: vocab (token "
                             "ids) or descending (probability); sample and eval with the same", choices=list(CDF_ORDERS))
     noise_code: str = option("sinusoid", "head: how hint rows encode their uniforms: sinusoid, dyadic (frequencies "
@@ -132,8 +141,10 @@ class DistillConfig:
     grad_accum: int = loop_option("grad_accum")
     seq_len: Optional[int] = option(None, "context tokens per sequence, each the anchor of a window (default: the "
                                     "teacher's training length, at most max_seq_len - max k)")
-    tau: Tuple[float, float] = option((1.0, 1.0), "the temperature the student learns: T, or MIN:MAX to draw one per "
-                                      "sequence uniformly (e.g. 0.7:1.2)", convert=parse_tau, flag_default="1.0")
+    tau: Optional[Tuple[float, float]] = option(
+        None, "the temperature the student learns: T, or (full pathway) MIN:MAX to draw one per sequence uniformly "
+        f"(e.g. 0.7:1.2); default 1.0 for full, {DRAFT_SAMPLING['temperature']} for head/trunk",
+        convert=lambda text: parse_tau(text) if text else None)
     lr: Optional[float] = option(None, "peak learning rate (default: 1e-3 up to width 256, 3e-4 above)")
     min_lr_ratio: float = loop_option("min_lr_ratio")
     warmup_steps: int = loop_option("warmup_steps", 50, "linear warmup steps per stage")
@@ -175,6 +186,10 @@ class DistillConfig:
     progress: bool = loop_option("progress", help="hide the progress bars")
 
     def validate(self):
+        if self.paper:
+            self.pathway, self.objective, self.tau, self.schedule = "full", "self-forcing", (1.0, 1.0), None
+            self.readout, self.windows, self.noise_code, self.cdf_order = "onehot", "student", "sinusoid", "vocab"
+            self.top_k = self.top_p = None
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.pathway not in PATHWAYS:
@@ -182,7 +197,7 @@ class DistillConfig:
         if self.schedule is None:
             self.schedule = list(DEFAULT_SCHEDULES[self.pathway])
         if self.pathway == "full":
-            check_schedule(self.schedule, self.objective, start=None)
+            self._validate_full()
         else:
             self._validate_draft()
         self.stage_steps()  # validates steps
@@ -205,10 +220,35 @@ class DistillConfig:
             raise DistillError(f"stop_after must be in [1, {sum(self.stage_steps())}] (steps of all stages), "
                                f"got {self.stop_after}")
 
+    def _validate_full(self):
+        check_schedule(self.schedule, self.objective, start=None)
+        self.tau = self.tau or (1.0, 1.0)
+        draft_only = {"top_k": (self.top_k, None), "top_p": (self.top_p, None), "readout": (self.readout, "onehot"),
+                      "head_layers": (self.head_layers, None), "adapter_rank": (self.adapter_rank, None),
+                      "windows": (self.windows, "student"), "cdf_order": (self.cdf_order, "vocab"),
+                      "noise_code": (self.noise_code, "sinusoid")}
+        for name, (value, default) in draft_only.items():
+            if value != default:  # the push-forward student has no such option: never ignore it silently
+                raise DistillError(f"--{name.replace('_', '-')} applies to --pathway head or trunk; the full "
+                                   "pathway samples the whole distribution at its temperature in vocabulary order "
+                                   "with a one-hot readout")
+
     def _validate_draft(self):
+        self.tau = self.tau or (DRAFT_SAMPLING["temperature"],) * 2
+        self.top_k = DRAFT_SAMPLING["top_k"] if self.top_k is None else self.top_k
+        self.top_p = DRAFT_SAMPLING["top_p"] if self.top_p is None else self.top_p
+        other = {"head": ("adapter_rank", self.adapter_rank), "trunk": ("head_layers", self.head_layers)}[self.pathway]
+        if other[1] is not None:
+            raise DistillError(f"--{other[0].replace('_', '-')} does not apply to --pathway {self.pathway}")
+        self.head_layers = 2 if self.head_layers is None else self.head_layers
+        self.adapter_rank = 8 if self.adapter_rank is None else self.adapter_rank
         if self.objective != "self-forcing":
             raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
                                "exact windows (--windows)")
+        smallest = 3 if (self.pathway, self.readout) == ("trunk", "categorical") else 2
+        if self.schedule[0] < smallest:  # the trunk's categorical draft of token 2 is the teacher's own: exact
+            raise DistillError(f"schedule {list(self.schedule)}: a categorical trunk student drafts token 2 with the "
+                               "teacher's own row, so it has nothing to train below k = 3 (start at k >= 3)")
         check_schedule(self.schedule, "growth", start=2)
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise DistillError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")

@@ -60,6 +60,10 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = 
     """
     if windows not in WINDOWS:
         raise ValueError(f"unknown windows {windows!r}; choose one of {WINDOWS}")
+    config = student.head_config
+    if (config.pathway, config.readout, u.shape[2]) == ("trunk", "categorical", 2):
+        raise ValueError("k = 2 leaves a categorical trunk student nothing to train: its draft of token 2 comes from "
+                         "the teacher's own row (use k >= 3)")
     with torch.no_grad():
         stream, logits = student.trunk(ids)
         y1 = sample_rows(logits[:, :u.shape[1]], u[..., 0], sampling)
