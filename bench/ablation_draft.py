@@ -85,7 +85,7 @@ def seconds_per_step(args, row, scratch):
     return sum(per_step) / len(per_step)
 
 
-def evaluate_row(args, row, student, models, prompts, reference):
+def evaluate_row(args, row, student, models, prompts, reference, floor_contexts):
     """The table's measurements of one trained row (see the module docstring)."""
     settings = {**DEFAULT, **ROWS[row]}
     sampling = Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
@@ -96,7 +96,7 @@ def evaluate_row(args, row, student, models, prompts, reference):
         result = {"agreement": agreement["per_offset"]}
     else:
         verified = draft_eval.verified_rows(student, prompts, [4], reference=reference[sampling], **common_args)[0]
-        diagnostics = draft_eval.diagnostics(student, prompts, 4, **common_args)
+        diagnostics = draft_eval.diagnostics(student, prompts, 4, floor_contexts=floor_contexts, **common_args)
         samples = draft_eval.draft_decoding(student, prompts, args.sample_len, 4, args.seed, sampling,
                                             args.eval_batch, verify=False)["samples"]
         result = {"tokens_per_pass": verified["tokens_per_pass"], "accepted": verified["accepted"],
@@ -139,8 +139,10 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts of the evaluation")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
     parser.add_argument("--sample-len", type=int, default=64, help="tokens decoded per prompt")
+    parser.add_argument("--floor-windows", type=int, default=256, help="held-out windows of the u-blind floor")
     parser.add_argument("--eval-batch", type=int, default=32, help="prompts per decode call")
     parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
+    parser.add_argument("--name", default="ablation_draft", help="results folder name (bench/results/NAME_<device>)")
     parser.add_argument("--keep", default=None, help="keep the trained rows in this directory (default: a "
                         "temporary one, deleted)")
     args = parser.parse_args(argv)
@@ -150,6 +152,7 @@ def main(argv=None):
     models = Models(teacher, None, tokenizer, ckpt.read_provenance(args.teacher), None)
     dataset = heldout_data(EvalConfig(teacher=args.teacher, student=args.teacher), models)
     prompts = heldout_contexts(dataset, args.prompts, args.prompt_len, args.prompt_len, seed=args.seed + 1)
+    floor_contexts = heldout_contexts(dataset, args.floor_windows, args.seq_len, seed=args.seed + 2)
     reference = {}  # the teacher's AR samples per sampling setting: what verified decoding must equal
     rows = []
     for row in args.rows:
@@ -167,7 +170,7 @@ def main(argv=None):
         train_seconds = time.perf_counter() - start
         student, _, _ = ckpt.load_model(out)
         result = {"row": row, "steps": steps, "seconds_per_step": per_step, "train_seconds": train_seconds,
-                  **evaluate_row(args, row, student, models, prompts, reference)}
+                  **evaluate_row(args, row, student, models, prompts, reference, floor_contexts)}
         rows.append(result)
         print(table([result]).splitlines()[-1], flush=True)
     if not args.keep:
@@ -175,13 +178,14 @@ def main(argv=None):
     text = (f"Teacher `{args.teacher}`; each row trains for {args.minutes:g} min of wall clock on this machine "
             f"({torch.get_num_threads()} threads), contexts {args.batch_size} x {args.seq_len}; evaluation on "
             f"{args.prompts} held-out {args.prompt_len}-token prompts x {args.sample_len} tokens, k = 4, the same "
-            "seeds for every row. Default: " + ", ".join(f"{k}={v}" for k, v in DEFAULT.items()) +
-            ". Ratios are the unverified samples' over the teacher's own samples at the row's sampling settings.\n\n"
+            f"seeds for every row; the u-blind floor on {args.floor_windows} held-out windows. Default: "
+            + ", ".join(f"{k}={v}" for k, v in DEFAULT.items()) + ". Ratios are the unverified samples' over the "
+            "teacher's own samples at the row's sampling settings.\n\n"
             + table(rows))
     print(text)
     if not args.no_save:
         config = {key: value for key, value in vars(args).items()}
-        json_path, md_path, _ = common.save("ablation_draft", device, rows, text, extra={"settings": config,
+        json_path, md_path, _ = common.save(args.name, device, rows, text, extra={"settings": config,
                                                                                          "default": DEFAULT})
         print(f"wrote {json_path} and {md_path}")
 

@@ -42,7 +42,8 @@ def runs(tmp_path_factory):
 
     def student(out, teacher_dir):
         return distill(DistillConfig(
-            teacher=str(teacher_dir), out_dir=str(root / out), schedule=[1], steps=[24], batch_size=4, seq_len=16,
+            teacher=str(teacher_dir), out_dir=str(root / out), pathway="full", schedule=[1],
+            steps=[24], batch_size=4, seq_len=16,
             warmup_steps=3, eval_interval=24, eval_batches=1, ar_eval_contexts=0, save_interval=24, log_interval=1,
             progress=False, device="cpu"))
 

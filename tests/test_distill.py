@@ -191,7 +191,8 @@ def test_window_loss_and_ema():
 
 
 def test_plateau_rule():
-    config = DistillConfig(teacher="t", out_dir="o", plateau_patience=2, plateau_delta=0.01, min_steps=100)
+    config = DistillConfig(teacher="t", out_dir="o", pathway="full", plateau_patience=2, plateau_delta=0.01,
+                           min_steps=100)
     assert not plateaued([0.1, 0.2, 0.3], config, 200)
     assert plateaued([0.1, 0.3, 0.305, 0.309], config, 200)
     assert not plateaued([0.1, 0.3, 0.305, 0.309], config, 50)  # before min_steps
@@ -222,13 +223,13 @@ def test_schedule_and_settings_errors():
     with pytest.raises(DistillError, match="--tau"):
         parse_tau("hot")
     with pytest.raises(DistillError, match="steps has 2 values for 3 stages"):
-        DistillConfig(teacher="t", out_dir="o", steps=[5, 5]).validate()
+        DistillConfig(teacher="t", out_dir="o", pathway="full", steps=[5, 5]).validate()
     with pytest.raises(DistillError, match="tau range"):
-        DistillConfig(teacher="t", out_dir="o", tau=(1.2, 0.7)).validate()
+        DistillConfig(teacher="t", out_dir="o", pathway="full", tau=(1.2, 0.7)).validate()
     with pytest.raises(DistillError, match="unknown objective"):
-        DistillConfig(teacher="t", out_dir="o", objective="magic").validate()
+        DistillConfig(teacher="t", out_dir="o", pathway="full", objective="magic").validate()
     with pytest.raises(DistillError, match=r"stop_after must be in \[1, 30\]"):
-        DistillConfig(teacher="t", out_dir="o", steps=[10], stop_after=31).validate()
+        DistillConfig(teacher="t", out_dir="o", pathway="full", steps=[10], stop_after=31).validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,9 +242,9 @@ def teacher_run(tmp_path_factory):
 
 
 def short(teacher_run, out, **overrides):
-    settings = dict(teacher=str(teacher_run), out_dir=str(out), schedule=[1, 2], steps=[4], batch_size=4, seq_len=16,
-                    warmup_steps=2, eval_interval=2, eval_batches=1, ar_eval_contexts=8, save_interval=100,
-                    log_interval=1, progress=False, device="cpu")
+    settings = dict(teacher=str(teacher_run), out_dir=str(out), pathway="full", schedule=[1, 2], steps=[4],
+                    batch_size=4, seq_len=16, warmup_steps=2, eval_interval=2, eval_batches=1, ar_eval_contexts=8,
+                    save_interval=100, log_interval=1, progress=False, device="cpu")
     settings.update(overrides)
     return DistillConfig(**settings)
 
@@ -343,8 +344,8 @@ def test_noise_inversion_objective_and_bf16(teacher_run, tmp_path):
 
 def test_distill_cli_and_its_errors(teacher_run, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["distill", "--teacher", str(teacher_run), "--out", str(out), "--schedule", "1,2", "--steps", "2,3",
-            "--batch-size", "2", "--seq-len", "8", "--eval-interval", "2", "--eval-batches", "1",
+    args = ["distill", "--teacher", str(teacher_run), "--pathway", "full", "--out", str(out), "--schedule", "1,2",
+            "--steps", "2,3", "--batch-size", "2", "--seq-len", "8", "--eval-interval", "2", "--eval-batches", "1",
             "--ar-eval-contexts", "4", "--tau", "0.8:1.2", "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -355,7 +356,7 @@ def test_distill_cli_and_its_errors(teacher_run, tmp_path, capsys):
 
     def fails(extra, message, base=None):
         with pytest.raises(SystemExit) as error:
-            main((base or args[:3] + ["--out", str(tmp_path / "bad")]) + extra)
+            main((base or args[:5] + ["--out", str(tmp_path / "bad")]) + extra)
         assert error.value.code == 2
         text = capsys.readouterr().err
         assert text.startswith("kforcing: error: ") and message in text, text
@@ -387,7 +388,8 @@ def test_continuing_from_a_student_teacher(teacher_run, tmp_path):
 
 def test_ddp_two_cpu_processes_match_one_process_with_accumulation(teacher_run, tmp_path):
     """torchrun, 2 processes on gloo with batch b each == 1 process with batch b and grad_accum 2."""
-    args = ["distill", "--teacher", str(teacher_run), "--schedule", "1,2", "--steps", "2", "--batch-size", "2",
+    args = ["distill", "--pathway", "full", "--teacher", str(teacher_run), "--schedule", "1,2", "--steps", "2",
+            "--batch-size", "2",
             "--seq-len", "8", "--eval-interval", "2", "--eval-batches", "2", "--ar-eval-contexts", "4",
             "--warmup", "1", "--log-interval", "1", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

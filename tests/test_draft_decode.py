@@ -123,3 +123,48 @@ def test_bad_head_configs_are_refused():
         HintHead(CONFIG, HeadConfig(num_layers=4))
     with pytest.raises(ValueError, match="k=5"):
         generate_with_drafts(_student(), PROMPTS, 8, k=5)
+
+
+RAGGED = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13], [40, 41, 42], [7] * 11, [2, 3], [60]]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("order, code", [("vocab", "dyadic"), ("descending", "sinusoid"), ("descending", "binary")])
+def test_verified_decoding_equals_ar_for_every_order_code_and_batch(batch, order, code):
+    config = HeadConfig(num_layers=1, max_k=4, readout="categorical" if code == "binary" else "onehot",
+                        noise_code=code)
+    student = draft_student(_teacher(), config)
+    prompts = RAGGED[:batch]
+    for sampling in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)):
+        want = generate_ar(student.teacher, prompts, 24, seed=5, order=order, **sampling)
+        got = generate_with_drafts(student, prompts, 24, seed=5, order=order, **sampling)
+        assert torch.equal(got.tokens, want.tokens), (sampling, order, code)
+    other = generate_ar(student.teacher, prompts, 24, seed=5, order="vocab" if order == "descending" else
+                        "descending", **sampling)
+    assert not torch.equal(other.tokens, want.tokens)  # the order changes the map from u to tokens
+
+
+def test_a_categorical_draft_never_sees_its_own_uniform():
+    student = _student("categorical", max_k=4)
+    ids = torch.tensor([[3, 8, 1, 9, 4, 4, 2, 7]])
+    u = counter_uniform(9, torch.zeros(1, 1, 1, dtype=torch.long), torch.arange(8 * 4).view(1, 8, 4))
+    with torch.no_grad():
+        stream, logits = student.trunk(ids)
+        y1 = logits.argmax(-1)
+        base = student.draft_logits(ids, stream, y1, u, 0.7)
+        for j in range(2, 5):  # token j's distribution is row j - 2; u[..., j - 1] is token j's uniform
+            changed = u.clone()
+            changed[..., j - 1] = 1.0 - changed[..., j - 1]
+            moved = student.draft_logits(ids, stream, y1, changed, 0.7)
+            assert torch.equal(moved[:, :, :j - 1], base[:, :, :j - 1]), j  # tokens <= j: unchanged
+            if j < 4:  # u_j conditions the rows of later tokens
+                assert not torch.equal(moved[:, :, j - 1], base[:, :, j - 1]), j
+
+
+def test_unknown_codes_and_orders_are_refused():
+    with pytest.raises(ValueError, match="unknown noise_code 'gray'"):
+        HeadConfig(noise_code="gray")
+    with pytest.raises(ValueError, match="order"):
+        generate_ar(_teacher(), PROMPTS, 4, order="ascending")
+    with pytest.raises(ValueError, match="unknown CDF order"):
+        generate_with_drafts(_student(), PROMPTS, 4, order="ascending")

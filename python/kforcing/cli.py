@@ -310,13 +310,13 @@ def _eval(args):
 
 def _add_demo_parser(subparsers):
     p = _new_parser(
-        subparsers, "demo", "the whole method end to end: corpus -> teacher -> distil 1->2->4 -> eval -> report",
-        "Build the default corpus (the Python stdlib), train a tiny AR teacher, distil it into K-Forcing students "
-        "k = 1 -> 2 -> 4, evaluate them (coupled agreement, sample quality, decode speed), print a summary table and "
-        "write a report folder (Markdown + plots + checkpoints). About 10 minutes on a CPU by default, 2 with "
-        "--quick; --full is a real run for a GPU. Re-running resumes: finished phases and stages are kept.")
+        subparsers, "demo", "the whole method end to end: corpus -> teacher -> students -> eval -> report",
+        "Build the default corpus (the Python stdlib), train a tiny AR teacher, distil it into push-forward students "
+        "k = 1 -> 2 -> 4 and into a draft student on the frozen teacher, evaluate them (coupled agreement, verified "
+        "and unverified decoding, sample quality, decode speed), print a summary table and write a report folder "
+        "(Markdown + plots + checkpoints). About 30 minutes on a 2-core CPU by default, 4 with --quick; --full is a real run for a GPU. Re-running resumes: finished phases and stages are kept.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="about 2 minutes on a CPU (a smoke run)")
+    size.add_argument("--quick", action="store_true", help="about 4 minutes on a 2-core CPU (a smoke run)")
     size.add_argument("--full", action="store_true", help="the small preset, trained for real (a GPU)")
     p.add_argument("--out", default=None, help="report folder (default: runs/demo, runs/demo-quick, runs/demo-full)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")

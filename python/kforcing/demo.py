@@ -1,7 +1,7 @@
 """`kforcing demo`: the whole method on this machine, end to end, with a report.
 
-    kforcing demo             # about 10 minutes on a CPU
-    kforcing demo --quick     # about 2 minutes on a CPU (a smoke run)
+    kforcing demo             # about 30 minutes on a 2-core CPU
+    kforcing demo --quick     # about 4 minutes on a 2-core CPU (a smoke run)
     kforcing demo --full      # the `small` preset trained for real: a GPU job
 
 Phases (each one resumes: re-running keeps what is finished):
@@ -11,8 +11,8 @@ Phases (each one resumes: re-running keeps what is finished):
     3. distill     progressive self-forcing distillation 1 -> 2 -> 4 (`kforcing.distill.distill`);
     4. eval        coupled agreement, sample quality with and without frequency penalty, and the AR vs K-Forcing
                    decode benchmark (`kforcing.evaluate.run_eval`);
-    5. draft       a draft student: a hint head on the frozen teacher, at the sampling settings of DRAFT_SAMPLING
-                   (`kforcing.distill.distill` with pathway "head");
+    5. draft       a draft student with `kforcing distill`'s defaults: the frozen teacher plus trainable hint rows,
+                   learning truncated sampling (`kforcing.distill.DRAFT_SAMPLING`);
     6. draft eval  verified (lossless) and unverified decoding side by side: tokens per pass, acceptance against
                    the u-blind floor, sample quality and speed against AR (`kforcing.evaluate.run_eval`);
     7. report      a summary table on stdout and a report folder (`kforcing.report`).
@@ -92,13 +92,13 @@ PROFILES = {
         name="quick", preset="tiny", corpus_mb=1.0, vocab_size=512, teacher_steps=300, teacher_batch=16,
         teacher_seq_len=64, distill_steps=[150, 120, 120], distill_batch=16, distill_seq_len=48, eval_contexts=64,
         num_samples=8, sample_len=48, batch_sizes=[1, 8], speed_tokens=32, speed_repeats=2, ar_eval_contexts=64,
-        draft_steps=120, warmup=20, eval_interval=50, minutes="about 3 minutes on a 2-core CPU"),
+        draft_steps=60, warmup=20, eval_interval=50, minutes="about 4 minutes on a 2-core CPU"),
     "default": DemoProfile(
         name="default", preset="tiny", corpus_mb=3.0, vocab_size=1024, teacher_steps=1000, teacher_batch=16,
         teacher_seq_len=128, distill_steps=[500, 500, 600], distill_batch=16, distill_seq_len=64,
         eval_contexts=256, num_samples=32, sample_len=128, batch_sizes=[1, 8, 32], speed_tokens=64,
-        speed_repeats=3, ar_eval_contexts=128, draft_steps=1200, eval_interval=100,
-        minutes="about 25 minutes on a 2-core CPU"),
+        speed_repeats=3, ar_eval_contexts=128, draft_steps=600, eval_interval=100,
+        minutes="about 30 minutes on a 2-core CPU"),
     "full": DemoProfile(
         name="full", preset="small", corpus_mb=None, vocab_size=8192, teacher_steps=20000, teacher_batch=32,
         teacher_seq_len=512, distill_steps=[5000, 5000, 10000], distill_batch=32, distill_seq_len=256,
@@ -159,7 +159,7 @@ def _teacher_config(prof: DemoProfile, out: Path, device: str, progress: bool) -
 
 def _distill_config(prof: DemoProfile, teacher: Path, out: Path, device: str, progress: bool) -> DistillConfig:
     return DistillConfig(
-        teacher=str(teacher), out_dir=str(out), schedule=prof.schedule, steps=prof.distill_steps,
+        teacher=str(teacher), out_dir=str(out), pathway="full", schedule=prof.schedule, steps=prof.distill_steps,
         batch_size=prof.distill_batch, seq_len=prof.distill_seq_len, lr=prof.distill_lr, warmup_steps=prof.warmup,
         eval_interval=prof.eval_interval, eval_batches=4, ar_eval_contexts=prof.ar_eval_contexts,
         save_interval=max(prof.distill_steps), log_interval=max(1, min(prof.distill_steps) // 20), device=device,
@@ -168,8 +168,7 @@ def _distill_config(prof: DemoProfile, teacher: Path, out: Path, device: str, pr
 
 def _draft_config(prof: DemoProfile, teacher: Path, out: Path, device: str, progress: bool) -> DistillConfig:
     return DistillConfig(
-        teacher=str(teacher), out_dir=str(out), pathway="head", tau=(DRAFT_SAMPLING["temperature"],) * 2,
-        top_k=DRAFT_SAMPLING["top_k"], top_p=DRAFT_SAMPLING["top_p"], steps=[prof.draft_steps],
+        teacher=str(teacher), out_dir=str(out), steps=[prof.draft_steps],
         batch_size=prof.distill_batch, seq_len=prof.distill_seq_len, warmup_steps=prof.warmup,
         eval_interval=max(prof.eval_interval, prof.draft_steps // 4), eval_batches=4,
         ar_eval_contexts=prof.ar_eval_contexts, save_interval=prof.draft_steps,
@@ -217,8 +216,8 @@ def _run_phases(prof: DemoProfile, out: Path, state: _State, device: str, progre
         "distill": state.run("distill", f"2/6 distillation k = {' -> '.join(map(str, prof.schedule))} "
                              f"({prof.distill_steps} steps) -> {student_dir}", student),
         "eval": state.run("eval", f"3/6 evaluation + decode benchmark -> {eval_dir}", evaluation),
-        "draft": state.run("draft", f"4/6 draft student: a hint head on the frozen teacher ({prof.draft_steps} "
-                           f"steps) -> {draft_dir}", draft),
+        "draft": state.run("draft", f"4/6 draft student on the frozen teacher ({prof.draft_steps} steps) -> "
+                           f"{draft_dir}", draft),
         "draft_eval": state.run("draft_eval", f"5/6 verified and unverified decoding -> {draft_dir / 'eval'}",
                                 draft_evaluation),
     }

@@ -110,15 +110,17 @@ class DistillConfig:
     paper: bool = option(False, "the original method in one flag: --pathway full (every weight fine-tuned), "
                          "progressive self-forcing 1,2,4 at temperature 1, sinusoidal noise code, one-hot readout, "
                          "vocabulary CDF order; it overrides those settings")
-    pathway: str = option("full", "the student: full (every weight fine-tuned, hint rows through the whole model: "
+    pathway: str = option("trunk", "the student: full (every weight fine-tuned, hint rows through the whole model: "
                           "the original method), head (a hint head on the frozen teacher's final states) or trunk "
                           "(hint rows through the frozen teacher with adapters); head and trunk keep the teacher's "
                           "token rows exact and decode losslessly with verification", choices=list(PATHWAYS))
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
                                            convert=lambda text: parse_int_list(text, "--schedule") if text else None)
-    readout: str = option("onehot", "head: onehot (the draft is the argmax of a row that sees its own uniform) or "
-                          "categorical (a distribution sampled with the token's uniform)", choices=list(READOUTS))
+    readout: Optional[str] = option(None, "head/trunk: categorical (default: each row outputs the next token's "
+                                    "distribution, sampled with that token's uniform) or onehot (the draft is the "
+                                    "argmax of a row that sees its own uniform; the full pathway's)",
+                                    choices=list(READOUTS))
     head_layers: Optional[int] = option(None, "head: Transformer blocks of the hint head, copied from the teacher's "
                                         "last ones (default 2)")
     adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer (0: a "
@@ -188,8 +190,8 @@ class DistillConfig:
     def validate(self):
         if self.paper:
             self.pathway, self.objective, self.tau, self.schedule = "full", "self-forcing", (1.0, 1.0), None
-            self.readout, self.windows, self.noise_code, self.cdf_order = "onehot", "student", "sinusoid", "vocab"
-            self.top_k = self.top_p = None
+            self.windows, self.noise_code, self.cdf_order = "student", "sinusoid", "vocab"
+            self.readout = self.top_k = self.top_p = self.head_layers = self.adapter_rank = None
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.pathway not in PATHWAYS:
@@ -223,7 +225,7 @@ class DistillConfig:
     def _validate_full(self):
         check_schedule(self.schedule, self.objective, start=None)
         self.tau = self.tau or (1.0, 1.0)
-        draft_only = {"top_k": (self.top_k, None), "top_p": (self.top_p, None), "readout": (self.readout, "onehot"),
+        draft_only = {"top_k": (self.top_k, None), "top_p": (self.top_p, None), "readout": (self.readout, None),
                       "head_layers": (self.head_layers, None), "adapter_rank": (self.adapter_rank, None),
                       "windows": (self.windows, "student"), "cdf_order": (self.cdf_order, "vocab"),
                       "noise_code": (self.noise_code, "sinusoid")}
@@ -235,6 +237,7 @@ class DistillConfig:
 
     def _validate_draft(self):
         self.tau = self.tau or (DRAFT_SAMPLING["temperature"],) * 2
+        self.readout = self.readout or "categorical"
         self.top_k = DRAFT_SAMPLING["top_k"] if self.top_k is None else self.top_k
         self.top_p = DRAFT_SAMPLING["top_p"] if self.top_p is None else self.top_p
         other = {"head": ("adapter_rank", self.adapter_rank), "trunk": ("head_layers", self.head_layers)}[self.pathway]

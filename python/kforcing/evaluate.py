@@ -333,7 +333,8 @@ def _draft_eval(config: EvalConfig, models: Models, dataset, prompts, results: D
     results["verified"] = draft_eval.verified_rows(student, prompts, ks, reference=reference, **common)
     bar.update(1)
     bar.set_postfix_str("u-blind floor and u-shuffle")
-    results["diagnostics"] = draft_eval.diagnostics(student, prompts, max(ks), **common)
+    contexts = heldout_contexts(dataset, config.contexts, results["context_len"], seed=config.seed)
+    results["diagnostics"] = draft_eval.diagnostics(student, prompts, max(ks), floor_contexts=contexts, **common)
     bar.update(1)
     bar.set_postfix_str("unverified samples")
     results["quality"] = draft_eval.unverified_quality(student, prompts, ks, reference=reference, models=models,

@@ -85,11 +85,16 @@ def verified_rows(student, prompts, ks, length, seed, sampling, batch_size, refe
     return rows
 
 
-def diagnostics(student, prompts, k, length, seed, sampling, batch_size) -> Dict:
-    """The u-blind floor and the u-shuffle test at k (see the module docstring)."""
+def diagnostics(student, prompts, k, length, seed, sampling, batch_size, floor_contexts=None) -> Dict:
+    """The u-blind floor and the u-shuffle test at k (see the module docstring).
+
+    The shuffle test decodes `length` tokens from every prompt (many windows each); the floor has one window per
+    context, so it is measured on `floor_contexts` (default: the prompts), which should be many.
+    """
     shuffled = draft_decoding(student, prompts, length, k, seed, sampling, batch_size,
                               hint_seed=seed ^ _SHUFFLE_SEED_KEY)
-    return {"k": k, "floor": ublind_floor(student.teacher, prompts, k, seed, sampling, batch_size),
+    floor = ublind_floor(student.teacher, floor_contexts or prompts, k, seed, sampling, batch_size)
+    return {"k": k, "floor": floor, "floor_windows": len(floor_contexts or prompts),
             "shuffle": shuffled["accepted"], "shuffle_tokens_per_pass": shuffled["tokens_per_pass"]}
 
 

@@ -350,8 +350,8 @@ def _draft_section(data: Dict, plots: Dict[str, Path], out: Path) -> str:
 
     draft = data["draft"]
     stage = draft["stages"][-1]
-    text = ("A draft student keeps the teacher frozen: its token rows are the teacher's own, and a small hint head "
-            "drafts the next tokens from the uniforms (docs/method.md §8). Verified decoding checks every draft "
+    text = ("A draft student keeps the teacher frozen: its token rows are the teacher's own, and trainable hint rows "
+            "draft the next tokens from the uniforms (docs/method.md §8). Verified decoding checks every draft "
             "against the teacher's token with the same uniform, so its output is the teacher's AR sample, token for "
             "token; unverified decoding keeps the drafts. "
             f"Trained {stage['step']} steps on {stage['windows_seen']:,} windows; held-out tokens per pass during "

@@ -24,8 +24,8 @@ def verified_table(results: Dict) -> str:
     diag = results["diagnostics"]
     lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {_sampling(results)}. Accepted "
              "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
-             "u-blind floor drafts from the teacher's own distribution with independent uniforms; u-shuffle feeds "
-             "the hint rows another seed's uniforms.\n",
+             f"u-blind floor ({diag.get('floor_windows', '?')} held-out windows) drafts from the teacher's own "
+             "distribution with independent uniforms; u-shuffle feeds the hint rows another seed's uniforms.\n",
              _row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
              "|" + "---|" * (3 + max_k)]
     for v in results["verified"]:
