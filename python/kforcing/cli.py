@@ -314,7 +314,8 @@ def _add_demo_parser(subparsers):
         "Build the default corpus (the Python stdlib), train a tiny AR teacher, distil it into push-forward students "
         "k = 1 -> 2 -> 4 and into a draft student on the frozen teacher, evaluate them (coupled agreement, verified "
         "and unverified decoding, sample quality, decode speed), print a summary table and write a report folder "
-        "(Markdown + plots + checkpoints). About 30 minutes on a 2-core CPU by default, 4 with --quick; --full is a real run for a GPU. Re-running resumes: finished phases and stages are kept.")
+        "(Markdown + plots + checkpoints). About 30 minutes on a 2-core CPU by default, 4 with --quick; --full is a "
+        "real run for a GPU. Re-running resumes: finished phases and stages are kept.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="about 4 minutes on a 2-core CPU (a smoke run)")
     size.add_argument("--full", action="store_true", help="the small preset, trained for real (a GPU)")
