@@ -21,7 +21,7 @@ from tiny_models import trained_teacher
 
 SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 LEARNING_STEPS = 300
-LEARNED_TOKENS_PER_PASS = 1.25  # k = 2: 1 + the acceptance of the one draft
+LEARNED_TOKENS_PER_PASS = 1.5  # k = 2: 1 + the acceptance of the one draft (1.68 measured; 1.07 untrained)
 
 
 @pytest.fixture(scope="module")
@@ -166,4 +166,4 @@ def test_a_few_hundred_steps_raise_verified_tokens_per_pass(teacher_run, tmp_pat
                       ar_eval_contexts=32, log_interval=50)
     stage = distill(config)["stages"][0]
     before, after = stage["initial"]["verified_tokens_per_pass"], stage["verified_tokens_per_pass"]
-    assert after > LEARNED_TOKENS_PER_PASS and after > before + 0.1, (before, after)
+    assert after > LEARNED_TOKENS_PER_PASS and after > before + 0.3, (before, after)

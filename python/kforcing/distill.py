@@ -248,11 +248,11 @@ class DistillConfig:
         if self.objective != "self-forcing":
             raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
                                "exact windows (--windows)")
-        smallest = 3 if (self.pathway, self.readout) == ("trunk", "categorical") else 2
-        if self.schedule[0] < smallest:  # the trunk's categorical draft of token 2 is the teacher's own: exact
+        check_schedule(self.schedule, "growth", start=2)
+        if (self.pathway, self.readout) == ("trunk", "categorical") and self.schedule[0] < 3:
+            # the trunk's categorical draft of token 2 is the teacher's own row: exact, nothing to learn
             raise DistillError(f"schedule {list(self.schedule)}: a categorical trunk student drafts token 2 with the "
                                "teacher's own row, so it has nothing to train below k = 3 (start at k >= 3)")
-        check_schedule(self.schedule, "growth", start=2)
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise DistillError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         try:
