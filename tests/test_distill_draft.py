@@ -167,3 +167,26 @@ def test_a_few_hundred_steps_raise_verified_tokens_per_pass(teacher_run, tmp_pat
     stage = distill(config)["stages"][0]
     before, after = stage["initial"]["verified_tokens_per_pass"], stage["verified_tokens_per_pass"]
     assert after > LEARNED_TOKENS_PER_PASS and after > before + 0.3, (before, after)
+
+
+def test_paper_is_one_flag_and_refuses_settings_it_would_ignore(teacher_run, tmp_path):
+    config = DistillConfig(teacher=str(teacher_run), out_dir=str(tmp_path / "p"), paper=True)
+    config.validate()
+    assert (config.pathway, config.schedule, config.tau, config.objective) == ("full", [1, 2, 4], (1.0, 1.0),
+                                                                               "self-forcing")
+    for extra, flag in ((dict(top_k=5), "--top-k"), (dict(tau=(0.7, 0.7)), "--tau"), (dict(pathway="head"),
+                                                                                        "--pathway")):
+        with pytest.raises(DistillError, match=f"--paper fixes {flag}"):
+            DistillConfig(teacher="t", out_dir="o", paper=True, **extra).validate()
+
+
+def test_sample_and_eval_default_to_the_students_own_sampling(teacher_run, tmp_path, capsys):
+    distill(settings(teacher_run, tmp_path / "run"))  # learnt at temperature 0.7, top-k 50, top-p 0.9
+    assert main(["sample", "--ckpt", str(tmp_path / "run"), "--verify", "--max-new-tokens", "10", "--no-stop"]) == 0
+    implicit = capsys.readouterr().out
+    assert main(["sample", "--ckpt", str(teacher_run), "--max-new-tokens", "10", "--no-stop", *sum(
+        ([f"--{k.replace('_', '-')}", str(v)] for k, v in SAMPLING.items()), [])]) == 0
+    assert capsys.readouterr().out == implicit
+    results = run_eval(EvalConfig(teacher=str(teacher_run), student=str(tmp_path / "run"), num_samples=2,
+                                  sample_len=8, batch_size=2, batch_sizes=[], progress=False))
+    assert results["sampling"] == {**SAMPLING, "order": "vocab"}

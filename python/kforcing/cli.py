@@ -131,11 +131,14 @@ def _add_sample_parser(subparsers):
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
     p.add_argument("--k", type=int, default=None, help="tokens per pass (students only; default: the student's max_k)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (student: its tau)")
-    p.add_argument("--top-k", type=int, default=0, help="AR and draft students: keep the top-k tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="AR and draft students: nucleus mass (1: all)")
-    p.add_argument("--cdf-order", default="vocab", choices=["vocab", "descending"], help="AR and draft students: "
-                   "the inverse CDF's token order (a draft student: the one it was distilled with)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (push-forward student: "
+                   "its tau; default: a draft student's own, else 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="AR and draft students: keep the top-k tokens (0: all; "
+                   "default: a draft student's own, else all)")
+    p.add_argument("--top-p", type=float, default=None, help="AR and draft students: nucleus mass (1: all; default: "
+                   "a draft student's own, else all)")
+    p.add_argument("--cdf-order", default=None, choices=["vocab", "descending"], help="AR and draft students: the "
+                   "inverse CDF's token order (default: a draft student's own, else vocab)")
     p.add_argument("--freq-penalty", type=float, default=0.0, help="student only: frequency penalty lambda")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -150,7 +153,7 @@ def _check_sample_args(args, model) -> str:
     kind = "draft" if isinstance(model, DraftStudent) else "pushforward" if isinstance(model, PushForwardLM) else "ar"
     if args.k is not None and kind == "ar":
         raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
-    if kind == "pushforward" and (args.top_k or args.top_p < 1.0 or args.cdf_order != "vocab"):
+    if kind == "pushforward" and (args.top_k or (args.top_p or 1.0) < 1.0 or args.cdf_order not in (None, "vocab")):
         raise ValueError("--top-k/--top-p/--cdf-order apply to AR teachers and draft students; a push-forward "
                          "student decodes by argmax")
     if kind != "pushforward" and args.freq_penalty:
@@ -164,6 +167,19 @@ def _check_sample_args(args, model) -> str:
     return kind
 
 
+def _fill_sampling(args, draft_config):
+    """Unset sampling flags: a draft student's own settings (what it was distilled with), else the defaults."""
+    from .checkpoint import Provenance
+    from .draft_checkpoint import trained_sampling
+    from .hint_head import Sampling
+
+    chosen = trained_sampling(Provenance.from_config(draft_config)) if draft_config else Sampling()
+    for flag, field in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                        ("cdf_order", "order")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(chosen, field))
+
+
 def _sample(args):
     import torch
 
@@ -174,10 +190,11 @@ def _sample(args):
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device), teacher=args.teacher)
+    model, tokenizer, config = load_model(args.ckpt, device=resolve_device(args.device), teacher=args.teacher)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.ckpt} has no tokenizer.json, so text prompts cannot be encoded")
     kind = _check_sample_args(args, model)
+    _fill_sampling(args, config if kind == "draft" else None)
     texts = args.prompt or [""]
     prompts = []
     for text in texts:
@@ -222,13 +239,16 @@ def _add_distill_parser(subparsers):
     from .distill import DistillConfig
 
     p = _new_parser(
-        subparsers, "distill", "distil an AR teacher into a K-Forcing student, progressively (k = 1 -> 2 -> 4)",
-        "Progressive self-forcing distillation (docs/method.md §5). Stage k=1 learns the teacher's float64 "
-        "inverse-CDF tokens at temperature tau; stage k -> 2k learns two consecutive decode steps of the frozen "
-        "stage-k student. Each stage writes OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json "
-        "points to the newest finished student. Under torchrun it trains with DDP. With --pathway head or trunk the "
-        "teacher stays frozen and only the hint rows' weights train (docs/method.md §8): its token rows are the "
-        "teacher's own, and `kforcing sample --verify` decodes losslessly, several tokens per pass.")
+        subparsers, "distill", "distil an AR teacher into a k-token student (by default a draft student that "
+        "decodes losslessly with --verify)",
+        "By default (--pathway trunk) the teacher stays frozen and only the hint rows' weights train (docs/method.md "
+        "§8): the student's token rows are the teacher's own, and `kforcing sample --verify` decodes losslessly, "
+        "several tokens per pass; the defaults are the ones bench/results/ablation_draft_cpu measured best. --paper "
+        "(or --pathway full) runs the original method instead: progressive self-forcing (docs/method.md §5), where "
+        "stage k=1 learns the teacher's float64 inverse-CDF tokens at temperature tau and stage k -> 2k learns two "
+        "consecutive decode steps of the frozen stage-k student; under torchrun it trains with DDP. Each stage writes "
+        "OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json points to the newest finished "
+        "student.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
         "paper", "pathway", "readout", "head_layers", "adapter_rank", "noise_code", "windows", "top_k", "top_p",
         "cdf_order"])

@@ -189,9 +189,7 @@ class DistillConfig:
 
     def validate(self):
         if self.paper:
-            self.pathway, self.objective, self.tau, self.schedule = "full", "self-forcing", (1.0, 1.0), None
-            self.windows, self.noise_code, self.cdf_order = "student", "sinusoid", "vocab"
-            self.readout = self.top_k = self.top_p = self.head_layers = self.adapter_rank = None
+            self._apply_paper()
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.pathway not in PATHWAYS:
@@ -221,6 +219,19 @@ class DistillConfig:
         if self.stop_after is not None and not 1 <= self.stop_after <= sum(self.stage_steps()):
             raise DistillError(f"stop_after must be in [1, {sum(self.stage_steps())}] (steps of all stages), "
                                f"got {self.stop_after}")
+
+    def _apply_paper(self):
+        """--paper: the original method. Settings it fixes may not be given beside it (they would be ignored)."""
+        given = [name for name, value, default in (
+            ("pathway", self.pathway, "trunk"), ("tau", self.tau, None), ("top_k", self.top_k, None),
+            ("top_p", self.top_p, None), ("readout", self.readout, None), ("head_layers", self.head_layers, None),
+            ("adapter_rank", self.adapter_rank, None), ("windows", self.windows, "student"),
+            ("noise_code", self.noise_code, "sinusoid"), ("cdf_order", self.cdf_order, "vocab"),
+            ("objective", self.objective, "self-forcing")) if value != default and value != "full"]
+        if given:
+            raise DistillError(f"--paper fixes {', '.join('--' + n.replace('_', '-') for n in given)}; drop "
+                               "them, or use --pathway full to choose settings yourself")
+        self.pathway, self.tau = "full", (1.0, 1.0)
 
     def _validate_full(self):
         check_schedule(self.schedule, self.objective, start=None)

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, Provenance
-from .hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
+from .hint_head import DraftStudent, HeadConfig, HintHead, Sampling, teacher_fingerprint
 from .model import ARModel, ModelConfig
 from .trunk_adapters import TrunkAdapters
 
@@ -84,4 +84,15 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
     return DraftStudent(model, head, fingerprint).eval()
 
 
-__all__ = ["TEACHER_FILE", "load_draft_student", "save_draft_student"]
+def trained_sampling(provenance: Optional[Provenance]) -> Sampling:
+    """The sampling settings a draft student was distilled with (its provenance's distill settings); the library
+    defaults for what a provenance does not record."""
+    settings = provenance.settings if provenance is not None and provenance.stage == "distill" else {}
+    default = Sampling()
+    tau = settings.get("tau") or [default.temperature]
+    return Sampling(float(tau[0]), settings.get("top_k") or 0,
+                    settings.get("top_p") if settings.get("top_p") is not None else default.top_p,
+                    settings.get("cdf_order") or default.order)
+
+
+__all__ = ["TEACHER_FILE", "load_draft_student", "save_draft_student", "trained_sampling"]

@@ -45,6 +45,7 @@ from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, find_token_cache, heldout_contexts
 from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreement, decode_speed,
                       generate_samples, sample_quality)
+from .draft_checkpoint import trained_sampling
 from .hint_head import CDF_ORDERS, DraftStudent, Sampling
 from .model import ARModel, PushForwardLM
 from .options import option, parse_int_list
@@ -79,11 +80,14 @@ class EvalConfig:
     num_samples: int = option(32, "samples per model and k")
     sample_len: int = option(128, "tokens per sample")
     prompt_len: int = option(0, "0: unconditional samples (EOS prompt); N: held-out prefixes of N tokens")
-    temperature: float = option(1.0, "sampling temperature (the student's tau)")
-    top_k: int = option(0, "draft students: the top-k of the sampling distribution (0: off)")
-    top_p: float = option(1.0, "draft students: the top-p of the sampling distribution (1: off)")
-    cdf_order: str = option("vocab", "draft students: the inverse CDF's token order (vocab or descending): the one "
-                            "the head was distilled with", choices=list(CDF_ORDERS))
+    temperature: Optional[float] = option(None, "sampling temperature (the student's tau; default: a draft "
+                                          "student's own, else 1.0)")
+    top_k: Optional[int] = option(None, "draft students: the top-k of the sampling distribution (0: off; default: "
+                                  "the one it was distilled with)")
+    top_p: Optional[float] = option(None, "draft students: the top-p of the sampling distribution (1: off; default: "
+                                    "the one it was distilled with)")
+    cdf_order: Optional[str] = option(None, "draft students: the inverse CDF's token order (vocab or descending; "
+                                      "default: the one it was distilled with)", choices=list(CDF_ORDERS))
     freq_penalty: float = option(1.0, "lambda of the penalised student samples (0: none)")
     batch_sizes: List[int] = option([1, 8, 32], "batch sizes of the decode benchmark ('' to skip it)",
                                     convert=lambda text: parse_int_list(text, "--batch-sizes") if text.strip() else [],
@@ -105,9 +109,9 @@ class EvalConfig:
                 raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prompt_len < 0:
             raise EvalError(f"prompt_len must be >= 0, got {self.prompt_len}")
-        if not 0.0 < self.temperature < math.inf:
+        if self.temperature is not None and not 0.0 < self.temperature < math.inf:
             raise EvalError(f"temperature must be positive, got {self.temperature}")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+        if (self.top_k is not None and self.top_k < 0) or (self.top_p is not None and not 0.0 < self.top_p <= 1.0):
             raise EvalError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.freq_penalty < 0:
             raise EvalError(f"freq_penalty must be >= 0, got {self.freq_penalty}")
@@ -139,7 +143,7 @@ def load_models(config: EvalConfig, device) -> Models:
                         "(a `kforcing distill` output)")
     if isinstance(student, PushForwardLM):
         check_compatible(teacher, student, tokenizer, student_tokenizer)
-        if config.top_k or config.top_p < 1.0 or config.cdf_order != "vocab":
+        if config.top_k or (config.top_p or 1.0) < 1.0 or config.cdf_order not in (None, "vocab"):
             raise EvalError("--top-k/--top-p/--cdf-order apply to draft students; a push-forward student samples "
                             "the full distribution at its temperature in vocabulary order")
     models = Models(teacher, student, tokenizer or student_tokenizer, Provenance.from_config(teacher_config),
@@ -254,6 +258,19 @@ def _quality(config: EvalConfig, models: Models, prompts, ks, bar) -> Dict:
     return result
 
 
+def _resolve_sampling(config: EvalConfig, models: Models):
+    """Fill the sampling settings left unset: a draft student's are the ones it was distilled with (its
+    provenance), a push-forward student's temperature 1 over the whole vocabulary in vocabulary order."""
+    if isinstance(models.student, DraftStudent):
+        trained = trained_sampling(models.student_provenance)
+    else:
+        trained = Sampling()
+    for name, field in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                        ("cdf_order", "order")):
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(trained, field))
+
+
 def _check_ks(config: EvalConfig, student) -> List[int]:
     smallest = 2 if isinstance(student, DraftStudent) else 1  # a draft student's k counts the exact token too
     ks = config.ks or [k for k in default_ks(student.max_k) if k >= smallest]
@@ -272,6 +289,7 @@ def run_eval(config: EvalConfig) -> Dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     models = load_models(config, device)
+    _resolve_sampling(config, models)
     ks = _check_ks(config, models.student)
     dataset = heldout_data(config, models)
     if dataset.vocab_size > models.teacher.config.vocab_size:
