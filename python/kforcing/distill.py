@@ -52,7 +52,8 @@ from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
-from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
+from .stage_task import StageTask, plateaued
+from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_option,
                       warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
@@ -337,14 +338,6 @@ def check_schedule(schedule: Sequence[int], objective: str = "self-forcing", sta
                 raise DistillError(f"schedule {list(schedule)} must increase, got k={a} then k={b}")
 
 
-def plateaued(history: List[float], config: DistillConfig, step: int) -> bool:
-    """True when the last `plateau_patience` validations gained less than plateau_delta over the best before."""
-    patience = config.plateau_patience
-    if patience is None or step < config.min_steps or len(history) <= patience:
-        return False
-    return max(history[-patience:]) < max(history[:-patience]) + config.plateau_delta
-
-
 def _mid_tau(tau_range):
     """The temperature the AR agreement is measured at: 1.0 when trained on it, else the middle of the range."""
     low, high = tau_range
@@ -379,24 +372,22 @@ class Stage:
     teacher_checkpoint: str
 
 
-class StageTask(TrainingTask):
-    """The loss, validation and AR agreement of one distillation stage."""
+class PushForwardStageTask(StageTask):
+    """The loss, validation and AR agreement of one distillation stage of a push-forward student."""
 
     unit = "windows"
     bar_stats = {"exact": "train_exact_match"}
+    plateau_metric = "val_exact_match"
 
     def __init__(self, config: DistillConfig, stage: Stage, dataset: TokenDataset, seq_len: int, info: DistInfo,
                  device):
-        self.config, self.stage, self.dataset, self.seq_len, self.info, self.device = (
-            config, stage, dataset, seq_len, info, device)
+        super().__init__(config, dataset, seq_len, stage.k, stage.teacher_checkpoint)
+        self.stage, self.info, self.device = stage, info, device
         self.hints = stage.k
         self.global_batch = config.batch_size * config.grad_accum * info.world
         self.units_per_step = self.global_batch * seq_len
         teacher_k = getattr(stage.teacher, "max_k", 0)
         self.name = f"distill k={stage.k}" + (f" (from k={teacher_k})" if teacher_k else " (from AR)")
-        self.history: List[float] = []
-        self.initial: Optional[dict] = None
-        self.records: dict = {}  # every validation metric, latest value
         self.contexts = []
         if stage.ar_teacher is not None and config.ar_eval_contexts:
             max_len = min(seq_len, stage.teacher.config.max_seq_len - stage.k)
@@ -450,7 +441,7 @@ class StageTask(TrainingTask):
             record[f"val_acc_{j + 1}"] = total[3 + hints + j].item() / n
         return record
 
-    def ar_agreement(self, model):
+    def teacher_measurement(self, model):
         if not self.contexts or not self.info.main:
             return {}
         # The same contexts and uniforms in every stage: a stage starts where the previous one ended.
@@ -460,29 +451,6 @@ class StageTask(TrainingTask):
         for j, value in enumerate(result["per_offset"]):
             record[f"ar_agree_{j + 1}"] = value
         return record
-
-    def evaluate(self, step, phase, model):
-        record = self.validate(step, model)
-        stop = False
-        if phase == "interval":
-            self.history.append(record["val_exact_match"])
-            stop = plateaued(self.history, self.config, step)
-        if phase != "interval" or stop:
-            record.update(self.ar_agreement(model))
-        if phase == "start":
-            self.initial = {key: value for key, value in record.items() if key != "step"}
-        self.records.update({key: value for key, value in record.items() if key != "step"})
-        return record, stop
-
-    def provenance(self, step, summary=None):
-        return Provenance("distill", step, str(self.dataset.directory.resolve()), self.seq_len, self.config.to_json(),
-                          teacher=self.stage.teacher_checkpoint, k=self.stage.k, summary=summary)
-
-    def state(self):
-        return {"history": self.history, "k": self.stage.k, "initial": self.initial}
-
-    def load_state(self, state):
-        self.history, self.initial = list(state["history"]), state.get("initial")
 
 
 def _check_stage_teacher(config: DistillConfig, stage: Stage):
@@ -506,7 +474,7 @@ def run_stage(config: DistillConfig, stage: Stage, dataset: TokenDataset, tokeni
     torch.manual_seed(config.seed + 7919 * stage.index)  # the same new noise encoder on every rank
     student = PushForwardLM.from_teacher(stage.teacher, stage.k).to(device)
     student.train().requires_grad_(True)
-    task = StageTask(config, stage, dataset, seq_len, info, device)
+    task = PushForwardStageTask(config, stage, dataset, seq_len, info, device)
     stop_at = stage.steps if config.stop_after is None else min(stage.steps, config.stop_after - steps_before)
     peak = config.effective_lr(student.config)
     trainer = Trainer(task, student, config, stage.layout, info, device, stage.steps, stop_at, peak,
@@ -716,5 +684,5 @@ def _schedule_loop(config, layout, info, seq_len, train, finished) -> dict:
     return {"stages": summaries, "checkpoint": final, "out_dir": str(layout.root), "seq_len": seq_len}
 
 
-__all__ = ["DistillConfig", "DistillError", "OBJECTIVES", "PATHWAYS", "Stage", "StageTask", "check_schedule", "distill",
-           "parse_tau", "plateaued", "run_stage"]
+__all__ = ["DistillConfig", "DistillError", "OBJECTIVES", "PATHWAYS", "PushForwardStageTask", "Stage",
+           "check_schedule", "distill", "parse_tau", "plateaued", "run_stage"]

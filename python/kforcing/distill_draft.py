@@ -15,13 +15,13 @@ earn on held-out windows; the start and the end of a stage also run verified dec
 (`kforcing.draft_decode.generate_with_drafts`) on held-out prompts and log its measured tokens per pass.
 """
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .checkpoint import Provenance, RunLayout
+from .checkpoint import RunLayout
 from .data import TokenDataset, heldout_contexts
 from .draft_checkpoint import save_draft_student
 from .draft_decode import generate_with_drafts
@@ -29,30 +29,28 @@ from .head_targets import head_step
 from .hint_head import DraftStudent
 from .runtime import write_json_atomic
 from .targets import batch_noise
-from .trainer import DistInfo, Trainer, TrainingTask
+from .stage_task import StageTask
+from .trainer import DistInfo, Trainer
 
 VERIFY_NEW_TOKENS = 32  # tokens each held-out prompt decodes when a stage measures verified tokens per pass
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
 
 
-class DraftTask(TrainingTask):
+class DraftTask(StageTask):
     """The loss, validation and verified-decoding measurement of one stage of a draft student."""
 
     unit = "windows"
     bar_stats = {"tpp": "train_tokens_per_pass"}
+    plateau_metric = "val_tokens_per_pass"
 
     def __init__(self, config, student: DraftStudent, index: int, k: int, dataset: TokenDataset, seq_len: int,
                  info: DistInfo, device, teacher_checkpoint: str):
-        self.config, self.student, self.index, self.k = config, student, index, k
-        self.dataset, self.seq_len, self.info, self.device = dataset, seq_len, info, device
-        self.teacher_checkpoint = teacher_checkpoint
+        super().__init__(config, dataset, seq_len, k, teacher_checkpoint)
+        self.student, self.index, self.info, self.device = student, index, info, device
         self.sampling = config.sampling()
         self.global_batch = config.batch_size * config.grad_accum
         self.units_per_step = self.global_batch * seq_len
         self.name = f"distill {config.pathway} k={k}"
-        self.history: List[float] = []
-        self.initial: Optional[dict] = None
-        self.records: dict = {}
         self.prompts = []
         if config.ar_eval_contexts:
             max_len = min(seq_len, student.config.max_seq_len - VERIFY_NEW_TOKENS - 2 * k)
@@ -92,7 +90,7 @@ class DraftTask(TrainingTask):
         record.update({f"val_accept_{j + 2}": value for j, value in enumerate(means[2:])})
         return record
 
-    def verified_decoding(self, head) -> dict:
+    def teacher_measurement(self, head) -> dict:
         """Tokens per pass and acceptance of verified decoding on the held-out prompts (measured, not predicted)."""
         if not self.prompts:
             return {}
@@ -106,31 +104,6 @@ class DraftTask(TrainingTask):
         for j in range(self.k - 1):
             record[f"verified_accept_{j + 2}"] = sum(r[1][j] for r in results) / len(results)
         return record
-
-    def evaluate(self, step, phase, head):
-        from .distill import plateaued
-
-        record = self.validate(step, head)
-        stop = False
-        if phase == "interval":
-            self.history.append(record["val_tokens_per_pass"])
-            stop = plateaued(self.history, self.config, step)
-        if phase != "interval" or stop:
-            record.update(self.verified_decoding(head))
-        if phase == "start":
-            self.initial = {key: value for key, value in record.items() if key != "step"}
-        self.records.update({key: value for key, value in record.items() if key != "step"})
-        return record, stop
-
-    def provenance(self, step, summary=None):
-        return Provenance("distill", step, str(self.dataset.directory.resolve()), self.seq_len, self.config.to_json(),
-                          teacher=self.teacher_checkpoint, k=self.k, summary=summary)
-
-    def state(self):
-        return {"history": self.history, "k": self.k, "initial": self.initial}
-
-    def load_state(self, state):
-        self.history, self.initial = list(state["history"]), state.get("initial")
 
 
 def run_draft_stage(config, student: DraftStudent, index: int, k: int, steps: int, layout: RunLayout,
