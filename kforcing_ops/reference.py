@@ -22,6 +22,47 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vo
     order="descending" first stable-sorts each row by descending logit (so by descending probability, equal
     logits by smaller id), and walks the CDF in that order.
     """
+    walk, cdf, support = _cdf_walk(logits, u, temperature, top_k, top_p, order)
+    u = u.double()
+    _checks.value(bool(((u >= 0) & (u <= 1)).all()), "inverse_cdf_sample", "`u` must lie in [0, 1]")
+    vocab = cdf.shape[1]
+    tokens = torch.searchsorted(cdf, u[:, None]).squeeze(1)
+    first_support = support.int().argmax(dim=1)
+    last_support = vocab - 1 - support.flip(1).int().argmax(dim=1)
+    # u = 0 would land on a leading zero-probability token; u = 1 may meet the rounded total mass early, and u
+    # above it lands past the end.
+    tokens = torch.where(u == 0, first_support, torch.where(u == 1, last_support, tokens))
+    return walk.gather(1, torch.minimum(tokens, last_support)[:, None]).squeeze(1)
+
+
+def cdf_interval(logits, tokens, temperature=1.0, top_k=0, top_p=1.0, order="vocab"):
+    """The float64 interval (lower, upper] of u that `inverse_cdf_sample` maps to each row's token.
+
+    Args:
+        logits: (R, V), as for inverse_cdf_sample, with the same temperature, top_k, top_p and order.
+        tokens: (R,) int64 token ids, each inside its row's sampling support.
+
+    Returns:
+        (lower, upper): (R,) float64 each: the CDF just before the token in the walk order, and at it. Any u
+        strictly inside maps to the token, in this reference and (up to the kernels' float32 rounding of the CDF,
+        about 1e-7) in the kernels.
+    """
+    walk, cdf, support = _cdf_walk(logits, None, temperature, top_k, top_p, order)
+    _checks.value(tokens.shape == (cdf.shape[0],) and tokens.dtype == torch.int64, "cdf_interval",
+                  f"`tokens` must be int64 of shape ({cdf.shape[0]},), got {tokens.dtype} {tuple(tokens.shape)}")
+    position = (walk == tokens[:, None].to(walk.device)).int().argmax(dim=1)
+    _checks.value(bool(support.gather(1, position[:, None]).all()), "cdf_interval",
+                  "every token must lie in its row's sampling support (top-k/top-p keep it, its logit is finite)")
+    upper = cdf.gather(1, position[:, None]).squeeze(1)
+    lower = torch.where(position > 0, cdf.gather(1, (position - 1).clamp(min=0)[:, None]).squeeze(1),
+                        torch.zeros_like(upper))
+    return lower, upper
+
+
+def _cdf_walk(logits, u, temperature, top_k, top_p, order):
+    """(walk, cdf, support) of each row: the token ids in walk order, the float64 CDF along it, and which
+    positions of the walk hold a token of the sampling support (every finite surviving logit has p > 0, even
+    where float64 rounds it to 0). `u` is only checked (None: not given)."""
     temperatures = temperature if isinstance(temperature, torch.Tensor) else None
     _checks.inverse_cdf_sample(logits, u, temperatures, 1.0 if temperatures is not None else temperature,
                                top_k, top_p, logits_types=_checks.FLOAT_TYPES + (torch.float64,), order=order)
@@ -32,8 +73,6 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vo
     # 1 / T, clamped to the largest finite value of the kernels' compute type (fp32; fp64 for fp64 logits).
     inv_t = (1.0 / t).clamp(max=torch.finfo(torch.float64 if logits.dtype == torch.float64 else torch.float32).max)
     x = logits.double()
-    u = u.double()
-    _checks.value(bool(((u >= 0) & (u <= 1)).all()), op, "`u` must lie in [0, 1]")
     _checks.value(not bool((torch.isnan(x) | (x == math.inf)).any()), op, "`logits` contains NaN or +inf")
     _checks.value(bool((x > -math.inf).any(dim=1).all()), op, "a row of `logits` has no finite logit")
     # z = (x - max) * inv_t as the kernels form it: the difference clamped to the compute type's lowest value, and
@@ -51,16 +90,7 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vo
     # The walk order: positions of the CDF -> token ids (the support first; -inf logits have p = 0).
     walk = (torch.sort(torch.where(z > -math.inf, x, -math.inf), dim=1, descending=True, stable=True).indices
             if order == "descending" else torch.arange(vocab, device=x.device).expand(x.shape[0], vocab))
-    z, p = z.gather(1, walk), p.gather(1, walk)
-    cdf = p.cumsum(dim=1)
-    tokens = torch.searchsorted(cdf, u[:, None]).squeeze(1)
-    support = z > -math.inf  # every finite surviving logit has p > 0, even where float64 rounds it to 0
-    first_support = support.int().argmax(dim=1)
-    last_support = vocab - 1 - support.flip(1).int().argmax(dim=1)
-    # u = 0 would land on a leading zero-probability token; u = 1 may meet the rounded total mass early, and u
-    # above it lands past the end.
-    tokens = torch.where(u == 0, first_support, torch.where(u == 1, last_support, tokens))
-    return walk.gather(1, torch.minimum(tokens, last_support)[:, None]).squeeze(1)
+    return walk, p.gather(1, walk).cumsum(dim=1), z.gather(1, walk) > -math.inf
 
 
 def _nucleus(z, top_p, rank=None):

@@ -63,13 +63,15 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
     assert torch.equal(out.tokens, ar.tokens)
 
 
-def test_resuming_a_draft_run_is_exact(teacher_run, tmp_path):
-    distill(settings(teacher_run, tmp_path / "straight", steps=[8], save_interval=4))
-    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, stop_after=4))
+@pytest.mark.parametrize("options", [{}, dict(readout="onehot", windows="teacher", boundary_beta=0.5)],
+                         ids=["default", "boundary-weighted"])
+def test_resuming_a_draft_run_is_exact(teacher_run, tmp_path, options):
+    distill(settings(teacher_run, tmp_path / "straight", steps=[8], save_interval=4, **options))
+    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, stop_after=4, **options))
     assert not (tmp_path / "resumed" / "stage_k4" / "done.json").exists()
     with pytest.raises(DistillError, match="--resume"):
-        distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4))
-    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, resume=True))
+        distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, **options))
+    distill(settings(teacher_run, tmp_path / "resumed", steps=[8], save_interval=4, resume=True, **options))
     straight, resumed = head_weights(tmp_path / "straight"), head_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:
@@ -152,6 +154,10 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
     (dict(pathway="full", top_k=50), "--top-k applies to --pathway head or trunk"),
     (dict(pathway="trunk", readout="categorical", schedule=[2, 4]), "nothing to train below k = 3"),
+    (dict(boundary_beta=0.5), "--boundary-beta needs --readout onehot --windows teacher"),
+    (dict(readout="onehot", windows="student", boundary_beta=0.5), "--boundary-beta needs"),
+    (dict(readout="onehot", windows="teacher", boundary_beta=0.0), "--boundary-beta must be positive"),
+    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to --pathway head"),
 ])
 def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):
@@ -175,7 +181,8 @@ def test_paper_is_one_flag_and_refuses_settings_it_would_ignore(teacher_run, tmp
     assert (config.pathway, config.schedule, config.tau, config.objective) == ("full", [1, 2, 4], (1.0, 1.0),
                                                                                "self-forcing")
     for extra, flag in ((dict(top_k=5), "--top-k"), (dict(tau=(0.7, 0.7)), "--tau"), (dict(pathway="head"),
-                                                                                        "--pathway")):
+                                                                                        "--pathway"),
+                        (dict(boundary_beta=0.5), "--boundary-beta")):
         with pytest.raises(DistillError, match=f"--paper fixes {flag}"):
             DistillConfig(teacher="t", out_dir="o", paper=True, **extra).validate()
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from kforcing.head_targets import head_step
+from kforcing_ops import reference as ref
+
+from kforcing.head_targets import BOUNDARY_MARGIN, head_step, teacher_rollout
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling, sample_rows
 from kforcing.model import ARModel, ModelConfig
 from kforcing.noise import counter_uniform
@@ -50,3 +52,44 @@ def test_onehot_targets_are_the_teachers_tokens_after_the_window_so_far():
         torch.testing.assert_close(logits[:, t], student.teacher(seq)[:, t + 1:], atol=1e-5, rtol=1e-5)
     tokens = sample_rows(logits, u[..., 1:], Sampling())
     assert tokens.shape == (2, 5, 2)
+
+
+def test_boundary_weighting_keeps_the_teachers_tokens_and_moves_u_toward_their_interval_ends():
+    torch.manual_seed(0)
+    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=4))
+    ids, u = _batch(4, batch=3, context=10)
+    sampling = Sampling(0.7, 20, 0.9, "descending")
+    y1 = sample_rows(student.teacher(ids), u[..., 0], sampling)
+    draws = torch.distributions.Beta(0.2, 0.2).sample(u.shape).double()
+    with torch.no_grad():
+        tokens, logits, u_uniform = teacher_rollout(student, ids, y1, u, sampling)
+        moved_tokens, moved_logits, moved = teacher_rollout(student, ids, y1, u, sampling, boundary=draws)
+    assert u_uniform is u and torch.equal(moved[..., 0], u[..., 0])  # y1's uniform is never moved
+    assert torch.equal(moved_tokens, tokens) and torch.equal(moved_logits, logits)
+    # Each moved uniform sits where its draw puts it inside its token's interval, and still samples that token.
+    targets = sample_rows(logits, u[..., 1:], sampling)
+    assert torch.equal(sample_rows(logits, moved[..., 1:], sampling), targets)
+    flat = logits.reshape(-1, CONFIG.vocab_size)
+    lower, upper = ref.cdf_interval(flat, targets.reshape(-1), 0.7, 20, 0.9, "descending")
+    share = (moved[..., 1:].reshape(-1) - lower) / (upper - lower)
+    torch.testing.assert_close(share, draws[..., 1:].reshape(-1).clamp(BOUNDARY_MARGIN, 1 - BOUNDARY_MARGIN))
+    # Beta(0.2, 0.2) puts most uniforms near an end of their interval; uniform u does not.
+    uniform_share = (u[..., 1:].reshape(-1) - lower) / (upper - lower)
+    assert (torch.minimum(share, 1 - share) < 0.1).double().mean() > 0.6
+    assert (torch.minimum(uniform_share, 1 - uniform_share) < 0.1).double().mean() < 0.4
+
+
+def test_boundary_weighting_trains_and_is_refused_where_it_cannot_apply():
+    torch.manual_seed(0)
+    ids, u = _batch(3)
+    draws = torch.distributions.Beta(0.5, 0.5).sample(u.shape).double()
+    onehot = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=3))
+    loss, metrics = head_step(onehot, ids, u, Sampling(0.8), "teacher", boundary=draws)
+    loss.backward()
+    assert torch.isfinite(loss) and len(metrics["acceptance"]) == 2
+    with pytest.raises(ValueError, match="boundary weighting needs the onehot readout on teacher windows"):
+        head_step(onehot, ids, u, Sampling(0.8), "student", boundary=draws)
+    categorical = DraftStudent.from_teacher(ARModel(CONFIG).eval(),
+                                            HeadConfig(num_layers=1, max_k=3, readout="categorical"))
+    with pytest.raises(ValueError, match="boundary weighting needs the onehot readout"):
+        head_step(categorical, ids, u, Sampling(0.8), "teacher", boundary=draws)

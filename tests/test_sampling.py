@@ -543,3 +543,41 @@ def test_cuda_agrees_with_cpu(top_k, top_p, order):
     cpu = ko.inverse_cdf_sample(logits, u, 1.3, top_k, top_p, order=order)
     cuda = ko.inverse_cdf_sample(logits.cuda(), u.cuda(), 1.3, top_k, top_p, order=order).cpu()
     assert (cpu != cuda).sum() <= 1
+
+
+# reference.cdf_interval: the interval of u that inverse_cdf_sample maps to a token
+
+@pytest.mark.parametrize("order", ["vocab", "descending"])
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (20, 0.9, 0.7)])
+def test_cdf_interval_holds_the_uniform_and_maps_back_to_the_token(order, top_k, top_p, temperature):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(400, 97, generator=generator) * 3
+    u = torch.rand(400, generator=generator, dtype=torch.float64)
+    tokens = ref.inverse_cdf_sample(logits, u, temperature, top_k, top_p, order)
+    lower, upper = ref.cdf_interval(logits, tokens, temperature, top_k, top_p, order)
+    assert ((lower < u) & (u <= upper)).all()
+    for share in (1e-3, 0.5, 1 - 1e-3):
+        inside = lower + share * (upper - lower)
+        assert torch.equal(ref.inverse_cdf_sample(logits, inside, temperature, top_k, top_p, order), tokens)
+        with expect_kernel("inverse_cdf_sample"):
+            got = ko.inverse_cdf_sample(logits, inside, temperature, top_k, top_p, order=order)
+        assert_agrees(got, logits, inside, temperature, top_k, top_p, order)
+
+
+@pytest.mark.parametrize("order", ["vocab", "descending"])
+def test_cdf_intervals_tile_the_unit_interval_in_walk_order(order):
+    row = torch.randn(1, 31, generator=torch.Generator().manual_seed(2))
+    row[0, 4] = -math.inf  # a dead token: outside the support, it has no interval
+    walk = [t for t in walk_order(row, order)[0].tolist() if t != 4]  # the support, in walk order
+    lower, upper = ref.cdf_interval(row.expand(len(walk), 31), torch.tensor(walk), 0.8, 0, 1.0, order)
+    assert lower[0] == 0 and torch.equal(lower[1:], upper[:-1])  # consecutive in the walk, no gaps
+    torch.testing.assert_close(upper[-1], torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(upper - lower, torch.softmax(row[0].double() / 0.8, dim=0)[walk])
+
+
+def test_cdf_interval_errors_name_the_argument():
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="`tokens` must be int64 of shape"):
+        ref.cdf_interval(logits, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="sampling support"):
+        ref.cdf_interval(logits, logits.topk(10).indices[:, -1], top_k=2)

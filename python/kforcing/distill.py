@@ -132,6 +132,10 @@ class DistillConfig:
                                   f"off; default {DRAFT_SAMPLING['top_k']})")
     top_p: Optional[float] = option(None, "head/trunk: the top-p of the sampling distribution the head learns (1: "
                                     f"off; default {DRAFT_SAMPLING['top_p']})")
+    boundary_beta: Optional[float] = option(None, "head/trunk with --readout onehot --windows teacher: move each "
+                                            "training uniform inside its target token's CDF interval by a Beta(B, "
+                                            "B) draw (B < 1: near the token's boundaries, where the argmax must "
+                                            "switch); default off (uniform u). Evaluation always uses uniform u")
     cdf_order: str = option("vocab", "head: the token order of the inverse CDF that maps u to tokens: vocab (token "
                             "ids) or descending (probability); sample and eval with the same", choices=list(CDF_ORDERS))
     noise_code: str = option("sinusoid", "head: how hint rows encode their uniforms: sinusoid, dyadic (frequencies "
@@ -228,7 +232,8 @@ class DistillConfig:
             ("top_p", self.top_p, None), ("readout", self.readout, None), ("head_layers", self.head_layers, None),
             ("adapter_rank", self.adapter_rank, None), ("windows", self.windows, "student"),
             ("noise_code", self.noise_code, "sinusoid"), ("cdf_order", self.cdf_order, "vocab"),
-            ("objective", self.objective, "self-forcing")) if value != default and value != "full"]
+            ("objective", self.objective, "self-forcing"), ("boundary_beta", self.boundary_beta, None))
+            if value != default and value != "full"]
         if given:
             raise DistillError(f"--paper fixes {', '.join('--' + n.replace('_', '-') for n in given)}; drop "
                                "them, or use --pathway full to choose settings yourself")
@@ -240,7 +245,7 @@ class DistillConfig:
         draft_only = {"top_k": (self.top_k, None), "top_p": (self.top_p, None), "readout": (self.readout, None),
                       "head_layers": (self.head_layers, None), "adapter_rank": (self.adapter_rank, None),
                       "windows": (self.windows, "student"), "cdf_order": (self.cdf_order, "vocab"),
-                      "noise_code": (self.noise_code, "sinusoid")}
+                      "noise_code": (self.noise_code, "sinusoid"), "boundary_beta": (self.boundary_beta, None)}
         for name, (value, default) in draft_only.items():
             if value != default:  # the push-forward student has no such option: never ignore it silently
                 raise DistillError(f"--{name.replace('_', '-')} applies to --pathway head or trunk; the full "
@@ -265,6 +270,13 @@ class DistillConfig:
             # the trunk's categorical draft of token 2 is the teacher's own row: exact, nothing to learn
             raise DistillError(f"schedule {list(self.schedule)}: a categorical trunk student drafts token 2 with the "
                                "teacher's own row, so it has nothing to train below k = 3 (start at k >= 3)")
+        if self.boundary_beta is not None:
+            if not 0.0 < self.boundary_beta < math.inf:
+                raise DistillError(f"--boundary-beta must be positive and finite, got {self.boundary_beta}")
+            if (self.readout, self.windows) != ("onehot", "teacher"):
+                raise DistillError(f"--boundary-beta needs --readout onehot --windows teacher (got --readout "
+                                   f"{self.readout} --windows {self.windows}): a categorical row never sees its own "
+                                   "uniform, and the tokens of the student's own windows depend on the uniforms")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise DistillError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         try:

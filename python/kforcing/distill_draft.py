@@ -28,7 +28,7 @@ from .draft_decode import generate_with_drafts
 from .head_targets import head_step
 from .hint_head import DraftStudent
 from .runtime import write_json_atomic
-from .targets import batch_noise
+from .targets import batch_noise, boundary_draws
 from .stage_task import StageTask
 from .trainer import DistInfo, Trainer
 
@@ -67,7 +67,11 @@ class DraftTask(StageTask):
     def loss(self, module, step, first_index):
         keys = step * self.global_batch + first_index + torch.arange(self.config.batch_size, device=self.device)
         ids, u = self.batch("train", step, first_index, keys)
-        loss, metrics = head_step(self.student, ids, u, self.sampling, self.config.windows)
+        boundary = None
+        if self.config.boundary_beta is not None:
+            boundary = boundary_draws(self.config.seed, self.index, int(keys[0]), u.shape, self.config.boundary_beta,
+                                      u.device)
+        loss, metrics = head_step(self.student, ids, u, self.sampling, self.config.windows, boundary)
         return loss, {"train_tokens_per_pass": metrics["tokens_per_pass"],
                       **{f"train_accept_{j + 2}": value for j, value in enumerate(metrics["acceptance"])}}
 
@@ -130,6 +134,7 @@ def run_draft_stage(config, student: DraftStudent, index: int, k: int, steps: in
     if trainer.step < steps and not was_plateaued:
         return None
     summary = {"k": k, "pathway": config.pathway, "readout": config.readout, "windows": config.windows,
+               "boundary_beta": config.boundary_beta,
                "steps_budget": steps, "seq_len": seq_len, "global_batch": task.global_batch, "lr": peak,
                "initial": task.initial, **task.records, "train_loss": trainer.last.get("train_loss"),
                "step": trainer.step, "plateaued": was_plateaued, "windows_seen": trainer.step * task.units_per_step,

@@ -41,6 +41,7 @@ from .noise import counter_uniform
 # Seeds of the counter-based streams (XORed with the run's seed): training noise, temperatures.
 _NOISE_KEY = 0x6B66_0001
 _TAU_KEY = 0x6B66_0002
+_BOUNDARY_KEY = 0x6B66_0003
 
 
 def inverse_cdf_float64(logits: torch.Tensor, u: torch.Tensor, temperature=1.0) -> torch.Tensor:
@@ -191,6 +192,20 @@ def batch_noise(seed, stage, sample_keys, windows, k, tau_range):
     return u, tau
 
 
+def boundary_draws(seed, stage, first_key, shape, beta, device):
+    """(shape) float64 Beta(beta, beta) draws of the micro-batch whose first sample key is first_key (int).
+
+    The draws that place boundary-weighted uniforms inside their tokens' intervals (kforcing.head_targets). They
+    come from the CPU generator under a seed mixed from (seed, stage, first_key), inside fork_rng, so they are a
+    pure function of those (exact resumption) and leave the global random state alone.
+    """
+    mixed = ((seed ^ _BOUNDARY_KEY) * 1_000_003 + stage) * 2_147_483_647 + int(first_key)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mixed % (1 << 63))
+        draws = torch.distributions.Beta(float(beta), float(beta)).sample(torch.Size(shape))
+    return draws.double().to(device)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loss
 
@@ -204,5 +219,5 @@ def window_loss(logits: torch.Tensor, targets: torch.Tensor):
             correct.all(dim=-1).float().mean())
 
 
-__all__ = ["ar_targets", "batch_noise", "inverse_cdf_float64", "noise_inversion_batch", "self_forcing_targets",
-           "window_loss"]
+__all__ = ["ar_targets", "batch_noise", "boundary_draws", "inverse_cdf_float64", "noise_inversion_batch",
+           "self_forcing_targets", "window_loss"]
