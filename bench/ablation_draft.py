@@ -11,7 +11,11 @@ schedule), and the result is evaluated on the same held-out prompts and seeds:
     quality       unverified samples (k tokens per pass, no penalty) vs the teacher's samples at the same settings:
                   perplexity under the teacher, unigram entropy, longest repeated n-gram
 
-The `paper` row is the original method (every weight fine-tuned, sinusoidal code, one-hot readout, progressive
+    speed         tokens/s of verified decoding over AR's at batch 1, timed interleaved in the same process
+
+The default is `kforcing distill`'s own (trunk pathway, rank-8 adapters, categorical readout, the student's own
+windows, sinusoidal code, vocabulary order, temperature 0.7, top-k 50, top-p 0.9). The `paper` row is `--paper`,
+the original method (every weight fine-tuned, sinusoidal code, one-hot readout, progressive
 self-forcing 1 -> 2 -> 4, vocabulary order, temperature 1). Its token rows are not the teacher's, so it cannot
 verify: the table gives its coupled agreement per offset with the AR teacher instead (what verified decoding
 would accept if its drafts were checked), and the quality of its samples.
@@ -42,28 +46,32 @@ from kforcing.hint_head import Sampling  # noqa: E402
 from kforcing.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
-DEFAULT = dict(pathway="head", readout="onehot", windows="student", noise_code="sinusoid",
+# `kforcing distill`'s defaults for a draft student (head_layers 2 / adapter_rank 8 are implied by the pathway).
+DEFAULT = dict(pathway="trunk", readout="categorical", windows="student", noise_code="sinusoid",
                cdf_order="vocab", **TRUNCATED)
 ROWS = {
     "default": {},
-    "categorical": dict(readout="categorical"),
-    "trunk": dict(pathway="trunk", adapter_rank=8),
-    "trunk-categorical": dict(pathway="trunk", adapter_rank=8, readout="categorical"),
-    "head-1-layer": dict(head_layers=1),
+    "head": dict(pathway="head"),
+    "head-1-layer": dict(pathway="head", head_layers=1),
+    "rank-32": dict(adapter_rank=32),
+    "full-copy": dict(adapter_rank=0),
+    "onehot": dict(readout="onehot"),
     "teacher-windows": dict(windows="teacher"),
+    "onehot-teacher-windows": dict(readout="onehot", windows="teacher"),
+    "onehot-boundary": dict(readout="onehot", windows="teacher", boundary_beta=0.5),
     "dyadic": dict(noise_code="dyadic"),
     "binary": dict(noise_code="binary"),
     "descending": dict(cdf_order="descending"),
     "temperature-1": dict(tau=(1.0, 1.0), top_k=0, top_p=1.0),
-    "paper": dict(pathway="full", schedule=[1, 2, 4], tau=(1.0, 1.0), top_k=0, top_p=1.0),
+    "paper": dict(paper=True),
 }
 CALIBRATION_STEPS = 20
 
 
 def distill_config(args, row, out, steps, **extra):
     """The row's DistillConfig for `steps` optimizer steps in all (split evenly over a progressive row's stages)."""
-    settings = {**DEFAULT, **ROWS[row]}
-    stages = len(settings.get("schedule", [4]))
+    settings = row_settings(row)
+    stages = 3 if settings.get("paper") else 1  # --paper is the progressive schedule 1, 2, 4
     per_stage = max(1, steps // stages)
     return DistillConfig(teacher=args.teacher, out_dir=str(out), steps=[per_stage], batch_size=args.batch_size,
                          seq_len=args.seq_len, warmup_steps=min(50, per_stage // 10), eval_interval=10 ** 6,
@@ -71,11 +79,23 @@ def distill_config(args, row, out, steps, **extra):
                          seed=args.seed, **settings, **extra)
 
 
+def row_settings(row):
+    """The row's DistillConfig settings: the default with the row's change (--paper alone: it fixes the rest)."""
+    return dict(ROWS[row]) if ROWS[row].get("paper") else {**DEFAULT, **ROWS[row]}
+
+
+def row_sampling(row):
+    """The sampling distribution the row learns and is evaluated at (--paper: temperature 1, untruncated)."""
+    paper = {**DEFAULT, "tau": (1.0, 1.0), "top_k": 0, "top_p": 1.0}
+    settings = paper if ROWS[row].get("paper") else row_settings(row)
+    return Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
+
+
 def seconds_per_step(args, row, scratch):
     """Wall seconds per training step of `row`, from the throughput its own short run logs after warming up
     (averaged over the stages of a progressive row); the run is thrown away."""
     out = scratch / f"{row}-calibration"
-    stages = len(ROWS[row].get("schedule", [4]))
+    stages = 3 if ROWS[row].get("paper") else 1
     distill(distill_config(args, row, out, CALIBRATION_STEPS * stages, log_interval=CALIBRATION_STEPS // 2))
     per_step = []
     for stage in sorted(out.glob("stage_k*")):
@@ -87,10 +107,9 @@ def seconds_per_step(args, row, scratch):
 
 def evaluate_row(args, row, student, models, prompts, reference, floor_contexts):
     """The table's measurements of one trained row (see the module docstring)."""
-    settings = {**DEFAULT, **ROWS[row]}
-    sampling = Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
+    sampling = row_sampling(row)
     common_args = dict(length=args.sample_len, seed=args.seed, sampling=sampling, batch_size=args.eval_batch)
-    if settings["pathway"] == "full":
+    if ROWS[row].get("paper"):
         agreement = coupled_agreement(models.teacher, student, prompts, 4, seed=args.seed, temperature=1.0)
         samples = generate_samples(student, prompts, args.sample_len, seed=args.seed, k=4)
         result = {"agreement": agreement["per_offset"]}
@@ -99,8 +118,11 @@ def evaluate_row(args, row, student, models, prompts, reference, floor_contexts)
         diagnostics = draft_eval.diagnostics(student, prompts, 4, floor_contexts=floor_contexts, **common_args)
         samples = draft_eval.draft_decoding(student, prompts, args.sample_len, 4, args.seed, sampling,
                                             args.eval_batch, verify=False)["samples"]
+        speed = draft_eval.draft_speed(student, [4], [1], prompts, args.sample_len, args.speed_repeats, args.seed,
+                                       sampling)
         result = {"tokens_per_pass": verified["tokens_per_pass"], "accepted": verified["accepted"],
-                  "equals_ar": verified["equals_ar"], "floor": diagnostics["floor"], "shuffle": diagnostics["shuffle"]}
+                  "equals_ar": verified["equals_ar"], "floor": diagnostics["floor"], "shuffle": diagnostics["shuffle"],
+                  "speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified k=4")}
     teacher_quality = sample_quality(reference[sampling], prompts, models.teacher)
     quality = sample_quality(samples, prompts, models.teacher)
     result.update(teacher_quality=teacher_quality, quality=quality)
@@ -108,8 +130,10 @@ def evaluate_row(args, row, student, models, prompts, reference, floor_contexts)
 
 
 def table(rows):
-    lines = ["| row | changed | steps | train s | tokens/pass (verified) | accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 "
-             "| u-shuffle 2 / 3 / 4 | PPL ratio | entropy gap | repeat ratio |", "|" + "---|" * 11]
+    lines = ["| row | changed | steps | train s | tokens/pass (verified) | verified speed vs AR, batch 1 "
+             "| accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 | u-shuffle 2 / 3 / 4 | PPL ratio | entropy gap "
+             "| repeat ratio |",
+             "|" + "---|" * 12]
     for r in rows:
         q, t = r["quality"], r["teacher_quality"]
         changed = ", ".join(f"{k}={v}" for k, v in ROWS[r["row"]].items()) or "(the default)"
@@ -118,12 +142,13 @@ def table(rows):
             accept = " / ".join(f"{a:.3f}" for a in r["accepted"])
             floor = " / ".join(f"{a:.3f}" for a in r["floor"])
             shuffle = " / ".join(f"{a:.3f}" for a in r["shuffle"])
+            speed = f"{r['speedup_batch1']:.2f}x"
         else:
             tpp = "cannot verify"
             accept = "agreement " + " / ".join(f"{a:.3f}" for a in r["agreement"][1:])
-            floor = shuffle = "-"
-        lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp} | {accept} | "
-                     f"{floor} | {shuffle} | {q['ppl_teacher'] / t['ppl_teacher']:.2f} | "
+            floor = shuffle = speed = "-"
+        lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp} | {speed} | "
+                     f"{accept} | {floor} | {shuffle} | {q['ppl_teacher'] / t['ppl_teacher']:.2f} | "
                      f"{abs(q['unigram_entropy'] - t['unigram_entropy']) / t['unigram_entropy']:.1%} | "
                      f"{q['longest_repeat_mean'] / max(t['longest_repeat_mean'], 1e-9):.2f} |")
     return "\n".join(lines)
@@ -141,6 +166,8 @@ def main(argv=None):
     parser.add_argument("--sample-len", type=int, default=64, help="tokens decoded per prompt")
     parser.add_argument("--floor-windows", type=int, default=256, help="held-out windows of the u-blind floor")
     parser.add_argument("--eval-batch", type=int, default=32, help="prompts per decode call")
+    parser.add_argument("--speed-repeats", type=int, default=5, help="interleaved timing repeats of AR against "
+                        "verified decoding at batch 1 (the speed column is their median ratio)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
     parser.add_argument("--name", default="ablation_draft", help="results folder name (bench/results/NAME_<device>)")
     parser.add_argument("--keep", default=None, help="keep the trained rows in this directory (default: a "
@@ -156,8 +183,7 @@ def main(argv=None):
     reference = {}  # the teacher's AR samples per sampling setting: what verified decoding must equal
     rows = []
     for row in args.rows:
-        settings = {**DEFAULT, **ROWS[row]}
-        sampling = Sampling(settings["tau"][0], settings["top_k"], settings["top_p"], settings["cdf_order"])
+        sampling = row_sampling(row)
         if sampling not in reference:
             reference[sampling] = draft_eval.ar_samples(teacher, prompts, args.sample_len, args.seed, sampling,
                                                         args.eval_batch)
