@@ -17,7 +17,8 @@ def _teacher(seed=0):
 
 
 def _student(readout="onehot", num_layers=1, max_k=4, seed=1):
-    return draft_student(_teacher(), HeadConfig(num_layers=num_layers, max_k=max_k, readout=readout), seed=seed)
+    config = HeadConfig(num_layers=num_layers, max_k=max_k, readout=readout, pathway="head")
+    return draft_student(_teacher(), config, seed=seed)
 
 
 PROMPTS = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13]]
@@ -97,7 +98,7 @@ def test_token_rows_are_the_teachers_bit_for_bit():
 
 def test_head_starts_from_the_teachers_last_blocks_and_keeps_the_teacher_frozen():
     teacher = _teacher()
-    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=2))
+    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=2, pathway="head"))
     assert torch.equal(student.head.blocks[1].mlp.fc.weight, teacher.blocks[-1].mlp.fc.weight)
     assert not any(p.requires_grad for p in teacher.parameters())
     assert student.fingerprint == teacher_fingerprint(_teacher())
@@ -120,7 +121,7 @@ def test_bad_head_configs_are_refused():
     with pytest.raises(ValueError, match="max_k must be >= 2"):
         HeadConfig(max_k=1)
     with pytest.raises(ValueError, match="cannot be copied"):
-        HintHead(CONFIG, HeadConfig(num_layers=4))
+        HintHead(CONFIG, HeadConfig(num_layers=4, pathway="head"))
     with pytest.raises(ValueError, match="k=5"):
         generate_with_drafts(_student(), PROMPTS, 8, k=5)
 
@@ -132,7 +133,7 @@ RAGGED = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13], [40, 4
 @pytest.mark.parametrize("order, code", [("vocab", "dyadic"), ("descending", "sinusoid"), ("descending", "binary")])
 def test_verified_decoding_equals_ar_for_every_order_code_and_batch(batch, order, code):
     config = HeadConfig(num_layers=1, max_k=4, readout="categorical" if code == "binary" else "onehot",
-                        noise_code=code)
+                        noise_code=code, pathway="head")
     student = draft_student(_teacher(), config)
     prompts = RAGGED[:batch]
     for sampling in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)):

@@ -13,6 +13,10 @@ from kforcing.noise import counter_uniform
 CONFIG = ModelConfig(vocab_size=53, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=64)
 
 
+def head_onehot(max_k):
+    return HeadConfig(num_layers=1, max_k=max_k, readout="onehot", pathway="head")
+
+
 def _batch(k, batch=4, context=12):
     ids = torch.randint(0, CONFIG.vocab_size, (batch, context), generator=torch.Generator().manual_seed(3))
     u = counter_uniform(11, torch.arange(batch)[:, None, None], torch.arange(context * k).view(1, context, k))
@@ -22,7 +26,8 @@ def _batch(k, batch=4, context=12):
 @pytest.mark.parametrize("readout", ["onehot", "categorical"])
 def test_head_step_fits_a_batch_and_trains_only_the_head(readout):
     torch.manual_seed(0)
-    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=3, readout=readout))
+    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=3, readout=readout,
+                                                                               pathway="head"))
     teacher_before = {n: p.clone() for n, p in student.teacher.state_dict().items()}
     ids, u = _batch(3)
     optimizer = torch.optim.Adam(student.head.parameters(), lr=3e-3)
@@ -43,7 +48,7 @@ def test_head_step_fits_a_batch_and_trains_only_the_head(readout):
 
 def test_onehot_targets_are_the_teachers_tokens_after_the_window_so_far():
     torch.manual_seed(0)
-    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=3))
+    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), head_onehot(max_k=3))
     ids, u = _batch(3, batch=2, context=5)
     window = torch.randint(0, CONFIG.vocab_size, (2, 5, 2))
     logits = student.teacher_window_logits(ids, window)
@@ -56,7 +61,7 @@ def test_onehot_targets_are_the_teachers_tokens_after_the_window_so_far():
 
 def test_boundary_weighting_keeps_the_teachers_tokens_and_moves_u_toward_their_interval_ends():
     torch.manual_seed(0)
-    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=4))
+    student = DraftStudent.from_teacher(ARModel(CONFIG).eval(), head_onehot(max_k=4))
     ids, u = _batch(4, batch=3, context=10)
     sampling = Sampling(0.7, 20, 0.9, "descending")
     y1 = sample_rows(student.teacher(ids), u[..., 0], sampling)
@@ -83,13 +88,13 @@ def test_boundary_weighting_trains_and_is_refused_where_it_cannot_apply():
     torch.manual_seed(0)
     ids, u = _batch(3)
     draws = torch.distributions.Beta(0.5, 0.5).sample(u.shape).double()
-    onehot = DraftStudent.from_teacher(ARModel(CONFIG).eval(), HeadConfig(num_layers=1, max_k=3))
+    onehot = DraftStudent.from_teacher(ARModel(CONFIG).eval(), head_onehot(max_k=3))
     loss, metrics = head_step(onehot, ids, u, Sampling(0.8), "teacher", boundary=draws)
     loss.backward()
     assert torch.isfinite(loss) and len(metrics["acceptance"]) == 2
     with pytest.raises(ValueError, match="boundary weighting needs the onehot readout on teacher windows"):
         head_step(onehot, ids, u, Sampling(0.8), "student", boundary=draws)
     categorical = DraftStudent.from_teacher(ARModel(CONFIG).eval(),
-                                            HeadConfig(num_layers=1, max_k=3, readout="categorical"))
+                                            HeadConfig(num_layers=1, max_k=3, pathway="head"))
     with pytest.raises(ValueError, match="boundary weighting needs the onehot readout"):
         head_step(categorical, ids, u, Sampling(0.8), "teacher", boundary=draws)

@@ -209,8 +209,10 @@ def test_the_adapters_hold_every_trainable_parameter_and_none_of_the_teacher():
 def test_head_config_round_trips_and_old_checkpoints_default_to_the_head_pathway():
     config = _config(0, "categorical")
     assert HeadConfig.from_dict(config.to_dict()) == config
-    old = {key: value for key, value in HeadConfig().to_dict().items() if key not in ("pathway", "adapter_rank")}
-    assert HeadConfig.from_dict(old).pathway == "head"
+    old = {key: value for key, value in HeadConfig().to_dict().items()
+           if key not in ("pathway", "adapter_rank", "readout")}
+    assert (HeadConfig.from_dict(old).pathway, HeadConfig.from_dict(old).readout) == ("head", "onehot")
+    assert (HeadConfig().pathway, HeadConfig().readout) == ("trunk", "categorical")  # what distill trains
 
 
 def test_bad_trunk_configs_are_refused():
@@ -224,8 +226,8 @@ def test_bad_trunk_configs_are_refused():
     with pytest.raises(ValueError, match="'head' pathway"):
         HintHead(CONFIG, _config(4))
     with pytest.raises(ValueError, match="'trunk' pathway"):
-        TrunkAdapters(CONFIG, HeadConfig())
+        TrunkAdapters(CONFIG, HeadConfig(pathway="head"))
     adapters = TrunkAdapters.from_teacher(peaked_teacher(), _config(4))
-    adapters.config = HeadConfig()  # a trunk module that claims the head pathway
+    adapters.config = HeadConfig(pathway="head")  # a trunk module that claims the head pathway
     with pytest.raises(TypeError, match="needs a HintHead"):
         DraftStudent(peaked_teacher(), adapters)

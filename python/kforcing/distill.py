@@ -111,10 +111,11 @@ class DistillConfig:
     paper: bool = option(False, "the original method in one flag: --pathway full (every weight fine-tuned), "
                          "progressive self-forcing 1,2,4 at temperature 1, sinusoidal noise code, one-hot readout, "
                          "vocabulary CDF order; it overrides those settings")
-    pathway: str = option("trunk", "the student: full (every weight fine-tuned, hint rows through the whole model: "
-                          "the original method), head (a hint head on the frozen teacher's final states) or trunk "
-                          "(hint rows through the frozen teacher with adapters); head and trunk keep the teacher's "
-                          "token rows exact and decode losslessly with verification", choices=list(PATHWAYS))
+    pathway: str = option(HeadConfig.pathway, "the student: full (every weight fine-tuned, hint rows through the "
+                          "whole model: the original method), head (a hint head on the frozen teacher's final "
+                          "states) or trunk (hint rows through the frozen teacher with adapters); head and trunk keep "
+                          "the teacher's token rows exact and decode losslessly with verification",
+                          choices=list(PATHWAYS))
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
                                            convert=lambda text: parse_int_list(text, "--schedule") if text else None)
@@ -228,7 +229,7 @@ class DistillConfig:
     def _apply_paper(self):
         """--paper: the original method. Settings it fixes may not be given beside it (they would be ignored)."""
         given = [name for name, value, default in (
-            ("pathway", self.pathway, "trunk"), ("tau", self.tau, None), ("top_k", self.top_k, None),
+            ("pathway", self.pathway, HeadConfig.pathway), ("tau", self.tau, None), ("top_k", self.top_k, None),
             ("top_p", self.top_p, None), ("readout", self.readout, None), ("head_layers", self.head_layers, None),
             ("adapter_rank", self.adapter_rank, None), ("windows", self.windows, "student"),
             ("noise_code", self.noise_code, "sinusoid"), ("cdf_order", self.cdf_order, "vocab"),
@@ -254,14 +255,14 @@ class DistillConfig:
 
     def _validate_draft(self):
         self.tau = self.tau or (DRAFT_SAMPLING["temperature"],) * 2
-        self.readout = self.readout or "categorical"
+        self.readout = self.readout or HeadConfig.readout
         self.top_k = DRAFT_SAMPLING["top_k"] if self.top_k is None else self.top_k
         self.top_p = DRAFT_SAMPLING["top_p"] if self.top_p is None else self.top_p
         other = {"head": ("adapter_rank", self.adapter_rank), "trunk": ("head_layers", self.head_layers)}[self.pathway]
         if other[1] is not None:
             raise DistillError(f"--{other[0].replace('_', '-')} does not apply to --pathway {self.pathway}")
-        self.head_layers = 2 if self.head_layers is None else self.head_layers
-        self.adapter_rank = 8 if self.adapter_rank is None else self.adapter_rank
+        self.head_layers = HeadConfig.num_layers if self.head_layers is None else self.head_layers
+        self.adapter_rank = HeadConfig.adapter_rank if self.adapter_rank is None else self.adapter_rank
         if self.objective != "self-forcing":
             raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
                                "exact windows (--windows)")

@@ -60,9 +60,16 @@ def teacher_fingerprint(teacher: ARModel) -> str:
     return digest.hexdigest()[:16]
 
 
+# The defaults of the kforcing releases that wrote checkpoints without these keys (see HeadConfig.from_dict).
+_BEFORE_DEFAULTS_CHANGED = {"readout": "onehot", "pathway": "head"}
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
     """The shape of a draft student's trainable part (a hint head, or trunk adapters).
+
+    The defaults are `kforcing distill`'s, chosen by the ablation (README): the trunk pathway with rank-8 adapters
+    and the categorical readout.
 
     Attributes:
         num_layers: Transformer blocks in the head (copied from the teacher's last blocks at initialisation).
@@ -81,10 +88,10 @@ class HeadConfig:
 
     num_layers: int = 2
     max_k: int = 4
-    readout: str = "onehot"
+    readout: str = "categorical"
     noise_num_freqs: Optional[int] = None
     noise_code: str = "sinusoid"
-    pathway: str = "head"
+    pathway: str = "trunk"
     adapter_rank: int = 8
 
     def __post_init__(self):
@@ -111,12 +118,16 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadConfig":
-        """The inverse of to_dict; an unknown key (a checkpoint from a newer kforcing) is a clear error."""
+        """The inverse of to_dict; an unknown key (a checkpoint from a newer kforcing) is a clear error.
+
+        A key a checkpoint lacks takes the value of the kforcing that wrote it, not today's default: checkpoints
+        older than the trunk pathway (no "pathway") are hint heads with the readout they were written with.
+        """
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown head settings {unknown}: this kforcing knows {sorted(known)}")
-        return cls(**data)
+        return cls(**{**_BEFORE_DEFAULTS_CHANGED, **data})
 
     def window_rows(self, k):
         """Rows of one window for k tokens: y1 + k-1 hints (onehot) or y1 + k-2 hints (categorical)."""
