@@ -1,6 +1,7 @@
 """The `kforcing` command line: train-teacher and sample, as a user runs them, and their error messages."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ def test_help():
     for flag in ("--corpus", "--resume", "--stop-after", "--tokenizer", "--seq-len", "--tensorboard"):
         assert flag in train_help
     assert "--k" in run_cli("sample", "--help").stdout
+    # Each default is said once, and an option without one says nothing about it.
+    for command in ("train-teacher", "distill", "eval", "sample", "demo"):
+        text = " ".join(run_cli(command, "--help").stdout.split())
+        assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), command
+    assert "(default: stdlib)" in " ".join(train_help.split())
 
 
 def test_train_then_sample(teacher_run, capsys):

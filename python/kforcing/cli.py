@@ -67,9 +67,17 @@ def config_from_args(config_class, args):
     return config_class(**values)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default to its help, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _new_parser(subparsers, name, help, description):
-    return subparsers.add_parser(name, help=help, description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
 
 
 # ---------------------------------------------------------------------------------------------------------
