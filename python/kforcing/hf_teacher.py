@@ -40,6 +40,10 @@ class HFTeacherError(ValueError):
     """A Hugging Face model that cannot be a kforcing teacher (or cannot be loaded), with what to do."""
 
 
+class TransformersMissing(HFTeacherError, ImportError):
+    """transformers is not installed (an ImportError, and an HFTeacherError for the command line's error line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """Where a model family keeps what kforcing needs, as attribute paths from the base model (`model.base_model`).
@@ -79,7 +83,7 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"Hugging Face teachers need the `transformers` package: {INSTALL_HINT}") from None
+        raise TransformersMissing(f"Hugging Face teachers need the `transformers` package: {INSTALL_HINT}") from None
     return transformers
 
 
@@ -295,5 +299,6 @@ def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None
     return teacher, tokenizer
 
 
-__all__ = ["FAMILIES", "HFModelConfig", "HFTeacher", "HFTeacherError", "HF_PREFIX", "check_supported",
-           "check_tokenizer", "is_hf_spec", "linear_features", "load_hf_teacher", "require_transformers"]
+__all__ = ["FAMILIES", "HFModelConfig", "HFTeacher", "HFTeacherError", "HF_PREFIX", "TransformersMissing",
+           "check_supported", "check_tokenizer", "is_hf_spec", "linear_features", "load_hf_teacher",
+           "require_transformers"]
