@@ -3,7 +3,7 @@ saved with save_pretrained to a temporary directory (nothing is downloaded)."""
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 VOCAB = 300
 
 
@@ -15,7 +15,8 @@ def tiny_config(family, vocab_size=VOCAB, max_len=128):
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=max_len,
                                        initializer_range=0.1, bos_token_id=0, eos_token_id=0)
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "mistral": transformers.MistralConfig}[family]
     return config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
                         initializer_range=0.1, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
