@@ -12,9 +12,10 @@ import kforcing.checkpoint as ckpt  # noqa: E402
 from kforcing.checkpoint import CheckpointError  # noqa: E402
 from kforcing.draft_checkpoint import save_draft_student  # noqa: E402
 from kforcing.draft_decode import generate_with_drafts  # noqa: E402
-from kforcing.generate import generate_ar  # noqa: E402
+from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
 from kforcing.head_targets import head_step  # noqa: E402
-from kforcing.hf_teacher import HFTeacherError, TransformersMissing, load_hf_teacher, require_transformers  # noqa: E402
+from kforcing.hf_teacher import (HFTeacher, HFTeacherError, TransformersMissing, load_hf_teacher,  # noqa: E402
+                                  require_transformers)
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling  # noqa: E402
 from kforcing.model import KVCache  # noqa: E402
 from kforcing.noise import counter_uniform  # noqa: E402
@@ -66,6 +67,16 @@ def test_llama_eager_attention_is_a_looser_oracle(tmp_path):
         torch.testing.assert_close(teacher(ids), eager(ids).logits, **HF_EAGER_FP64)
 
 
+def test_a_model_held_in_memory_becomes_a_teacher(tmp_path):
+    oracle = save_tiny("qwen2", tmp_path, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        expected = oracle(ids).logits
+    teacher = HFTeacher(oracle)  # switches the model's attention to kforcing's
+    assert oracle.config._attn_implementation == "kforcing" and teacher.source is None
+    torch.testing.assert_close(teacher(ids), expected, **HF_FP64)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoding_over_the_static_kv_cache_equals_the_full_pass(family, tmp_path):
     _, teacher = loaded(family, tmp_path)
@@ -106,7 +117,7 @@ def test_verified_decoding_equals_sampling_from_the_hf_teacher(family, tmp_path)
     # categorical: the draft of token 2 comes from the teacher's own row, so drafts are accepted (fewer passes)
     student = trunk_student(teacher, readout="categorical")
     prompts = [[3, 14, 15, 92], [6], [53, 58, 97, 93, 23, 84, 62]]
-    out = generate_with_drafts(student, prompts, 14, k=3, seed=5, **SAMPLING)
+    out = generate_kforcing(student, prompts, 14, k=3, seed=5, verify=True, **SAMPLING)
     ar = generate_ar(teacher, prompts, 14, seed=5, **SAMPLING)
     assert torch.equal(out.tokens, ar.tokens) and out.num_passes < 14
     # The same uniforms through transformers' own forward pass, one token at a time, with no cache.
@@ -186,6 +197,14 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(tmp_path):
     save_tiny("llama", tmp_path, tokenizer=tiny_tokenizer(320))  # the model has 300 embedding rows
     with pytest.raises(HFTeacherError, match="320 tokens but the model's embedding only 300"):
         load_hf_teacher(f"hf:{tmp_path}")
+
+
+def test_an_unreachable_hub_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as without a network, but at once
+    with pytest.raises(HFTeacherError, match="not a local directory and the hub did not provide it"):
+        load_hf_teacher("hf:kforcing-tests/no-such-model")
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):
