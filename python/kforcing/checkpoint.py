@@ -452,7 +452,6 @@ def _tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
 
 
 __all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "describe_source",
-           "sha256_file",
-           "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
+           "sha256_file", "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
            "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
            "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "unwrap", "write_latest"]

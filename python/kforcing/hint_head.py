@@ -29,7 +29,9 @@ A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft 
 student of §3: window rows see the context up to their anchor and their own window causally.
 
 `DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
-parameters); `kforcing.draft_decode` decodes with it, with or without verification.
+parameters); `kforcing.draft_decode` decodes with it, with or without verification. The teacher is anything that
+implements `kforcing.teacher`'s protocol: kforcing's `ARModel`, or a Hugging Face causal LM (`HFTeacher`), which
+takes the trunk pathway with `kforcing.hf_adapters.HFTrunkAdapters` on its own linear layers (docs/method.md §9).
 """
 
 import dataclasses
