@@ -209,5 +209,5 @@ def test_an_unreachable_hub_is_a_clear_error(monkeypatch):
 
 def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(TransformersMissing, match=r'pip install -e "\.\[hf\]"'):
+    with pytest.raises(TransformersMissing, match=r'pip install --no-build-isolation -e "\.\[hf\]"'):
         require_transformers()

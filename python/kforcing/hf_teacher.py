@@ -16,7 +16,7 @@ staircase masks of training and kforcing's static `KVCache` of decoding all work
 Supported families (`FAMILIES`): Llama and the models built like it (Qwen2, Mistral: RoPE, grouped-query attention)
 and GPT-2 (learned absolute positions). Their layers are named here so that the trunk adapters of
 `kforcing.hf_adapters` can wrap the model's own linear layers; another architecture is a clear error naming these.
-transformers is an optional dependency (`pip install -e ".[hf]"`), imported only when a model is loaded.
+transformers is an optional dependency (the extra `hf`), imported only when a model is loaded.
 """
 
 import dataclasses
@@ -33,7 +33,7 @@ from .hf_attention import ATTEND_KWARG, ATTENTION_NAME, register_attention
 from .model import KVCache, decode_pass
 
 HF_PREFIX = "hf:"
-INSTALL_HINT = 'pip install -e ".[hf]"'
+INSTALL_HINT = 'pip install --no-build-isolation -e ".[hf]" in the repository, or pip install "transformers>=5.24,<6"'
 
 
 class HFTeacherError(ValueError):
