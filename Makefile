@@ -15,7 +15,7 @@ install: $(STAMP)
 # Rebuilt only when the C++/CUDA sources or the build description change; Python edits need no reinstall.
 $(STAMP): $(NATIVE_SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
+	$(PYTHON) -m pip install --no-build-isolation -e ".[test,hf]"
 	@mkdir -p build && touch $@
 
 test: install

@@ -378,7 +378,7 @@ def test_bad_input_errors():
         generate_ar(teacher, [[1], [2]], 2, sequence_ids=[0])
     with pytest.raises(TypeError, match="needs a model of type PushForwardLM"):
         generate_kforcing(teacher, [[1]], 2)
-    with pytest.raises(TypeError, match="needs a model of type ARModel"):
+    with pytest.raises(TypeError, match="generate_ar needs a teacher"):
         generate_ar(student, [[1]], 2)
     with pytest.raises(ValueError, match="temperature"):
         generate_kforcing(student, [[1]], 2, temperature=0.0)

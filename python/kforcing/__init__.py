@@ -14,6 +14,8 @@ The stages, in the order data flows through them (each reads the previous one's 
 and what they share:
 
     kforcing.model       ModelConfig, ARModel (teacher), PushForwardLM (student), KVCache
+    kforcing.teacher     the teacher protocol that ARModel and kforcing.hf_teacher.HFTeacher (a Hugging Face causal
+                         LM, `--teacher hf:PATH`) implement
     kforcing.generate    generate_ar, generate_kforcing: static-cache decoding with coupled noise
     kforcing.noise       counter_uniform: uniforms as a pure function of (seed, sequence, position)
     kforcing.checkpoint  checkpoints (checksummed, atomic), run-directory layout, typed provenance

@@ -277,6 +277,14 @@ def unwrap(model):
 # Loading
 
 
+def describe_source(path) -> str:
+    """How results and provenance name a model argument: a Hugging Face spec ("hf:...") as given, a checkpoint or run
+    directory as its resolved checkpoint directory."""
+    from .hf_teacher import is_hf_spec
+
+    return path if is_hf_spec(path) else str(resolve_checkpoint(path))
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory from a checkpoint directory or a run directory (through its latest.json)."""
     path = Path(path).expanduser()
@@ -361,10 +369,21 @@ def load_weights(model, path, strict: bool = True):
     directory = resolve_checkpoint(path)
     config = read_config(directory)
     mine = model.export_config()
-    saved_config, model_config = ModelConfig.from_dict(config["model"]), ModelConfig.from_dict(mine["model"])
-    if saved_config != model_config:
-        raise CheckpointError(f"checkpoint {directory} was made for another model config "
-                              f"({describe_config_difference(saved_config, model_config)}; checkpoint vs model)")
+    saved_kind, my_kind = config.get("teacher_kind", "kforcing"), mine.get("teacher_kind", "kforcing")
+    if saved_kind != my_kind:
+        raise CheckpointError(f"checkpoint {directory} was made for a {saved_kind} teacher; this "
+                              f"{type(model).__name__} is for a {my_kind} teacher")
+    if my_kind == "hf":  # the shape of a Hugging Face teacher (kforcing.hf_teacher.HFModelConfig), as a dict
+        if config["model"] != mine["model"]:
+            difference = ", ".join(f"{key}: {config['model'].get(key)} vs {value}"
+                                   for key, value in mine["model"].items() if config["model"].get(key) != value)
+            raise CheckpointError(f"checkpoint {directory} was made for another model ({difference}; checkpoint vs "
+                                  "model)")
+    else:
+        saved_config, model_config = ModelConfig.from_dict(config["model"]), ModelConfig.from_dict(mine["model"])
+        if saved_config != model_config:
+            raise CheckpointError(f"checkpoint {directory} was made for another model config "
+                                  f"({describe_config_difference(saved_config, model_config)}; checkpoint vs model)")
     if (config.get("head") is None) != (mine.get("head") is None):
         raise CheckpointError(f"checkpoint {directory} is a {config.get('model_type')} checkpoint; it does not fit a "
                               f"{type(model).__name__}")
@@ -394,12 +413,18 @@ def _device_of(model) -> torch.device:
 
 def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True,
                teacher=None):
-    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run directory.
+    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run directory, or a Hugging Face
+    model "hf:PATH" (an `HFTeacher`, with the tokenizer.json of its folder; its config dict is empty).
 
-    A draft-student checkpoint (a hint head) loads as a `DraftStudent` with its teacher: `teacher` (an ARModel or a
-    checkpoint path) when given, else the teacher embedded in a merged export, else the checkpoint its provenance
-    names (see `kforcing.draft_checkpoint`).
+    A draft-student checkpoint (a hint head) loads as a `DraftStudent` with its teacher: `teacher` (a teacher model,
+    a checkpoint path or "hf:PATH") when given, else the teacher embedded in a merged export, else the one its
+    provenance names (see `kforcing.draft_checkpoint`).
     """
+    from .hf_teacher import is_hf_spec, load_hf_teacher
+
+    if is_hf_spec(path):
+        model, tokenizer = load_hf_teacher(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
+        return model, tokenizer, {}
     directory = resolve_checkpoint(path)
     config = read_config(directory)
     if config.get("model_type") == "draft":
@@ -426,7 +451,7 @@ def _tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
     return None
 
 
-__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "sha256_file",
-           "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
+__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "describe_source",
+           "sha256_file", "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
            "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
            "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "unwrap", "write_latest"]

@@ -4,6 +4,7 @@
     kforcing sample --ckpt runs/teacher --prompt "def main(" --max-new-tokens 64
     kforcing sample --ckpt runs/student --prompt "def main(" --k 4
     kforcing distill --teacher runs/teacher --schedule 1,2,4 --out runs/student
+    kforcing distill --teacher hf:path/to/model --corpus stdlib --out runs/hf-draft
     kforcing eval --teacher runs/teacher --student runs/student --k 1,2,4
     kforcing demo [--quick | --full]
 
@@ -130,10 +131,11 @@ def _add_sample_parser(subparsers):
         "teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it "
         "keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
         "p), so models given the same seed are coupled.")
-    p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest), or "
+                   "hf:PATH: a Hugging Face causal LM (a save_pretrained folder with its tokenizer.json)")
     p.add_argument("--verify", action="store_true", help="draft students: lossless verified decoding")
-    p.add_argument("--teacher", default=None, help="draft students: the teacher checkpoint (default: the one it "
-                   "was trained on, from its provenance)")
+    p.add_argument("--teacher", default=None, help="draft students: the teacher checkpoint or hf:PATH (default: "
+                   "the one it was trained on, from its provenance)")
     p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for several (default: EOS)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")

@@ -46,6 +46,7 @@ from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, Tokenizer, find_token_cache, heldout_contexts, prepare_dataset
 from .head_targets import WINDOWS
 from .distill_draft import check_draft_run, run_draft_stage
+from .hf_teacher import HFTeacher
 from .hint_head import CDF_ORDERS, NOISE_CODES, READOUTS, DraftStudent, HeadConfig, Sampling
 from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
@@ -53,6 +54,7 @@ from .runtime import resolve_device, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
 from .stage_task import StageTask, plateaued
+from .teacher import is_teacher
 from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_option,
                       warn_changed_settings)
 
@@ -106,7 +108,9 @@ class DistillConfig:
         stop_after: stop (with a checkpoint) after this many optimizer steps in total, counted over all stages.
     """
 
-    teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory", required=True)
+    teacher: str = option(help="the AR teacher: a checkpoint or a train-teacher run directory, or hf:PATH (a Hugging "
+                          "Face causal LM saved with save_pretrained, with its tokenizer.json; or hf:HUB_NAME)",
+                          required=True)
     out_dir: str = option(help="run directory of the students", flag="--out", required=True)
     paper: bool = option(False, "the original method in one flag: --pathway full (every weight fine-tuned), "
                          "progressive self-forcing 1,2,4 at temperature 1, sinusoidal noise code, one-hot readout, "
@@ -523,8 +527,8 @@ def _token_cache(config: DistillConfig, teacher: Optional[Provenance], tokenizer
                  layout: RunLayout, info: DistInfo) -> TokenDataset:
     """The token dataset contexts come from: the teacher's own cache (its provenance), or --corpus / --data-dir."""
     if tokenizer is None:
-        raise DistillError(f"teacher checkpoint {ckpt.resolve_checkpoint(config.teacher)} has no tokenizer.json: the "
-                           "contexts cannot be tokenised (and the students would have no tokenizer)")
+        raise DistillError(f"teacher {ckpt.describe_source(config.teacher)} has no tokenizer.json: the contexts "
+                           "cannot be tokenised (and the students would have no tokenizer)")
     if config.data_dir is None and config.corpus is None:
         candidates = [teacher.token_cache if teacher else None, RunLayout(Path(config.teacher).expanduser()).data]
         dataset = find_token_cache(candidates, tokenizer)
@@ -565,12 +569,17 @@ def distill(config: DistillConfig) -> dict:
         return _distill(config, info)
 
 
+HF_CONTEXT_LEN = 256  # default contexts of a Hugging Face teacher (--seq-len overrides)
+
+
 def _context_length(config: DistillConfig, teacher, provenance: Optional[Provenance]) -> int:
     max_k, max_seq = max(config.schedule), teacher.config.max_seq_len
     if config.seq_len is not None:
         seq_len = config.seq_len
     else:  # the teacher's training length (a teacher run's only: a student's is its own context length)
         trained = provenance.seq_len if provenance is not None and provenance.stage == "teacher" else None
+        if isinstance(teacher, HFTeacher):  # no recorded training length; its max_seq_len can be 100k+
+            trained = HF_CONTEXT_LEN
         seq_len = min(trained or max_seq, max_seq - max_k)
     if seq_len < 1 or seq_len + max_k > max_seq:
         raise DistillError(f"seq_len={seq_len} + max k={max_k} exceeds the teacher's max_seq_len={max_seq}: every "
@@ -578,16 +587,16 @@ def _context_length(config: DistillConfig, teacher, provenance: Optional[Provena
     return seq_len
 
 
-def _write_settings(config: DistillConfig, layout: RunLayout, teacher_dir: Path, seq_len: int):
+def _write_settings(config: DistillConfig, layout: RunLayout, teacher_id: str, seq_len: int):
     """distill.json: checked against the current settings on --resume (another teacher is an error)."""
     current = config.to_json()
     if layout.distill_settings.is_file():
         saved = json.loads(layout.distill_settings.read_text())
-        if saved.get("teacher_checkpoint") not in (None, str(teacher_dir.resolve())):
-            raise DistillError(f"{layout.root} was distilled from {saved['teacher_checkpoint']}, not {teacher_dir}; "
+        if saved.get("teacher_checkpoint") not in (None, teacher_id):
+            raise DistillError(f"{layout.root} was distilled from {saved['teacher_checkpoint']}, not {teacher_id}; "
                                "resume with the original --teacher or choose another --out")
         warn_changed_settings(saved, current, _TRAJECTORY_FIELDS, True)
-    write_json_atomic(layout.distill_settings, {**current, "teacher_checkpoint": str(teacher_dir.resolve()),
+    write_json_atomic(layout.distill_settings, {**current, "teacher_checkpoint": teacher_id,
                                                 "seq_len_used": seq_len})
 
 
@@ -598,17 +607,24 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
         raise DistillError(f"{layout.root} already holds a distillation run; pass --resume to continue it (finished "
                            "stages are kept), or choose another --out")
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
-    teacher_dir = ckpt.resolve_checkpoint(config.teacher)
+    # A Hugging Face teacher is named by its resolved "hf:PATH"; a kforcing one by its checkpoint directory.
+    if isinstance(teacher, HFTeacher):
+        teacher_id = teacher.source
+    else:
+        teacher_id = str(ckpt.resolve_checkpoint(config.teacher).resolve())
     provenance = ckpt.Provenance.from_config(teacher_config)
     if config.pathway != "full":
-        if not isinstance(teacher, ARModel):
-            raise DistillError(f"--pathway {config.pathway} needs an AR teacher; {teacher_dir} is a "
+        if not is_teacher(teacher):
+            raise DistillError(f"--pathway {config.pathway} needs an AR teacher; {teacher_id} is a "
                                f"{type(teacher).__name__}")
         check_draft_run(config, info)
+    elif isinstance(teacher, HFTeacher):
+        raise DistillError("--pathway full fine-tunes a copy of a kforcing teacher; a Hugging Face teacher stays "
+                           "frozen: use --pathway trunk")
     elif isinstance(teacher, PushForwardLM):
         if config.objective == "noise-inversion":
             raise DistillError("--objective noise-inversion needs an AR teacher (the CDF intervals are the AR "
-                               f"model's); {teacher_dir} is a K-Forcing student")
+                               f"model's); {teacher_id} is a K-Forcing student")
         start = 2 * teacher.max_k if config.objective == "self-forcing" else teacher.max_k + 1
         check_schedule(config.schedule, config.objective, start)
     else:
@@ -616,7 +632,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
     seq_len = _context_length(config, teacher, provenance)
     if info.main:
         layout.root.mkdir(parents=True, exist_ok=True)
-        _write_settings(config, layout, teacher_dir, seq_len)
+        _write_settings(config, layout, teacher_id, seq_len)
         if tokenizer is not None:
             tokenizer.save(layout.tokenizer)
     info.barrier()
@@ -625,7 +641,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
         raise DistillError(f"the data's tokenizer has {dataset.vocab_size} tokens but the teacher's vocabulary has "
                            f"{teacher.config.vocab_size}: the corpus was tokenised with another tokenizer")
     run = _run_schedule if config.pathway == "full" else _run_draft_schedule
-    return run(config, teacher, str(teacher_dir.resolve()), dataset, tokenizer, seq_len, layout, info, device)
+    return run(config, teacher, teacher_id, dataset, tokenizer, seq_len, layout, info, device)
 
 
 def _finished_stage(stage_layout: RunLayout, k: int) -> dict:

@@ -7,7 +7,10 @@ A draft-student checkpoint is a `kforcing.checkpoint` directory whose config.jso
                           sha256 prefix of the teacher's config and weights (`teacher_fingerprint`), "provenance":
                           its `teacher` names the teacher checkpoint it was trained on
     teacher.safetensors   only in a merged export (`save_draft_student(..., merged=True)`): the teacher's weights,
-                          so that the directory decodes on its own
+                          so that the directory decodes on its own (kforcing teachers only)
+
+A student of a Hugging Face teacher (`kforcing.hf_adapters`) records "teacher_kind": "hf", the teacher's shape as
+"model", and "hf:PATH" as its provenance's teacher: the teacher stays in its own folder and is loaded from there.
 
 Loading finds the teacher in this order: the one the caller passes, the embedded one of a merged export, the
 checkpoint the provenance names. Whatever it is, its fingerprint must equal the recorded one: a head is only valid
@@ -20,9 +23,10 @@ from typing import Optional, Union
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, Provenance
-from .hint_head import DraftStudent, HeadConfig, HintHead, Sampling, teacher_fingerprint
+from .hf_teacher import HFTeacher, is_hf_spec
+from .hint_head import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
 from .model import ARModel, ModelConfig
-from .trunk_adapters import TrunkAdapters
+from .teacher import is_teacher
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -31,14 +35,17 @@ def save_draft_student(directory, student: DraftStudent, tokenizer=None, provena
                        merged: bool = False) -> Path:
     """Write `student`'s head (and with merged=True its teacher's weights too) as a checkpoint directory."""
     tensors = None
+    if merged and isinstance(student.teacher, HFTeacher):
+        raise ValueError("a merged export embeds kforcing teachers only: a Hugging Face teacher stays in its own "
+                         "folder (the checkpoint names it)")
     if merged:
         tensors = {TEACHER_FILE: {name: value.detach().to("cpu").contiguous()
                                   for name, value in student.teacher.state_dict().items()}}
     return ckpt.save_checkpoint(directory, student.head, tokenizer, provenance=provenance, tensors=tensors)
 
 
-def _find_teacher(directory: Path, config: dict, teacher, device) -> ARModel:
-    if isinstance(teacher, ARModel):
+def _find_teacher(directory: Path, config: dict, teacher, device):
+    if is_teacher(teacher):
         return teacher
     if teacher is not None:
         path = teacher
@@ -52,17 +59,18 @@ def _find_teacher(directory: Path, config: dict, teacher, device) -> ARModel:
         if path is None:
             raise CheckpointError(f"{directory} is a draft student without its teacher and names none; pass the "
                                   "teacher it was trained on (--teacher)")
-        if not Path(path).exists():
+        local = path[len("hf:"):] if is_hf_spec(path) else path
+        if not Path(local).expanduser().exists():
             raise CheckpointError(f"{directory} was trained on the teacher {path}, which no longer exists; pass it "
                                   "(--teacher) from where it is now")
     model, _, _ = ckpt.load_model(path, device=device, with_tokenizer=False)
-    if not isinstance(model, ARModel):
+    if not is_teacher(model):
         raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a "
                               f"{type(model).__name__}")
     return model
 
 
-def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, ARModel] = None,
+def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, ARModel, HFTeacher] = None,
                        device="cpu") -> DraftStudent:
     """The DraftStudent of a draft checkpoint (see the module docstring), in eval mode."""
     directory = Path(directory)
@@ -77,8 +85,12 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
                               f"{config.get('teacher_fingerprint')}, but the teacher given has fingerprint "
                               f"{fingerprint} (other weights or config): a hint head only fits the exact teacher it "
                               "was trained on")
-    module = TrunkAdapters if head_config.pathway == "trunk" else HintHead
-    head = module(model.config, head_config).to(device=model.device, dtype=model.dtype)
+    try:
+        module = head_class(model, head_config.pathway)
+    except ValueError as error:
+        raise CheckpointError(f"{directory}: {error}") from None
+    head = module(model if isinstance(model, HFTeacher) else model.config, head_config)
+    head.to(device=model.device, dtype=model.dtype)
     head.teacher_fingerprint = fingerprint
     ckpt.load_weights(head, directory)
     return DraftStudent(model, head, fingerprint).eval()

@@ -31,6 +31,7 @@ import torch
 from .generate import check_request, mask_after_eos
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
 from .model import KVCache, decode_blocks
+from .teacher import decode_layers
 from .noise import counter_uniform
 
 
@@ -86,9 +87,8 @@ class _DraftDecoder:
     def trunk(self, ids):
         """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
         teacher = self.student.teacher
-        features = decode_blocks(teacher.blocks, teacher.tok_emb(ids), self.trunk_cache, ids.shape[1],
-                                 teacher.inv_freq)
-        return features, teacher.lm_head(teacher.norm(features))
+        features = decode_layers(teacher, teacher.embed(ids), self.trunk_cache, ids.shape[1])
+        return features, teacher.logits(features)
 
     def commit_features(self, features, keep):
         """Head pathway: append the trunk's features to the head's cache; each sequence keeps only its first

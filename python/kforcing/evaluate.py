@@ -47,7 +47,9 @@ from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreem
                       generate_samples, sample_quality)
 from .draft_checkpoint import trained_sampling
 from .hint_head import CDF_ORDERS, DraftStudent, Sampling
+from .hf_teacher import HFTeacher
 from .model import ARModel, PushForwardLM
+from .teacher import is_teacher
 from .options import option, parse_int_list
 from .runtime import machine_info, resolve_device, write_json_atomic
 
@@ -67,7 +69,8 @@ class EvalConfig:
         checkpoints' provenance).
     """
 
-    teacher: str = option(help="the AR teacher (checkpoint or run directory)", required=True)
+    teacher: str = option(help="the AR teacher (checkpoint or run directory, or hf:PATH for a Hugging Face model)",
+                          required=True)
     student: str = option(help="the student (checkpoint, or a distill run directory)", required=True)
     out_dir: Optional[str] = option(None, "output directory (default: STUDENT/eval)", flag="--out")
     ks: Optional[List[int]] = option(None, "k values to evaluate, e.g. 1,2,4 (default: 1, 2, 4, .. max_k)",
@@ -123,7 +126,7 @@ class EvalConfig:
 class Models:
     """The checkpoints an evaluation compares, loaded, with what they were trained from."""
 
-    teacher: ARModel
+    teacher: Union[ARModel, HFTeacher]
     student: Union[PushForwardLM, DraftStudent]
     tokenizer: object
     teacher_provenance: Optional[Provenance]
@@ -135,7 +138,7 @@ class Models:
 def load_models(config: EvalConfig, device) -> Models:
     """The teacher, the student and the optional reference, checked to be comparable."""
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
-    if not isinstance(teacher, ARModel):
+    if not is_teacher(teacher):
         raise EvalError(f"--teacher {config.teacher} is a {type(teacher).__name__}; it must be the AR teacher")
     student, student_tokenizer, student_config = ckpt.load_model(config.student, device=device, teacher=teacher)
     if isinstance(student, ARModel):
@@ -302,7 +305,7 @@ def run_eval(config: EvalConfig) -> Dict:
     if trained_len and len(prompts[0]) + config.sample_len > trained_len + 1:
         notes.append(f"samples reach position {len(prompts[0]) + config.sample_len - 1}, beyond the "
                      f"{trained_len}-token contexts the student was distilled on")
-    results = {"teacher": str(ckpt.resolve_checkpoint(config.teacher)), "notes": notes, "context_len": context_len,
+    results = {"teacher": ckpt.describe_source(config.teacher), "notes": notes, "context_len": context_len,
                "student": str(ckpt.resolve_checkpoint(config.student)),
                "reference": str(ckpt.resolve_checkpoint(config.reference)) if config.reference else None,
                "student_max_k": models.student.max_k, "ks": ks,

@@ -40,9 +40,11 @@ import torch
 
 import kforcing_ops
 
+from .hf_teacher import HFTeacher
 from .hint_head import DraftStudent
-from .model import ARModel, KVCache, PushForwardLM
+from .model import KVCache, PushForwardLM
 from .noise import counter_uniform
+from .teacher import check_teacher
 
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
@@ -142,10 +144,10 @@ def _prefill_prefix(model, cache, prefix, pad_id):
     for b, p in enumerate(prefix):
         ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
     ids = ids.to(cache.seqlens.device)
-    if isinstance(model, ARModel):
-        model.decode(ids, cache, logits=None)
-    else:
+    if isinstance(model, PushForwardLM):
         model.decode(ids, ids.new_empty((len(prefix), 0), dtype=torch.float64), 1.0, cache)
+    else:
+        model.decode(ids, cache, logits=None)
     cache.seqlens.copy_(torch.tensor([len(p) for p in prefix], dtype=torch.int32))
     return 1
 
@@ -278,7 +280,7 @@ def _check_model(model, cls, name):
 
 
 @torch.no_grad()
-def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
+def generate_ar(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
                 seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                 eos_id: Optional[int] = None, pad_id: int = 0, sequence_ids=None, compile: bool = False,
                 cuda_graph: bool = False, order: str = "vocab") -> GenerationOutput:
@@ -289,7 +291,8 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
     function of (prompt, seed, sequence id, sampling parameters).
 
     Args:
-        model: an ARModel (in eval mode; decoding runs in its parameter dtype).
+        model: a teacher (`kforcing.teacher`): an ARModel or a Hugging Face HFTeacher, in eval mode; decoding runs
+            in its parameter dtype.
         prompts: a list of B prompts (token-id lists or 1-D tensors, lengths may differ), or a (B, P) tensor.
         max_new_tokens: tokens to generate per sequence (exactly, unless EOS comes first).
         seed: the request's seed.
@@ -298,15 +301,18 @@ def generate_ar(model: ARModel, prompts: Union[Sequence[Sequence[int]], torch.Te
         pad_id: fills the output after EOS, and pads ragged prefills.
         sequence_ids: (B,) ints naming each sequence's noise stream; default 0..B-1. Pass the ids of a bigger
             request to reproduce part of it (a sample depends only on its own prompt and id).
-        compile: torch.compile the per-token step.
-        cuda_graph: replay the passes as CUDA graphs (CUDA only; see the module docstring).
+        compile: torch.compile the per-token step (ARModel only).
+        cuda_graph: replay the passes as CUDA graphs (CUDA only; ARModel only; see the module docstring).
         order: the CDF's token order, "vocab" or "descending" (`kforcing_ops.inverse_cdf_sample`): the same
             distribution, another map from u to tokens.
 
     Returns:
         GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes).
     """
-    _check_model(model, ARModel, "generate_ar")
+    check_teacher(model, "generate_ar")
+    if isinstance(model, HFTeacher) and (compile or cuda_graph):
+        raise ValueError("compile and cuda_graph are for kforcing's own ARModel; decode a Hugging Face teacher "
+                         "without them")
     prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch = tail.shape[0]
     cache, cuda_graphs = _make_cache(model, batch, int(lengths.max()) + max_new_tokens, cuda_graph)

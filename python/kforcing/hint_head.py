@@ -29,7 +29,9 @@ A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft 
 student of §3: window rows see the context up to their anchor and their own window causally.
 
 `DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
-parameters); `kforcing.draft_decode` decodes with it, with or without verification.
+parameters); `kforcing.draft_decode` decodes with it, with or without verification. The teacher is anything that
+implements `kforcing.teacher`'s protocol: kforcing's `ARModel`, or a Hugging Face causal LM (`HFTeacher`), which
+takes the trunk pathway with `kforcing.hf_adapters.HFTrunkAdapters` on its own linear layers (docs/method.md §9).
 """
 
 import dataclasses
@@ -42,7 +44,10 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
+from .hf_adapters import HFTrunkAdapters
+from .hf_teacher import HFTeacher
 from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
+from .teacher import check_teacher
 from .trunk_adapters import TrunkAdapters
 
 READOUTS = ("onehot", "categorical")
@@ -51,9 +56,9 @@ CDF_ORDERS = kforcing_ops.CDF_ORDERS
 PATHWAYS = ("head", "trunk")
 
 
-def teacher_fingerprint(teacher: ARModel) -> str:
+def teacher_fingerprint(teacher) -> str:
     """sha256 (first 16 hex digits) of the teacher's config and weights: a head is only valid on this teacher."""
-    digest = hashlib.sha256(repr(sorted(teacher.config.to_dict().items())).encode())
+    digest = hashlib.sha256(repr(sorted(teacher.fingerprint_config().items())).encode())
     for name, value in sorted(teacher.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -167,12 +172,22 @@ class HintHead(nn.Module):
         return head
 
 
-def build_head(teacher: ARModel, config: HeadConfig):
-    """The trainable module of `config.pathway`, initialised from the teacher: a `HintHead` ("head") or
-    `TrunkAdapters` ("trunk"; checks adapter_rank against the teacher's width)."""
-    if config.pathway == "trunk":
-        return TrunkAdapters.from_teacher(teacher, config)
-    return HintHead.from_teacher(teacher, config)
+def head_class(teacher, pathway: str):
+    """The trainable module's class of `pathway` on `teacher`: `HintHead` or `TrunkAdapters` on an ARModel,
+    `HFTrunkAdapters` on a Hugging Face teacher (which has no head pathway: a HintHead copies kforcing blocks)."""
+    if isinstance(teacher, HFTeacher):
+        if pathway != "trunk":
+            raise ValueError(f"pathway {pathway!r} needs a kforcing ARModel teacher (its hint head copies the "
+                             "teacher's kforcing blocks); a Hugging Face teacher takes pathway 'trunk'")
+        return HFTrunkAdapters
+    return TrunkAdapters if pathway == "trunk" else HintHead
+
+
+def build_head(teacher, config: HeadConfig):
+    """The trainable module of `config.pathway`, initialised from the teacher: a `HintHead` ("head"),
+    `TrunkAdapters` or `HFTrunkAdapters` ("trunk"; they check adapter_rank against the teacher's width)."""
+    check_teacher(teacher, "a draft student")
+    return head_class(teacher, config.pathway).from_teacher(teacher, config)
 
 
 class TokenStream(NamedTuple):
@@ -192,17 +207,17 @@ class DraftStudent:
     """A frozen AR teacher (token rows, exact) and a trainable module for the hint rows.
 
     Attributes:
-        teacher: the ARModel; its parameters are frozen (requires_grad False) and never saved with the head.
-        head: the trainable module of the pathway: a `HintHead` ("head") or `TrunkAdapters` ("trunk");
-            `head.parameters()` is all that trains.
+        teacher: the teacher (an ARModel or an HFTeacher, `kforcing.teacher`); its parameters are frozen
+            (requires_grad False) and never saved with the head.
+        head: the trainable module of the pathway: a `HintHead` ("head"), `TrunkAdapters` or `HFTrunkAdapters`
+            ("trunk"); `head.parameters()` is all that trains.
         fingerprint: `teacher_fingerprint(teacher)`, stored in checkpoints and checked when loading.
     """
 
-    def __init__(self, teacher: ARModel, head, fingerprint: Optional[str] = None):
+    def __init__(self, teacher, head, fingerprint: Optional[str] = None):
         """fingerprint: `teacher_fingerprint(teacher)` when the caller has it already (it hashes every weight)."""
-        if not isinstance(teacher, ARModel):
-            raise TypeError(f"a DraftStudent needs an ARModel teacher, got {type(teacher).__name__}")
-        expected = TrunkAdapters if head.config.pathway == "trunk" else HintHead
+        check_teacher(teacher, "a DraftStudent")
+        expected = head_class(teacher, head.config.pathway)
         if not isinstance(head, expected):
             raise TypeError(f"pathway {head.config.pathway!r} needs a {expected.__name__}, got {type(head).__name__}")
         if head.model_config != teacher.config:
@@ -213,11 +228,12 @@ class DraftStudent:
         head.teacher_fingerprint = self.fingerprint
 
     @classmethod
-    def from_teacher(cls, teacher: ARModel, config: HeadConfig = HeadConfig()):
+    def from_teacher(cls, teacher, config: HeadConfig = HeadConfig()):
         return cls(teacher, build_head(teacher, config))
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self):
+        """The teacher's config (a ModelConfig, or an HFModelConfig for a Hugging Face teacher)."""
         return self.teacher.config
 
     @property
@@ -274,8 +290,8 @@ class DraftStudent:
                 values.append(v)
             return kforcing_ops.window_attention(q, k, v, 0, 1)
 
-        features = run_blocks(teacher.blocks, teacher.tok_emb(ids), positions, teacher.inv_freq, attend)
-        return TokenStream(features, keys, values), teacher.lm_head(teacher.norm(features))
+        features = teacher.run_layers(teacher.embed(ids), positions, attend)
+        return TokenStream(features, keys, values), teacher.logits(features)
 
     def teacher_window_logits(self, ids, window_tokens):
         """Teacher logits after every row of token windows: ids (B, N), window_tokens (B, W, m) -> (B, W, m, V).
@@ -286,11 +302,10 @@ class DraftStudent:
         teacher = self.teacher
         batch, context = ids.shape
         windows, rows = window_tokens.shape[1], window_tokens.shape[2]
-        x = teacher.tok_emb(torch.cat([ids, window_tokens.flatten(1)], dim=1))
-        features = run_blocks(teacher.blocks, x, self._staircase_positions(context, windows, rows, ids.device),
-                              teacher.inv_freq,
-                              lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, windows, rows))
-        logits = teacher.lm_head(teacher.norm(features[:, context:]))
+        x = teacher.embed(torch.cat([ids, window_tokens.flatten(1)], dim=1))
+        features = teacher.run_layers(x, self._staircase_positions(context, windows, rows, ids.device),
+                                      lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, windows, rows))
+        logits = teacher.logits(features[:, context:])
         return logits.view(batch, windows, rows, -1)
 
     @staticmethod
@@ -312,7 +327,7 @@ class DraftStudent:
         """
         k = u.shape[2]
         hints = u[..., 1:self.head.config.window_rows(k)]
-        y1_rows = self.teacher.tok_emb(y1)[:, :, None]
+        y1_rows = self.teacher.embed(y1)[:, :, None]
         if hints.shape[2] == 0:
             return y1_rows
         if isinstance(tau, torch.Tensor) and tau.dim() == 1:
@@ -328,10 +343,8 @@ class DraftStudent:
         first = 1 if self.head.config.readout == "onehot" else 0
         hidden = hidden[..., first:, :]
         if self.pathway == "trunk":
-            normed = self.head.final_norm(self.teacher.norm, hidden, 1 - first)
-        else:
-            normed = self.head.norm(hidden)
-        return self.teacher.lm_head(normed)
+            return self.head.readout(self.teacher, hidden, 1 - first)
+        return self.teacher.lm_head(self.head.norm(hidden))
 
     def draft_logits(self, ids, stream, y1, u, tau):
         """Draft logits for tokens 2..k of every window (training layout), in either pathway.
@@ -382,8 +395,7 @@ class DraftStudent:
             v = torch.cat([context_v.to(v.dtype), v], dim=1)
             return kforcing_ops.window_attention(q, k, v, windows, rows)[:, context:]
 
-        return self.head.run(self.teacher.blocks, window_x, self._window_positions(windows, rows, ids.device),
-                             self.teacher.inv_freq, attend)
+        return self.head.run(self.teacher, window_x, self._window_positions(windows, rows, ids.device), attend)
 
     def decode_window(self, x, cache):
         """One draft pass in decoding: window rows x (B, rows, H) = [exact token | hints] -> hidden (B, rows, H).
@@ -394,15 +406,16 @@ class DraftStudent:
         """
         if self.pathway == "head":
             return decode_blocks(self.head.blocks, x, cache, 0, self.teacher.inv_freq)
-        if cache.num_layers != len(self.teacher.blocks) or cache.batch_size != x.shape[0]:
+        layers = self.teacher.config.n_layer
+        if cache.num_layers != layers or cache.batch_size != x.shape[0]:
             raise ValueError(f"the KV cache ({cache.num_layers} layers, {cache.batch_size} sequences) does not fit "
-                             f"the teacher ({len(self.teacher.blocks)} layers) and {x.shape[0]} sequences")
+                             f"the teacher ({layers} layers) and {x.shape[0]} sequences")
         positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(x.shape[1], device=x.device)
 
         def attend(layer, q, k, v):
             return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens, 0)
 
-        return self.head.run(self.teacher.blocks, x[:, None], positions, self.teacher.inv_freq, attend)[:, 0]
+        return self.head.run(self.teacher, x[:, None], positions, attend)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,4 +452,4 @@ def drafts_from_logits(logits, u, readout, sampling: Sampling):
 
 
 __all__ = ["DraftStudent", "HeadConfig", "HintHead", "PATHWAYS", "READOUTS", "Sampling", "TokenStream", "build_head",
-           "drafts_from_logits", "sample_rows", "teacher_fingerprint"]
+           "drafts_from_logits", "head_class", "sample_rows", "teacher_fingerprint"]

@@ -20,6 +20,7 @@ import torch
 from .data import Tokenizer
 from .generate import generate_ar, generate_kforcing
 from .model import ARModel, PushForwardLM, Transformer
+from .teacher import is_teacher
 
 
 class EvalError(ValueError):
@@ -156,8 +157,8 @@ def perplexity(model: ARModel, prompts: List[List[int]], samples: List[List[int]
     Sequences longer than the model's max_seq_len are scored over their last max_seq_len tokens (with the
     earliest sample tokens then as context only).
     """
-    if not isinstance(model, ARModel):
-        raise TypeError(f"perplexity needs an ARModel, got {type(model).__name__}")
+    if not is_teacher(model):
+        raise TypeError(f"perplexity needs an AR teacher (an ARModel or an HFTeacher), got {type(model).__name__}")
     if len(prompts) != len(samples):
         raise EvalError(f"{len(prompts)} prompts for {len(samples)} samples")
     limit = model.config.max_seq_len + 1
@@ -205,13 +206,13 @@ def _generate_in_batches(model: Transformer, prompts, length, seed, temperature,
     for begin in range(0, len(prompts), batch_size):
         chunk = prompts[begin:begin + batch_size]
         ids = list(range(begin, begin + len(chunk)))
-        if isinstance(model, ARModel):
+        if is_teacher(model):
             out = generate_ar(model, chunk, length, seed=seed, temperature=temperature, sequence_ids=ids)
         elif isinstance(model, PushForwardLM):
             out = generate_kforcing(model, chunk, length, k=k, seed=seed, temperature=temperature,
                                     freq_penalty=freq_penalty, sequence_ids=ids)
         else:
-            raise TypeError(f"expected an ARModel or PushForwardLM, got {type(model).__name__}")
+            raise TypeError(f"expected an AR teacher or a PushForwardLM, got {type(model).__name__}")
         rows.append(out.tokens.cpu())
     return torch.cat(rows) if rows else torch.empty(0, length, dtype=torch.long)
 

@@ -255,27 +255,35 @@ def run_blocks(blocks, x, positions, inv_freq, attend):
     return x
 
 
-def decode_blocks(blocks, x, cache: KVCache, n_commit, inv_freq):
-    """One decode pass of x (B, T, H) through `blocks` against `cache`; advances its lengths by n_commit.
+def decode_pass(run_layers, num_layers, x, cache: KVCache, n_commit):
+    """One decode pass of x (B, T, H) against `cache`; advances its lengths by n_commit.
 
-    Row j of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are
-    appended to the cache; the others (hints) are used in this pass only (docs/method.md §3).
+    run_layers(x, positions, attend) runs the model's `num_layers` layers, calling attend(layer, q, k, v) for each
+    layer's attention (a kforcing stack of blocks, or a Hugging Face model through `kforcing.hf_attention`). Row j
+    of sequence b sits at position cache.seqlens[b] + j. The first n_commit rows are real tokens and are appended
+    to the cache; the others (hints) are used in this pass only (docs/method.md §3).
     """
     batch, rows = x.shape[:2]
     if cache.batch_size != batch:
         raise ValueError(f"the KV cache holds {cache.batch_size} sequences but the step has {batch}")
-    if cache.num_layers != len(blocks):
-        raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {len(blocks)}")
+    if cache.num_layers != num_layers:
+        raise ValueError(f"the KV cache has {cache.num_layers} layers but the model has {num_layers}")
     positions = cache.seqlens.to(torch.int64)[:, None] + torch.arange(rows, device=x.device)
 
     def attend(layer, q, k, v):
         return kforcing_ops.window_attention_decode(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens,
                                                     n_commit)
 
-    hidden = run_blocks(blocks, x, positions, inv_freq, attend)
+    hidden = run_layers(x, positions, attend)
     if n_commit:
         cache.seqlens.add_(n_commit)
     return hidden
+
+
+def decode_blocks(blocks, x, cache: KVCache, n_commit, inv_freq):
+    """`decode_pass` through a stack of kforcing `blocks` with rotary frequencies inv_freq."""
+    return decode_pass(lambda h, positions, attend: run_blocks(blocks, h, positions, inv_freq, attend), len(blocks),
+                       x, cache, n_commit)
 
 
 class Transformer(nn.Module):
@@ -349,6 +357,25 @@ class ARModel(Transformer):
     """
 
     model_type = "ar"
+
+    # -- the teacher protocol (`kforcing.teacher`): what the draft student, decoding and evaluation call ---------
+
+    def embed(self, ids):
+        """Input vectors (B, S, H) of token ids (B, S)."""
+        return self.tok_emb(ids)
+
+    def run_layers(self, x, positions, attend):
+        """Every block over input vectors x (B, S, H) at rotary `positions`: the features before the final norm;
+        attend(layer, q, k, v) computes each layer's attention in (B, S, heads, D)."""
+        return run_blocks(self.blocks, x, positions, self.inv_freq, attend)
+
+    def logits(self, hidden):
+        """Next-token logits of `run_layers`' output: the final norm, then the LM head."""
+        return self.lm_head(self.norm(hidden))
+
+    def fingerprint_config(self) -> dict:
+        """What `teacher_fingerprint` hashes besides the weights."""
+        return self.config.to_dict()
 
     def forward(self, ids, positions=None):
         """Logits (B, S, V) of the next token at every position of ids (B, S); positions default to 0..S-1."""
@@ -582,4 +609,4 @@ def build_model(spec):
 
 
 __all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "PushForwardLM", "Transformer", "broadcast_tau",
-           "build_model", "decode_blocks", "run_blocks"]
+           "build_model", "decode_blocks", "decode_pass", "run_blocks"]

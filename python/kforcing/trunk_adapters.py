@@ -204,18 +204,23 @@ class TrunkAdapters(nn.Module):
         adapters.norm.load_state_dict(teacher.norm.state_dict())
         return adapters
 
-    def run(self, blocks, x, positions, inv_freq, attend, n_token=1):
-        """Window rows x (B, W, R, H) through the teacher's `blocks` with these adapters.
+    def run(self, teacher, x, positions, attend, n_token=1):
+        """Window rows x (B, W, R, H) through the teacher's blocks with these adapters (before the final norm).
 
         positions: rotary positions of the flattened rows, (W*R,) or (B, W*R). attend(layer, q, k, v) computes
         each layer's attention for the flattened window rows (it supplies the token stream's keys and values).
         """
+        blocks = teacher.blocks
         if len(blocks) != len(self.layers):
             raise ValueError(f"these adapters are for {len(self.layers)} blocks, the teacher has {len(blocks)}")
-        cos, sin = rotary_cos_sin(positions, inv_freq)
+        cos, sin = rotary_cos_sin(positions, teacher.inv_freq)
         for layer, (block, adapter) in enumerate(zip(blocks, self.layers)):
             x = adapter(block, x, cos, sin, functools.partial(attend, layer), n_token)
         return x
+
+    def readout(self, teacher, hidden, n_token):
+        """Logits of `run`'s output rows (..., R, H): the final norms (`final_norm`), then the teacher's LM head."""
+        return teacher.lm_head(self.final_norm(teacher.norm, hidden, n_token))
 
     def final_norm(self, teacher_norm, x, n_token):
         """The final norm of window rows (..., R, H): the teacher's for token rows, `self.norm` for hint rows."""
