@@ -213,3 +213,13 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(TransformersMissing, match=r'pip install --no-build-isolation -e "\.\[hf\]"'):
         require_transformers()
+
+
+def test_loading_draws_no_progress_bar_and_restores_the_setting(tmp_path, capfd):
+    save_tiny("llama", tmp_path)
+    capfd.readouterr()
+    logging = transformers.utils.logging
+    logging.enable_progress_bar()
+    load_hf_teacher(f"hf:{tmp_path}")
+    assert "Loading weights" not in capfd.readouterr().err  # kforcing's commands draw their own progress
+    assert logging.is_progress_bar_enabled()

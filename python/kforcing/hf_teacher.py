@@ -19,6 +19,7 @@ and GPT-2 (learned absolute positions). Their layers are named here so that the 
 transformers is an optional dependency (the extra `hf`), imported only when a model is loaded.
 """
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -256,6 +257,20 @@ def check_tokenizer(teacher: HFTeacher, tokenizer, name: str):
                              f"only {teacher.config.vocab_size}: the tokenizer belongs to another model")
 
 
+@contextlib.contextmanager
+def _quiet_loading(transformers):
+    """transformers' "Loading weights" bar off while a teacher loads: kforcing's commands draw their own progress
+    (and --no-progress must mean none)."""
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True):
     """(HFTeacher in eval mode, its tokenizer or None) from "hf:PATH" (a save_pretrained directory) or "hf:NAME" (a
     hub model, when the hub is reachable). dtype: the parameter dtype (default float32)."""
@@ -281,9 +296,10 @@ def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None
                              "saved with save_pretrained.") from None
     check_supported(hf_config)
     register_attention()
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, config=hf_config,
-                                                              attn_implementation=ATTENTION_NAME,
-                                                              dtype=dtype or torch.float32)
+    with _quiet_loading(transformers):
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, config=hf_config,
+                                                                  attn_implementation=ATTENTION_NAME,
+                                                                  dtype=dtype or torch.float32)
     teacher = HFTeacher(model, source=HF_PREFIX + source).to(device).eval()
     tokenizer = None
     if with_tokenizer:
