@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import kforcing.checkpoint as ckpt
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.model import ARModel, ModelConfig
 from kforcing.train import TrainConfig, lr_at, train_teacher
+from kforcing.trainer import Trainer
 from tolerances import CHANCE_LOSS_ABS, DDP_LOSS_ABS, DDP_WEIGHTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
@@ -104,6 +106,29 @@ def test_resume_is_exact(tmp_path, shared, capsys):
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
 
     assert records("split") == records("straight")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_saves_its_last_step_and_resumes_exactly(tmp_path, shared, monkeypatch, signal_number):
+    straight = train_teacher(short_config(tmp_path / "straight", shared))
+    step, handler = Trainer._train_step, signal.getsignal(signal_number)
+
+    def step_then_signal(self, window):  # the signal arrives while step 3 runs
+        result = step(self, window)
+        if self.step == 3:
+            os.kill(os.getpid(), signal_number)
+        return result
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint at step 3 .*--resume"):
+        train_teacher(short_config(tmp_path / "split", shared))
+    assert ckpt.resolve_checkpoint(tmp_path / "split").name == "step_0000003"
+    assert signal.getsignal(signal_number) == handler  # the run's handlers are gone
+    monkeypatch.undo()
+    resumed = train_teacher(short_config(tmp_path / "split", shared, resume=True))
+    assert straight["step"] == resumed["step"] == 8
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_resume_and_output_directory_errors(tmp_path, shared, capsys):

@@ -409,8 +409,8 @@ def main(argv=None):
         if os.environ.get("KFORCING_DEBUG"):
             raise
         parser.exit(2, f"kforcing: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "kforcing: interrupted\n")
+    except KeyboardInterrupt as interrupt:
+        parser.exit(130, f"kforcing: interrupted{f'; {interrupt}' if str(interrupt) else ''}\n")
 
 
 if __name__ == "__main__":

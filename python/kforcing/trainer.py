@@ -28,7 +28,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -504,25 +506,60 @@ class Trainer:
         self.model.train()
         if self.step == 0:
             self.record(self.task.evaluate(0, "start", self.eval_model())[0])
-        window, stopped = _Window(), False
-        while self.step < self.stop_at:
-            lr, grad_norm = self._train_step(window)
-            bar.update(1)
-            if self.step % self.config.log_interval == 0 or self.step == self.stop_at:
-                self._log_window(window, lr, grad_norm, bar)
-                window = _Window()
-            final = self.step == self.steps
-            if final or self.step % self.config.eval_interval == 0:
-                record, stopped = self.task.evaluate(self.step, "end" if final else "interval", self.eval_model())
-                self.record(record)
-                final = final or stopped
-            if final or self.step % self.config.save_interval == 0 or self.step == self.stop_at:
-                self.save()
-            if final:
-                break
+        window, stopped, saved_at = _Window(), False, self.step
+        with _stop_requests(enabled=not info.enabled) as requests:
+            while self.step < self.stop_at:
+                lr, grad_norm = self._train_step(window)
+                bar.update(1)
+                if self.step % self.config.log_interval == 0 or self.step == self.stop_at:
+                    self._log_window(window, lr, grad_norm, bar)
+                    window = _Window()
+                final = self.step == self.steps
+                if final or self.step % self.config.eval_interval == 0:
+                    record, stopped = self.task.evaluate(self.step, "end" if final else "interval", self.eval_model())
+                    self.record(record)
+                    final = final or stopped
+                if final or self.step % self.config.save_interval == 0 or self.step == self.stop_at:
+                    self.save()
+                    saved_at = self.step
+                if final:
+                    break
+                if requests:  # Ctrl-C or SIGTERM: keep the progress, then stop
+                    if saved_at != self.step:
+                        self.save()
+                    bar.close()
+                    self.metrics.close()
+                    raise KeyboardInterrupt(f"checkpoint at step {self.step} in {self.layout.root}: continue the "
+                                            "run with --resume")
         bar.close()
         self.metrics.close()
         return stopped
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool):
+    """A list that SIGINT (Ctrl-C) and SIGTERM append to, instead of stopping the process in the middle of a step.
+
+    The loop checks it between steps, saves a checkpoint and stops, so an interrupted run loses no finished step. A
+    second signal stops at once. Off (the default handlers stay) outside the main thread and under DDP, where the
+    ranks could see the request at different steps and one would wait for the others' collectives forever.
+    """
+    requests = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def request(signum, frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+
+    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 __all__ = ["DistInfo", "EMA", "RAW_WEIGHTS_FILE", "Trainer", "TrainingError", "TrainingTask", "check_loop_options",
