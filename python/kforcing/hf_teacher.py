@@ -31,7 +31,7 @@ from torch import nn
 import kforcing_ops
 
 from .hf_attention import ATTEND_KWARG, ATTENTION_NAME, register_attention
-from .model import KVCache, decode_pass
+from .model import KVCache, decode_logits, decode_pass
 
 HF_PREFIX = "hf:"
 INSTALL_HINT = 'pip install --no-build-isolation -e ".[hf]" in the repository, or pip install "transformers>=5.24,<6"'
@@ -215,13 +215,7 @@ class HFTeacher(nn.Module):
         """Append ids (B, T) to the cache and return next-token logits, as `kforcing.model.ARModel.decode`."""
         n_commit = ids.shape[1] if n_commit is None else n_commit
         hidden = decode_pass(self.run_layers, self.config.n_layer, self.embed(ids), cache, n_commit)
-        if logits is None:
-            return None
-        if logits == "last":
-            return self.logits(hidden[:, -1])
-        if logits == "all":
-            return self.logits(hidden)
-        raise ValueError(f"`logits` must be 'last', 'all' or None, got {logits!r}")
+        return decode_logits(self.logits, hidden, logits)
 
     # -- what the trunk adapters wrap --------------------------------------------------------------------------
 

@@ -280,6 +280,18 @@ def decode_pass(run_layers, num_layers, x, cache: KVCache, n_commit):
     return hidden
 
 
+def decode_logits(head, hidden, logits):
+    """What a teacher's `decode` returns for its pass's output rows hidden (B, T, H): head(last row) (B, V) for
+    logits="last", head(every row) (B, T, V) for "all", None for None (a prefill that needs no LM head)."""
+    if logits is None:
+        return None
+    if logits == "last":
+        return head(hidden[:, -1])
+    if logits == "all":
+        return head(hidden)
+    raise ValueError(f"`logits` must be 'last', 'all' or None, got {logits!r}")
+
+
 def decode_blocks(blocks, x, cache: KVCache, n_commit, inv_freq):
     """`decode_pass` through a stack of kforcing `blocks` with rotary frequencies inv_freq."""
     return decode_pass(lambda h, positions, attend: run_blocks(blocks, h, positions, inv_freq, attend), len(blocks),
@@ -401,14 +413,7 @@ class ARModel(Transformer):
         """
         self._check_ids(ids)
         n_commit = ids.shape[1] if n_commit is None else n_commit
-        hidden = self._decode_run(self.tok_emb(ids), cache, n_commit)
-        if logits is None:
-            return None
-        if logits == "last":
-            return self.lm_head(hidden[:, -1])
-        if logits == "all":
-            return self.lm_head(hidden)
-        raise ValueError(f"`logits` must be 'last', 'all' or None, got {logits!r}")
+        return decode_logits(self.lm_head, self._decode_run(self.tok_emb(ids), cache, n_commit), logits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -609,4 +614,4 @@ def build_model(spec):
 
 
 __all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "PushForwardLM", "Transformer", "broadcast_tau",
-           "build_model", "decode_blocks", "decode_pass", "run_blocks"]
+           "build_model", "decode_blocks", "decode_logits", "decode_pass", "run_blocks"]
