@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark as tbench
 
+from kforcing.cli import HelpFormatter
 from kforcing.runtime import git_sha, resolve_device  # noqa: F401  (the benchmarks resolve --device with it)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -191,7 +192,7 @@ def report(name, device, results, text, no_save):
 
 
 def base_parser(description):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to run; auto = cuda when available")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")

@@ -49,6 +49,20 @@ def test_help():
         text = " ".join(run_cli(command, "--help").stdout.split())
         assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), command
     assert "(default: stdlib)" in " ".join(train_help.split())
+    assert "(default: False)" not in " ".join(train_help.split())  # a switch's default is always "off"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")
+                                          if p.name not in ("common.py", "test_microbench.py")))
+def test_benchmark_help(script):
+    """The benchmarks explain themselves the same way: each default said once, none for a switch or a None."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    assert "--device" in text and "(default: auto)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text)
 
 
 def test_train_then_sample(teacher_run, capsys):

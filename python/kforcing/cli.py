@@ -68,17 +68,18 @@ def config_from_args(config_class, args):
     return config_class(**values)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends a flag's default to its help, unless the help already says it or there is none to show."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default to its help, unless the help already says it, there is none to show, or the flag
+    is a switch (its default is always "off"). The benchmarks' --help uses it too."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
 def _new_parser(subparsers, name, help, description):
-    return subparsers.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
 
 
 # ---------------------------------------------------------------------------------------------------------
