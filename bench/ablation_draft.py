@@ -13,7 +13,7 @@ schedule), and the result is evaluated on the same held-out prompts and seeds:
 
     speed         tokens/s of verified decoding over AR's at batch 1, timed interleaved in the same process
 
-The default is `kforcing distill`'s own (trunk pathway, rank-8 adapters, categorical readout, the student's own
+The default is `kforcing distill`'s own (trunk pathway, full-copy adapters, categorical readout, the student's own
 windows, sinusoidal code, vocabulary order, temperature 0.7, top-k 50, top-p 0.9). The `paper` row is `--paper`,
 the original method (every weight fine-tuned, sinusoidal code, one-hot readout, progressive
 self-forcing 1 -> 2 -> 4, vocabulary order, temperature 1). Its token rows are not the teacher's, so it cannot
@@ -22,8 +22,8 @@ would accept if its drafts were checked), and the quality of its samples.
 
 Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with matplotlib, a plot beside them.
 
-    python bench/ablation_draft.py --teacher runs/demo/teacher --minutes 4
-    python bench/ablation_draft.py --teacher runs/demo/teacher --rows default categorical --minutes 1
+    python bench/ablation_draft.py --teacher runs/demo/teacher --minutes 8.5   # the demo's budget: ~2.5 h
+    python bench/ablation_draft.py --teacher runs/demo/teacher --rows default onehot --minutes 1
 """
 
 import shutil
@@ -46,15 +46,16 @@ from kforcing.hint_head import Sampling  # noqa: E402
 from kforcing.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
-# `kforcing distill`'s defaults for a draft student (head_layers 2 / adapter_rank 8 are implied by the pathway).
+# `kforcing distill`'s defaults for a draft student (head_layers 2 and, for this kforcing teacher, adapter_rank 0 --
+# a full copy -- are implied by the pathway).
 DEFAULT = dict(pathway="trunk", readout="categorical", windows="student", noise_code="sinusoid",
                cdf_order="vocab", **TRUNCATED)
 ROWS = {
     "default": {},
     "head": dict(pathway="head"),
     "head-1-layer": dict(pathway="head", head_layers=1),
+    "rank-8": dict(adapter_rank=8),
     "rank-32": dict(adapter_rank=32),
-    "full-copy": dict(adapter_rank=0),
     "onehot": dict(readout="onehot"),
     "teacher-windows": dict(windows="teacher"),
     "onehot-teacher-windows": dict(readout="onehot", windows="teacher"),
@@ -154,6 +155,34 @@ def table(rows):
     return "\n".join(lines)
 
 
+def plot(rows, path):
+    """<path>: per row, verified tokens per pass (none for the paper row: it cannot verify) and the unverified
+    samples' perplexity ratio, beside the default's."""
+    from kforcing.report import _pyplot, _save
+
+    plt = _pyplot()
+    names = [r["row"] for r in rows][::-1]
+    by_name = {r["row"]: r for r in rows}
+    tpp = [by_name[n].get("tokens_per_pass", 0.0) for n in names]
+    ppl = [by_name[n]["quality"]["ppl_teacher"] / by_name[n]["teacher_quality"]["ppl_teacher"] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.35 * len(names) + 1.5), sharey=True)
+    colours = ["tab:orange" if n == "default" else "tab:blue" for n in names]
+    left.barh(names, tpp, color=colours)
+    left.axvline(1.0, color="grey", lw=0.8)
+    for y, (name, value) in enumerate(zip(names, tpp)):
+        if "tokens_per_pass" not in by_name[name]:
+            left.text(0.05, y, "cannot verify", va="center", fontsize=8)
+    left.set_xlabel("verified tokens per pass, k = 4 (AR = 1)")
+    right.barh(names, ppl, color=colours)
+    right.axvline(1.0, color="grey", lw=0.8)
+    right.set_xscale("log")
+    right.set_xlabel("unverified samples' PPL / the teacher's samples' (1 = equal)")
+    if "default" in by_name:
+        left.axvline(tpp[names.index("default")], color="tab:orange", ls="--", lw=0.8)
+        right.axvline(ppl[names.index("default")], color="tab:orange", ls="--", lw=0.8)
+    return _save(fig, path)
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the AR teacher run (e.g. the demo's runs/demo/teacher)")
@@ -214,6 +243,10 @@ def main(argv=None):
         json_path, md_path, _ = common.save(args.name, device, rows, text, extra={"settings": config,
                                                                                          "default": DEFAULT})
         print(f"wrote {json_path} and {md_path}")
+        try:
+            print(f"wrote {plot(rows, json_path.with_suffix('.png'))}")
+        except ImportError:
+            print("no plot: matplotlib is not installed")
 
 
 if __name__ == "__main__":

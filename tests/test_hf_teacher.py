@@ -16,6 +16,7 @@ from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
 from kforcing.head_targets import head_step  # noqa: E402
 from kforcing.hf_teacher import (HFTeacher, HFTeacherError, TransformersMissing, load_hf_teacher,  # noqa: E402
                                   require_transformers)
+from kforcing.hf_adapters import HFTrunkAdapters  # noqa: E402
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling  # noqa: E402
 from kforcing.model import KVCache  # noqa: E402
 from kforcing.noise import counter_uniform  # noqa: E402
@@ -189,6 +190,8 @@ def test_unsupported_architectures_and_settings_are_clear_errors(tmp_path):
         DraftStudent.from_teacher(teacher, HeadConfig(pathway="head"))
     with pytest.raises(ValueError, match="LoRA adapters only"):
         DraftStudent.from_teacher(teacher, HeadConfig(pathway="trunk", adapter_rank=0))
+    default = DraftStudent.from_teacher(teacher, HeadConfig(pathway="trunk"))  # a LoRA: never a copy of the model
+    assert default.head_config.adapter_rank == HFTrunkAdapters.DEFAULT_RANK == 8
     with pytest.raises(ValueError, match="compile and cuda_graph are for kforcing's own ARModel"):
         generate_ar(teacher, [[1]], 2, compile=True)
     with pytest.raises(RuntimeError, match="must be run through kforcing"):

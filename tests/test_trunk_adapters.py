@@ -212,7 +212,19 @@ def test_head_config_round_trips_and_old_checkpoints_default_to_the_head_pathway
     old = {key: value for key, value in HeadConfig().to_dict().items()
            if key not in ("pathway", "adapter_rank", "readout")}
     assert (HeadConfig.from_dict(old).pathway, HeadConfig.from_dict(old).readout) == ("head", "onehot")
+    assert HeadConfig.from_dict(old).adapter_rank == 8  # the default of the kforcing that wrote it
     assert (HeadConfig().pathway, HeadConfig().readout) == ("trunk", "categorical")  # what distill trains
+
+
+def test_the_default_adapters_are_full_copies_and_checkpoints_record_the_rank(tmp_path):
+    teacher = peaked_teacher()
+    student = DraftStudent.from_teacher(teacher, HeadConfig(max_k=3))
+    assert HeadConfig().adapter_rank is None and TrunkAdapters.DEFAULT_RANK == 0
+    assert student.head_config.adapter_rank == 0  # resolved when built, so a checkpoint names it
+    assert not any(isinstance(m, GatedLoRALinear) for m in student.head.modules())
+    assert sum(p.numel() for p in student.head.layers.parameters()) == sum(
+        p.numel() for p in teacher.blocks.parameters())
+    assert HeadConfig.from_dict(student.head.export_config()["head"]).adapter_rank == 0
 
 
 def test_bad_trunk_configs_are_refused():

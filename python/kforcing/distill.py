@@ -129,8 +129,9 @@ class DistillConfig:
                                     choices=list(READOUTS))
     head_layers: Optional[int] = option(None, "head: Transformer blocks of the hint head, copied from the teacher's "
                                         "last ones (default 2)")
-    adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer (0: a "
-                                         "full copy of the block weights for hint rows; default 8)")
+    adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer; 0: a "
+                                         "full copy of the block weights for hint rows (default: 0 for kforcing's "
+                                         "own teachers, 8 for a Hugging Face teacher, which takes LoRAs only)")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
     top_k: Optional[int] = option(None, "head/trunk: the top-k of the sampling distribution the head learns (0: "
@@ -266,7 +267,6 @@ class DistillConfig:
         if other[1] is not None:
             raise DistillError(f"--{other[0].replace('_', '-')} does not apply to --pathway {self.pathway}")
         self.head_layers = HeadConfig.num_layers if self.head_layers is None else self.head_layers
-        self.adapter_rank = HeadConfig.adapter_rank if self.adapter_rank is None else self.adapter_rank
         if self.objective != "self-forcing":
             raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
                                "exact windows (--windows)")

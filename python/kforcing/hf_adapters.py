@@ -17,6 +17,7 @@ Only LoRA adapters (adapter_rank >= 1): full trainable copies (adapter_rank = 0)
 
 import contextlib
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -43,13 +44,21 @@ def _norm_hook(norm, hint_rows, module, inputs, output):
 
 class HFTrunkAdapters(nn.Module):
     """The trainable part of a trunk-pathway `DraftStudent` on an `HFTeacher`: per-layer LoRA adapters, the final
-    norm of hint rows and the noise encoder (see the module docstring)."""
+    norm of hint rows and the noise encoder (see the module docstring). `config.adapter_rank` None means
+    DEFAULT_RANK, and `self.config` records the rank used."""
+
+    # A LoRA, never a full copy: a copy of every block would double a pretrained model's memory and checkpoint.
+    # Rank 8 is the smallest rank the ablation measured (bench/results/ablation_draft_cpu); on the demo's model
+    # more capacity drafted better (rank 32, then a full copy), so a large model may deserve --adapter-rank 32-128.
+    DEFAULT_RANK = 8
 
     def __init__(self, teacher: HFTeacher, config):
         super().__init__()
         if config.pathway != "trunk":
             raise ValueError(f"a Hugging Face teacher supports the 'trunk' pathway only (the 'head' pathway copies "
                              f"kforcing's own blocks); this HeadConfig has pathway={config.pathway!r}")
+        if config.adapter_rank is None:
+            config = dataclasses.replace(config, adapter_rank=self.DEFAULT_RANK)
         rank, width = config.adapter_rank, teacher.config.n_embd
         if rank < 1:
             raise ValueError(f"HeadConfig.adapter_rank={rank}: a Hugging Face teacher takes LoRA adapters only "

@@ -66,7 +66,7 @@ def teacher_fingerprint(teacher) -> str:
 
 
 # The defaults of the kforcing releases that wrote checkpoints without these keys (see HeadConfig.from_dict).
-_BEFORE_DEFAULTS_CHANGED = {"readout": "onehot", "pathway": "head"}
+_BEFORE_DEFAULTS_CHANGED = {"readout": "onehot", "pathway": "head", "adapter_rank": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,11 @@ class HeadConfig:
             (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`).
         adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
             attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
-            weights, for hint rows only. At most the model width (checked when the adapters are built).
-            num_layers is unused by the trunk pathway (it adapts every block).
+            weights, for hint rows only. At most the model width (checked when the adapters are built). None: the
+            teacher's default, fixed when the adapters are built (so a checkpoint always records a number):
+            `TrunkAdapters.DEFAULT_RANK` (0, a full copy) for kforcing's own teachers and
+            `HFTrunkAdapters.DEFAULT_RANK` (a LoRA) for Hugging Face teachers. num_layers is unused by the trunk
+            pathway (it adapts every block).
     """
 
     num_layers: int = 2
@@ -97,7 +100,7 @@ class HeadConfig:
     noise_num_freqs: Optional[int] = None
     noise_code: str = "sinusoid"
     pathway: str = "trunk"
-    adapter_rank: int = 8
+    adapter_rank: Optional[int] = None
 
     def __post_init__(self):
         for name in ("num_layers", "max_k"):
@@ -114,7 +117,7 @@ class HeadConfig:
         if self.pathway not in PATHWAYS:
             raise ValueError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
         rank = self.adapter_rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
             raise ValueError(f"HeadConfig.adapter_rank must be an int >= 0 (r >= 1: a rank-r LoRA; 0: a full copy "
                              f"of each block), got {rank!r}")
 

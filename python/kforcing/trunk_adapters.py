@@ -18,7 +18,8 @@ Adapters (`HeadConfig.adapter_rank`):
              q, k and v), the attention output projection, and both MLP layers. W x + B A x on hint rows, W x on
              token rows; B starts at zero, so the student starts as the teacher. Layer norms are the teacher's.
     0        "full": a trainable copy of every weight of the block (both layer norms, q/k/v, output projection,
-             MLP), initialised from the teacher and used for hint rows only.
+             MLP), initialised from the teacher and used for hint rows only. The default for kforcing's own
+             teachers (TrunkAdapters.DEFAULT_RANK); Hugging Face teachers take LoRAs only.
 
 The adapters apply to selected rows only, which is why they are this project's own modules: a generic LoRA
 library (peft, which is not a dependency either) adapts a Linear for every row that passes through it, and that
@@ -29,6 +30,7 @@ noise encoder), so `student.head.parameters()` and `student.head.state_dict()` w
 teacher's blocks are passed in at call time and never become part of it.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -172,13 +174,20 @@ class TrunkAdapters(nn.Module):
     the noise encoder (see the module docstring).
 
     Built for a teacher of `model_config`: one `BlockAdapter` per teacher block. `config.adapter_rank` must not
-    exceed the model width (a larger rank is no longer low-rank; use 0 for a full copy).
+    exceed the model width (a larger rank is no longer low-rank; use 0 for a full copy); None means DEFAULT_RANK,
+    and `self.config` records the rank used.
     """
+
+    # A full copy: at the demo's budget it beat rank-8 and rank-32 LoRAs on every column of the ablation
+    # (bench/results/ablation_draft_cpu) at the same wall clock, and a kforcing model is small enough to copy.
+    DEFAULT_RANK = 0
 
     def __init__(self, model_config: ModelConfig, config):
         super().__init__()
         if config.pathway != "trunk":
             raise ValueError(f"TrunkAdapters are the 'trunk' pathway; this HeadConfig has pathway={config.pathway!r}")
+        if config.adapter_rank is None:
+            config = dataclasses.replace(config, adapter_rank=self.DEFAULT_RANK)
         rank, width = config.adapter_rank, model_config.n_embd
         if rank > width:
             raise ValueError(f"HeadConfig.adapter_rank={rank} is larger than the model width n_embd={width}: a LoRA "
