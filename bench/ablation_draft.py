@@ -203,6 +203,7 @@ def main(argv=None):
                         "temporary one, deleted)")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
+    meta = common.metadata(device)  # the revision that runs: a run lasts hours, and the checkout may move on
     scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kforcing-ablation-"))
     teacher, tokenizer, _ = ckpt.load_model(args.teacher)
     models = Models(teacher, None, tokenizer, ckpt.read_provenance(args.teacher), None)
@@ -241,7 +242,7 @@ def main(argv=None):
     if not args.no_save:
         config = {key: value for key, value in vars(args).items()}
         json_path, md_path, _ = common.save(args.name, device, rows, text, extra={"settings": config,
-                                                                                         "default": DEFAULT})
+                                                                                         "default": DEFAULT}, meta=meta)
         print(f"wrote {json_path} and {md_path}")
         try:
             print(f"wrote {plot(rows, json_path.with_suffix('.png'))}")

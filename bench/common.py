@@ -150,11 +150,12 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-def save(name, device, rows, table, extra=None):
+def save(name, device, rows, table, extra=None, meta=None):
     """Adds this run to bench/results/<name>_<device>/ as <date>_<sha>.json (every number) and <date>_<sha>.md
     (the table the run printed), and regenerates that folder's index.md. Earlier runs are never overwritten;
-    returns the paths written."""
-    meta = metadata(device)
+    returns the paths written. meta: `metadata(device)` taken when a long run started (the code it ran), rather
+    than now, after commits may have moved the checkout on."""
+    meta = meta or metadata(device)
     folder = RESULTS / f"{name}_{'cuda' if device.type == 'cuda' else 'cpu'}"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{meta['date'][:19].replace(':', '')}_{meta['git_sha']}"
