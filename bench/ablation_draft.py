@@ -26,6 +26,7 @@ Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with ma
     python bench/ablation_draft.py --teacher runs/demo/teacher --rows default onehot --minutes 1
 """
 
+import json
 import shutil
 import sys
 import tempfile
@@ -183,6 +184,13 @@ def plot(rows, path):
     return _save(fig, path)
 
 
+def row_record(args, row, meta):
+    """What a row's result depends on: an earlier result is reused only when all of it is the same."""
+    measured = {key: value for key, value in vars(args).items() if key not in ("rows", "keep", "no_save", "name")}
+    return json.loads(json.dumps({"args": measured, "row": row_settings(row), "git_sha": meta["git_sha"],
+                                  "device": meta["device"], "torch": meta["torch"]}))
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the AR teacher run (e.g. the demo's runs/demo/teacher)")
@@ -199,8 +207,9 @@ def main(argv=None):
                         "verified decoding at batch 1 (the speed column is their median ratio)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
     parser.add_argument("--name", default="ablation_draft", help="results folder name (bench/results/NAME_<device>)")
-    parser.add_argument("--keep", default=None, help="keep the trained rows in this directory (default: a "
-                        "temporary one, deleted)")
+    parser.add_argument("--keep", default=None, help="keep the trained rows and their results in this directory "
+                        "(default: a temporary one, deleted); run again with the same --keep, settings and git revision, "
+                        "and the finished rows are reused, so a run of hours can be interrupted and resumed")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     meta = common.metadata(device)  # the revision that runs: a run lasts hours, and the checkout may move on
@@ -213,6 +222,13 @@ def main(argv=None):
     reference = {}  # the teacher's AR samples per sampling setting: what verified decoding must equal
     rows = []
     for row in args.rows:
+        saved = scratch / row / "result.json"
+        if args.keep and saved.is_file():
+            previous = json.loads(saved.read_text())
+            if previous["settings"] == row_record(args, row, meta):
+                print(f"[{row}] reusing the result of an earlier run of these settings: {saved}", flush=True)
+                rows.append(previous["result"])
+                continue
         sampling = row_sampling(row)
         if sampling not in reference:
             reference[sampling] = draft_eval.ar_samples(teacher, prompts, args.sample_len, args.seed, sampling,
@@ -221,6 +237,7 @@ def main(argv=None):
         steps = max(CALIBRATION_STEPS, int(60 * args.minutes / per_step))
         print(f"[{row}] {per_step:.3f} s/step -> {steps} steps in {args.minutes:g} min", flush=True)
         out = scratch / row
+        shutil.rmtree(out, ignore_errors=True)  # a row an interrupted run left unfinished starts over
         start = time.perf_counter()
         distill(distill_config(args, row, out, steps))
         train_seconds = time.perf_counter() - start
@@ -228,6 +245,8 @@ def main(argv=None):
         result = {"row": row, "steps": steps, "seconds_per_step": per_step, "train_seconds": train_seconds,
                   **evaluate_row(args, row, student, models, prompts, reference, floor_contexts)}
         rows.append(result)
+        if args.keep:  # an interrupted run resumes from its finished rows (see --keep)
+            saved.write_text(json.dumps({"settings": row_record(args, row, meta), "result": result}, indent=2))
         print(table([result]).splitlines()[-1], flush=True)
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
