@@ -208,8 +208,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
     parser.add_argument("--name", default="ablation_draft", help="results folder name (bench/results/NAME_<device>)")
     parser.add_argument("--keep", default=None, help="keep the trained rows and their results in this directory "
-                        "(default: a temporary one, deleted); run again with the same --keep, settings and git revision, "
-                        "and the finished rows are reused, so a run of hours can be interrupted and resumed")
+                        "(default: a temporary one, deleted); run again with the same --keep, settings and git "
+                        "revision, and the finished rows are reused, so a run of hours can be interrupted and resumed")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     meta = common.metadata(device)  # the revision that runs: a run lasts hours, and the checkout may move on
