@@ -170,7 +170,7 @@ def plot(rows, path):
     colours = ["tab:orange" if n == "default" else "tab:blue" for n in names]
     left.barh(names, tpp, color=colours)
     left.axvline(1.0, color="grey", lw=0.8)
-    for y, (name, value) in enumerate(zip(names, tpp)):
+    for y, name in enumerate(names):
         if "tokens_per_pass" not in by_name[name]:
             left.text(0.05, y, "cannot verify", va="center", fontsize=8)
     left.set_xlabel("verified tokens per pass, k = 4 (AR = 1)")

@@ -63,6 +63,15 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
     assert torch.equal(out.tokens, ar.tokens)
 
 
+def test_a_trunk_run_resumes_with_its_own_adapter_rank_when_none_is_given(teacher_run, tmp_path):
+    trunk = dict(pathway="trunk", readout="categorical", steps=[8], save_interval=4)
+    distill(settings(teacher_run, tmp_path / "run", stop_after=4, adapter_rank=2, **trunk))
+    distill(settings(teacher_run, tmp_path / "run", resume=True, **trunk))  # no rank given: the default would be 0
+    student, _, _ = ckpt.load_model(tmp_path / "run")
+    assert student.head_config.adapter_rank == 2
+    assert (tmp_path / "run" / "stage_k4" / "done.json").exists()
+
+
 @pytest.mark.parametrize("options", [{}, dict(readout="onehot", windows="teacher", boundary_beta=0.5)],
                          ids=["default", "boundary-weighted"])
 def test_resuming_a_draft_run_is_exact(teacher_run, tmp_path, options):

@@ -216,7 +216,7 @@ def test_head_config_round_trips_and_old_checkpoints_default_to_the_head_pathway
     assert (HeadConfig().pathway, HeadConfig().readout) == ("trunk", "categorical")  # what distill trains
 
 
-def test_the_default_adapters_are_full_copies_and_checkpoints_record_the_rank(tmp_path):
+def test_the_default_adapters_are_full_copies_and_checkpoints_record_the_rank():
     teacher = peaked_teacher()
     student = DraftStudent.from_teacher(teacher, HeadConfig(max_k=3))
     assert HeadConfig().adapter_rank is None and TrunkAdapters.DEFAULT_RANK == 0

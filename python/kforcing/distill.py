@@ -606,6 +606,10 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
     if layout.distill_settings.is_file() and not config.resume:
         raise DistillError(f"{layout.root} already holds a distillation run; pass --resume to continue it (finished "
                            "stages are kept), or choose another --out")
+    resuming = config.resume and layout.distill_settings.is_file()
+    if resuming and config.pathway == "trunk" and config.adapter_rank is None:
+        # An unset rank resumes with the run's own, also for a run begun when the default rank was another.
+        config.adapter_rank = json.loads(layout.distill_settings.read_text()).get("adapter_rank")
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
     # A Hugging Face teacher is named by its resolved "hf:PATH"; a kforcing one by its checkpoint directory.
     if isinstance(teacher, HFTeacher):

@@ -178,8 +178,8 @@ class TrunkAdapters(nn.Module):
     and `self.config` records the rank used.
     """
 
-    # A full copy: at the demo's budget it beat rank-8 and rank-32 LoRAs on every column of the ablation
-    # (bench/results/ablation_draft_cpu) at the same wall clock, and a kforcing model is small enough to copy.
+    # A full copy: at the demo's budget it beat rank-8 and rank-32 LoRAs on every acceptance and quality column of
+    # the ablation (bench/results/ablation_draft_cpu) at the same wall clock; a kforcing model is small enough to copy.
     DEFAULT_RANK = 0
 
     def __init__(self, model_config: ModelConfig, config):
