@@ -6,6 +6,7 @@
 #      temperature 0.7, top-k 50, top-p 0.9) for DISTILL_STEPS steps of 8 x 64 windows;
 #   3. `kforcing eval`: verified tokens per pass, acceptance per offset against the u-blind floor, the u-shuffle
 #      test, unverified sample quality, and tokens/s against AR at batch 1 and 8.
+# Both trainings checkpoint often, so an interrupted run loses at most a few minutes: rerun the same command.
 # The evaluation is copied to bench/results/draft_small_<device>/ beside a README naming the budget.
 #   usage: bash scripts/draft_small_preset.sh [RUN_DIR]      (default RUN_DIR: runs/small-draft)
 #   env:   TEACHER_STEPS (default 2000), DISTILL_STEPS (default 900)
@@ -22,14 +23,14 @@ resume=()
 [ -f "$RUN/teacher/latest.json" ] && resume=(--resume)
 if ! grep -qs "\"step\": $TEACHER_STEPS\b" "$RUN/teacher/latest.json"; then  # not trained to the end yet
   kforcing train-teacher --config small --batch-size 8 --seq-len 128 --steps "$TEACHER_STEPS" \
-    --out "$RUN/teacher" "${resume[@]}"
+    --save-interval 250 --out "$RUN/teacher" "${resume[@]}"
 fi
 teacher_s=$((SECONDS - start))
 
 resume=()
 [ -d "$RUN/draft/stage_k4" ] && resume=(--resume)
 kforcing distill --teacher "$RUN/teacher" --out "$RUN/draft" --steps "$DISTILL_STEPS" --batch-size 8 --seq-len 64 \
-  --eval-interval 150 "${resume[@]}"
+  --eval-interval 150 --save-interval 150 "${resume[@]}"
 distill_s=$((SECONDS - start - teacher_s))
 
 kforcing eval --teacher "$RUN/teacher" --student "$RUN/draft" --k 2,4 --batch-sizes 1,8 --out "$RUN/eval"
