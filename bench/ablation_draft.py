@@ -28,6 +28,7 @@ Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with ma
 
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -67,7 +68,11 @@ ROWS = {
     "temperature-1": dict(tau=(1.0, 1.0), top_k=0, top_p=1.0),
     "paper": dict(paper=True),
 }
-CALIBRATION_STEPS = 20
+# The calibration run logs its throughput every CALIBRATION_LOG_INTERVAL steps; the row's step time is the median
+# over those intervals after the first (warm-up), so one interval slowed by other work on a shared machine does
+# not set the row's budget.
+CALIBRATION_STEPS = 30
+CALIBRATION_LOG_INTERVAL = 5
 
 
 def distill_config(args, row, out, steps, **extra):
@@ -94,15 +99,15 @@ def row_sampling(row):
 
 
 def seconds_per_step(args, row, scratch):
-    """Wall seconds per training step of `row`, from the throughput its own short run logs after warming up
-    (averaged over the stages of a progressive row); the run is thrown away."""
+    """Wall seconds per training step of `row`, from the throughput its own short run logs after warming up (the
+    median over the logged intervals, averaged over the stages of a progressive row); the run is thrown away."""
     out = scratch / f"{row}-calibration"
     stages = 3 if ROWS[row].get("paper") else 1
-    distill(distill_config(args, row, out, CALIBRATION_STEPS * stages, log_interval=CALIBRATION_STEPS // 2))
+    distill(distill_config(args, row, out, CALIBRATION_STEPS * stages, log_interval=CALIBRATION_LOG_INTERVAL))
     per_step = []
     for stage in sorted(out.glob("stage_k*")):
-        logged = [r for r in ckpt.RunLayout(stage).read_metrics() if "windows_per_s" in r]
-        per_step.append(args.batch_size * args.seq_len / logged[-1]["windows_per_s"])
+        logged = [r["windows_per_s"] for r in ckpt.RunLayout(stage).read_metrics() if "windows_per_s" in r]
+        per_step.append(args.batch_size * args.seq_len / statistics.median(logged[1:] or logged))
     shutil.rmtree(out)
     return sum(per_step) / len(per_step)
 
