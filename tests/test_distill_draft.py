@@ -66,7 +66,9 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
 def test_a_trunk_run_resumes_with_its_own_adapter_rank_when_none_is_given(teacher_run, tmp_path):
     trunk = dict(pathway="trunk", readout="categorical", steps=[8], save_interval=4)
     distill(settings(teacher_run, tmp_path / "run", stop_after=4, adapter_rank=2, **trunk))
-    distill(settings(teacher_run, tmp_path / "run", resume=True, **trunk))  # no rank given: the default would be 0
+    resumed = settings(teacher_run, tmp_path / "run", resume=True, **trunk)  # no rank: the default would be 0
+    distill(resumed)
+    assert resumed.adapter_rank is None  # the caller's config is not changed behind its back
     student, _, _ = ckpt.load_model(tmp_path / "run")
     assert student.head_config.adapter_rank == 2
     assert (tmp_path / "run" / "stage_k4" / "done.json").exists()

@@ -608,8 +608,10 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
                            "stages are kept), or choose another --out")
     resuming = config.resume and layout.distill_settings.is_file()
     if resuming and config.pathway == "trunk" and config.adapter_rank is None:
-        # An unset rank resumes with the run's own, also for a run begun when the default rank was another.
-        config.adapter_rank = json.loads(layout.distill_settings.read_text()).get("adapter_rank")
+        # An unset rank resumes with the run's own, also for a run begun when the default rank was another (a copy:
+        # the caller's config stays as given).
+        saved_rank = json.loads(layout.distill_settings.read_text()).get("adapter_rank")
+        config = dataclasses.replace(config, adapter_rank=saved_rank)
     teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
     # A Hugging Face teacher is named by its resolved "hf:PATH"; a kforcing one by its checkpoint directory.
     if isinstance(teacher, HFTeacher):
