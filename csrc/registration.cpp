@@ -44,6 +44,9 @@ TORCH_LIBRARY(kforcing, m) {
       "window_attention_decode(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor cache_seqlens, int n_commit, float scale) -> Tensor");
 
+  // y = x @ weight^T + bias for the few rows of a decode step; inference only (kforcing/linear.h).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+
   // `code`: u's features, "sinusoid", "dyadic" or "binary" (kforcing/embedding.h).
   m.def(
       "noise_embedding(Tensor u, Tensor? tau, float tau_value, Tensor weight, Tensor? bias, "

@@ -233,3 +233,24 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, ta
         f"kforcing.{op}: `weight` has dtype {_name(weight.dtype)} but `token_table` has {_name(token_table.dtype)}"))
     for name, t in (("token_table", token_table), ("u", u), ("weight", weight)):
         same_device(t, token_ids, op, name, "token_ids")
+
+
+# decode_linear: fp32 or bf16 activations and weights, on CPU and CUDA alike.
+LINEAR_TYPES = (torch.float32, torch.bfloat16)
+
+
+def decode_linear(x, weight, bias):
+    op = "decode_linear"
+    value(x.dim() >= 1, op, "`x` must have at least 1 dim (..., in_features), got a 0-d tensor")
+    dim(weight, 2, op, "weight", "(out_features, in_features)")
+    dtype(x, LINEAR_TYPES, op, "x")
+    dtype(weight, LINEAR_TYPES, op, "weight")
+    same_device(weight, x, op, "weight", "x")
+    value(x.shape[-1] == weight.shape[1], op,
+          f"`x` must have in_features = weight.shape[1] = {weight.shape[1]} in its last dim, got shape "
+          f"{list(x.shape)}")
+    if bias is not None:
+        dim(bias, 1, op, "bias", "(out_features,)")
+        dtype(bias, LINEAR_TYPES, op, "bias")
+        same_device(bias, x, op, "bias", "x")
+        size(bias, 0, weight.shape[0], op, "bias", "out_features = weight.shape[0]")

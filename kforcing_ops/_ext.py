@@ -16,7 +16,7 @@ _ISA_RANK = {"default": 0, "avx2": 1, "avx512": 2}
 
 # Ops whose public function may fall back to the reference (the *_backward ops are internal).
 PUBLIC_OPS = ("inverse_cdf_sample", "window_attention", "window_attention_decode", "noise_embedding",
-              "noise_conditioned_embedding")
+              "noise_conditioned_embedding", "decode_linear")
 
 
 def _read_build_info():

@@ -249,3 +249,10 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias=Non
         tau = (tau.reshape(1).expand(batch) if tau.dim() == 0 else tau)[:, None].expand(batch, hints).reshape(-1)
     noise = noise_embedding(u.reshape(-1), tau, weight, bias, code).view(batch, hints, weight.shape[0])
     return torch.cat([F.embedding(token_ids, token_table), noise], dim=1)
+
+
+def decode_linear(x, weight, bias=None):
+    """y = x @ weight^T + bias, computed in fp32 from the fp32 values of x, weight and bias; x's dtype out."""
+    _checks.decode_linear(x, weight, bias)
+    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)

@@ -1,0 +1,36 @@
+#pragma once
+// decode_linear: y = x @ weight^T + bias for the few rows of a decode step. Argument checks shared by the CPU and
+// CUDA entry points (kforcing_ops/linear.py has the Python mirror for the fake kernel).
+
+#include <ATen/core/Tensor.h>
+
+#include <initializer_list>
+
+#include "kforcing/checks.h"
+
+namespace kforcing {
+
+// Returns the number of rows M = prod(x.shape[:-1]).
+inline int64_t check_decode_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias,
+                                        std::initializer_list<at::ScalarType> dtypes) {
+  constexpr const char* op = "decode_linear";
+  KF_CHECK_VALUE(x.dim() >= 1, op, "`x` must have at least 1 dim (..., in_features), got a 0-d tensor");
+  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
+  check_dtype(x, dtypes, op, "x");
+  check_dtype(weight, dtypes, op, "weight");
+  check_same_device(weight, x, op, "weight", "x");
+  KF_CHECK_VALUE(x.size(-1) == weight.size(1), op, "`x` must have in_features = weight.shape[1] = ", weight.size(1),
+                 " in its last dim, got shape ", x.sizes());
+  if (bias.has_value()) {
+    check_dim(*bias, 1, op, "bias", "(out_features,)");
+    check_dtype(*bias, dtypes, op, "bias");
+    check_same_device(*bias, x, op, "bias", "x");
+    check_size(*bias, 0, weight.size(0), op, "bias", "out_features = weight.shape[0]");
+  }
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
+}  // namespace kforcing
