@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t out = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerCta;
   if (out >= n) return;
-  const int rows = static_cast<int>(min<int64_t>(ROWS, m - row0));
+  const int rows = m - row0 < ROWS ? static_cast<int>(m - row0) : ROWS;
   const WT* w_row = w + out * ldw;
   const XT* x_rows = x + row0 * k;
   float acc[ROWS];
