@@ -127,34 +127,35 @@ struct Simd {
 using V = Simd::V;
 constexpr int64_t kLanes = Simd::kLanes;
 
-// How far ahead of the stream weights are prefetched, in blocks of kCols rows: a few KB, enough loads in flight
-// to cover memory latency (measured: 1 to 8 blocks stream alike; none is 15% slower at one row).
-constexpr int kPrefetchBlocks = 2;
+// How far ahead of the stream weights are prefetched: kPrefetchBytes of W rows, a few KB, enough loads in flight
+// to cover memory latency (measured at one row: 1 to 8 fp32 blocks stream alike; no prefetch is 15% slower).
+constexpr int64_t kPrefetchBytes = 2 * Simd::kCols * 4;  // x K: two blocks of fp32 rows
 
 struct Problem {
   const float* x;  // (M, K) fp32, row stride ldx; readable (zero-padded) up to a whole vector past K
   int64_t ldx, k;
-  const void* w;  // (N, K), stride ldw between rows
-  int64_t ldw;
   const float* bias;  // (N,) fp32 or null
   float* y;           // (M, N) contiguous
   int64_t m, n;
 };
 
-// y[r, c] for the R rows starting at x and the C outputs starting at w: the chain described in the header.
+// y[r, c] for the R rows starting at x and the C outputs whose weight rows start at w: the chain described in the
+// header.
 //
-// Prefetch: while group g of G computes, it asks for rows g, g + G, ... of the block kPrefetchBlocks ahead (same
-// columns). A thread's blocks are adjacent rows of W, so that runs a few KB ahead of its stream, and the G groups
-// share the requests, so memory stays busy while the later groups compute on weights already in L1.
+// Prefetch: while group g of G computes, it asks for rows g, g + G, ... of the rows
+// prefetch_rows ahead (same columns). A thread's blocks are adjacent rows of W, so that runs a few KB ahead of its
+// stream, and the G groups share the requests, so memory stays busy while later groups compute on weights in L1.
 template <int R, int C, typename W>
-void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, int group, int groups,
-              const float* bias, float* y, int64_t ldy) {
+void dot_tile(const Problem& p, int64_t row, const W* w, int64_t ldw, int64_t prefetch_rows, int group, int groups,
+              int64_t col) {
+  const float* x = p.x + row * p.ldx;
+  const int64_t ldx = p.ldx, k = p.k;
   V acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Simd::zero();
   const int64_t body = k / kLanes * kLanes;
   for (int64_t i = 0; i < body; i += kLanes) {
-    for (int c = group; c < C; c += groups) __builtin_prefetch(w + (c + kPrefetchBlocks * Simd::kCols) * ldw + i);
+    for (int c = group; c < C; c += groups) __builtin_prefetch(w + (c + prefetch_rows) * ldw + i);
     V wv[C];
     for (int c = 0; c < C; ++c) wv[c] = Simd::load(w + c * ldw + i);
     for (int r = 0; r < R; ++r) {
@@ -170,39 +171,38 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, i
       for (int c = 0; c < C; ++c) acc[r][c] = Simd::fma(xv, wv[c], acc[r][c]);
     }
   }
+  float* y = p.y + row * p.n + col;
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
       const float total = Simd::sum(acc[r][c]);
-      y[r * ldy + c] = bias ? total + bias[c] : total;
+      y[r * p.n + c] = p.bias ? total + p.bias[col + c] : total;
     }
   }
 }
 
 // The tile kernel for r rows and c outputs (r <= kRows, c <= kCols): a table of instantiations.
-template <typename W, int R, int C>
-void call_tile(const Problem& p, int64_t row, int64_t col, int group, int groups) {
-  dot_tile<R, C, W>(p.x + row * p.ldx, p.ldx, static_cast<const W*>(p.w) + col * p.ldw, p.ldw, p.k, group, groups,
-                    p.bias ? p.bias + col : nullptr, p.y + row * p.n + col, p.n);
-}
-
-using TileFn = void (*)(const Problem&, int64_t, int64_t, int, int);
+template <typename W>
+using TileFn = void (*)(const Problem&, int64_t, const W*, int64_t, int64_t, int, int, int64_t);
 
 template <typename W, int R, int... Cs>
-constexpr std::array<TileFn, sizeof...(Cs)> row_of_tiles(std::integer_sequence<int, Cs...>) {
-  return {&call_tile<W, R, Cs + 1>...};
-}
-
-template <typename W, int... Rs>
-constexpr auto tile_table(std::integer_sequence<int, Rs...>) {
-  return std::array<std::array<TileFn, Simd::kCols>, sizeof...(Rs)>{
-      row_of_tiles<W, Rs + 1>(std::make_integer_sequence<int, Simd::kCols>{})...};
+constexpr std::array<TileFn<W>, sizeof...(Cs)> row_of_tiles(std::integer_sequence<int, Cs...>) {
+  return {&dot_tile<R, Cs + 1, W>...};
 }
 
 template <typename W>
-void run(const Problem& p) {
-  static constexpr auto table = tile_table<W>(std::make_integer_sequence<int, Simd::kRows>{});
+constexpr auto tile_table() {
+  return []<int... Rs>(std::integer_sequence<int, Rs...>) {
+    return std::array<std::array<TileFn<W>, Simd::kCols>, sizeof...(Rs)>{
+        row_of_tiles<W, Rs + 1>(std::make_integer_sequence<int, Simd::kCols>{})...};
+  }(std::make_integer_sequence<int, Simd::kRows>{});
+}
+
+template <typename W>
+void run(const Problem& p, const W* weight, int64_t ldw) {
+  static constexpr auto table = tile_table<W>();
   const int64_t blocks = (p.n + Simd::kCols - 1) / Simd::kCols;
   const int groups = static_cast<int>((p.m + Simd::kRows - 1) / Simd::kRows);
+  const int64_t prefetch_rows = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
   // Grain: at least 16 blocks (64+ weight rows) per task, so a thread streams long stretches of W.
   at::parallel_for(0, blocks, 16, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
@@ -211,7 +211,7 @@ void run(const Problem& p) {
       int64_t row = 0;
       for (int g = 0; g < groups; ++g) {
         const int rows = static_cast<int>(p.m / groups + (g < p.m % groups));
-        table[rows - 1][cols - 1](p, row, col, g, groups);
+        table[rows - 1][cols - 1](p, row, weight + col * ldw, ldw, prefetch_rows, g, groups, col);
         row += rows;
       }
     }
@@ -250,12 +250,12 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight_in, c
   }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  const Problem p{in_place ? rows.const_data_ptr<float>() : padded.data(), ldx, k, weight.const_data_ptr(), weight.stride(0),
+  const Problem p{in_place ? rows.const_data_ptr<float>() : padded.data(), ldx, k,
                   bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), m, n};
   if (weight.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(p);
+    run(p, weight.const_data_ptr<c10::BFloat16>(), weight.stride(0));
   } else {
-    run<float>(p);
+    run(p, weight.const_data_ptr<float>(), weight.stride(0));
   }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }

@@ -1,10 +1,14 @@
 // window_attention_decode, CPU kernel: T new rows per sequence against a preallocated KV cache.
 //
 // Semantics: kforcing_ops/attention.py. Algorithm: one task per (batch, kv head). Its rows are the T new rows of
-// the G query heads sharing that kv head, and they share every key tile: a tile of kKeyTile cache keys is loaded
-// (transposed) once and scored against all T * G rows with an online softmax. Then the new keys: new row j sees new
-// rows 0..j. Last, the first n_commit new K/V rows are copied into the cache at [len_b, len_b + n_commit) of this
-// (batch, kv head): a slice no other task reads or writes. The lengths are copied and checked before anything is
+// the G query heads sharing that kv head, and they share every key tile: a tile of kKeyTile keys is loaded
+// (transposed) once and scored against all T * G rows with an online softmax. Tiles sit at fixed absolute positions
+// [0, 64), [64, 128), ... of the sequence [cache | new rows], a tile straddling the two taking keys from both; new
+// row j (position len_b + j) folds in each tile's keys up to its own position. So a row's result depends only on
+// its position and the keys up to it, never on how many rows share the call or which of its keys were appended
+// in earlier calls: one T-row pass gives bitwise the outputs of T one-row passes (row invariance, which makes a
+// verify pass's logits equal AR's bit for bit). Last, the first n_commit new K/V rows are copied into the cache at
+// [len_b, len_b + n_commit) of this (batch, kv head): a slice no other task reads or writes. The lengths are copied and checked before anything is
 // written, so a cache overflow raises instead of writing out of bounds, even when the lengths live in a cache.
 
 #include <ATen/Parallel.h>
@@ -66,32 +70,32 @@ void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
     const scalar_t* src = Args::row(a.q, a.sq, b, r / group, hk * group + r % group);
     load_row(src, d, padded, static_cast<acc_t>(a.scale), q.data() + r * padded);
   }
-  // Cache tiles, then the new rows as one more "tile" with a causal limit.
-  // Keys [k0, k0 + n) of `end`; while loading row j it asks for the row kPrefetchRows ahead.
-  auto attend = [&](const scalar_t* kbase, at::IntArrayRef ks, const scalar_t* vbase, at::IntArrayRef vs, int64_t k0,
-                    int64_t n, bool causal, int64_t end) {
+  // Key tiles at absolute positions [t0, t0 + kKeyTile) of the sequence [cache | new rows], whichever tensor each key
+  // comes from. New row j sits at position length + j and sees the keys up to it. While loading key pos it asks for
+  // the cache row kPrefetchRows ahead.
+  const int64_t total = length + t_new;
+  for (int64_t t0 = 0; t0 < total; t0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, total - t0);
     std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
     for (int64_t j = 0; j < n; ++j) {
-      if (k0 + kPrefetchRows + j < end) {
-        prefetch_row(Args::row(kbase, ks, b, k0 + kPrefetchRows + j, hk), d);
-        prefetch_row(Args::row(vbase, vs, b, k0 + kPrefetchRows + j, hk), d);
+      const int64_t pos = t0 + j;
+      if (pos + kPrefetchRows < length) {
+        prefetch_row(Args::row(a.k_cache, a.skc, b, pos + kPrefetchRows, hk), d);
+        prefetch_row(Args::row(a.v_cache, a.svc, b, pos + kPrefetchRows, hk), d);
       }
-      load_row(Args::row(kbase, ks, b, k0 + j, hk), d, padded, acc_t(1), scratch.data());
+      const bool cached = pos < length;
+      const scalar_t* key = cached ? Args::row(a.k_cache, a.skc, b, pos, hk) : Args::row(a.k_new, a.sk, b, pos - length, hk);
+      const scalar_t* val = cached ? Args::row(a.v_cache, a.svc, b, pos, hk) : Args::row(a.v_new, a.sv, b, pos - length, hk);
+      load_row(key, d, padded, acc_t(1), scratch.data());
       for (int64_t i = 0; i < d; ++i) keys_t[i * kKeyTile + j] = scratch[i];
-      load_row(Args::row(vbase, vs, b, k0 + j, hk), d, padded, acc_t(1), vals.data() + j * padded);
+      load_row(val, d, padded, acc_t(1), vals.data() + j * padded);
     }
     for (int64_t r = 0; r < n_rows; ++r) {
-      const int64_t visible = causal ? std::min(n, r / group - k0 + 1) : n;
+      const int64_t visible = std::min(n, length + r / group - t0 + 1);
       if (visible <= 0) continue;
       row_scores(q.data() + r * padded, keys_t.data(), d, scores.data());
       state[r].update(scores.data(), visible, vals.data(), padded, acc.data() + r * padded);
     }
-  };
-  for (int64_t k0 = 0; k0 < length; k0 += kKeyTile) {
-    attend(a.k_cache, a.skc, a.v_cache, a.svc, k0, std::min(kKeyTile, length - k0), false, length);
-  }
-  for (int64_t k0 = 0; k0 < t_new; k0 += kKeyTile) {
-    attend(a.k_new, a.sk, a.v_new, a.sv, k0, std::min(kKeyTile, t_new - k0), true, t_new);
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     scalar_t* dst = Args::row(a.out, a.so, b, r / group, hk * group + r % group);
