@@ -1,11 +1,51 @@
 """Drop-in nn.Modules built on the kforcing ops."""
 
+import contextlib
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
 from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
+from .linear import decode_linear
+
+# No-grad calls of a DecodeLinear with at most this many rows run decode_linear; larger ones (long prefills,
+# scoring whole sequences) run torch's GEMM, which is faster there (bench/results/linear_cpu).
+DECODE_LINEAR_MAX_ROWS = 64
+_decode_linear_enabled = True
+
+
+@contextlib.contextmanager
+def torch_linears():
+    """Inside this block every `DecodeLinear` runs torch's GEMM, decode passes included: the "before" of
+    benchmarks, and a way to rule the kernel out when debugging. A module-level switch (not thread-safe)."""
+    global _decode_linear_enabled
+    previous, _decode_linear_enabled = _decode_linear_enabled, False
+    try:
+        yield
+    finally:
+        _decode_linear_enabled = previous
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose decode-time calls run `decode_linear`: a drop-in that makes decode steps read each weight once
+    and gives every row the same bits whatever rows share the call.
+
+    No-grad calls on at most DECODE_LINEAR_MAX_ROWS rows run the kernel; everything else (training, scoring long
+    sequences) runs torch's GEMM. The weight may be stored in bf16 while activations stay fp32: the kernel widens it
+    in registers, torch's path casts it to x's dtype first.
+    """
+
+    def forward(self, x):
+        rows = math.prod(x.shape[:-1])
+        if _decode_linear_enabled and not torch.is_grad_enabled() and rows <= DECODE_LINEAR_MAX_ROWS:
+            return decode_linear(x, self.weight, self.bias)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
 
 
 class NoiseEmbedding(nn.Module):
@@ -35,9 +75,9 @@ class NoiseEmbedding(nn.Module):
         self.bias = nn.Parameter(torch.empty(hidden, **factory))
         self.norm = nn.LayerNorm(hidden, **factory)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_ratio * hidden, **factory),
+            DecodeLinear(hidden, mlp_ratio * hidden, **factory),
             nn.GELU(),
-            nn.Linear(mlp_ratio * hidden, hidden, **factory),
+            DecodeLinear(mlp_ratio * hidden, hidden, **factory),
         )
         self.reset_parameters()
 
@@ -95,8 +135,8 @@ class WindowAttention(nn.Module):
                              f"by kv_heads ({kv_heads})")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
         factory = {"device": device, "dtype": dtype}
-        self.c_attn = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=bias, **factory)
-        self.c_proj = nn.Linear(hidden, hidden, bias=bias, **factory)
+        self.c_attn = DecodeLinear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=bias, **factory)
+        self.c_proj = DecodeLinear(hidden, hidden, bias=bias, **factory)
 
     @classmethod
     def from_causal_self_attention(cls, attn):
@@ -131,4 +171,4 @@ class WindowAttention(nn.Module):
         return self.c_proj(out.reshape(x.shape))
 
 
-__all__ = ["NoiseEmbedding", "WindowAttention"]
+__all__ = ["DECODE_LINEAR_MAX_ROWS", "DecodeLinear", "NoiseEmbedding", "WindowAttention", "torch_linears"]

@@ -376,6 +376,36 @@ def check_noise_conditioned_embedding(data, device):
 
 
 # --------------------------------------------------------------------------------------------------------
+# decode_linear
+
+
+def check_decode_linear(data, device):
+    rows = data.draw(st.integers(0, 20), label="M")
+    k, n = data.draw(st.integers(0, 70), label="K"), data.draw(st.integers(0, 40), label="N")
+    x_dtype, w_dtype = (data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), label=name)
+                        for name in ("x dtype", "w dtype"))
+    lead = data.draw(st.sampled_from([(rows,), (1, rows), (rows, 1)]), label="leading dims")
+    x = strided(data, (*lead, k), x_dtype, device)
+    weight = strided(data, (n, k), w_dtype, device)
+    bias = strided(data, (n,), w_dtype, device) if data.draw(st.booleans(), label="bias") else None
+    sprinkle(data, x, [0.0, -0.0, 1e4, -1e4], "x")
+    with expect_kernel("decode_linear"):
+        kernel = outcome(lambda: ko.decode_linear(x, weight, bias))
+    reference = outcome(lambda: ref.decode_linear(x, weight, bias))
+    assert_same_outcome(kernel, reference, device)
+    if kernel[0] == "error":
+        return
+    got, want = kernel[1], reference[1]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    xd, wd = x.double().reshape(math.prod(lead), k), weight.double()
+    exact = (xd @ wd.t() + (0 if bias is None else bias.double())).reshape(want.shape)
+    scale = (xd.abs() @ wd.abs().t() + (0 if bias is None else bias.double().abs())).reshape(want.shape)
+    # fp32 accumulation (1e-5 of the dot product's magnitude), then one rounding to x's dtype if it is bf16
+    bound = 1e-5 * scale + (exact.abs() * 2 ** -8 if x_dtype == torch.bfloat16 else 0) + 1e-30
+    assert bool(((got.double() - exact).abs() <= bound).all())
+
+
+# --------------------------------------------------------------------------------------------------------
 # The tests: each property under the fast profile (CPU), the slow profile, and the CUDA profile.
 
 CHECKS = {
@@ -384,6 +414,7 @@ CHECKS = {
     "window_attention_decode": check_decode,
     "noise_embedding": check_noise_embedding,
     "noise_conditioned_embedding": check_noise_conditioned_embedding,
+    "decode_linear": check_decode_linear,
 }
 
 

@@ -63,3 +63,7 @@ SAMPLER_FLOAT64_BOUNDARY_TOLERANCE = 1e-12
 HF_FP64 = dict(atol=1e-11, rtol=1e-11)
 HF_FP32 = dict(atol=2e-5, rtol=1e-4)
 HF_EAGER_FP64 = dict(atol=1e-5, rtol=1e-5)
+
+# decode_linear against float64 (fp32 products and sums, x widened from bf16 exactly): relative to the size of the
+# dot product, sum |x| |w|, a few fp32 roundings per term.
+DECODE_LINEAR_REL = 1e-5

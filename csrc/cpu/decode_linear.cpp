@@ -218,6 +218,8 @@ void run(const Problem& p, const W* weight, int64_t ldw) {
   });
 }
 
+}  // namespace
+
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias) {
   const int64_t m = check_decode_linear_args(x, weight_in, bias, {at::kFloat, at::kBFloat16});
   const int64_t k = weight_in.size(1), n = weight_in.size(0);
@@ -259,8 +261,6 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight_in, c
   }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(kforcing, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
 

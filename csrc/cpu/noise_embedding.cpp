@@ -3,7 +3,8 @@
 // Features (kforcing/embedding.h) are generated kRowBlock rows at a time into a cache-resident scratch block
 // (vectorised sin/cos, fp32, or fp64 for fp64 weights; u's half under the chosen code: sinusoids, dyadic
 // sinusoids from the exact phase frac(2^j u), or +-1 binary digits of u) and multiplied straight into the output rows by the BLAS
-// GEMM (at::addmm_out on row views of the output): the (M, 4F) feature tensor of the unfused form never exists.
+// GEMM (at::addmm_out on row views of the output; decode_linear's kernel for the few rows of a decode step, which
+// keeps each row's result independent of the others): the (M, 4F) feature tensor of the unfused form never exists.
 // A tau shared by many rows (a scalar, or one per sequence in noise_conditioned_embedding) is folded into the bias
 // (bias + W[:, 2F:] @ features(tau)), so only the u half, K = 2F, goes through the GEMM.
 // Weights in bf16/fp16 are multiplied in fp32 and the output rounded once.
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include "kforcing/embedding.h"
+#include "kforcing/linear.h"
 
 namespace kforcing::cpu {
 namespace {
@@ -161,7 +163,11 @@ void embed_rows(const NoiseWeight& w, const double* u, const double* tau, const 
     const int64_t rows = std::min(kRowBlock, n - r0);
     at::Tensor features = block.narrow(0, 0, rows);
     fill_features(w, u, tau, r0, rows, features);
-    if (direct) {
+    if (n <= kDecodeLinearMaxRows && weight.scalar_type() == at::kFloat) {
+      // A decode step's hint rows: the row-invariant kernel, so a hint's embedding does not depend on how many
+      // hints share the call (the BLAS GEMM's blocking does).
+      out.narrow(0, r0, rows).copy_(decode_linear_cpu(features, weight, bias));
+    } else if (direct) {
       at::Tensor dst = out.narrow(0, r0, rows);
       at::addmm_out(dst, bias, features, weight.t());
     } else {

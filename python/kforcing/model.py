@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 import kforcing_ops
-from kforcing_ops.nn import NoiseEmbedding
+from kforcing_ops.nn import DecodeLinear, NoiseEmbedding
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -127,53 +127,17 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Linear layers: torch's GEMM for training, kforcing_ops.decode_linear for decode passes
-
-# No-grad calls of at most this many rows (batch x rows per sequence) run kforcing_ops.decode_linear; larger ones
-# (long prefills, scoring whole sequences) run torch's GEMM, which is faster there (bench/results/linear_cpu).
-DECODE_LINEAR_MAX_ROWS = 64
-_decode_linear_enabled = True
-
-
-@contextlib.contextmanager
-def torch_linears():
-    """Inside this block every `Linear` runs torch's GEMM, decode passes included: the "before" of benchmarks, and
-    a way to rule the kernel out when debugging. Not thread-safe (a module-level switch)."""
-    global _decode_linear_enabled
-    previous, _decode_linear_enabled = _decode_linear_enabled, False
-    try:
-        yield
-    finally:
-        _decode_linear_enabled = previous
-
-
-class Linear(nn.Linear):
-    """nn.Linear for kforcing's models: no-grad calls on at most DECODE_LINEAR_MAX_ROWS rows (decode passes) run
-    `kforcing_ops.decode_linear`, which streams the weight once for all rows and gives each row the same bits
-    whatever rows share the call; everything else (training, scoring long sequences) runs torch's GEMM.
-
-    The weight may be bf16 while activations stay fp32 (`cast_linear_weights`): the kernel widens it in registers;
-    torch's path casts it to x's dtype first.
-    """
-
-    def forward(self, x):
-        rows = math.prod(x.shape[:-1])
-        if _decode_linear_enabled and not torch.is_grad_enabled() and rows <= DECODE_LINEAR_MAX_ROWS:
-            return kforcing_ops.decode_linear(x, self.weight, self.bias)
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
-
+# Linear layers: kforcing_ops.nn.DecodeLinear, torch's GEMM for training and decode_linear for decode passes
 
 def cast_linear_weights(module, dtype):
-    """Store the weights of every kforcing `Linear` in `module` as `dtype` (e.g. torch.bfloat16: half the bytes a
+    """Store the weights of every `DecodeLinear` in `module` as `dtype` (e.g. torch.bfloat16: half the bytes a
     decode step reads), leaving embeddings, norms, activations and the KV cache as they are. For decoding: the
     model computes with the rounded weights from then on (a bf16 teacher, which verified decoding then matches
     exactly). Returns module."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"linear weights can be stored as float32 or bfloat16, got {dtype}")
     for layer in module.modules():
-        if isinstance(layer, Linear):
+        if isinstance(layer, DecodeLinear):
             layer.weight.data = layer.weight.data.to(dtype)
     return module
 
@@ -204,8 +168,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.wqkv = Linear(config.n_embd, qkv, bias=False)
-        self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.wqkv = DecodeLinear(config.n_embd, qkv, bias=False)
+        self.wo = DecodeLinear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
     def forward(self, x, cos, sin, attend):
         q, k, v = self.wqkv(x).split(
@@ -219,8 +183,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc = Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
-        self.proj = Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
+        self.fc = DecodeLinear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = DecodeLinear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -364,7 +328,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.LayerNorm(config.n_embd, bias=False)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.n_embd, config.vocab_size, bias=False)
         inv_freq = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._init_weights()
@@ -384,7 +348,9 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self):
-        return self.lm_head.weight.dtype
+        """The dtype of activations and of the KV cache: the embeddings' (linear weights may be stored in bf16
+        alone, `cast_linear_weights`)."""
+        return self.tok_emb.weight.dtype
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -666,6 +632,5 @@ def build_model(spec):
     return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
 
 
-__all__ = ["ARModel", "DECODE_LINEAR_MAX_ROWS", "KVCache", "Linear", "ModelConfig", "PRESETS", "PushForwardLM",
-           "Transformer", "broadcast_tau", "build_model", "cast_linear_weights", "decode_blocks", "decode_logits",
-           "decode_pass", "run_blocks", "torch_linears"]
+__all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "PushForwardLM", "Transformer", "broadcast_tau",
+           "build_model", "cast_linear_weights", "decode_blocks", "decode_logits", "decode_pass", "run_blocks"]

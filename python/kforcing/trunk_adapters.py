@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from kforcing_ops.nn import NoiseEmbedding
+from kforcing_ops.nn import DecodeLinear, NoiseEmbedding
 
-from .model import Linear, ModelConfig, apply_rotary, rotary_cos_sin
+from .model import ModelConfig, apply_rotary, rotary_cos_sin
 
 
 def _split_rows(x, n_token):
@@ -125,11 +125,11 @@ class BlockAdapter(nn.Module):
         hidden = config.mlp_ratio * width
         if rank == 0:
             self.norm1 = GatedCopy(nn.LayerNorm(width, bias=False))
-            self.wqkv = GatedCopy(Linear(width, sum(splits), bias=False))
-            self.wo = GatedCopy(Linear(config.n_head * head_dim, width, bias=False))
+            self.wqkv = GatedCopy(DecodeLinear(width, sum(splits), bias=False))
+            self.wo = GatedCopy(DecodeLinear(config.n_head * head_dim, width, bias=False))
             self.norm2 = GatedCopy(nn.LayerNorm(width, bias=False))
-            self.fc = GatedCopy(Linear(width, hidden, bias=False))
-            self.proj = GatedCopy(Linear(hidden, width, bias=False))
+            self.fc = GatedCopy(DecodeLinear(width, hidden, bias=False))
+            self.proj = GatedCopy(DecodeLinear(hidden, width, bias=False))
         else:
             self.norm1, self.norm2 = _Frozen(), _Frozen()
             self.wqkv = GatedLoRALinear(width, splits, rank)

@@ -10,6 +10,16 @@
 
 namespace kforcing {
 
+// Calls of at most this many rows are decode steps: the fused noise embedding runs its GEMM through the
+// decode_linear kernel then, so hint rows are row-invariant too (kforcing_ops.nn.DECODE_LINEAR_MAX_ROWS: the same).
+constexpr int64_t kDecodeLinearMaxRows = 64;
+
+namespace cpu {
+// The CPU kernel of decode_linear (csrc/cpu/decode_linear.cpp), for other CPU kernels: x (M, K) fp32 or bf16,
+// weight (N, K) fp32 or bf16 with unit stride along K, bias (N,) or undefined. Returns (M, N) in x's dtype.
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+}  // namespace cpu
+
 // Returns the number of rows M = prod(x.shape[:-1]).
 inline int64_t check_decode_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
