@@ -11,6 +11,12 @@ Reported: median [p20, p80] seconds per call, tokens/s and ms per pass (from the
 K-Forcing over AR: the median over rounds of (AR time / K-Forcing time) in the same round. EOS stopping is off,
 so every call produces exactly batch x --new-tokens tokens.
 
+With --linear both (the default) every decoder runs twice in the same rounds: its decode passes' linear layers on
+kforcing_ops.decode_linear (the default) and on torch's GEMM (`kforcing_ops.nn.torch_linears()`, the "before");
+"vs torch GEMM" is the median over rounds of (time with torch's GEMM / time with the kernel). --verified adds a
+draft student's verified round at the largest k (random weights: its drafts are rarely accepted, so read its
+ms/pass and "AR steps/pass", not its tokens/s).
+
 Targets: CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
 Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
 
@@ -30,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.hint_head import DraftStudent, HeadConfig  # noqa: E402
+from kforcing_ops.nn import torch_linears  # noqa: E402
 from kforcing.metrics import time_interleaved  # noqa: E402
 from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
 
@@ -71,6 +79,11 @@ def main(argv=None):
     parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="weights and noise seed")
+    parser.add_argument("--linear", default="both", choices=["kernel", "torch", "both"],
+                        help="decode passes' linear layers: kforcing_ops.decode_linear, torch's GEMM, or both "
+                             "side by side")
+    parser.add_argument("--verified", action="store_true",
+                        help="also time a draft student's verified round at the largest k (random weights)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile one call of AR and of K-Forcing at the largest k (first batch "
                              "size) with torch.profiler and print the ops that take the most device time")
@@ -98,32 +111,54 @@ def main(argv=None):
         profile(teacher, student, config, batches[0], max(args.k), args, options, device)
         return
 
+    drafter = DraftStudent.from_teacher(teacher, HeadConfig(max_k=max(args.k))) if args.verified else None
+    linears = ["kernel", "torch"] if args.linear == "both" else [args.linear]
+
+    def with_linear(linear, fn):
+        def run():
+            if linear == "kernel":
+                return fn()
+            with torch_linears():
+                return fn()
+        return run
+
     rows = []
     for batch in batches:
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len)).tolist()
-        runs = {"AR": lambda: generate_ar(teacher, prompts, args.new_tokens, seed=args.seed, **options)}
+        decoders = {"AR": lambda: generate_ar(teacher, prompts, args.new_tokens, seed=args.seed, **options)}
         for k in args.k:
-            runs[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k, seed=args.seed,
-                                                           **options)
+            decoders[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k,
+                                                               seed=args.seed, **options)
+        if drafter is not None:
+            decoders[f"verified k={max(args.k)}"] = lambda: generate_kforcing(
+                drafter, prompts, args.new_tokens, k=max(args.k), seed=args.seed, verify=True)
+        runs = {(name, linear): with_linear(linear, fn) for linear in linears for name, fn in decoders.items()}
         measured = time_interleaved(runs, device, args.repeats)
-        ar_times = measured["AR"][0]
-        for name, (times, out) in measured.items():
+        for (name, linear), (times, out) in measured.items():
+            ar_times = measured[("AR", linear)][0]
             stats = common.percentiles(times)
-            row = {"batch": batch, "decoder": name, "time_s": stats, "passes": out.num_passes,
+            ar_ms_per_pass = 1e3 * statistics.median(ar_times) / measured[("AR", linear)][1].num_passes
+            row = {"batch": batch, "decoder": name, "linear": linear, "time_s": stats, "passes": out.num_passes,
                    "tokens_per_s": batch * args.new_tokens / stats["median"],
                    "ms_per_pass": 1e3 * stats["median"] / out.num_passes,
                    "speedup_vs_ar": statistics.median(a / t for a, t in zip(ar_times, times))}
+            row["ar_steps_per_pass"] = row["ms_per_pass"] / ar_ms_per_pass
+            if linear == "kernel" and ("torch" in linears):
+                before = measured[(name, "torch")][0]
+                row["vs_torch_gemm"] = statistics.median(b / t for b, t in zip(before, times))
             rows.append(row)
-            print(f"batch {batch:4d} {name:5s}: {common.fmt_time(stats)} per call, {row['passes']} passes, "
-                  f"{row['tokens_per_s']:.0f} tokens/s, {row['ms_per_pass']:.2f} ms/pass, "
-                  f"{row['speedup_vs_ar']:.2f}x AR", flush=True)
+            print(f"batch {batch:4d} {name:12s} {linear:6s}: {common.fmt_time(stats)} per call, {row['passes']} "
+                  f"passes, {row['tokens_per_s']:.0f} tokens/s, {row['ms_per_pass']:.2f} ms/pass "
+                  f"({row['ar_steps_per_pass']:.2f} AR steps), {row['speedup_vs_ar']:.2f}x AR", flush=True)
 
-    columns = [("batch", "batch", "{}"), ("decoder", "decoder", "{}"), ("time", "time per call", "{}"),
-               ("passes", "passes", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
-               ("ms_per_pass", "ms/pass", "{:.2f}"), ("speedup_vs_ar", "speedup vs AR", "{:.2f}x")]
+    columns = [("batch", "batch", "{}"), ("decoder", "decoder", "{}"), ("linear", "linear layers", "{}"),
+               ("time", "time per call", "{}"), ("passes", "passes", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
+               ("ms_per_pass", "ms/pass", "{:.2f}"), ("ar_steps_per_pass", "AR steps/pass", "{:.2f}"),
+               ("speedup_vs_ar", "speedup vs AR", "{:.2f}x"), ("vs_torch_gemm", "vs torch GEMM", "{:.2f}x")]
     shown = [dict(r, time=common.fmt_time(r["time_s"])) for r in rows]
     table = common.markdown_table(shown, columns)
-    summary = {k: statistics.median([r["speedup_vs_ar"] for r in rows if r["decoder"] == f"k={k}"]) for k in args.k}
+    summary = {k: statistics.median([r["speedup_vs_ar"] for r in rows if r["decoder"] == f"k={k}"
+                                     and r["linear"] == linears[0]]) for k in args.k}
     print()
     print(table)
     print("\nmedian speedup over AR across batch sizes: "
@@ -132,6 +167,7 @@ def main(argv=None):
         settings = {"preset": preset, "params": teacher.num_params(), "dtype": str(dtype).replace("torch.", ""),
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                     "compile": args.compile, "cuda_graph": args.cuda_graph, "threads": torch.get_num_threads(),
+                    "linear": args.linear,
                     "command": " ".join(["python", "bench/bench_decode.py", *(argv or sys.argv[1:])])}
         for path in common.save("decode", device, rows, table, extra={"settings": settings}):
             print(f"wrote {path}")
