@@ -34,14 +34,15 @@ class DecodeLinear(nn.Linear):
     """nn.Linear whose decode-time calls run `decode_linear`: a drop-in that makes decode steps read each weight once
     and gives every row the same bits whatever rows share the call.
 
-    No-grad calls on at most DECODE_LINEAR_MAX_ROWS rows run the kernel; everything else (training, scoring long
-    sequences) runs torch's GEMM. The weight may be stored in bf16 while activations stay fp32: the kernel widens it
+    No-grad calls on at most DECODE_LINEAR_MAX_ROWS rows with fp32 or bf16 tensors run the kernel; everything else
+    (training, scoring long sequences, fp64 or fp16 models) runs torch's GEMM. The weight may be stored in bf16 while activations stay fp32: the kernel widens it
     in registers, torch's path casts it to x's dtype first.
     """
 
     def forward(self, x):
         rows = math.prod(x.shape[:-1])
-        if _decode_linear_enabled and not torch.is_grad_enabled() and rows <= DECODE_LINEAR_MAX_ROWS:
+        if (_decode_linear_enabled and not torch.is_grad_enabled() and rows <= DECODE_LINEAR_MAX_ROWS
+                and x.dtype in _checks.LINEAR_TYPES and self.weight.dtype in _checks.LINEAR_TYPES):
             return decode_linear(x, self.weight, self.bias)
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)

@@ -28,10 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 step build 300 $PY setup.py build_ext --inplace || { printf '%s\n' "${status[@]}"; exit 1; }
 $PY -m kforcing_ops.info
-for file in sampling attention embedding; do
+for file in sampling attention embedding linear; do
   step "test_$file" 240 $PY -m pytest -q -m cuda -p no:cacheprovider "tests/test_$file.py"
 done
-step test_model 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_model.py tests/test_generate.py
+step test_model 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_model.py tests/test_generate.py \
+  tests/test_row_invariance.py
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/cuda_smoke.py
   step fuzz_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -43,11 +44,14 @@ if [ "${1:-}" != "--quick" ]; then
   step bench_sampling 120 $PY bench/bench_sampling.py --device cuda --skip compiled reference --min-run-time 0.2
   step bench_attention 300 $PY bench/bench_attention.py --device cuda --min-run-time 0.2 --skip flex_decode
   step bench_embedding 150 $PY bench/bench_embedding.py --device cuda --min-run-time 0.2
+  step bench_linear 150 $PY bench/bench_linear.py --device cuda --rows 1 4 16 64 --repeats 3 --min-mb 1024
   step bench_decode 240 $PY bench/bench_decode.py --device cuda --repeats 3 --new-tokens 128 --cuda-graph
 fi
-[ -n "${OUT:-}" ] && cp bench/results/*_cuda.* "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && cp -r bench/results/*_cuda* "$OUT"/ 2>/dev/null
 echo
-for file in bench/results/*_cuda.md; do [ -f "$file" ] && { echo "----- $file"; cat "$file"; }; done
+for file in bench/results/*_cuda.md bench/results/*_cuda/*.md; do
+  [ -f "$file" ] && [ "$(basename "$file")" != index.md ] && { echo "----- $file"; cat "$file"; }
+done
 echo
 echo "===== gpu_check summary ($(head -2 "$LOG/gpu.txt" | tail -1))"
 printf '%s\n' "${status[@]}"

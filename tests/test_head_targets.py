@@ -77,7 +77,10 @@ def test_boundary_weighting_keeps_the_teachers_tokens_and_moves_u_toward_their_i
     flat = logits.reshape(-1, CONFIG.vocab_size)
     lower, upper = ref.cdf_interval(flat, targets.reshape(-1), 0.7, 20, 0.9, "descending")
     share = (moved[..., 1:].reshape(-1) - lower) / (upper - lower)
-    torch.testing.assert_close(share, draws[..., 1:].reshape(-1).clamp(BOUNDARY_MARGIN, 1 - BOUNDARY_MARGIN))
+    # The rollout placed u_j from the logits of the pass that had j window tokens; `logits` are the last pass's, whose
+    # rows are the same up to float32 rounding (a pass above 64 rows runs torch's GEMM, a smaller one decode_linear).
+    torch.testing.assert_close(share, draws[..., 1:].reshape(-1).clamp(BOUNDARY_MARGIN, 1 - BOUNDARY_MARGIN),
+                               atol=1e-5, rtol=0)
     # Beta(0.2, 0.2) puts most uniforms near an end of their interval; uniform u does not.
     uniform_share = (u[..., 1:].reshape(-1) - lower) / (upper - lower)
     assert (torch.minimum(share, 1 - share) < 0.1).double().mean() > 0.6

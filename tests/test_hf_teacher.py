@@ -19,6 +19,8 @@ from kforcing.hf_teacher import (HFTeacher, HFTeacherError, TransformersMissing,
 from kforcing.hf_adapters import HFTrunkAdapters  # noqa: E402
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling  # noqa: E402
 from kforcing.model import KVCache  # noqa: E402
+from kforcing_ops.nn import DecodeLinear  # noqa: E402
+from conftest import expect_kernel  # noqa: E402
 from kforcing.noise import counter_uniform  # noqa: E402
 from hf_models import FAMILIES, VOCAB, save_tiny, tiny_tokenizer  # noqa: E402
 from tolerances import CACHED_VS_FULL, HF_EAGER_FP64, HF_FP32, HF_FP64  # noqa: E402
@@ -88,6 +90,22 @@ def test_decoding_over_the_static_kv_cache_equals_the_full_pass(family, tmp_path
     steps += [teacher.decode(ids[:, i:i + 1], cache, logits="all") for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **CACHED_VS_FULL)
     assert cache.seqlens.tolist() == [12, 12]
+
+
+def test_decode_passes_run_decode_linear_and_are_row_invariant(tmp_path):
+    """load_hf_teacher makes the model's nn.Linear layers DecodeLinear: one k-row pass equals k one-row passes."""
+    _, teacher = loaded("llama", tmp_path, dtype=torch.float32)
+    assert any(isinstance(m, DecodeLinear) for m in teacher.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in teacher.model.modules())
+    ids, new = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 6))
+    together = KVCache.for_model(teacher, 2, 32)
+    teacher.decode(ids, together, logits=None)
+    with expect_kernel("decode_linear"):
+        all_rows = teacher.decode(new, together, logits="all")
+    one_by_one = KVCache.for_model(teacher, 2, 32)
+    teacher.decode(ids, one_by_one, logits=None)
+    steps = torch.stack([teacher.decode(new[:, j:j + 1], one_by_one, logits="last") for j in range(6)], dim=1)
+    assert torch.equal(all_rows, steps)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

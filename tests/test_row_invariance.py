@@ -5,6 +5,7 @@ decode_linear (per-row FMA chains) and window_attention_decode (key tiles at abs
 import pytest
 import torch
 from conftest import expect_kernel
+from tolerances import SAME_ROWS_FP32
 
 import kforcing_ops as ko
 from kforcing.model import ARModel, KVCache, ModelConfig, PushForwardLM, cast_linear_weights
@@ -117,3 +118,13 @@ def test_bf16_weights_decode_with_fp32_activations():
         torch.testing.assert_close(logits, model(ids), atol=1e-4, rtol=1e-4)  # the forward casts the weights
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         cast_linear_weights(model, torch.float16)
+
+
+def test_decoding_on_the_kernel_matches_torch_gemm():
+    torch.manual_seed(0)
+    model = ARModel(ModelConfig.from_preset("tiny")).eval()
+    ids = torch.randint(0, 2048, (3, 12))
+    kernel = model.decode(ids, KVCache.for_model(model, 3, 32), logits="all")
+    with torch_linears():
+        gemm = model.decode(ids, KVCache.for_model(model, 3, 32), logits="all")
+    torch.testing.assert_close(kernel, gemm, **SAME_ROWS_FP32)

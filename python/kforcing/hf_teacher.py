@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import kforcing_ops
+from kforcing_ops.nn import DecodeLinear
 
 from .hf_attention import ATTEND_KWARG, ATTENTION_NAME, register_attention
 from .model import KVCache, decode_logits, decode_pass
@@ -265,9 +266,27 @@ def _quiet_loading(transformers):
             logging.enable_progress_bar()
 
 
-def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True):
+def use_decode_linear(model: nn.Module) -> int:
+    """Turn every plain nn.Linear of `model` into a `kforcing_ops.nn.DecodeLinear`, in place; returns how many.
+
+    The modules keep their parameters, state dict and training behaviour (DecodeLinear adds no state: it is an
+    nn.Linear whose no-grad calls of at most 64 rows run kforcing_ops.decode_linear), so fingerprints and adapters
+    are unaffected. GPT-2's Conv1D layers are not nn.Linear and keep torch's GEMM.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+            count += 1
+    return count
+
+
+def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True,
+                    decode_linear: bool = True):
     """(HFTeacher in eval mode, its tokenizer or None) from "hf:PATH" (a save_pretrained directory) or "hf:NAME" (a
-    hub model, when the hub is reachable). dtype: the parameter dtype (default float32)."""
+    hub model, when the hub is reachable). dtype: the parameter dtype (default float32). decode_linear: the model's
+    nn.Linear layers become `kforcing_ops.nn.DecodeLinear` (`use_decode_linear`), so decode passes stream each
+    weight once and are row-invariant as kforcing's own teachers are."""
     name = spec[len(HF_PREFIX):] if is_hf_spec(spec) else str(spec)
     if not name:
         raise HFTeacherError(f"{spec!r} names no model: write hf:PATH (a directory saved with save_pretrained)")
@@ -294,6 +313,8 @@ def load_hf_teacher(spec: str, device="cpu", dtype: Optional[torch.dtype] = None
         model = transformers.AutoModelForCausalLM.from_pretrained(source, config=hf_config,
                                                                   attn_implementation=ATTENTION_NAME,
                                                                   dtype=dtype or torch.float32)
+    if decode_linear:
+        use_decode_linear(model)
     teacher = HFTeacher(model, source=HF_PREFIX + source).to(device).eval()
     tokenizer = None
     if with_tokenizer:
