@@ -82,6 +82,19 @@ def test_train_then_sample(teacher_run, capsys):
     assert capsys.readouterr().out == captured.out
 
 
+def test_sample_with_bf16_weights(teacher_run, capsys):
+    """--dtype bfloat16 decodes with bf16 linear weights (the same prompts and seeds give samples); other dtypes are
+    refused by the parser."""
+    args = ["sample", "--ckpt", str(teacher_run), "--prompt", "def ", "--num-samples", "4", "--max-new-tokens", "24",
+            "--no-stop", "--seed", "5"]
+    capsys.readouterr()
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    bf16 = capsys.readouterr().out
+    assert bf16.count("=== sample") == 4 and len(bf16) > 40
+    with pytest.raises(SystemExit):
+        main(args + ["--dtype", "float16"])
+
+
 def test_sample_from_a_student(teacher_run, tmp_path, capsys):
     teacher, tokenizer, _ = load_model(teacher_run)
     student = PushForwardLM.from_teacher(teacher, 4)

@@ -153,6 +153,10 @@ def _add_sample_parser(subparsers):
     p.add_argument("--freq-penalty", type=float, default=0.0, help="student only: frequency penalty lambda")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how the linear layers' weights are stored for decoding: bfloat16 reads half the bytes per "
+                        "step (activations and the KV cache stay float32); the model decoded is then the "
+                        "bf16-weight model, and --verify equals its AR samples")
     p.set_defaults(func=_sample)
 
 
@@ -197,6 +201,7 @@ def _sample(args):
     from .checkpoint import load_model
     from .draft_decode import generate_with_drafts
     from .generate import generate_ar, generate_kforcing
+    from .model import cast_linear_weights
     from .runtime import resolve_device
 
     if args.num_samples < 1:
@@ -205,6 +210,9 @@ def _sample(args):
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.ckpt} has no tokenizer.json, so text prompts cannot be encoded")
     kind = _check_sample_args(args, model)
+    if args.dtype == "bfloat16":
+        for part in (model.teacher, model.head) if kind == "draft" else (model,):
+            cast_linear_weights(part, torch.bfloat16)
     _fill_sampling(args, config if kind == "draft" else None)
     texts = args.prompt or [""]
     prompts = []
