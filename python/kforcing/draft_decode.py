@@ -68,8 +68,13 @@ class _DraftDecoder:
 
     def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling, hint_seed):
         teacher, config = student.teacher, student.config
-        self.student, self.k, self.seed, self.sequence_ids, self.sampling = student, k, seed, sequence_ids, sampling
-        self.hint_seed = seed if hint_seed is None else hint_seed
+        self.student, self.k, self.sampling = student, k, sampling
+        # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
+        # (a round gathers its rows instead of hashing them again, three times a round).
+        positions = torch.arange(max_len, device=teacher.device)
+        self.u_table = counter_uniform(seed, sequence_ids[:, None], positions)
+        self.hint_table = (self.u_table if hint_seed is None or hint_seed == seed
+                           else counter_uniform(hint_seed, sequence_ids[:, None], positions))
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = None
         if student.pathway == "head":
@@ -81,8 +86,9 @@ class _DraftDecoder:
         """The cache the draft rows attend to; its length is the position of the pending exact token."""
         return self.trunk_cache if self.head_cache is None else self.head_cache
 
-    def uniforms(self, positions, seed=None):
-        return counter_uniform(self.seed if seed is None else seed, self.sequence_ids[:, None], positions)
+    def uniforms(self, positions, table=None):
+        """The decoding seed's uniforms (or `table`'s) at positions (B, T) of each sequence."""
+        return (self.u_table if table is None else table).gather(1, positions)
 
     def trunk(self, ids):
         """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
@@ -107,7 +113,7 @@ class _DraftDecoder:
         position = cache.seqlens.to(torch.int64)[:, None]
         positions = position + torch.arange(k, device=exact.device)
         u = self.uniforms(positions)  # u of exact, then of the drafts
-        hints = self.uniforms(positions, self.hint_seed)
+        hints = self.uniforms(positions, self.hint_table)
         sampling = self.sampling
         x = student.window_inputs(exact[:, None], hints[:, None], sampling.temperature)[:, 0]
         logits = student.readout_logits(student.decode_window(x, cache))
