@@ -134,7 +134,7 @@ def test_eval_of_a_draft_student(teacher_run, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in diagnostics["floor"] + diagnostics["shuffle"])
     assert [row["k"] for row in results["quality"]] == [0, 2, 4]
     assert {row["decoder"] for row in results["speed"]} == {"AR", "verified k=2", "unverified k=2", "verified k=4",
-                                                           "unverified k=4"}
+                                                           "unverified k=4", "verified adaptive"}
     tables = eval_tables(results)
     assert "u-blind floor" in tables and "verified tokens per pass" in tables
     json.dumps(results)  # eval.json is plain data

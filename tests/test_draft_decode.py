@@ -40,8 +40,8 @@ def _oracle_drafts(monkeypatch, want, prompts, error_every):
 
     starts = torch.tensor([len(p) for p in prompts])
 
-    def draft(self, exact):
-        position = self.head_cache.seqlens.long().cpu()[:, None] + 1 + torch.arange(self.k - 1)
+    def draft(self, exact, count):
+        position = self.head_cache.seqlens.long().cpu()[:, None] + 1 + torch.arange(count)
         index = (position - starts[:, None]).clamp(max=want.shape[1] - 1)
         drafts = want.gather(1, index)
         wrong = counter_uniform(123, torch.arange(len(prompts))[:, None], position) < 1.0 / error_every
@@ -169,3 +169,46 @@ def test_unknown_codes_and_orders_are_refused():
         generate_ar(_teacher(), PROMPTS, 4, order="ascending")
     with pytest.raises(ValueError, match="unknown CDF order"):
         generate_with_drafts(_student(), PROMPTS, 4, order="ascending")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Adaptive drafting (k=None): drafts only when they pay, AR steps otherwise; always the AR sample
+
+
+@pytest.mark.parametrize("error_every,costs", [(1, (1.0, 1.5)), (1, None), (1000, (1.0, 1.5))])
+def test_adaptive_drafting_falls_back_to_ar_steps_and_drafts_when_drafts_pay(monkeypatch, error_every, costs):
+    """Always-wrong drafts: almost every round becomes an AR step. Always-right drafts: almost every round drafts.
+    With measured costs (None) the wrong drafts' rounds cost more than an AR step, so they lose too."""
+    student = _student()
+    want = generate_ar(student.teacher, PROMPTS, 72, seed=4).tokens
+    _oracle_drafts(monkeypatch, want, PROMPTS, error_every)
+    got = generate_with_drafts(student, PROMPTS, 64, seed=4, round_costs=costs)
+    assert torch.equal(got.tokens, want[:, :64])
+    rounds = got.num_passes - 1  # the prefill is not a round
+    if error_every == 1:
+        assert got.ar_rounds >= 0.8 * rounds and got.tokens_per_pass < 1.3
+    else:
+        assert got.ar_rounds <= rounds / 8 and got.tokens_per_pass > 2.5
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.7, top_k=20, top_p=0.9), dict(temperature=1.0),
+                                      dict(top_k=1)])
+def test_adaptive_drafting_equals_ar_with_ragged_prompts_and_eos(batch, sampling):
+    student = _student("categorical")
+    prompts = [PROMPTS[i % len(PROMPTS)][: 1 + (3 * i) % 7] for i in range(batch)]
+    want = generate_ar(student.teacher, prompts, 30, seed=7, eos_id=3, **sampling)
+    for costs in ((1.0, 1.2), (1.0, 100.0), None):  # drafting favoured, AR steps favoured, measured
+        got = generate_with_drafts(student, prompts, 30, seed=7, eos_id=3, round_costs=costs, **sampling)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+
+
+def test_adaptive_drafting_options_are_checked():
+    from kforcing.draft_policy import DraftPolicy
+
+    with pytest.raises(ValueError, match="adaptive drafting only"):
+        generate_with_drafts(_student(), PROMPTS, 4, k=4, round_costs=(1.0, 2.0))
+    with pytest.raises(ValueError, match="two positive numbers"):
+        DraftPolicy(2, 3, "cpu", costs=(1.0,))
+    with pytest.raises(ValueError, match="max_drafts"):
+        DraftPolicy(2, 0, "cpu")

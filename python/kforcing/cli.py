@@ -140,7 +140,8 @@ def _add_sample_parser(subparsers):
     p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for several (default: EOS)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
-    p.add_argument("--k", type=int, default=None, help="tokens per pass (students only; default: the student's max_k)")
+    p.add_argument("--k", type=int, default=None, help="tokens per pass (students only; default: the student's max_k; "
+                   "with --verify, adaptive drafting: up to max_k a round, or a plain AR step when drafts do not pay)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (push-forward student: "
                    "its tau; default: a draft student's own, else 1.0)")
@@ -243,6 +244,8 @@ def _sample(args):
     generated = int(out.lengths.sum())
     if kind == "ar":
         kind = "AR"
+    elif kind == "draft" and args.verify and args.k is None:
+        kind = f"verified K-Forcing, adaptive up to k={model.max_k} ({out.ar_rounds} rounds were AR steps)"
     else:
         kind = ("verified " if args.verify else "") + f"K-Forcing k={args.k or model.max_k}"
     print(f"[{kind}: {generated} tokens in {out.num_passes} passes, {elapsed:.2f} s, "

@@ -18,18 +18,24 @@ Each pass runs, with static shapes:
             the teacher's cache of that layer and causally to each other, and append nothing to it (there is
             no second cache).
 
+Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none, and a round with none is a
+plain AR step (the teacher over the exact token alone, no draft pass). `kforcing.draft_policy.DraftPolicy` chooses
+from each sequence's measured acceptance and the two kinds' measured cost, so verified decoding runs at AR's speed
+when the drafts do not pay for their pass, and drafts when they do.
+
 Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
 decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every
 sequence has its tokens (or an EOS).
 """
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 from .generate import check_request, mask_after_eos
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
+from .draft_policy import DraftPolicy
 from .model import KVCache, decode_blocks
 from .teacher import decode_layers
 from .noise import counter_uniform
@@ -46,7 +52,9 @@ class DraftOutput:
             done.
         tokens_per_pass: each sequence's generated tokens over the passes it took part in (prefill included),
             averaged over the batch (1.0 for AR): the rate of one sequence, whatever the others in its batch do.
-        accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted.
+        accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted
+            (drafting rounds only).
+        ar_rounds: rounds that made no drafts (adaptive drafting's plain AR steps).
     """
 
     tokens: torch.Tensor
@@ -54,6 +62,7 @@ class DraftOutput:
     num_passes: int
     tokens_per_pass: float
     accepted: List[float]
+    ar_rounds: int = 0
 
     def tolist(self) -> List[List[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
@@ -106,12 +115,13 @@ class _DraftDecoder:
                       self.student.teacher.inv_freq)
         self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
 
-    def draft(self, exact):
-        """Drafts (B, k-1) of the tokens after `exact` (B,), the token at each sequence's draft-cache length."""
-        student, k = self.student, self.k
+    def draft(self, exact, count):
+        """Drafts (B, count) of the tokens after `exact` (B,), the token at each sequence's draft-cache length:
+        a window of count + 1 rows (hint i only sees hints 0..i, so fewer rows than k draft the same tokens)."""
+        student = self.student
         cache = self.draft_cache
         position = cache.seqlens.to(torch.int64)[:, None]
-        positions = position + torch.arange(k, device=exact.device)
+        positions = position + torch.arange(count + 1, device=exact.device)
         u = self.uniforms(positions)  # u of exact, then of the drafts
         hints = self.uniforms(positions, self.hint_table)
         sampling = self.sampling
@@ -124,14 +134,19 @@ class _DraftDecoder:
 def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k: Optional[int] = None,
                          seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                          verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
-                         sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab") -> DraftOutput:
+                         sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab",
+                         round_costs: Optional[Sequence[float]] = None) -> DraftOutput:
     """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
 
     Args:
         student: a DraftStudent (teacher-exact token rows and a hint head).
         prompts, max_new_tokens, seed, temperature, top_k, top_p, eos_id, pad_id, sequence_ids: as in
             `kforcing.generate.generate_ar`; temperature must be a float here.
-        k: rows per pass, 2 <= k <= student.max_k (default max_k): the exact token and k-1 drafts.
+        k: rows per pass, 2 <= k <= student.max_k: the exact token and k-1 drafts in every round. None (the
+            default): adaptive drafting with up to max_k - 1 drafts when verifying (`kforcing.draft_policy`): each
+            round drafts k-1 tokens or none (a plain AR step), whichever is expected to give more tokens per unit
+            of cost, so verified decoding is not slower than AR when the drafts do not pay; without verification,
+            max_k.
         verify: True: every draft is checked against the teacher's own token under the same uniform, and the
             output equals `generate_ar(student.teacher, ...)` token for token. False: drafts are kept as they
             are (k tokens per pass, the student's own distribution).
@@ -139,12 +154,17 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         hint_seed: a diagnostic (the u-shuffle test): the hint rows carry uniforms drawn from this seed instead of
             the decoding seed, while the teacher and a categorical readout still sample with the decoding seed's.
             Verified output stays exact; the acceptance shows how much the drafts owe to the right uniforms.
+        round_costs: adaptive drafting only: fixed (AR step, drafting round) costs instead of measured wall times
+            (reproducible choices; see `DraftPolicy`).
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
     """
     if not isinstance(student, DraftStudent):
         raise TypeError(f"generate_with_drafts needs a DraftStudent, got {type(student).__name__}")
+    adaptive = k is None and verify
+    if round_costs is not None and not adaptive:
+        raise ValueError("round_costs applies to adaptive drafting only (verify=True and k=None)")
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 2 <= k <= student.max_k:
         raise ValueError(f"k={k!r} is not allowed: this student drafts with 2 <= k <= max_k={student.max_k}")
@@ -166,7 +186,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     decoder.commit_features(features, lengths)
     last = logits[torch.arange(batch, device=device), lengths - 1]
     exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
-    drafts = decoder.draft(exact)
+    policy = DraftPolicy(batch, k - 1, device, round_costs) if adaptive else None
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
     out[:, 0] = exact
@@ -175,19 +195,24 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
     passes, steps = 1, 0
     sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
-    offsets = torch.arange(k, device=device)
     while True:
         active = ~finished & (produced < max_new_tokens)
         if not bool(active.any()):
             break
+        count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
+        drafts = decoder.draft(exact, count) if count else exact.new_empty((batch, 0))
+        offsets = torch.arange(count + 1, device=device)
         start = decoder.trunk_cache.seqlens.to(torch.int64)
         features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
         teacher_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1 + offsets), sampling)
         if verify:
             matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
             new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)
-            accepted += matches[active].double().sum(dim=0)
-            steps += int(active.sum())
+            if count:
+                accepted += matches[active].double().sum(dim=0)
+                steps += int(active.sum())
+                if policy is not None:
+                    policy.observe_acceptance(matches, active)
         else:
             new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
             n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
@@ -203,12 +228,11 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         decoder.trunk_cache.seqlens.copy_(start + advance)
         decoder.commit_features(features, advance)
         exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
-        drafts = decoder.draft(exact)
         passes += 1
     tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
     rate = (out_lengths.double() / sequence_passes.double()).mean().item()
-    return DraftOutput(tokens, out_lengths, passes, rate,
-                       (accepted / max(steps, 1)).tolist() if verify else [])
+    return DraftOutput(tokens, out_lengths, passes, rate, (accepted / max(steps, 1)).tolist() if verify else [],
+                       policy.rounds[0] if policy is not None else 0)
 
 
 __all__ = ["DraftOutput", "generate_with_drafts"]

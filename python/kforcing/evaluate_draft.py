@@ -115,20 +115,25 @@ def unverified_quality(student, prompts, ks, length, seed, sampling, batch_size,
 
 
 def draft_speed(student, ks, batch_sizes, prompts, new_tokens, repeats, seed, sampling, progress=None) -> List[Dict]:
-    """Tokens/s of AR, verified and unverified decoding per batch size (rows as `kforcing.metrics.decode_speed`)."""
+    """Tokens/s of AR, verified (each k, and adaptive) and unverified decoding per batch size (rows as
+    `kforcing.metrics.decode_speed`; "verified adaptive" drafts up to max_k - 1 tokens a round, or none)."""
     rows = []
     for batch in batch_sizes:
         chunk = prompts[:batch]
         runs = {"AR": lambda: generate_ar(student.teacher, chunk, new_tokens, seed=seed, **vars(sampling))}
+        row_k = {"AR": 0, "verified adaptive": student.max_k}
         for k in ks:
             for verify in (True, False):
-                runs[f"{'verified' if verify else 'unverified'} k={k}"] = (
-                    lambda k=k, verify=verify: generate_with_drafts(student, chunk, new_tokens, k=k, seed=seed,
-                                                                    **vars(sampling), verify=verify))
+                name = f"{'verified' if verify else 'unverified'} k={k}"
+                row_k[name] = k
+                runs[name] = (lambda k=k, verify=verify: generate_with_drafts(
+                    student, chunk, new_tokens, k=k, seed=seed, **vars(sampling), verify=verify))
+        runs["verified adaptive"] = lambda: generate_with_drafts(student, chunk, new_tokens, seed=seed,
+                                                                 **vars(sampling))
         measured = time_interleaved(runs, student.device, repeats, progress)
         for name, (times, out) in measured.items():
             seconds = statistics.median(times)
-            rows.append({"batch": batch, "decoder": name, "k": 0 if name == "AR" else int(name.split("k=")[1]),
+            rows.append({"batch": batch, "decoder": name, "k": row_k[name],
                          "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "passes": out.num_passes,
                          "ms_per_pass": 1e3 * seconds / out.num_passes,
                          "speedup": statistics.median(a / b for a, b in zip(measured["AR"][0], times))})

@@ -110,6 +110,8 @@ def draft_summary_lines(draft: Dict) -> List[str]:
                      f"{speed[f'unverified k={k}']['tokens_per_s']:>12.0f}{speed['AR']['tokens_per_s']:>10.0f}")
         lines.append(f"{'speedup vs AR (batch 1)':26}{speed[f'verified k={k}']['speedup']:>11.2f}x"
                      f"{speed[f'unverified k={k}']['speedup']:>11.2f}x{'1.00x':>10}")
+        if "verified adaptive" in speed:  # drafts only in rounds where they pay, AR steps otherwise
+            lines.append(f"{'  verified, adaptive':26}{speed['verified adaptive']['speedup']:>11.2f}x")
     return lines
 
 

@@ -1,0 +1,89 @@
+"""Adaptive drafting: how many drafts each verified round makes, so that drafting never costs more than it returns.
+
+A verified round with d drafts yields 1 + (its accepted drafts) tokens; a round with none is a plain AR step (one
+teacher row, no draft pass). `DraftPolicy` keeps
+  - per sequence, an exponential moving average of each draft offset's cumulative acceptance (drafts 1..j all
+    accepted), updated from the verification every drafting round does anyway;
+  - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
+    (measured around whole rounds, so it includes everything a round does), or fixed costs given by the caller.
+Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
+active sequences) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first, and the kind not
+taken is tried again every `explore_every` rounds, so both estimates follow the text as it changes.
+
+Two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the draft pass
+and the verify pass read the same weights), so when drafting pays, k-1 drafts pay most. Verified output is the
+teacher's AR sample whatever the policy chooses; only the speed depends on it.
+"""
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+
+class DraftPolicy:
+    """Chooses 0 or `max_drafts` drafts per round (module docstring).
+
+    Args:
+        batch: sequences in the request.
+        max_drafts: drafts of a drafting round (k - 1).
+        device: where the acceptance estimates live (the decoder's device).
+        costs: None to measure the two kinds' wall time, or fixed (AR step, drafting round) costs in any one unit
+            (e.g. AR steps from `bench/bench_decode.py`): reproducible choices.
+        explore_every: rounds after which the kind not taken is tried once more.
+        decay: weight of the newest observation in the moving averages.
+    """
+
+    def __init__(self, batch: int, max_drafts: int, device, costs: Optional[Sequence[float]] = None,
+                 explore_every: int = 16, decay: float = 0.3):
+        if max_drafts < 1:
+            raise ValueError(f"DraftPolicy needs max_drafts >= 1, got {max_drafts}")
+        if costs is not None and (len(costs) != 2 or not all(c > 0 for c in costs)):
+            raise ValueError(f"costs must be two positive numbers (AR step, drafting round), got {costs!r}")
+        if explore_every < 1 or not 0 < decay <= 1:
+            raise ValueError(f"explore_every must be >= 1 and decay in (0, 1], got {explore_every} and {decay}")
+        self.max_drafts, self.explore_every, self.decay = max_drafts, explore_every, decay
+        self.fixed = costs is not None
+        self.cost = {0: costs[0], max_drafts: costs[1]} if costs is not None else {}
+        # Optimistic start: a sequence is assumed to accept every draft until its first drafting round, whose
+        # outcome then replaces the assumption (later rounds blend in).
+        self.acceptance = torch.ones(batch, max_drafts, dtype=torch.float64, device=device)
+        self._seen = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.rounds = {0: 0, max_drafts: 0}  # rounds taken of each kind
+        self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind was last taken at
+        self._round = 0
+        self._timing = None  # (kind, start time) of the round in progress
+
+    def choose(self, active: torch.Tensor) -> int:
+        """Drafts for the next round (0 or max_drafts), given the (B,) mask of sequences still decoding. Also ends
+        the timing of the previous round: call it once per round, at the same point of each."""
+        now = time.perf_counter()
+        if self._timing is not None and not self.fixed:
+            kind, start = self._timing
+            previous = self.cost.get(kind)
+            seconds = now - start
+            self.cost[kind] = seconds if previous is None else (1 - self.decay) * previous + self.decay * seconds
+        self._round += 1
+        untimed = [kind for kind in (self.max_drafts, 0) if kind not in self.cost]
+        if untimed:
+            kind = untimed[0]
+        else:
+            tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
+            best = self.max_drafts if tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
+            other = 0 if best else self.max_drafts
+            kind = other if self._round - self._taken_at[other] > self.explore_every else best
+        self.rounds[kind] += 1
+        self._taken_at[kind] = self._round
+        self._timing = (kind, now)
+        return kind
+
+    def observe_acceptance(self, matches: torch.Tensor, active: torch.Tensor):
+        """matches (B, max_drafts): 1 where drafts 1..j were all accepted in this drafting round."""
+        rows = active.nonzero().flatten()
+        current, new = self.acceptance[rows], matches[rows].to(self.acceptance.dtype)
+        blended = torch.where(self._seen[rows, None], (1 - self.decay) * current + self.decay * new, new)
+        self.acceptance[rows] = blended
+        self._seen[rows] = True
+
+
+__all__ = ["DraftPolicy"]
