@@ -14,8 +14,9 @@ so every call produces exactly batch x --new-tokens tokens.
 With --linear both (the default) every decoder runs twice in the same rounds: its decode passes' linear layers on
 kforcing_ops.decode_linear (the default) and on torch's GEMM (`kforcing_ops.nn.torch_linears()`, the "before");
 "vs torch GEMM" is the median over rounds of (time with torch's GEMM / time with the kernel). --verified adds a
-draft student's verified round at the largest k (random weights: its drafts are rarely accepted, so read its
-ms/pass and "AR steps/pass", not its tokens/s).
+draft student's verified round at the largest k, pinned and adaptive (random weights: its drafts are rarely
+accepted, so read the pinned row's ms/pass and "AR steps/pass", and the adaptive row's speedup: the worst case of
+adaptive drafting, which should fall back to AR steps).
 
 Targets: CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
 Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
@@ -83,7 +84,8 @@ def main(argv=None):
                         help="decode passes' linear layers: kforcing_ops.decode_linear, torch's GEMM, or both "
                              "side by side")
     parser.add_argument("--verified", action="store_true",
-                        help="also time a draft student's verified round at the largest k (random weights)")
+                        help="also time a draft student's verified rounds at the largest k, pinned and adaptive "
+                             "(random weights)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile one call of AR and of K-Forcing at the largest k (first batch "
                              "size) with torch.profiler and print the ops that take the most device time")
@@ -132,6 +134,8 @@ def main(argv=None):
         if drafter is not None:
             decoders[f"verified k={max(args.k)}"] = lambda: generate_kforcing(
                 drafter, prompts, args.new_tokens, k=max(args.k), seed=args.seed, verify=True)
+            decoders["verified adaptive"] = lambda: generate_kforcing(drafter, prompts, args.new_tokens, seed=args.seed,
+                                                                      verify=True)
         runs = {(name, linear): with_linear(linear, fn) for linear in linears for name, fn in decoders.items()}
         measured = time_interleaved(runs, device, args.repeats)
         for (name, linear), (times, out) in measured.items():
