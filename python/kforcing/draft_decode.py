@@ -186,7 +186,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     decoder.commit_features(features, lengths)
     last = logits[torch.arange(batch, device=device), lengths - 1]
     exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
-    policy = DraftPolicy(batch, k - 1, device, round_costs) if adaptive else None
+    policy = DraftPolicy(batch, k - 1, device, round_costs, student=student) if adaptive else None
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
     out[:, 0] = exact
@@ -229,6 +229,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         decoder.commit_features(features, advance)
         exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
         passes += 1
+    if policy is not None:
+        policy.remember()
     tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
     rate = (out_lengths.double() / sequence_passes.double()).mean().item()
     return DraftOutput(tokens, out_lengths, passes, rate, (accepted / max(steps, 1)).tolist() if verify else [],

@@ -7,18 +7,37 @@ teacher row, no draft pass). `DraftPolicy` keeps
   - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
     (measured around whole rounds, so it includes everything a round does), or fixed costs given by the caller.
 Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
-active sequences) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first, and the kind not
-taken is tried again every `explore_every` rounds, so both estimates follow the text as it changes.
+active sequences) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first. The kind not
+taken is tried again after `explore_every` rounds, then after twice as many each time trying it changes nothing
+(up to 16x), so that both estimates follow the text while a hopeless kind costs little.
+
+What a request learnt (the costs, the mean acceptance, the exploration interval) is remembered per student and
+batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed
+costs stay fixed: only the acceptance and the interval carry over).
 
 Two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the draft pass
 and the verify pass read the same weights), so when drafting pays, k-1 drafts pay most. Verified output is the
 teacher's AR sample whatever the policy chooses; only the speed depends on it.
 """
 
+import dataclasses
 import time
-from typing import Optional, Sequence
+import weakref
+from typing import Dict, Optional, Sequence
 
 import torch
+
+MAX_BACKOFF = 16
+
+
+@dataclasses.dataclass
+class _Learnt:
+    cost: Dict[int, float]
+    acceptance: torch.Tensor  # (max_drafts,) mean over the request's sequences
+    interval: int
+
+
+_MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts): _Learnt}
 
 
 class DraftPolicy:
@@ -30,12 +49,14 @@ class DraftPolicy:
         device: where the acceptance estimates live (the decoder's device).
         costs: None to measure the two kinds' wall time, or fixed (AR step, drafting round) costs in any one unit
             (e.g. AR steps from `bench/bench_decode.py`): reproducible choices.
-        explore_every: rounds after which the kind not taken is tried once more.
+        explore_every: rounds after which the kind not taken is tried once more (doubling while that changes
+            nothing, up to 16x).
         decay: weight of the newest observation in the moving averages.
+        student: the student decoding (a key for what earlier requests learnt); None: learn from scratch.
     """
 
     def __init__(self, batch: int, max_drafts: int, device, costs: Optional[Sequence[float]] = None,
-                 explore_every: int = 16, decay: float = 0.3):
+                 explore_every: int = 16, decay: float = 0.3, student=None):
         if max_drafts < 1:
             raise ValueError(f"DraftPolicy needs max_drafts >= 1, got {max_drafts}")
         if costs is not None and (len(costs) != 2 or not all(c > 0 for c in costs)):
@@ -49,10 +70,25 @@ class DraftPolicy:
         # outcome then replaces the assumption (later rounds blend in).
         self.acceptance = torch.ones(batch, max_drafts, dtype=torch.float64, device=device)
         self._seen = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.interval = explore_every
+        self._key = (batch, max_drafts)
+        self._student = student
+        learnt = _MEMORY.get(student, {}).get(self._key) if student is not None else None
+        if learnt is not None:  # an earlier request's estimates, as this one's prior
+            if not self.fixed:
+                self.cost = dict(learnt.cost)
+            self.acceptance[:] = learnt.acceptance.to(device)
+            self._seen[:] = True
+            self.interval = learnt.interval
         self.rounds = {0: 0, max_drafts: 0}  # rounds taken of each kind
         self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind was last taken at
         self._round = 0
         self._timing = None  # (kind, start time) of the round in progress
+        self._explored_from = None  # the best kind before an exploration round, until the next choice
+
+    def _best(self, active) -> int:
+        tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
+        return self.max_drafts if tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
 
     def choose(self, active: torch.Tensor) -> int:
         """Drafts for the next round (0 or max_drafts), given the (B,) mask of sequences still decoding. Also ends
@@ -68,10 +104,16 @@ class DraftPolicy:
         if untimed:
             kind = untimed[0]
         else:
-            tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
-            best = self.max_drafts if tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
+            best = self._best(active)
+            if self._explored_from is not None:  # the last round explored: did it change the choice?
+                changed = best != self._explored_from
+                self.interval = self.explore_every if changed else min(2 * self.interval,
+                                                                       MAX_BACKOFF * self.explore_every)
+                self._explored_from = None
             other = 0 if best else self.max_drafts
-            kind = other if self._round - self._taken_at[other] > self.explore_every else best
+            kind = best
+            if self._round - self._taken_at[other] > self.interval:
+                kind, self._explored_from = other, best
         self.rounds[kind] += 1
         self._taken_at[kind] = self._round
         self._timing = (kind, now)
@@ -84,6 +126,16 @@ class DraftPolicy:
         blended = torch.where(self._seen[rows, None], (1 - self.decay) * current + self.decay * new, new)
         self.acceptance[rows] = blended
         self._seen[rows] = True
+
+    def remember(self):
+        """Keep this request's estimates as the prior of the student's next request of this batch size (the
+        last round is still being timed: it is left out)."""
+        if self._student is None or len(self.cost) < 2:
+            return
+        seen = self.acceptance[self._seen]
+        acceptance = seen.mean(dim=0) if seen.numel() else self.acceptance.mean(dim=0)
+        _MEMORY.setdefault(self._student, {})[self._key] = _Learnt(dict(self.cost), acceptance.cpu(),
+                                                                    self.interval)
 
 
 __all__ = ["DraftPolicy"]
