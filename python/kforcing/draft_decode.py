@@ -195,39 +195,46 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
     passes, steps = 1, 0
     sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
+    offsets = torch.arange(k, device=device)
     while True:
         active = ~finished & (produced < max_new_tokens)
         if not bool(active.any()):
             break
         count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
-        drafts = decoder.draft(exact, count) if count else exact.new_empty((batch, 0))
-        offsets = torch.arange(count + 1, device=device)
         start = decoder.trunk_cache.seqlens.to(torch.int64)
-        features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
-        teacher_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1 + offsets), sampling)
-        if verify:
-            matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
-            new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)
-            if count:
+        if count == 0:  # a plain AR step: the teacher over the exact token, one new token per active sequence
+            features, logits = decoder.trunk(exact[:, None])
+            new_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1), sampling)
+            advance = active.long()
+            keep, index = active[:, None], produced[:, None].clamp(max=out.shape[1] - 1)
+            exact = new_tokens[:, 0]
+        else:
+            drafts = decoder.draft(exact, count)
+            features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
+            rows = offsets[:count + 1]
+            teacher_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1 + rows), sampling)
+            if verify:
+                matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
+                new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)
                 accepted += matches[active].double().sum(dim=0)
                 steps += int(active.sum())
                 if policy is not None:
                     policy.observe_acceptance(matches, active)
-        else:
-            new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
-            n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
-        # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
-        advance = torch.where(active, 1 + n_accepted, 0)
+            else:
+                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
+                n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
+            # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
+            advance = torch.where(active, 1 + n_accepted, 0)
+            keep = active[:, None] & (rows[None, :] < advance[:, None])
+            index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
+            exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
         sequence_passes += active.long()
-        keep = active[:, None] & (offsets[None, :] < advance[:, None])
-        index = (produced[:, None] + offsets).clamp(max=out.shape[1] - 1)
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
         if eos_id is not None:
             finished |= ((new_tokens == eos_id) & keep).any(dim=1)
         produced += advance
         decoder.trunk_cache.seqlens.copy_(start + advance)
         decoder.commit_features(features, advance)
-        exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
         passes += 1
     if policy is not None:
         policy.remember()

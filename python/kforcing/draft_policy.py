@@ -7,7 +7,7 @@ teacher row, no draft pass). `DraftPolicy` keeps
   - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
     (measured around whole rounds, so it includes everything a round does), or fixed costs given by the caller.
 Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
-active sequences) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first. The kind not
+active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first. The kind not
 taken is tried again after `explore_every` rounds, then after twice as many each time trying it changes nothing
 (up to 16x), so that both estimates follow the text while a hopeless kind costs little.
 
@@ -85,10 +85,12 @@ class DraftPolicy:
         self._round = 0
         self._timing = None  # (kind, start time) of the round in progress
         self._explored_from = None  # the best kind before an exploration round, until the next choice
+        self._tokens = None  # expected tokens of a drafting round, over the sequences active when last computed
 
     def _best(self, active) -> int:
-        tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
-        return self.max_drafts if tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
+        if self._tokens is None:  # recomputed after each drafting round only: a host sync a round is not free
+            self._tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
+        return self.max_drafts if self._tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
 
     def choose(self, active: torch.Tensor) -> int:
         """Drafts for the next round (0 or max_drafts), given the (B,) mask of sequences still decoding. Also ends
@@ -126,6 +128,7 @@ class DraftPolicy:
         blended = torch.where(self._seen[rows, None], (1 - self.decay) * current + self.decay * new, new)
         self.acceptance[rows] = blended
         self._seen[rows] = True
+        self._tokens = None
 
     def remember(self):
         """Keep this request's estimates as the prior of the student's next request of this batch size (the
