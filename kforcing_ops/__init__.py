@@ -19,7 +19,7 @@ from . import reference
 from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
 from .linear import decode_linear
-from .sampling import inverse_cdf_sample, raise_on_invalid_samples
+from .sampling import inverse_cdf_sample, raise_on_invalid_samples, sampling_probabilities
 
 __version__ = _ext.BUILD_INFO["version"]
 
@@ -32,6 +32,7 @@ __all__ = [
     "noise_embedding",
     "raise_on_invalid_samples",
     "reference",
+    "sampling_probabilities",
     "use_reference",
     "window_attention",
     "window_attention_decode",

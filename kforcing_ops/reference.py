@@ -59,6 +59,13 @@ def cdf_interval(logits, tokens, temperature=1.0, top_k=0, top_p=1.0, order="voc
     return lower, upper
 
 
+def sampling_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The float64 distribution (R, V) that `inverse_cdf_sample` draws each row's token from: softmax(logits / T)
+    restricted to the top-k / top-p support and renormalised (the same rule, ties and clamps as the sampler)."""
+    _, cdf, _ = _cdf_walk(logits, None, temperature, top_k, top_p, "vocab")
+    return torch.diff(cdf, dim=1, prepend=torch.zeros_like(cdf[:, :1]))
+
+
 def _cdf_walk(logits, u, temperature, top_k, top_p, order):
     """(walk, cdf, support) of each row: the token ids in walk order, the float64 CDF along it, and which
     positions of the walk hold a token of the sampling support (every finite surviving logit has p > 0, even

@@ -58,6 +58,14 @@ def inverse_cdf_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, order="vo
     return reference.inverse_cdf_sample(logits, u, temperature, top_k, top_p, order)
 
 
+def sampling_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution `inverse_cdf_sample(logits, u, temperature, top_k, top_p)` samples from, as float64 (R, V)
+    probabilities (pure PyTorch): softmax(logits / temperature) on the top-k / top-p support, renormalised, with the
+    sampler's rules for ties and extreme temperatures. For rules that need probabilities rather than samples, such as
+    speculative sampling's acceptance test."""
+    return reference.sampling_probabilities(logits, temperature, top_k, top_p)
+
+
 def raise_on_invalid_samples(tokens):
     """Raise ValueError if any row was invalid (token -1, the CUDA kernel's error value). Syncs with the host."""
     bad = (tokens < 0).nonzero().flatten()

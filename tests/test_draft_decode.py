@@ -229,3 +229,76 @@ def test_adaptive_drafting_remembers_what_a_request_learnt(monkeypatch):
     assert drafting(second) < drafting(first) and drafting(second) <= 2
     fresh = generate_with_drafts(_student(), PROMPTS, 64, seed=4, round_costs=(1.0, 1.5))  # nothing remembered
     assert drafting(fresh) == drafting(first)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Speculative sampling: lossless in distribution
+
+
+def _chi_square_p_value(counts, probs):
+    """P-value of Pearson's chi-square statistic of counts against probs (cells with expectation >= 5; the rest
+    pooled into one cell): the chi-square survival function, the regularised upper incomplete gamma function."""
+    expected = probs.double() * counts.sum()
+    cells = expected >= 5
+    observed = torch.cat([counts[cells], counts[~cells].sum()[None]])
+    expected = torch.cat([expected[cells], expected[~cells].sum()[None]])
+    if expected[-1] < 5:  # too little pooled mass to be a cell of its own
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = (((observed - expected) ** 2) / expected).sum()
+    dof = observed.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
+
+
+@pytest.mark.parametrize("rule", ["speculative", "accept_if_more_likely", "residual_is_p"])
+def test_speculative_rule_samples_the_teachers_distribution(rule):
+    """Hand-set p and q on a 5-token vocabulary, 200,000 rounds of one draft: the token after the exact one follows
+    p (chi-square), and two plausible wrong rules are caught by the same test."""
+    from kforcing.speculative import inverse_cdf, speculative_accept
+
+    gen = torch.Generator().manual_seed(0)
+    p1 = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q1 = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15], dtype=torch.float64)
+    n = 200_000
+    drafts = inverse_cdf(q1.expand(n, 5), torch.rand(n, generator=gen, dtype=torch.float64))[:, None]
+    p, q = p1.expand(n, 2, 5), q1.expand(n, 1, 5)
+    accept_u, residual_u = torch.rand(n, 1, generator=gen), torch.rand(n, 2, generator=gen)
+    if rule == "speculative":
+        tokens, _ = speculative_accept(p, q, drafts, accept_u, residual_u)
+    elif rule == "accept_if_more_likely":  # keep a draft when p >= q, else sample p: biased
+        keep = p1[drafts[:, 0]] >= q1[drafts[:, 0]]
+        tokens = torch.where(keep, drafts[:, 0], inverse_cdf(p1.expand(n, 5), residual_u[:, 0]))[:, None]
+    else:  # the right acceptance test, but resampling from p instead of the residual: biased
+        keep = accept_u[:, 0].double() * q1[drafts[:, 0]] <= p1[drafts[:, 0]]
+        tokens = torch.where(keep, drafts[:, 0], inverse_cdf(p1.expand(n, 5), residual_u[:, 0]))[:, None]
+    p_value = _chi_square_p_value(torch.bincount(tokens[:, 0], minlength=5).double(), p1)
+    assert (p_value > 1e-3) if rule == "speculative" else (p_value < 1e-6), p_value
+
+
+def test_speculative_decoding_samples_the_teacher_and_accepts_drafts():
+    """Through generate_with_drafts on the tiny teacher: the first token after the prompt over 4,000 sequences
+    follows the teacher's distribution (chi-square), drafts are accepted, and every option combination runs."""
+    from kforcing_ops import sampling_probabilities
+
+    student = _student("categorical")
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.95)
+    prompt = PROMPTS[0]
+    batch = 4000
+    out = generate_with_drafts(student, [prompt] * batch, 2, k=4, seed=11, acceptance="speculative",
+                               sequence_ids=torch.arange(batch), **sampling)
+    # A sequence's first token is the teacher's own sample (the prefill); its second is the first the rule decides.
+    # Among the sequences that share the most common first token, the second must follow p(. | prompt, first).
+    first = out.tokens[:, 0]
+    common = int(torch.mode(first).values)
+    rows = out.tokens[first == common, 1]
+    with torch.no_grad():
+        logits = student.teacher(torch.tensor([prompt + [common]]))[0, -1:]
+    p = sampling_probabilities(logits, **sampling)[0]
+    assert rows.numel() > 500
+    assert _chi_square_p_value(torch.bincount(rows, minlength=p.shape[0]).double(), p) > 1e-3
+    assert out.accepted[0] > 0.0
+    with pytest.raises(ValueError, match="verify=True"):
+        generate_with_drafts(student, PROMPTS, 4, k=4, verify=False, acceptance="speculative")
+    with pytest.raises(ValueError, match="acceptance must be one of"):
+        generate_with_drafts(student, PROMPTS, 4, acceptance="greedy")
+    adaptive = generate_with_drafts(_student("onehot"), PROMPTS, 12, seed=2, acceptance="speculative")
+    assert adaptive.lengths.tolist() == [12] * len(PROMPTS)

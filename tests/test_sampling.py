@@ -581,3 +581,22 @@ def test_cdf_interval_errors_name_the_argument():
         ref.cdf_interval(logits, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="sampling support"):
         ref.cdf_interval(logits, logits.topk(10).indices[:, -1], top_k=2)
+
+
+def test_sampling_probabilities_are_the_samplers_distribution():
+    """The probabilities of each token equal the width of the u interval inverse_cdf_sample maps to it; filtered
+    tokens have none; each row sums to 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40)
+    logits[0, :30] = float("-inf")
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 10, 0.9), (2.0, 3, 1.0)):
+        probs = ko.sampling_probabilities(logits, temperature, top_k, top_p)
+        assert probs.dtype == torch.float64 and probs.shape == logits.shape
+        torch.testing.assert_close(probs.sum(dim=1), torch.ones(6, dtype=torch.float64))
+        support = probs > 0
+        for row in range(6):
+            tokens = support[row].nonzero().flatten()
+            lower, upper = ko.reference.cdf_interval(logits[row:row + 1].expand(len(tokens), -1), tokens,
+                                                     temperature, top_k, top_p)
+            torch.testing.assert_close(probs[row, tokens], upper - lower)
+    assert bool((ko.sampling_probabilities(logits)[0, :30] == 0).all())

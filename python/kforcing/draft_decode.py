@@ -35,10 +35,17 @@ import torch
 
 from .generate import check_request, mask_after_eos
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
+from kforcing_ops import sampling_probabilities
+
 from .draft_policy import DraftPolicy
 from .model import KVCache, decode_blocks
 from .teacher import decode_layers
 from .noise import counter_uniform
+from .speculative import speculative_accept
+
+ACCEPTANCE_RULES = ("coupled", "speculative")
+# Keys of speculative sampling's uniform streams (XORed into the seed), apart from every other stream's.
+_ACCEPT_KEY, _RESIDUAL_KEY = 0x5EC_ACC, 0x5EC_2E5
 
 
 @dataclasses.dataclass
@@ -84,6 +91,9 @@ class _DraftDecoder:
         self.u_table = counter_uniform(seed, sequence_ids[:, None], positions)
         self.hint_table = (self.u_table if hint_seed is None or hint_seed == seed
                            else counter_uniform(hint_seed, sequence_ids[:, None], positions))
+        # Speculative sampling's acceptance and residual uniforms: two more streams of the same seed.
+        self.accept_table, self.residual_table = (counter_uniform(seed ^ key, sequence_ids[:, None], positions)
+                                                  for key in (_ACCEPT_KEY, _RESIDUAL_KEY))
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = None
         if student.pathway == "head":
@@ -115,9 +125,11 @@ class _DraftDecoder:
                       self.student.teacher.inv_freq)
         self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
 
-    def draft(self, exact, count):
+    def draft(self, exact, count, distributions=False):
         """Drafts (B, count) of the tokens after `exact` (B,), the token at each sequence's draft-cache length:
-        a window of count + 1 rows (hint i only sees hints 0..i, so fewer rows than k draft the same tokens)."""
+        a window of count + 1 rows (hint i only sees hints 0..i, so fewer rows than k draft the same tokens).
+        distributions: also return the (B, count, V) float64 distributions the drafts were drawn from (a point
+        mass at the argmax for the onehot readout)."""
         student = self.student
         cache = self.draft_cache
         position = cache.seqlens.to(torch.int64)[:, None]
@@ -127,7 +139,20 @@ class _DraftDecoder:
         sampling = self.sampling
         x = student.window_inputs(exact[:, None], hints[:, None], sampling.temperature)[:, 0]
         logits = student.readout_logits(student.decode_window(x, cache))
-        return drafts_from_logits(logits, u, student.head_config.readout, sampling)
+        drafts = drafts_from_logits(logits, u, student.head_config.readout, sampling)
+        if not distributions:
+            return drafts
+        if student.head_config.readout == "onehot":
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).double()
+        else:
+            q = _probabilities(logits, sampling)
+        return drafts, q
+
+
+def _probabilities(logits, sampling):
+    """The float64 distributions (..., V) that `sample_rows` draws from, for logits (..., V)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return sampling_probabilities(flat, sampling.temperature, sampling.top_k, sampling.top_p).view(logits.shape)
 
 
 @torch.no_grad()
@@ -135,7 +160,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
                          seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                          verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
                          sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab",
-                         round_costs: Optional[Sequence[float]] = None) -> DraftOutput:
+                         round_costs: Optional[Sequence[float]] = None, acceptance: str = "coupled") -> DraftOutput:
     """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
 
     Args:
@@ -156,12 +181,21 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             Verified output stays exact; the acceptance shows how much the drafts owe to the right uniforms.
         round_costs: adaptive drafting only: fixed (AR step, drafting round) costs instead of measured wall times
             (reproducible choices; see `DraftPolicy`).
+        acceptance: how verification keeps drafts. "coupled" (default): a draft stands when it equals the teacher's
+            token under the same uniform, so the output equals `generate_ar`'s token for token. "speculative":
+            speculative sampling (`kforcing.speculative`): lossless in distribution (every token is distributed as
+            the teacher's sample), not equal to `generate_ar`'s.
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
     """
     if not isinstance(student, DraftStudent):
         raise TypeError(f"generate_with_drafts needs a DraftStudent, got {type(student).__name__}")
+    if acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}")
+    if acceptance == "speculative" and not verify:
+        raise ValueError("acceptance='speculative' is a verification rule: it needs verify=True")
+    speculative = acceptance == "speculative"
     adaptive = k is None and verify
     if round_costs is not None and not adaptive:
         raise ValueError("round_costs applies to adaptive drafting only (verify=True and k=None)")
@@ -209,20 +243,30 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             keep, index = active[:, None], produced[:, None].clamp(max=out.shape[1] - 1)
             exact = new_tokens[:, 0]
         else:
-            drafts = decoder.draft(exact, count)
+            drafts, q = decoder.draft(exact, count, distributions=True) if speculative else (
+                decoder.draft(exact, count), None)
             features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
             rows = offsets[:count + 1]
-            teacher_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1 + rows), sampling)
-            if verify:
-                matches = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1)
-                new_tokens, n_accepted = teacher_tokens, matches.sum(dim=1)
+            positions = start[:, None] + 1 + rows
+            if speculative:
+                new_tokens, n_accepted = speculative_accept(
+                    _probabilities(logits, sampling), q, drafts,
+                    decoder.uniforms(positions[:, :-1], decoder.accept_table),
+                    decoder.uniforms(positions, decoder.residual_table))
+            else:
+                teacher_tokens = sample_rows(logits, decoder.uniforms(positions), sampling)
+            if not verify:
+                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
+                n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
+            else:
+                if not speculative:  # coupled: drafts stand while they equal the teacher's tokens
+                    new_tokens = teacher_tokens
+                    n_accepted = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+                matches = (rows[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
                 accepted += matches[active].double().sum(dim=0)
                 steps += int(active.sum())
                 if policy is not None:
                     policy.observe_acceptance(matches, active)
-            else:
-                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
-                n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
             # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
             advance = torch.where(active, 1 + n_accepted, 0)
             keep = active[:, None] & (rows[None, :] < advance[:, None])
@@ -244,4 +288,4 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
                        policy.rounds[0] if policy is not None else 0)
 
 
-__all__ = ["DraftOutput", "generate_with_drafts"]
+__all__ = ["ACCEPTANCE_RULES", "DraftOutput", "generate_with_drafts"]
