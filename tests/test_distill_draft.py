@@ -150,7 +150,7 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     verified = capsys.readouterr()
     assert main(["sample", "--ckpt", str(teacher_run), *common[3:]]) == 0
     assert capsys.readouterr().out == verified.out  # lossless: the teacher's own sample
-    assert "verified K-Forcing k=4" in verified.err
+    assert "verified K-Forcing, adaptive up to k=4" in verified.err  # no --k: adaptive drafting
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -78,11 +78,15 @@ def speed_table(results: Dict) -> str:
     machine, settings = results["machine"], results["settings"]
     lines = [f"{results['speed_tokens']} new tokens after 16-token prompts, {machine['device']} "
              f"({machine['cpu_threads']} threads), medians of {settings['speed_repeats']} interleaved "
-             "rounds; speedup = median per-round AR time / this time.\n",
-             "| batch | decoder | passes | tokens/s | ms/pass | speedup vs AR |", "|---|---|---|---|---|---|"]
+             "rounds; speedup = median per-round AR time / this time; a pass's cost in AR steps = its ms / an AR "
+             "pass's ms at the same batch size.\n",
+             "| batch | decoder | passes | tokens/s | ms/pass | AR steps/pass | speedup vs AR |",
+             "|---|---|---|---|---|---|---|"]
+    ar_ms = {s["batch"]: s["ms_per_pass"] for s in results["speed"] if s["decoder"] == "AR"}
     for s in results["speed"]:
+        cost = f"{s['ms_per_pass'] / ar_ms[s['batch']]:.2f}" if s["batch"] in ar_ms else "-"
         lines.append(f"| {s['batch']} | {s['decoder']} | {s['passes']} | {s['tokens_per_s']:.0f} | "
-                     f"{s['ms_per_pass']:.2f} | {s['speedup']:.2f}x |")
+                     f"{s['ms_per_pass']:.2f} | {cost} | {s['speedup']:.2f}x |")
     return "\n".join(lines)
 
 
