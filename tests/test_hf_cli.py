@@ -50,7 +50,7 @@ def test_distill_eval_and_sample_a_hugging_face_teacher(hf_model, tmp_path, caps
     assert main(["sample", "--ckpt", teacher, *common]) == 0
     ar = capsys.readouterr()
     assert verified.out == ar.out and "AR: 12 tokens in 12 passes" in ar.err
-    assert "verified K-Forcing k=4: 12 tokens in" in verified.err
+    assert "verified K-Forcing, adaptive up to k=4" in verified.err and "12 tokens in" in verified.err
 
 
 def test_command_line_errors_name_the_problem(hf_model, tmp_path, capsys):

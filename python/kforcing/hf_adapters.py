@@ -6,11 +6,11 @@ a rank-r LoRA (W x + B A x) on every linear layer the family names (`kforcing.hf
 projections, every MLP projection; GPT-2's fused q/k/v projection gets one adapter per q, k and v). After the last
 layer, hint rows take a trainable copy of the model's final norm; token rows its own.
 
-How they wrap the model's layers: for the duration of one `run`, a forward hook on each adapted module replaces its
-output on hint rows by output + B A input (and the final norm's by the copy's), `torch.where` keeping token rows'
-outputs exactly as the module computed them, so their logits stay the teacher's bit for bit. Outside `run` the
-model carries no hook, and its modules are never replaced: the teacher's state dict, fingerprint and behaviour are
-untouched, and only these adapters are saved.
+How they wrap the model's layers: for the duration of one `run`, a forward hook on each adapted module adds B A input
+to its output on the hint rows, computing the LoRA on those rows alone (and the final norm's output on hint rows is
+the copy's), while token rows keep the outputs exactly as the module computed them, so their logits stay the
+teacher's bit for bit. Outside `run` the model carries no hook, and its modules are never replaced: the teacher's
+state dict, fingerprint and behaviour are untouched, and only these adapters are saved.
 
 Only LoRA adapters (adapter_rank >= 1): full trainable copies (adapter_rank = 0) exist for kforcing's own blocks.
 """
@@ -34,12 +34,14 @@ def _key(path: str) -> str:
     return path.replace(".", "_")
 
 
-def _lora_hook(adapter, hint_rows, module, inputs, output):
-    return torch.where(hint_rows[:, None], output + adapter.delta(inputs[0]), output)
+def _lora_hook(adapter, hint_index, module, inputs, output):
+    """The module's output, plus the LoRA's B A x on the hint rows, computed on those rows alone."""
+    return output.index_add(-2, hint_index, adapter.delta(inputs[0].index_select(-2, hint_index)))
 
 
-def _norm_hook(norm, hint_rows, module, inputs, output):
-    return torch.where(hint_rows[:, None], norm(inputs[0]), output)
+def _norm_hook(norm, hint_index, module, inputs, output):
+    """The teacher's norm on token rows, the adapters' own norm on the hint rows (computed on those alone)."""
+    return output.index_copy(-2, hint_index, norm(inputs[0].index_select(-2, hint_index)))
 
 
 class HFTrunkAdapters(nn.Module):
@@ -92,16 +94,17 @@ class HFTrunkAdapters(nn.Module):
         return cls(teacher, config).to(device=teacher.device, dtype=teacher.dtype)
 
     @contextlib.contextmanager
-    def _wrapped(self, teacher: HFTeacher, hint_rows):
-        """The teacher's adapted modules and final norm, hooked for one run; hint_rows (S,) bool."""
+    def _wrapped(self, teacher: HFTeacher, hint_index):
+        """The teacher's adapted modules and final norm, hooked for one run; hint_index (H,) int64: the rows (of
+        dim -2) that are hint rows."""
         handles = []
         try:
             for linears, adapters in zip(teacher.adapted_linears(), self.layers):
                 for path, module in linears.items():
-                    hook = functools.partial(_lora_hook, adapters[_key(path)], hint_rows)
+                    hook = functools.partial(_lora_hook, adapters[_key(path)], hint_index)
                     handles.append(module.register_forward_hook(hook))
             handles.append(teacher.final_norm().register_forward_hook(functools.partial(_norm_hook, self.norm,
-                                                                                        hint_rows)))
+                                                                                        hint_index)))
             yield
         finally:
             for handle in handles:
@@ -117,8 +120,10 @@ class HFTrunkAdapters(nn.Module):
             raise ValueError(f"these adapters are for {len(self.layers)} layers, the teacher has "
                              f"{teacher.config.n_layer}")
         batch, windows, rows, _ = x.shape
-        hint_rows = (torch.arange(rows, device=x.device) >= n_token).repeat(windows)
-        with self._wrapped(teacher, hint_rows):
+        # Rows w * R + n_token .. w * R + R - 1 of every window w (arithmetic: no host sync).
+        hint_index = (torch.arange(windows, device=x.device)[:, None] * rows
+                      + torch.arange(n_token, rows, device=x.device)).flatten()
+        with self._wrapped(teacher, hint_index):
             hidden = teacher.run_layers(x.flatten(1, 2), positions, attend)
         return hidden.view(batch, windows, rows, -1)
 
