@@ -115,6 +115,28 @@ class _DraftDecoder:
         features = decode_layers(teacher, teacher.embed(ids), self.trunk_cache, ids.shape[1])
         return features, teacher.logits(features)
 
+    def ar_steps(self, exact, active, steps, eos_id):
+        """`steps` plain AR steps from the exact tokens (B,): (tokens (B, steps), keep (B, steps)), keep False from a
+        sequence's EOS on and for inactive sequences, whose caches do not advance. A tight loop with no host sync:
+        per step one teacher row, one sampler call and a few tensor ops."""
+        tokens = exact.new_empty((exact.shape[0], steps))
+        keep = active[:, None].repeat(1, steps)
+        seqlens = self.trunk_cache.seqlens
+        position = seqlens.to(torch.int64)[:, None] + 1  # of the token each step samples
+        inactive, advance = (~active).int(), active.long()[:, None]
+        for s in range(steps):
+            features, logits = self.trunk(exact[:, None])
+            exact = sample_rows(logits, self.uniforms(position), self.sampling)[:, 0]
+            tokens[:, s] = exact
+            seqlens.sub_(inactive)  # the step appended a row to every sequence: inactive ones take it back
+            position.add_(advance)
+            self.commit_features(features, advance[:, 0])
+            if eos_id is not None:  # from a sequence's EOS on, its caches stop and its tokens are not kept
+                active = active & (exact != eos_id)
+                inactive, advance = (~active).int(), active.long()[:, None]
+                keep[:, s + 1:] &= active[:, None]
+        return tokens, keep
+
     def commit_features(self, features, keep):
         """Head pathway: append the trunk's features to the head's cache; each sequence keeps only its first
         `keep` rows. Trunk pathway: nothing to do (the teacher's cache is all the draft rows read)."""
@@ -236,12 +258,15 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             break
         count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
         start = decoder.trunk_cache.seqlens.to(torch.int64)
-        if count == 0:  # a plain AR step: the teacher over the exact token, one new token per active sequence
-            features, logits = decoder.trunk(exact[:, None])
-            new_tokens = sample_rows(logits, decoder.uniforms(start[:, None] + 1), sampling)
-            advance = active.long()
-            keep, index = active[:, None], produced[:, None].clamp(max=out.shape[1] - 1)
-            exact = new_tokens[:, 0]
+        if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
+            # advances the caches itself)
+            run = policy.plain_run(int((max_new_tokens - produced)[active].min()))
+            new_tokens, keep = decoder.ar_steps(exact, active, run, eos_id)
+            advance = keep.long().sum(dim=1)
+            index = (produced[:, None] + offsets.new_tensor(range(run))).clamp(max=out.shape[1] - 1)
+            exact = new_tokens[:, -1]
+            sequence_passes += keep.long().sum(dim=1) - active.long()  # the run's passes (one more below)
+            passes += run - 1
         else:
             drafts, q = decoder.draft(exact, count, distributions=True) if speculative else (
                 decoder.draft(exact, count), None)
@@ -272,13 +297,13 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             keep = active[:, None] & (rows[None, :] < advance[:, None])
             index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
             exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
+            decoder.trunk_cache.seqlens.copy_(start + advance)
+            decoder.commit_features(features, advance)
         sequence_passes += active.long()
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
         if eos_id is not None:
             finished |= ((new_tokens == eos_id) & keep).any(dim=1)
         produced += advance
-        decoder.trunk_cache.seqlens.copy_(start + advance)
-        decoder.commit_features(features, advance)
         passes += 1
     if policy is not None:
         policy.remember()

@@ -83,7 +83,7 @@ class DraftPolicy:
         self.rounds = {0: 0, max_drafts: 0}  # rounds taken of each kind
         self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind was last taken at
         self._round = 0
-        self._timing = None  # (kind, start time) of the round in progress
+        self._timing = None  # (kind, start time, rounds) of the rounds in progress since the last choice
         self._explored_from = None  # the best kind before an exploration round, until the next choice
         self._tokens = None  # expected tokens of a drafting round, over the sequences active when last computed
 
@@ -97,9 +97,9 @@ class DraftPolicy:
         the timing of the previous round: call it once per round, at the same point of each."""
         now = time.perf_counter()
         if self._timing is not None and not self.fixed:
-            kind, start = self._timing
+            kind, start, rounds = self._timing
             previous = self.cost.get(kind)
-            seconds = now - start
+            seconds = (now - start) / rounds
             self.cost[kind] = seconds if previous is None else (1 - self.decay) * previous + self.decay * seconds
         self._round += 1
         untimed = [kind for kind in (self.max_drafts, 0) if kind not in self.cost]
@@ -118,8 +118,22 @@ class DraftPolicy:
                 kind, self._explored_from = other, best
         self.rounds[kind] += 1
         self._taken_at[kind] = self._round
-        self._timing = (kind, now)
+        self._timing = (kind, now, 1)
         return kind
+
+    def plain_run(self, limit: int) -> int:
+        """After `choose` returned 0: how many AR steps, at most `limit`, the decoder may take in a row before the
+        policy wants to choose again (the next exploration of drafting). Counts them as rounds."""
+        if self._explored_from is not None:  # an exploration of AR steps while drafting is the choice: one step
+            return 1
+        due = self._taken_at[self.max_drafts] + self.interval + 1 - self._round
+        run = max(1, min(limit, due))
+        self.rounds[0] += run - 1
+        self._round += run - 1
+        self._taken_at[0] = self._round
+        kind, start, _ = self._timing
+        self._timing = (kind, start, run)
+        return run
 
     def observe_acceptance(self, matches: torch.Tensor, active: torch.Tensor):
         """matches (B, max_drafts): 1 where drafts 1..j were all accepted in this drafting round."""
