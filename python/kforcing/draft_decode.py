@@ -82,9 +82,9 @@ class _DraftDecoder:
     Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
     """
 
-    def __init__(self, student: DraftStudent, batch, max_len, k, seed, sequence_ids, sampling, hint_seed):
+    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed):
         teacher, config = student.teacher, student.config
-        self.student, self.k, self.sampling = student, k, sampling
+        self.student, self.sampling = student, sampling
         # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
         # (a round gathers its rows instead of hashing them again, three times a round).
         positions = torch.arange(max_len, device=teacher.device)
@@ -229,7 +229,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     batch = len(prompt_list)
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p, order)
-    decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, k, seed, sequence_ids,
+    decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, seed, sequence_ids,
                             sampling, hint_seed)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
