@@ -35,8 +35,8 @@ class DecodeLinear(nn.Linear):
     and gives every row the same bits whatever rows share the call.
 
     No-grad calls on at most DECODE_LINEAR_MAX_ROWS rows with fp32 or bf16 tensors run the kernel; everything else
-    (training, scoring long sequences, fp64 or fp16 models) runs torch's GEMM. The weight may be stored in bf16 while activations stay fp32: the kernel widens it
-    in registers, torch's path casts it to x's dtype first.
+    (training, scoring long sequences, fp64 or fp16 models) runs torch's GEMM. The weight may be stored in bf16
+    while activations stay fp32: the kernel widens it in registers, torch's path casts it to x's dtype first.
     """
 
     def forward(self, x):

@@ -77,7 +77,8 @@ def test_attention_rows_do_not_depend_on_which_keys_are_cached():
     """The same keys, appended over several calls or passed as new rows of one call: bitwise the same outputs."""
     torch.manual_seed(0)
     batch, length, heads, dim = 2, 150, 4, 32
-    q, k, v = torch.randn(batch, length, heads, dim), torch.randn(batch, length, 2, dim), torch.randn(batch, length, 2, dim)
+    q = torch.randn(batch, length, heads, dim)
+    k, v = torch.randn(batch, length, 2, dim), torch.randn(batch, length, 2, dim)
     cache = lambda: (torch.zeros(batch, 200, 2, dim), torch.zeros(batch, 200, 2, dim),  # noqa: E731
                      torch.zeros(batch, dtype=torch.int32))
     kc, vc, lens = cache()

@@ -8,8 +8,9 @@
 // its position and the keys up to it, never on how many rows share the call or which of its keys were appended
 // in earlier calls: one T-row pass gives bitwise the outputs of T one-row passes (row invariance, which makes a
 // verify pass's logits equal AR's bit for bit). Last, the first n_commit new K/V rows are copied into the cache at
-// [len_b, len_b + n_commit) of this (batch, kv head): a slice no other task reads or writes. The lengths are copied and checked before anything is
-// written, so a cache overflow raises instead of writing out of bounds, even when the lengths live in a cache.
+// [len_b, len_b + n_commit) of this (batch, kv head): a slice no other task reads or writes. The lengths are copied
+// and checked before anything is written, so a cache overflow raises instead of writing out of bounds, even when
+// the lengths live in a cache.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -84,8 +85,10 @@ void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk) {
         prefetch_row(Args::row(a.v_cache, a.svc, b, pos + kPrefetchRows, hk), d);
       }
       const bool cached = pos < length;
-      const scalar_t* key = cached ? Args::row(a.k_cache, a.skc, b, pos, hk) : Args::row(a.k_new, a.sk, b, pos - length, hk);
-      const scalar_t* val = cached ? Args::row(a.v_cache, a.svc, b, pos, hk) : Args::row(a.v_new, a.sv, b, pos - length, hk);
+      const scalar_t* key = cached ? Args::row(a.k_cache, a.skc, b, pos, hk)
+                                   : Args::row(a.k_new, a.sk, b, pos - length, hk);
+      const scalar_t* val = cached ? Args::row(a.v_cache, a.svc, b, pos, hk)
+                                   : Args::row(a.v_new, a.sv, b, pos - length, hk);
       load_row(key, d, padded, acc_t(1), scratch.data());
       for (int64_t i = 0; i < d; ++i) keys_t[i * kKeyTile + j] = scratch[i];
       load_row(val, d, padded, acc_t(1), vals.data() + j * padded);

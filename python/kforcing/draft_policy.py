@@ -7,9 +7,10 @@ teacher row, no draft pass). `DraftPolicy` keeps
   - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
     (measured around whole rounds, so it includes everything a round does), or fixed costs given by the caller.
 Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
-active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed is tried first. The kind not
-taken is tried again after `explore_every` rounds, then after twice as many each time trying it changes nothing
-(up to 16x), so that both estimates follow the text while a hopeless kind costs little.
+active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed
+is tried first. The kind not taken is tried again after `explore_every` rounds, then after twice as many each
+time trying it changes nothing (up to 16x), so that both estimates follow the text while a hopeless kind costs
+little.
 
 What a request learnt (the costs, the mean acceptance, the exploration interval) is remembered per student and
 batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed

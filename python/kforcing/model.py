@@ -20,7 +20,6 @@ the pure-PyTorch references where a kernel is missing); `with kforcing_ops.use_r
 instead, for every op at once.
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
