@@ -61,8 +61,9 @@ from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_o
 OBJECTIVES = ("self-forcing", "noise-inversion")
 # full: a PushForwardLM (every weight trains); head / trunk: a DraftStudent (the teacher frozen; a hint head on its
 # final states, or adapters on its blocks for hint rows only).
-PATHWAYS = ("full", "head", "trunk")
-DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4]}
+PATHWAYS = ("full", "head", "trunk", "chain")
+DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4], "chain": [4]}
+CHAIN_HEAD_LAYERS = 1  # the chain head's default depth: one copy of the teacher's last block
 # The distribution a draft student learns unless told otherwise: truncated sampling, what users sample with; the
 # ablation in bench/results/ablation_draft_cpu compares it with temperature 1 over the whole vocabulary.
 DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
@@ -117,8 +118,9 @@ class DistillConfig:
                          "vocabulary CDF order; it overrides those settings")
     pathway: str = option(HeadConfig.pathway, "the student: full (every weight fine-tuned, hint rows through the "
                           "whole model: the original method), head (a hint head on the frozen teacher's final "
-                          "states) or trunk (hint rows through the frozen teacher with adapters); head and trunk keep "
-                          "the teacher's token rows exact and decode losslessly with verification",
+                          "states), trunk (hint rows through the frozen teacher with adapters) or chain (a one-block "
+                          "head that drafts one token per call from the teacher's features); head, trunk and chain "
+                          "keep the teacher's token rows exact and decode losslessly with verification",
                           choices=list(PATHWAYS))
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
@@ -127,8 +129,9 @@ class DistillConfig:
                                     "distribution, sampled with that token's uniform) or onehot (the draft is the "
                                     "argmax of a row that sees its own uniform; the full pathway's)",
                                     choices=list(READOUTS))
-    head_layers: Optional[int] = option(None, "head: Transformer blocks of the hint head, copied from the teacher's "
-                                        "last ones (default 2)")
+    head_layers: Optional[int] = option(None, "head/chain: Transformer blocks of the head, copied from the teacher's "
+                                        f"last ones (default {HeadConfig.num_layers} for head, {CHAIN_HEAD_LAYERS} "
+                                        "for chain)")
     adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer; 0: a "
                                          "full copy of the block weights for hint rows (default: 0 for kforcing's "
                                          "own teachers, 8 for a Hugging Face teacher, which takes LoRAs only)")
@@ -263,10 +266,15 @@ class DistillConfig:
         self.readout = self.readout or HeadConfig.readout
         self.top_k = DRAFT_SAMPLING["top_k"] if self.top_k is None else self.top_k
         self.top_p = DRAFT_SAMPLING["top_p"] if self.top_p is None else self.top_p
-        other = {"head": ("adapter_rank", self.adapter_rank), "trunk": ("head_layers", self.head_layers)}[self.pathway]
-        if other[1] is not None:
-            raise DistillError(f"--{other[0].replace('_', '-')} does not apply to --pathway {self.pathway}")
-        self.head_layers = HeadConfig.num_layers if self.head_layers is None else self.head_layers
+        other = {"head": [("adapter_rank", self.adapter_rank, None)],
+                 "trunk": [("head_layers", self.head_layers, None)],
+                 "chain": [("adapter_rank", self.adapter_rank, None), ("windows", self.windows, "student"),
+                           ("noise_code", self.noise_code, "sinusoid")]}[self.pathway]
+        for name, value, default in other:
+            if value != default:
+                raise DistillError(f"--{name.replace('_', '-')} does not apply to --pathway {self.pathway}")
+        default_layers = CHAIN_HEAD_LAYERS if self.pathway == "chain" else HeadConfig.num_layers
+        self.head_layers = default_layers if self.head_layers is None else self.head_layers
         if self.objective != "self-forcing":
             raise DistillError(f"--objective {self.objective} is for --pathway full; a head learns from the teacher's "
                                "exact windows (--windows)")

@@ -25,7 +25,7 @@ from .checkpoint import RunLayout
 from .data import TokenDataset, heldout_contexts
 from .draft_checkpoint import save_draft_student
 from .draft_decode import generate_with_drafts
-from .head_targets import head_step
+from .head_targets import chain_step, head_step
 from .hint_head import DraftStudent
 from .runtime import write_json_atomic
 from .targets import batch_noise, boundary_draws
@@ -51,6 +51,8 @@ class DraftTask(StageTask):
         self.global_batch = config.batch_size * config.grad_accum
         self.units_per_step = self.global_batch * seq_len
         self.name = f"distill {config.pathway} k={k}"
+        if config.pathway == "chain":  # its training step measures the first draft only (teacher-forced)
+            self.bar_stats = {"acc2": "train_accept_2"}
         self.prompts = []
         if config.ar_eval_contexts:
             max_len = min(seq_len, student.config.max_seq_len - VERIFY_NEW_TOKENS - 2 * k)
@@ -71,9 +73,14 @@ class DraftTask(StageTask):
         if self.config.boundary_beta is not None:
             boundary = boundary_draws(self.config.seed, self.index, int(keys[0]), u.shape, self.config.boundary_beta,
                                       u.device)
-        loss, metrics = head_step(self.student, ids, u, self.sampling, self.config.windows, boundary)
-        return loss, {"train_tokens_per_pass": metrics["tokens_per_pass"],
-                      **{f"train_accept_{j + 2}": value for j, value in enumerate(metrics["acceptance"])}}
+        if self.student.pathway == "chain":
+            loss, metrics = chain_step(self.student, ids, u, self.sampling)
+        else:
+            loss, metrics = head_step(self.student, ids, u, self.sampling, self.config.windows, boundary)
+        record = {f"train_accept_{j + 2}": value for j, value in enumerate(metrics["acceptance"])}
+        if "tokens_per_pass" in metrics:
+            record["train_tokens_per_pass"] = metrics["tokens_per_pass"]
+        return loss, record
 
     def _eval_student(self, head) -> DraftStudent:
         return DraftStudent(self.student.teacher, head, self.student.fingerprint)
@@ -87,7 +94,10 @@ class DraftTask(StageTask):
             keys = _VAL_OFFSET + i * config.batch_size + torch.arange(config.batch_size, device=self.device)
             ids, u = self.batch("val", i, i * config.batch_size, keys)
             with self.autocast():
-                loss, metrics = head_step(student, ids, u, self.sampling, config.windows)
+                if student.pathway == "chain":  # the chain k-1 drafts deep, as decoding runs it
+                    loss, metrics = chain_step(student, ids, u, self.sampling, rollout=True)
+                else:
+                    loss, metrics = head_step(student, ids, u, self.sampling, config.windows)
             sums += torch.tensor([loss.item(), metrics["tokens_per_pass"], *metrics["acceptance"]])
         means = (sums / config.eval_batches).tolist()
         record = {"step": step, "val_loss": means[0], "val_tokens_per_pass": means[1]}

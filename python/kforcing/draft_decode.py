@@ -17,6 +17,9 @@ Each pass runs, with static shapes:
             with the teacher's weights and the hint rows with the adapters; at every layer the rows attend to
             the teacher's cache of that layer and causally to each other, and append nothing to it (there is
             no second cache).
+            chain pathway: the head reads the rows the teacher committed since its last draft (their features and
+            the tokens that followed them) in one call, then drafts one token per call from its own feature of the
+            row before, each with its position's uniform (`kforcing.chain_head`).
 
 Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none, and a round with none is a
 plain AR step (the teacher over the exact token alone, no draft pass). `kforcing.draft_policy.DraftPolicy` chooses
@@ -80,9 +83,13 @@ class _DraftDecoder:
 
     Head pathway: the teacher's cache and the head's own cache (the trunk's features of committed tokens).
     Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
+    Chain pathway: the teacher's cache and the head's own cache of (teacher feature, next token) rows, which the
+    head reads lazily, just before it drafts.
     """
 
-    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed):
+    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows):
+        """run_rows: the most rows one head call may write past a sequence's length (the longest AR run, read in
+        one call: finished sequences' rows are written too, and discarded)."""
         teacher, config = student.teacher, student.config
         self.student, self.sampling = student, sampling
         # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
@@ -96,9 +103,12 @@ class _DraftDecoder:
                                                   for key in (_ACCEPT_KEY, _RESIDUAL_KEY))
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = None
-        if student.pathway == "head":
-            self.head_cache = KVCache(student.head_config.num_layers, batch, max_len, config.n_kv_head,
+        if student.pathway in ("head", "chain"):
+            self.head_cache = KVCache(student.head_config.num_layers, batch, max_len + run_rows, config.n_kv_head,
                                       config.head_dim, device=teacher.device, dtype=teacher.dtype)
+        # Chain pathway: (teacher features, the tokens that followed them, rows kept) the head has not read yet,
+        # and the head's feature at each sequence's last read row (what the next draft chain starts from).
+        self.pending, self.chain_feature = [], None
 
     @property
     def draft_cache(self):
@@ -124,28 +134,75 @@ class _DraftDecoder:
         seqlens = self.trunk_cache.seqlens
         position = seqlens.to(torch.int64)[:, None] + 1  # of the token each step samples
         inactive, advance = (~active).int(), active.long()[:, None]
+        features = []
         for s in range(steps):
-            features, logits = self.trunk(exact[:, None])
+            step_features, logits = self.trunk(exact[:, None])
+            features.append(step_features)
             exact = sample_rows(logits, self.uniforms(position), self.sampling)[:, 0]
             tokens[:, s] = exact
             seqlens.sub_(inactive)  # the step appended a row to every sequence: inactive ones take it back
             position.add_(advance)
-            self.commit_features(features, advance[:, 0])
             if eos_id is not None:  # from a sequence's EOS on, its caches stop and its tokens are not kept
                 active = active & (exact != eos_id)
                 inactive, advance = (~active).int(), active.long()[:, None]
                 keep[:, s + 1:] &= active[:, None]
+        # Kept steps are a prefix of each sequence's run, so the head reads the whole run in one call.
+        self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
         return tokens, keep
 
-    def commit_features(self, features, keep):
-        """Head pathway: append the trunk's features to the head's cache; each sequence keeps only its first
-        `keep` rows. Trunk pathway: nothing to do (the teacher's cache is all the draft rows read)."""
+    def commit_features(self, features, next_tokens, keep):
+        """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
+        that followed them (B, T); each sequence keeps only its first `keep` rows.
+
+        Head pathway: append the features to the head's cache. Chain pathway: queue them; the head reads them
+        all in one call before its next draft chain (so AR steps cost no head call). Trunk pathway: nothing to do
+        (the teacher's cache is all the draft rows read)."""
         if self.head_cache is None:
+            return
+        if self.student.pathway == "chain":
+            self.pending.append((features, next_tokens, keep))
             return
         start = self.head_cache.seqlens.clone()
         decode_blocks(self.student.head.blocks, features, self.head_cache, features.shape[1],
                       self.student.teacher.inv_freq)
         self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+
+    def _read_pending(self):
+        """Chain pathway: run the head over the queued rows (one call per queued pass) into its cache, and keep
+        its feature at each sequence's last kept row in `chain_feature`."""
+        head, teacher = self.student.head, self.student.teacher
+        for features, next_tokens, keep in self.pending:
+            start = self.head_cache.seqlens.clone()
+            hidden = head.decode(teacher, features, next_tokens, self.head_cache, features.shape[1])
+            self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+            last = hidden.gather(1, (keep - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))[:, 0]
+            self.chain_feature = last if self.chain_feature is None else torch.where(
+                (keep > 0)[:, None], last, self.chain_feature)
+        self.pending.clear()
+
+    def _chain_drafts(self, count, distributions):
+        """Chain pathway: `count` drafts, each sampled from the head's distribution with its position's uniform,
+        each fed back as the next head row (one one-row head call per draft after the first); the chain's rows
+        leave the head's cache as they came."""
+        student, sampling = self.student, self.sampling
+        head, teacher = student.head, student.teacher
+        self._read_pending()
+        feature = self.chain_feature
+        start = self.head_cache.seqlens.clone()
+        positions = self.trunk_cache.seqlens.to(torch.int64)[:, None] + 1 + torch.arange(count, device=start.device)
+        u = self.uniforms(positions)
+        drafts, distributions_ = [], []
+        for j in range(count):
+            logits = teacher.logits(feature[:, None])
+            draft = sample_rows(logits, u[:, j:j + 1], sampling)
+            drafts.append(draft)
+            if distributions:
+                distributions_.append(_probabilities(logits, sampling))
+            if j + 1 < count:
+                feature = head.decode(teacher, feature[:, None], draft, self.head_cache, 1)[:, 0]
+        self.head_cache.seqlens.copy_(start)
+        drafts = torch.cat(drafts, dim=1)
+        return (drafts, torch.cat(distributions_, dim=1)) if distributions else drafts
 
     def draft(self, exact, count, distributions=False):
         """Drafts (B, count) of the tokens after `exact` (B,), the token at each sequence's draft-cache length:
@@ -153,6 +210,8 @@ class _DraftDecoder:
         distributions: also return the (B, count, V) float64 distributions the drafts were drawn from (a point
         mass at the argmax for the onehot readout)."""
         student = self.student
+        if student.pathway == "chain":
+            return self._chain_drafts(count, distributions)
         cache = self.draft_cache
         position = cache.seqlens.to(torch.int64)[:, None]
         positions = position + torch.arange(count + 1, device=exact.device)
@@ -217,6 +276,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}")
     if acceptance == "speculative" and not verify:
         raise ValueError("acceptance='speculative' is a verification rule: it needs verify=True")
+    if hint_seed is not None and student.pathway == "chain":
+        raise ValueError("hint_seed moves the hint rows' uniforms; a chain student has no hint rows (its drafts are "
+                         "sampled with the decoding seed's uniforms)")
     speculative = acceptance == "speculative"
     adaptive = k is None and verify
     if round_costs is not None and not adaptive:
@@ -230,18 +292,20 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p, order)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, seed, sequence_ids,
-                            sampling, hint_seed)
+                            sampling, hint_seed, max_new_tokens)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
     # sequence's length, so they are never read and the next pass overwrites them.
     ids = torch.full((batch, int(lengths.max())), pad_id, dtype=torch.int64)
     for b, prompt in enumerate(prompt_list):
         ids[b, :len(prompt)] = torch.tensor(prompt)
-    features, logits = decoder.trunk(ids.to(device))
+    ids = ids.to(device)
+    features, logits = decoder.trunk(ids)
     decoder.trunk_cache.seqlens.copy_(lengths)
-    decoder.commit_features(features, lengths)
     last = logits[torch.arange(batch, device=device), lengths - 1]
     exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
+    next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
+    decoder.commit_features(features, next_tokens, lengths)
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student) if adaptive else None
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
@@ -298,7 +362,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
             exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
             decoder.trunk_cache.seqlens.copy_(start + advance)
-            decoder.commit_features(features, advance)
+            decoder.commit_features(features, new_tokens, advance)
         sequence_passes += active.long()
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
         if eos_id is not None:

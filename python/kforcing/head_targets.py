@@ -21,6 +21,12 @@ One training step over contexts ids (B, N), every context position t anchoring a
 The acceptance logged with it is what verified decoding would see on these windows: draft j counts when it and
 every draft before it equal the teacher's tokens.
 
+The chain pathway (`kforcing.chain_head`) trains on the text instead (`chain_step`): the head runs its chain k-1 rows
+deep over the teacher's features of the context, each row continuing with the text's own next token, with
+KL(teacher || head) at every row plus a smooth-L1 pull of the head's features towards the teacher's. Its validation
+runs the chain on its own drafts, as decoding does (`chain_rollout`), and counts, per offset, the drafts that equal
+the teacher's samples under the same uniforms.
+
 Boundary weighting (onehot readout on teacher windows): a one-hot row must learn where, over u, the teacher's
 token switches, and uniform u rarely lands near a switch. Given draws v ~ Beta(b, b), the rollout keeps each token
 t_j (so the tokens stay distributed as the teacher's) but moves its uniform to u_j = lower + v (upper - lower)
@@ -31,9 +37,12 @@ these uniforms. Validation and evaluation always use uniform u.
 import torch
 import torch.nn.functional as F
 
+import kforcing_ops
 from kforcing_ops.reference import cdf_interval
 
+from .chain_head import FEATURE_LOSS_WEIGHT
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
+from .model import run_blocks
 
 
 WINDOWS = ("student", "teacher")
@@ -115,12 +124,103 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = 
     if readout == "onehot":
         loss = F.cross_entropy(draft_logits.float().flatten(0, 2), targets.flatten())
     else:
-        log_q = F.log_softmax(draft_logits.float() / sampling.temperature, dim=-1)
-        p = F.softmax(teacher_logits / sampling.temperature, dim=-1)
-        loss = F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+        loss = _kl(draft_logits, teacher_logits, sampling)
     accepted = (drafts == targets).long().cumprod(dim=-1).double().mean(dim=(0, 1))
     metrics = {"loss": loss.item(), "acceptance": accepted.tolist(), "tokens_per_pass": 1 + accepted.sum().item()}
     return loss, metrics
 
 
-__all__ = ["BOUNDARY_MARGIN", "WINDOWS", "head_step", "teacher_rollout"]
+def _kl(draft_logits, teacher_logits, sampling: Sampling):
+    """Mean KL(teacher || draft) of the distributions at the sampling temperature."""
+    log_q = F.log_softmax(draft_logits.float() / sampling.temperature, dim=-1)
+    p = F.softmax(teacher_logits.float() / sampling.temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+
+
+def chain_rollout(student: DraftStudent, features, ids, steps: int, continue_with):
+    """The chain as decoding runs it, on every context position at once: (head features (B, W, steps + 1, H),
+    logits (B, W, steps + 1, V), tokens (B, W, steps + 1)), W = N - 1.
+
+    Window p starts from the teacher-forced head row p (ids[p+1] stands for the round's exact token); its row j
+    stands for the teacher's feature at p+1+j, whose logits give the distribution of token p+2+j, and the window
+    continues with continue_with(j, logits (B, W, V)) -> tokens (B, W): its draft (validation) or the text's own
+    token (training). Row j >= 1 fuses the head's feature of row j-1 with the token row j-1 continued with, and
+    sees the context rows up to p and its own window causally (the staircase mask).
+    """
+    head, teacher = student.head, student.teacher
+    context_rows = head.rows(teacher, features[:, :-1], ids[:, 1:])
+    width = context_rows.shape[1]
+    hidden = [head.forward_train(teacher, features, ids)]
+    logits = [teacher.logits(hidden[0])]
+    tokens = [continue_with(0, logits[0])]
+    window_rows = []
+    for step in range(1, steps + 1):
+        window_rows.append(head.rows(teacher, hidden[-1], tokens[-1]))
+        x = torch.cat([context_rows, torch.stack(window_rows, dim=2).flatten(1, 2)], dim=1)
+        positions = DraftStudent._staircase_positions(width, width, step, x.device)
+        out = run_blocks(head.blocks, x, positions, teacher.inv_freq,
+                         lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, width, step))
+        hidden.append(out[:, width:].view(x.shape[0], width, step, -1)[:, :, -1])
+        logits.append(teacher.logits(hidden[-1]))
+        tokens.append(continue_with(step, logits[-1]))
+    return torch.stack(hidden, dim=2), torch.stack(logits, dim=2), torch.stack(tokens, dim=2)
+
+
+def _shifted(x, step):
+    """x (B, N, ...) read at p + step for every window p = 0..N-2 (rows past the end repeat the last one)."""
+    index = (torch.arange(x.shape[1] - 1, device=x.device) + step).clamp(max=x.shape[1] - 1)
+    return x[:, index]
+
+
+def chain_step(student: DraftStudent, ids, u, sampling: Sampling, rollout: bool = False):
+    """The loss of one batch of a chain student and its metrics.
+
+    Training runs the chain k-1 rows deep on the text's own tokens (row j of window p reads the text's token
+    p+1+j): the head learns to continue from its own features, as it must when it drafts. Every row's loss is
+    KL(teacher || head) against the teacher's distribution of token p+2+j plus the smooth-L1 pull of its feature
+    towards the teacher's feature at p+1+j; rows past the context's end are left out.
+
+    Args:
+        student: a chain-pathway DraftStudent.
+        ids: (B, N) contexts; u: (B, N, k) uniforms (u[:, p, 1:] are the uniforms of the drafts of window p).
+        rollout: False (training): the loss, and per offset the share of rows whose draft, sampled with its
+            uniform, equals the teacher's sample (on the text's tokens, not the drafts').
+            True (validation): also run the chain on its own drafts, as decoding does, and measure acceptance at
+            every offset: the share of windows whose drafts up to it all equal the teacher's tokens.
+
+    Returns:
+        (loss, metrics): "loss", "acceptance" (k-1 floats) and, with rollout, "tokens_per_pass" (1 + their sum).
+    """
+    teacher, steps = student.teacher, u.shape[2] - 1
+    with torch.no_grad():
+        stream, teacher_logits = student.trunk(ids)
+    features = stream.features
+    width = ids.shape[1] - 1
+    window_u = u[:, :-1, 1:]
+    hidden, draft_logits, _ = chain_rollout(student, features, ids, steps - 1,
+                                            lambda step, logits: _shifted(ids, step + 2))
+    target_logits = torch.stack([_shifted(teacher_logits, 1 + j) for j in range(steps)], dim=2)
+    target_features = torch.stack([_shifted(features, 1 + j) for j in range(steps)], dim=2)
+    valid = (torch.arange(width, device=ids.device)[:, None] + torch.arange(steps, device=ids.device)) < width
+    kl = _kl(draft_logits[:, valid], target_logits[:, valid], sampling)
+    loss = kl + FEATURE_LOSS_WEIGHT * F.smooth_l1_loss(hidden[:, valid].float(), target_features[:, valid].float())
+    with torch.no_grad():
+        if not rollout:
+            drafts = sample_rows(draft_logits.detach(), window_u, sampling)
+            matches = (drafts == sample_rows(target_logits, window_u, sampling)).double()
+            accepted = [matches[:, valid[:, j], j].mean().item() for j in range(steps)]
+            return loss, {"loss": loss.item(), "acceptance": accepted}
+        _, _, drafts = chain_rollout(student, features, ids, steps - 1,
+                                     lambda step, logits: sample_rows(logits, window_u[..., step], sampling))
+        targets = target_logits[:, :, :1]
+        if steps > 1:  # the teacher's distributions after each window's drafts: window p's context ends at ids[p+1],
+            # so it is the teacher's window anchored at p+1 (window 0, anchored at ids[0], is padding)
+            window_tokens = drafts[:, :, :-1]
+            later = student.teacher_window_logits(ids, torch.cat([window_tokens[:, :1], window_tokens], dim=1))
+            targets = torch.cat([targets, later[:, 1:].float()], dim=2)
+        teacher_tokens = sample_rows(targets, window_u, sampling)
+        accepted = (drafts == teacher_tokens).long().cumprod(dim=-1).double().mean(dim=(0, 1))
+    return loss, {"loss": loss.item(), "acceptance": accepted.tolist(), "tokens_per_pass": 1 + accepted.sum().item()}
+
+
+__all__ = ["BOUNDARY_MARGIN", "WINDOWS", "chain_rollout", "chain_step", "head_step", "teacher_rollout"]

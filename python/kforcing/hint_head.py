@@ -25,6 +25,12 @@ own position through a noise embedding e(u, tau). Two readouts turn the rows' ou
                  u_j, only u_2..u_{j-1}. In the trunk pathway row 0 is the teacher's own computation, so the
                  draft of token 2 is the teacher's token (and with k = 2 there is nothing to train).
 
+A third pathway drafts differently, one token per head call (`kforcing.chain_head.ChainHead`):
+
+    chain   a small head (a fuse Linear and copies of the teacher's last block(s)) reads the teacher's final feature
+            and the next token, and its output stands for the teacher's next feature; drafts follow in a chain,
+            each sampled with its position's uniform. A round reads the teacher once plus k-1 one-row head calls.
+
 A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft rows see the same staircase as the
 student of §3: window rows see the context up to their anchor and their own window causally.
 
@@ -44,6 +50,7 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
+from .chain_head import ChainHead
 from .hf_adapters import HFTrunkAdapters
 from .hf_teacher import HFTeacher
 from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
@@ -53,7 +60,7 @@ from .trunk_adapters import TrunkAdapters
 READOUTS = ("onehot", "categorical")
 NOISE_CODES = kforcing_ops.NOISE_CODES
 CDF_ORDERS = kforcing_ops.CDF_ORDERS
-PATHWAYS = ("head", "trunk")
+PATHWAYS = ("head", "trunk", "chain")
 
 
 def teacher_fingerprint(teacher) -> str:
@@ -83,8 +90,10 @@ class HeadConfig:
         noise_num_freqs: F of the noise embedding (default: width // 2).
         noise_code: how the hint rows encode their uniforms: "sinusoid", "dyadic" or "binary" (see
             `kforcing_ops.noise_embedding`).
-        pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features) or "trunk"
-            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`).
+        pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features), "trunk"
+            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`) or
+            "chain" (a `ChainHead` drafting one token per call from the teacher's features; categorical readout,
+            num_layers blocks, no noise embedding).
         adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
             attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
             weights, for hint rows only. At most the model width (checked when the adapters are built). None: the
@@ -116,6 +125,9 @@ class HeadConfig:
             raise ValueError(f"unknown noise_code {self.noise_code!r}; choose one of {NOISE_CODES}")
         if self.pathway not in PATHWAYS:
             raise ValueError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
+        if self.pathway == "chain" and self.readout != "categorical":
+            raise ValueError(f"the chain pathway drafts from distributions: it needs readout 'categorical', got "
+                             f"{self.readout!r}")
         rank = self.adapter_rank
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
             raise ValueError(f"HeadConfig.adapter_rank must be an int >= 0 (r >= 1: a rank-r LoRA; 0: a full copy "
@@ -176,19 +188,21 @@ class HintHead(nn.Module):
 
 
 def head_class(teacher, pathway: str):
-    """The trainable module's class of `pathway` on `teacher`: `HintHead` or `TrunkAdapters` on an ARModel,
-    `HFTrunkAdapters` on a Hugging Face teacher (which has no head pathway: a HintHead copies kforcing blocks)."""
+    """The trainable module's class of `pathway` on `teacher`: `HintHead`, `TrunkAdapters` or `ChainHead` on an
+    ARModel, `HFTrunkAdapters` on a Hugging Face teacher (which has no head or chain pathway: their heads copy
+    kforcing blocks)."""
     if isinstance(teacher, HFTeacher):
         if pathway != "trunk":
-            raise ValueError(f"pathway {pathway!r} needs a kforcing ARModel teacher (its hint head copies the "
+            raise ValueError(f"pathway {pathway!r} needs a kforcing ARModel teacher (its head copies the "
                              "teacher's kforcing blocks); a Hugging Face teacher takes pathway 'trunk'")
         return HFTrunkAdapters
-    return TrunkAdapters if pathway == "trunk" else HintHead
+    return {"trunk": TrunkAdapters, "head": HintHead, "chain": ChainHead}[pathway]
 
 
 def build_head(teacher, config: HeadConfig):
     """The trainable module of `config.pathway`, initialised from the teacher: a `HintHead` ("head"),
-    `TrunkAdapters` or `HFTrunkAdapters` ("trunk"; they check adapter_rank against the teacher's width)."""
+    `TrunkAdapters` or `HFTrunkAdapters` ("trunk"; they check adapter_rank against the teacher's width), a
+    `ChainHead` ("chain")."""
     check_teacher(teacher, "a draft student")
     return head_class(teacher, config.pathway).from_teacher(teacher, config)
 

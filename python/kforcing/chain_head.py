@@ -1,0 +1,95 @@
+"""The chain pathway: a draft student whose drafts come from a small head run once per draft (docs/method.md §8).
+
+After the teacher's verify pass the round knows, for every committed position p, the teacher's final feature F_p
+(before the final norm) and the token that followed it. The head reads the pair
+
+    row p = fuse([F_p | tok_emb(token at p+1)])          a Linear from 2H to H
+    f_p   = blocks(row p)                                 copies of the teacher's last block(s), causal, own KV cache
+
+and f_p stands in for the teacher's feature at p+1: the teacher's own final norm and LM head turn it into the
+distribution of the token at p+2. Drafting is a chain: from the last committed pair (the teacher's feature and the
+round's exact token), draft 1 = inverse_cdf_sample(that distribution, u of its position); the next row fuses f with
+draft 1's embedding, and so on, k-1 times. Every draft is sampled with the uniform the teacher verifies it with, so a
+draft stands exactly when it is the teacher's own sample (the coupled rule), and with `acceptance="speculative"`
+the head's distributions are the proposals.
+
+A round therefore reads the teacher once (k rows) plus k-1 one-row head calls, instead of a second pass through
+every block. Training is teacher-forced (`kforcing.head_targets.chain_step`): on the teacher's features of real
+text, KL(teacher || head) at the sampling temperature plus a small smooth-L1 pull of f_p towards F_{p+1}.
+
+Head rows live at rotary position p (the position of the feature they read), in training and in the head's decode
+cache alike.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import kforcing_ops
+from kforcing_ops.nn import DecodeLinear
+
+from .model import Block, ModelConfig, decode_blocks, run_blocks
+
+FEATURE_LOSS_WEIGHT = 0.1  # the smooth-L1 pull of the head's features towards the teacher's (beside the KL)
+
+
+class ChainHead(nn.Module):
+    """The trainable part of a chain-pathway `DraftStudent`: the fuse Linear and the head's blocks."""
+
+    def __init__(self, model_config: ModelConfig, config):
+        super().__init__()
+        if config.pathway != "chain":
+            raise ValueError(f"a ChainHead is the 'chain' pathway; this HeadConfig has pathway={config.pathway!r} "
+                             "(build it with build_head or DraftStudent.from_teacher)")
+        if config.readout != "categorical":
+            raise ValueError(f"the chain pathway drafts from distributions (readout 'categorical'), got readout "
+                             f"{config.readout!r}")
+        if config.num_layers > model_config.n_layer:
+            raise ValueError(f"a chain head of {config.num_layers} layers cannot be copied from a teacher of "
+                             f"{model_config.n_layer} layers")
+        self.config, self.model_config = config, model_config
+        self.teacher_fingerprint: Optional[str] = None  # set by DraftStudent: the teacher these weights belong to
+        width = model_config.n_embd
+        self.fuse = DecodeLinear(2 * width, width, bias=False)
+        self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
+
+    def export_config(self) -> dict:
+        """What a checkpoint's config.json records of the head (as `HintHead.export_config`)."""
+        return {"model_type": "draft", "model": self.model_config.to_dict(), "head": self.config.to_dict(),
+                "teacher_fingerprint": self.teacher_fingerprint}
+
+    @classmethod
+    def from_teacher(cls, teacher, config):
+        """A head whose blocks start as copies of the teacher's last blocks and whose fuse starts as [I | I] / 2:
+        the copied blocks first see the mean of the feature and the next token's embedding."""
+        head = cls(teacher.config, config).to(device=teacher.device, dtype=teacher.dtype)
+        for mine, theirs in zip(head.blocks, teacher.blocks[-config.num_layers:]):
+            mine.load_state_dict(theirs.state_dict())
+        width = teacher.config.n_embd
+        with torch.no_grad():
+            eye = torch.eye(width, device=head.fuse.weight.device, dtype=head.fuse.weight.dtype) / 2
+            head.fuse.weight.copy_(torch.cat([eye, eye], dim=1))
+        return head
+
+    def rows(self, teacher, features, next_tokens):
+        """The head's input rows (B, S, H): fuse([features | embeddings of the tokens that follow them])."""
+        return self.fuse(torch.cat([features.to(self.fuse.weight.dtype),
+                                    teacher.embed(next_tokens).to(self.fuse.weight.dtype)], dim=-1))
+
+    def forward_train(self, teacher, features, ids):
+        """Teacher-forced head features (B, N-1, H) over a context: row p reads (F_p, ids[p+1]) at position p and
+        its output stands for the teacher's feature at p+1 (the distribution of ids[p+2])."""
+        x = self.rows(teacher, features[:, :-1], ids[:, 1:])
+        positions = torch.arange(x.shape[1], device=x.device)
+        return run_blocks(self.blocks, x, positions, teacher.inv_freq,
+                          lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, 0, 1))
+
+    def decode(self, teacher, features, next_tokens, cache, n_commit):
+        """One head call in decoding: rows (F, token) (B, T) at slots cache.seqlens + 0..T-1 -> features (B, T, H);
+        the first n_commit rows are appended to the head's cache."""
+        return decode_blocks(self.blocks, self.rows(teacher, features, next_tokens), cache, n_commit,
+                             teacher.inv_freq)
+
+
+__all__ = ["ChainHead", "FEATURE_LOSS_WEIGHT"]

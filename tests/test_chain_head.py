@@ -1,0 +1,136 @@
+"""The chain pathway: a one-block head drafting one token per call, verified equal to AR sampling token for token."""
+
+import pytest
+import torch
+
+from kforcing.chain_head import ChainHead
+from kforcing.draft_decode import generate_with_drafts
+from kforcing.generate import generate_ar
+from kforcing.head_targets import chain_rollout, chain_step
+from kforcing.hint_head import DraftStudent, HeadConfig, Sampling
+from kforcing.model import KVCache
+
+from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
+
+PROMPTS = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13]]
+SAMPLINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9), dict(top_k=1)]
+
+
+def _student(num_layers=1, max_k=4, scale=0.05):
+    return draft_student(peaked_teacher(), HeadConfig(num_layers=num_layers, max_k=max_k, pathway="chain"),
+                         scale=scale)
+
+
+def _trained(student, steps=60):
+    """`student` after a few chain steps on the teacher's own samples: its drafts are often right, so decoding
+    accepts some drafts and rejects others."""
+    texts = generate_ar(student.teacher, [[i % CONFIG.vocab_size] for i in range(16)], 31, seed=9).tokens
+    sampling = Sampling(0.7, 20, 0.9)
+    optimizer = torch.optim.AdamW(student.head.parameters(), lr=1e-2)
+    student.head.train()
+    for step in range(steps):
+        loss, _ = chain_step(student, texts, torch.rand(16, 31, 4, generator=torch.Generator().manual_seed(step)),
+                             sampling)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return _trained(_student())
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("k", [2, 3, 4, None])
+def test_verified_decoding_equals_ar_sampling(trained, sampling, k):
+    student = trained
+    want = generate_ar(student.teacher, PROMPTS, 40, seed=2, **sampling)
+    got = generate_with_drafts(student, PROMPTS, 40, k=k, seed=2, round_costs=(1.0, 1.2) if k is None else None,
+                               **sampling)
+    assert torch.equal(got.tokens, want.tokens)
+    if k is not None:  # drafts are accepted and rejected: both paths are exercised
+        assert 0.0 < got.accepted[0] < 1.0
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_verified_decoding_equals_ar_with_ragged_prompts_and_eos(batch, sampling):
+    student = _student(num_layers=2)
+    prompts = [PROMPTS[i % len(PROMPTS)][: 1 + (3 * i) % 7] for i in range(batch)]
+    want = generate_ar(student.teacher, prompts, 30, seed=7, eos_id=3, **sampling)
+    for k, costs in ((4, None), (3, None), (None, (1.0, 1.2)), (None, (1.0, 100.0)), (None, None)):
+        got = generate_with_drafts(student, prompts, 30, k=k, seed=7, eos_id=3, round_costs=costs, **sampling)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths), (k, costs)
+
+
+def test_unverified_decoding_makes_k_tokens_per_pass_and_speculative_runs(trained):
+    student = trained
+    out = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, verify=False)
+    ar = generate_ar(student.teacher, PROMPTS, 33, seed=0)
+    assert out.num_passes == 1 + -(-(33 - 1) // 4)
+    assert torch.equal(out.tokens[:, 0], ar.tokens[:, 0])
+    spec = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, acceptance="speculative")
+    assert spec.lengths.tolist() == [33] * len(PROMPTS) and spec.accepted[0] > 0.0
+
+
+def test_decoding_rows_match_the_training_layout():
+    """The head's features in decoding (its cache filled with teacher-feature rows, then one-row chain calls) equal
+    the training rollout's, window by window: training learns the computation decoding runs."""
+    student = _student(num_layers=2)
+    teacher, head = student.teacher, student.head
+    torch.manual_seed(0)
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 12))
+    continued = torch.randint(0, CONFIG.vocab_size, (1, 11, 3))
+    with torch.no_grad():
+        stream, _ = student.trunk(ids)
+        hidden, _, tokens = chain_rollout(student, stream.features, ids, 2, lambda step, _: continued[:, :, step])
+        assert torch.equal(tokens, continued)
+        for p in (0, 4, 10):
+            cache = KVCache(2, 1, 32, CONFIG.n_kv_head, CONFIG.head_dim)
+            feature = head.decode(teacher, stream.features[:, :p + 1], ids[:, 1:p + 2], cache, p + 1)[:, -1]
+            torch.testing.assert_close(feature, hidden[:, p, 0], rtol=1e-5, atol=1e-5)
+            for step in range(2):
+                feature = head.decode(teacher, feature[:, None], continued[:, p, step:step + 1], cache, 1)[:, 0]
+                torch.testing.assert_close(feature, hidden[:, p, step + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_chain_step_trains_only_the_head_and_learns():
+    student = _student(scale=0.0)
+    student.head.train()
+    sampling = Sampling(0.7, 20, 0.9)
+    torch.manual_seed(0)
+    ids = torch.randint(0, CONFIG.vocab_size, (4, 24))
+    u = torch.rand(4, 24, 4)
+    optimizer = torch.optim.AdamW(student.head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, metrics = chain_step(student, ids, u, sampling)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert len(metrics["acceptance"]) == 3 and "tokens_per_pass" not in metrics
+    assert all(p.grad is None for p in student.teacher.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+    _, measured = chain_step(student.eval(), ids, u, sampling, rollout=True)
+    assert measured["tokens_per_pass"] == pytest.approx(1 + sum(measured["acceptance"]))
+    assert 1.0 >= measured["acceptance"][0] >= measured["acceptance"][1] >= measured["acceptance"][2] >= 0.0
+
+
+def test_the_head_starts_from_the_teachers_last_block():
+    teacher = peaked_teacher()
+    student = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, pathway="chain"))
+    for name, value in student.head.blocks[0].state_dict().items():
+        assert torch.equal(value, teacher.blocks[-1].state_dict()[name])
+    assert isinstance(student.head, ChainHead) and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_bad_chain_configs_are_refused():
+    with pytest.raises(ValueError, match="readout 'categorical'"):
+        HeadConfig(pathway="chain", readout="onehot")
+    with pytest.raises(ValueError, match="cannot be copied"):
+        DraftStudent.from_teacher(peaked_teacher(), HeadConfig(num_layers=4, pathway="chain"))
+    with pytest.raises(ValueError, match="no hint rows"):
+        generate_with_drafts(_student(), PROMPTS, 4, hint_seed=3)
