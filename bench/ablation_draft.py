@@ -7,11 +7,12 @@ schedule), and the result is evaluated on the same held-out prompts and seeds:
     tokens/pass   verified decoding (lossless: checked equal to AR sampling), k = 4, at the row's sampling settings
     accept j      the share of verification steps whose drafts 2..j were all accepted
     floor         the same for a u-blind drafter (drafts sampled from the teacher with independent uniforms)
-    shuffle       acceptance at offset 2..k when the hint rows get another seed's uniforms
+    shuffle       acceptance at offset 2..k when the hint rows get another seed's uniforms (a chain row has none)
     quality       unverified samples (k tokens per pass, no penalty) vs the teacher's samples at the same settings:
                   perplexity under the teacher, unigram entropy, longest repeated n-gram
 
-    speed         tokens/s of verified decoding over AR's at batch 1, timed interleaved in the same process
+    speed         tokens/s of verified decoding over AR's at batch 1, timed interleaved in the same process, at k = 4
+                  and with adaptive drafting (k-1 drafts or a plain AR step each round)
 
 The default is `kforcing distill`'s own (trunk pathway, full-copy adapters, categorical readout, the student's own
 windows, sinusoidal code, vocabulary order, temperature 0.7, top-k 50, top-p 0.9). The `paper` row is `--paper`,
@@ -56,6 +57,8 @@ ROWS = {
     "default": {},
     "head": dict(pathway="head"),
     "head-1-layer": dict(pathway="head", head_layers=1),
+    "chain": dict(pathway="chain"),
+    "chain-draft-vocab": dict(pathway="chain", draft_vocab=512),
     "rank-8": dict(adapter_rank=8),
     "rank-32": dict(adapter_rank=32),
     "onehot": dict(readout="onehot"),
@@ -129,7 +132,8 @@ def evaluate_row(args, row, student, models, prompts, reference, floor_contexts)
                                        sampling)
         result = {"tokens_per_pass": verified["tokens_per_pass"], "accepted": verified["accepted"],
                   "equals_ar": verified["equals_ar"], "floor": diagnostics["floor"], "shuffle": diagnostics["shuffle"],
-                  "speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified k=4")}
+                  "speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified k=4"),
+                  "adaptive_speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified adaptive")}
     teacher_quality = sample_quality(reference[sampling], prompts, models.teacher)
     quality = sample_quality(samples, prompts, models.teacher)
     result.update(teacher_quality=teacher_quality, quality=quality)
@@ -138,9 +142,9 @@ def evaluate_row(args, row, student, models, prompts, reference, floor_contexts)
 
 def table(rows):
     lines = ["| row | changed | steps | train s | tokens/pass (verified) | verified speed vs AR, batch 1 "
-             "| accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 | u-shuffle 2 / 3 / 4 | PPL ratio | entropy gap "
-             "| repeat ratio |",
-             "|" + "---|" * 12]
+             "| adaptive vs AR, batch 1 | accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 | u-shuffle 2 / 3 / 4 | PPL ratio "
+             "| entropy gap | repeat ratio |",
+             "|" + "---|" * 13]
     for r in rows:
         q, t = r["quality"], r["teacher_quality"]
         changed = ", ".join(f"{k}={v}" for k, v in ROWS[r["row"]].items()) or "(the default)"
@@ -148,13 +152,15 @@ def table(rows):
             tpp = f"{r['tokens_per_pass']:.3f}" + ("" if r["equals_ar"] else " (NOT EXACT)")
             accept = " / ".join(f"{a:.3f}" for a in r["accepted"])
             floor = " / ".join(f"{a:.3f}" for a in r["floor"])
-            shuffle = " / ".join(f"{a:.3f}" for a in r["shuffle"])
+            shuffle = " / ".join(f"{a:.3f}" for a in r["shuffle"]) if r["shuffle"] is not None else "-"
             speed = f"{r['speedup_batch1']:.2f}x"
+            adaptive = f"{r['adaptive_speedup_batch1']:.2f}x" if "adaptive_speedup_batch1" in r else "-"
         else:
             tpp = "cannot verify"
             accept = "agreement " + " / ".join(f"{a:.3f}" for a in r["agreement"][1:])
-            floor = shuffle = speed = "-"
+            floor = shuffle = speed = adaptive = "-"
         lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp} | {speed} | "
+                     f"{adaptive} | "
                      f"{accept} | {floor} | {shuffle} | {q['ppl_teacher'] / t['ppl_teacher']:.2f} | "
                      f"{abs(q['unigram_entropy'] - t['unigram_entropy']) / t['unigram_entropy']:.1%} | "
                      f"{q['longest_repeat_mean'] / max(t['longest_repeat_mean'], 1e-9):.2f} |")

@@ -13,9 +13,14 @@ draft 1's embedding, and so on, k-1 times. Every draft is sampled with the unifo
 draft stands exactly when it is the teacher's own sample (the coupled rule), and with `acceptance="speculative"`
 the head's distributions are the proposals.
 
-A round therefore reads the teacher once (k rows) plus k-1 one-row head calls, instead of a second pass through
-every block. Training is teacher-forced (`kforcing.head_targets.chain_step`): on the teacher's features of real
-text, KL(teacher || head) at the sampling temperature plus a small smooth-L1 pull of f_p towards F_{p+1}.
+A round therefore reads the teacher once (k rows) plus k-1 head calls (the first over the rows the round
+committed, the others one row each), instead of a second pass through every block. With `draft_vocab` N the drafts' readout covers only the N most frequent tokens of the training text
+(the LM head is most of a one-block head's bytes): a draft can then never be a rarer token, and the teacher's
+verification stays exact.
+
+Training (`kforcing.head_targets.chain_step`) is teacher-forced: on the teacher's features of real text, KL(teacher
+|| head) at the sampling temperature plus a small smooth-L1 pull of f_p towards F_{p+1}, which is what lets the
+chain continue from its own features.
 
 Head rows live at rotary position p (the position of the feature they read), in training and in the head's decode
 cache alike.
@@ -53,6 +58,45 @@ class ChainHead(nn.Module):
         width = model_config.n_embd
         self.fuse = DecodeLinear(2 * width, width, bias=False)
         self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
+        if config.draft_vocab is not None:
+            if config.draft_vocab > model_config.vocab_size:
+                raise ValueError(f"draft_vocab={config.draft_vocab} is larger than the teacher's vocabulary "
+                                 f"({model_config.vocab_size} tokens)")
+            # The draft vocabulary's token ids, ascending: a draft's CDF runs in the teacher's order, restricted.
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab))
+        self._readout = None  # (cache key, the teacher's LM head restricted to draft_ids) for decoding
+
+    def set_draft_vocab(self, counts):
+        """Make the draft vocabulary the config.draft_vocab tokens with the largest `counts` (V,)."""
+        top = torch.topk(torch.as_tensor(counts, dtype=torch.float64), self.config.draft_vocab).indices
+        self.draft_ids.copy_(top.sort().values.to(self.draft_ids.device))
+
+    def readout(self, teacher, features):
+        """Draft logits (..., N) of head features (..., H): the teacher's final norm and LM head, over the draft
+        vocabulary (N = draft_vocab: the restricted LM head reads N / V of the LM head's bytes) or the whole one."""
+        if self.config.draft_vocab is None:
+            return teacher.logits(features)
+        weight = teacher.lm_head.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, self.draft_ids.data_ptr(), self.draft_ids._version)
+        if self._readout is None or self._readout[0] != key:  # built once per teacher and vocabulary
+            linear = DecodeLinear(weight.shape[1], self.config.draft_vocab, bias=False, device=weight.device,
+                                  dtype=weight.dtype)
+            linear.weight.requires_grad_(False)
+            with torch.no_grad():
+                linear.weight.copy_(weight[self.draft_ids])
+            self._readout = (key, linear)
+        return self._readout[1](teacher.norm(features))
+
+    def token_ids(self, index):
+        """Token ids of readout indices."""
+        return index if self.config.draft_vocab is None else self.draft_ids[index]
+
+    def full_distribution(self, probabilities):
+        """(..., V) probabilities of readout probabilities (..., N): zero outside the draft vocabulary."""
+        if self.config.draft_vocab is None:
+            return probabilities
+        full = probabilities.new_zeros(*probabilities.shape[:-1], self.model_config.vocab_size)
+        return full.index_copy_(-1, self.draft_ids, probabilities)
 
     def export_config(self) -> dict:
         """What a checkpoint's config.json records of the head (as `HintHead.export_config`)."""

@@ -128,9 +128,9 @@ def _add_sample_parser(subparsers):
     p = _new_parser(
         subparsers, "sample", "print samples from a teacher or a K-Forcing student checkpoint",
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
-        "student decodes --k tokens per pass. A draft student (distill --pathway head or trunk) decodes with its "
-        "teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, it "
-        "keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
+        "student decodes --k tokens per pass. A draft student (distill --pathway head, trunk or chain) decodes with "
+        "its teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, "
+        "it keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
         "p), so models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest), or "
                    "hf:PATH: a Hugging Face causal LM (a save_pretrained folder with its tokenizer.json)")
@@ -175,9 +175,9 @@ def _check_sample_args(args, model) -> str:
     if kind != "pushforward" and args.freq_penalty:
         raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
     if args.verify and kind != "draft":
-        raise ValueError("--verify needs a draft student (distill --pathway head or trunk): only its token rows are "
-                         "the teacher's own" + (", and a push-forward student's are fine-tuned" if kind == "pushforward"
-                                           else ""))
+        raise ValueError("--verify needs a draft student (distill --pathway head, trunk or chain): only its token "
+                         "rows are the teacher's own"
+                         + (", and a push-forward student's are fine-tuned" if kind == "pushforward" else ""))
     if args.teacher is not None and kind != "draft":
         raise ValueError("--teacher applies to draft students only")
     return kind
@@ -272,8 +272,8 @@ def _add_distill_parser(subparsers):
         "OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json points to the newest finished "
         "student.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
-        "paper", "pathway", "readout", "head_layers", "adapter_rank", "noise_code", "windows", "top_k", "top_p",
-        "cdf_order"])
+        "paper", "pathway", "readout", "head_layers", "adapter_rank", "draft_vocab", "noise_code", "windows", "top_k",
+        "top_p", "cdf_order"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])

@@ -37,6 +37,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -135,6 +136,9 @@ class DistillConfig:
     adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer; 0: a "
                                          "full copy of the block weights for hint rows (default: 0 for kforcing's "
                                          "own teachers, 8 for a Hugging Face teacher, which takes LoRAs only)")
+    draft_vocab: Optional[int] = option(None, "chain: draft only from this many of the training text's most frequent "
+                                        "tokens (a smaller LM head read per draft; verification stays exact); "
+                                        "default: the whole vocabulary")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
     top_k: Optional[int] = option(None, "head/trunk: the top-k of the sampling distribution the head learns (0: "
@@ -239,7 +243,8 @@ class DistillConfig:
         given = [name for name, value, default in (
             ("pathway", self.pathway, HeadConfig.pathway), ("tau", self.tau, None), ("top_k", self.top_k, None),
             ("top_p", self.top_p, None), ("readout", self.readout, None), ("head_layers", self.head_layers, None),
-            ("adapter_rank", self.adapter_rank, None), ("windows", self.windows, "student"),
+            ("adapter_rank", self.adapter_rank, None), ("draft_vocab", self.draft_vocab, None),
+            ("windows", self.windows, "student"),
             ("noise_code", self.noise_code, "sinusoid"), ("cdf_order", self.cdf_order, "vocab"),
             ("objective", self.objective, "self-forcing"), ("boundary_beta", self.boundary_beta, None))
             if value != default and value != "full"]
@@ -253,6 +258,7 @@ class DistillConfig:
         self.tau = self.tau or (1.0, 1.0)
         draft_only = {"top_k": (self.top_k, None), "top_p": (self.top_p, None), "readout": (self.readout, None),
                       "head_layers": (self.head_layers, None), "adapter_rank": (self.adapter_rank, None),
+                      "draft_vocab": (self.draft_vocab, None),
                       "windows": (self.windows, "student"), "cdf_order": (self.cdf_order, "vocab"),
                       "noise_code": (self.noise_code, "sinusoid"), "boundary_beta": (self.boundary_beta, None)}
         for name, (value, default) in draft_only.items():
@@ -300,7 +306,8 @@ class DistillConfig:
     def head_config(self) -> HeadConfig:
         """The hint head a draft pathway trains (max_k: the schedule's largest k)."""
         return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout,
-                          pathway=self.pathway, adapter_rank=self.adapter_rank, noise_code=self.noise_code)
+                          pathway=self.pathway, adapter_rank=self.adapter_rank, noise_code=self.noise_code,
+                          draft_vocab=self.draft_vocab)
 
     def sampling(self) -> Sampling:
         """The sampling distribution a draft pathway's head learns: --tau, --top-k, --top-p, --cdf-order."""
@@ -689,6 +696,8 @@ def _run_draft_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_le
         student = DraftStudent.from_teacher(teacher, config.head_config())
     except ValueError as error:  # settings that only the teacher's shape rules out (e.g. adapter_rank > width)
         raise DistillError(str(error)) from None
+    if config.draft_vocab is not None:  # the training text's most frequent tokens
+        student.head.set_draft_vocab(np.bincount(dataset.split("train"), minlength=student.config.vocab_size))
 
     def train(index, k, steps, stage_layout, steps_before):
         return run_draft_stage(config, student, index, k, steps, stage_layout, dataset, tokenizer, seq_len, info,

@@ -63,7 +63,7 @@ class DraftOutput:
         tokens_per_pass: each sequence's generated tokens over the passes it took part in (prefill included),
             averaged over the batch (1.0 for AR): the rate of one sequence, whatever the others in its batch do.
         accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted
-            (drafting rounds only).
+            (over the drafting rounds that made draft j+2).
         ar_rounds: rounds that made no drafts (adaptive drafting's plain AR steps).
     """
 
@@ -193,11 +193,11 @@ class _DraftDecoder:
         u = self.uniforms(positions)
         drafts, distributions_ = [], []
         for j in range(count):
-            logits = teacher.logits(feature[:, None])
-            draft = sample_rows(logits, u[:, j:j + 1], sampling)
+            logits = head.readout(teacher, feature[:, None])
+            draft = head.token_ids(sample_rows(logits, u[:, j:j + 1], sampling))
             drafts.append(draft)
             if distributions:
-                distributions_.append(_probabilities(logits, sampling))
+                distributions_.append(head.full_distribution(_probabilities(logits, sampling)))
             if j + 1 < count:
                 feature = head.decode(teacher, feature[:, None], draft, self.head_cache, 1)[:, 0]
         self.head_cache.seqlens.copy_(start)
@@ -306,14 +306,16 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
     next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
     decoder.commit_features(features, next_tokens, lengths)
-    policy = DraftPolicy(batch, k - 1, device, round_costs, student=student) if adaptive else None
+    policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
+                         per_draft_cost=student.pathway == "chain") if adaptive else None
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
     out[:, 0] = exact
     produced = torch.ones(batch, dtype=torch.int64, device=device)
     finished = exact == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool, device=device)
     accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
-    passes, steps = 1, 0
+    passes = 1
+    steps = torch.zeros(k - 1, dtype=torch.float64, device=device)  # verification steps that made each offset
     sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
     offsets = torch.arange(k, device=device)
     while True:
@@ -352,8 +354,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
                     new_tokens = teacher_tokens
                     n_accepted = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1).sum(dim=1)
                 matches = (rows[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
-                accepted += matches[active].double().sum(dim=0)
-                steps += int(active.sum())
+                accepted[:count] += matches[active].double().sum(dim=0)
+                steps[:count] += active.double().sum()
                 if policy is not None:
                     policy.observe_acceptance(matches, active)
             # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
@@ -373,7 +375,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         policy.remember()
     tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
     rate = (out_lengths.double() / sequence_passes.double()).mean().item()
-    return DraftOutput(tokens, out_lengths, passes, rate, (accepted / max(steps, 1)).tolist() if verify else [],
+    return DraftOutput(tokens, out_lengths, passes, rate, (accepted / steps.clamp(min=1)).tolist() if verify else [],
                        policy.rounds[0] if policy is not None else 0)
 
 

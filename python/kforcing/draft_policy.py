@@ -12,13 +12,19 @@ is tried first. The kind not taken is tried again after `explore_every` rounds, 
 time trying it changes nothing (up to 16x), so that both estimates follow the text while a hopeless kind costs
 little.
 
+When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
+drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
+/ cost(c), with cost(c) measured once c has been taken and, until then, interpolated linearly between the AR step's
+cost and the full drafting round's. An exploration of drafting always makes max_drafts, so the acceptance of every
+offset stays current.
+
 What a request learnt (the costs, the mean acceptance, the exploration interval) is remembered per student and
 batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed
 costs stay fixed: only the acceptance and the interval carry over).
 
-Two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the draft pass
-and the verify pass read the same weights), so when drafting pays, k-1 drafts pay most. Verified output is the
-teacher's AR sample whatever the policy chooses; only the speed depends on it.
+Otherwise two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the
+draft pass and the verify pass read the same weights), so when drafting pays, k-1 drafts pay most. Verified output
+is the teacher's AR sample whatever the policy chooses; only the speed depends on it.
 """
 
 import dataclasses
@@ -42,7 +48,8 @@ _MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts): _Learn
 
 
 class DraftPolicy:
-    """Chooses 0 or `max_drafts` drafts per round (module docstring).
+    """Chooses 0 or `max_drafts` drafts per round, or any count in between with per_draft_cost (module
+    docstring).
 
     Args:
         batch: sequences in the request.
@@ -54,10 +61,11 @@ class DraftPolicy:
             nothing, up to 16x).
         decay: weight of the newest observation in the moving averages.
         student: the student decoding (a key for what earlier requests learnt); None: learn from scratch.
+        per_draft_cost: a round's cost grows with its drafts (one draft call each): weigh every count.
     """
 
     def __init__(self, batch: int, max_drafts: int, device, costs: Optional[Sequence[float]] = None,
-                 explore_every: int = 16, decay: float = 0.3, student=None):
+                 explore_every: int = 16, decay: float = 0.3, student=None, per_draft_cost: bool = False):
         if max_drafts < 1:
             raise ValueError(f"DraftPolicy needs max_drafts >= 1, got {max_drafts}")
         if costs is not None and (len(costs) != 2 or not all(c > 0 for c in costs)):
@@ -65,6 +73,7 @@ class DraftPolicy:
         if explore_every < 1 or not 0 < decay <= 1:
             raise ValueError(f"explore_every must be >= 1 and decay in (0, 1], got {explore_every} and {decay}")
         self.max_drafts, self.explore_every, self.decay = max_drafts, explore_every, decay
+        self.counts = list(range(1, max_drafts + 1)) if per_draft_cost else [max_drafts]  # a drafting round's
         self.fixed = costs is not None
         self.cost = {0: costs[0], max_drafts: costs[1]} if costs is not None else {}
         # Optimistic start: a sequence is assumed to accept every draft until its first drafting round, whose
@@ -81,21 +90,30 @@ class DraftPolicy:
             self.acceptance[:] = learnt.acceptance.to(device)
             self._seen[:] = True
             self.interval = learnt.interval
-        self.rounds = {0: 0, max_drafts: 0}  # rounds taken of each kind
-        self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind was last taken at
+        self.rounds = {count: 0 for count in [0, *self.counts]}  # rounds taken of each count
+        self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind (AR step, drafting) was last taken at
         self._round = 0
         self._timing = None  # (kind, start time, rounds) of the rounds in progress since the last choice
         self._explored_from = None  # the best kind before an exploration round, until the next choice
-        self._tokens = None  # expected tokens of a drafting round, over the sequences active when last computed
+        self._tokens = None  # expected tokens of a round of c drafts (index c), over the sequences last active
+
+    def _cost(self, count) -> float:
+        """The measured cost of a round of `count` drafts, or the linear interpolation of the AR step's and the full
+        drafting round's."""
+        if count in self.cost:
+            return self.cost[count]
+        share = count / self.max_drafts
+        return (1 - share) * self.cost[0] + share * self.cost[self.max_drafts]
 
     def _best(self, active) -> int:
         if self._tokens is None:  # recomputed after each drafting round only: a host sync a round is not free
-            self._tokens = 1.0 + self.acceptance[active].mean(dim=0).sum().item()
-        return self.max_drafts if self._tokens / self.cost[self.max_drafts] > 1.0 / self.cost[0] else 0
+            self._tokens = [1.0, *(1.0 + self.acceptance[active].mean(dim=0).cumsum(0)).tolist()]
+        return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
 
     def choose(self, active: torch.Tensor) -> int:
-        """Drafts for the next round (0 or max_drafts), given the (B,) mask of sequences still decoding. Also ends
-        the timing of the previous round: call it once per round, at the same point of each."""
+        """Drafts for the next round (0, max_drafts or, with per_draft_cost, a count between), given the (B,) mask of
+        sequences still decoding. Also ends the timing of the previous round: call it once per round, at the same
+        point of each."""
         now = time.perf_counter()
         if self._timing is not None and not self.fixed:
             kind, start, rounds = self._timing
@@ -109,7 +127,7 @@ class DraftPolicy:
         else:
             best = self._best(active)
             if self._explored_from is not None:  # the last round explored: did it change the choice?
-                changed = best != self._explored_from
+                changed = (best > 0) != (self._explored_from > 0)
                 self.interval = self.explore_every if changed else min(2 * self.interval,
                                                                        MAX_BACKOFF * self.explore_every)
                 self._explored_from = None
@@ -118,7 +136,7 @@ class DraftPolicy:
             if self._round - self._taken_at[other] > self.interval:
                 kind, self._explored_from = other, best
         self.rounds[kind] += 1
-        self._taken_at[kind] = self._round
+        self._taken_at[self.max_drafts if kind else 0] = self._round
         self._timing = (kind, now, 1)
         return kind
 
@@ -137,11 +155,12 @@ class DraftPolicy:
         return run
 
     def observe_acceptance(self, matches: torch.Tensor, active: torch.Tensor):
-        """matches (B, max_drafts): 1 where drafts 1..j were all accepted in this drafting round."""
-        rows = active.nonzero().flatten()
-        current, new = self.acceptance[rows], matches[rows].to(self.acceptance.dtype)
+        """matches (B, c): 1 where drafts 1..j were all accepted in this drafting round of c drafts (the offsets
+        past c keep their estimates)."""
+        rows, count = active.nonzero().flatten(), matches.shape[1]
+        current, new = self.acceptance[rows, :count], matches[rows].to(self.acceptance.dtype)
         blended = torch.where(self._seen[rows, None], (1 - self.decay) * current + self.decay * new, new)
-        self.acceptance[rows] = blended
+        self.acceptance[rows, :count] = blended
         self._seen[rows] = True
         self._tokens = None
 

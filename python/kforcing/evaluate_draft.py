@@ -1,4 +1,4 @@
-"""Evaluation of a draft student (`kforcing eval` when --student is a `distill --pathway head|trunk` output).
+"""Evaluation of a draft student (`kforcing eval` when --student is a `distill --pathway head|trunk|chain` output).
 
 A draft student's token rows are its teacher's, so there is no agreement to measure on them: verified decoding
 reproduces the teacher exactly, and what matters is how many tokens each pass earns and whether the drafts carry
@@ -14,6 +14,7 @@ Diagnostics, at the largest k:
               that learned the mixture but not the map from u reaches about this.
     shuffle   verified decoding with the hint rows' uniforms drawn from another seed (`hint_seed`), the teacher's
               and a categorical readout's sampling uniforms unchanged. A head that ignores u loses nothing here.
+              (Not for a chain student: it has no hint rows.)
 
 Unverified samples. The same prompts decoded with verify=False (k tokens per pass, the head's own drafts) against
 the teacher's AR samples at the same settings: perplexity under the teacher, unigram entropy, distinct n-grams,
@@ -91,8 +92,10 @@ def diagnostics(student, prompts, k, length, seed, sampling, batch_size, floor_c
     The shuffle test decodes `length` tokens from every prompt (many windows each); the floor has one window per
     context, so it is measured on `floor_contexts` (default: the prompts), which should be many.
     """
-    shuffled = draft_decoding(student, prompts, length, k, seed, sampling, batch_size,
-                              hint_seed=seed ^ _SHUFFLE_SEED_KEY)
+    shuffled = {"accepted": None, "tokens_per_pass": None}  # a chain student has no hint rows to shuffle
+    if student.pathway != "chain":
+        shuffled = draft_decoding(student, prompts, length, k, seed, sampling, batch_size,
+                                  hint_seed=seed ^ _SHUFFLE_SEED_KEY)
     floor = ublind_floor(student.teacher, floor_contexts or prompts, k, seed, sampling, batch_size)
     return {"k": k, "floor": floor, "floor_windows": len(floor_contexts or prompts),
             "shuffle": shuffled["accepted"], "shuffle_tokens_per_pass": shuffled["tokens_per_pass"]}

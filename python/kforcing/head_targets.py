@@ -21,11 +21,10 @@ One training step over contexts ids (B, N), every context position t anchoring a
 The acceptance logged with it is what verified decoding would see on these windows: draft j counts when it and
 every draft before it equal the teacher's tokens.
 
-The chain pathway (`kforcing.chain_head`) trains on the text instead (`chain_step`): the head runs its chain k-1 rows
-deep over the teacher's features of the context, each row continuing with the text's own next token, with
-KL(teacher || head) at every row plus a smooth-L1 pull of the head's features towards the teacher's. Its validation
-runs the chain on its own drafts, as decoding does (`chain_rollout`), and counts, per offset, the drafts that equal
-the teacher's samples under the same uniforms.
+The chain pathway (`kforcing.chain_head`) trains teacher-forced instead (`chain_step`): one head pass over the
+teacher's features of the context and the text's tokens, KL(teacher || head) at every position plus a smooth-L1 pull
+of the head's features towards the teacher's. Its validation runs the chain on its own drafts, as decoding does
+(`chain_rollout`), and counts, per offset, the drafts that equal the teacher's samples under the same uniforms.
 
 Boundary weighting (onehot readout on teacher windows): a one-hot row must learn where, over u, the teacher's
 token switches, and uniform u rarely lands near a switch. Given draws v ~ Beta(b, b), the rollout keeps each token
@@ -133,26 +132,25 @@ def head_step(student: DraftStudent, ids, u, sampling: Sampling, windows: str = 
 def _kl(draft_logits, teacher_logits, sampling: Sampling):
     """Mean KL(teacher || draft) of the distributions at the sampling temperature."""
     log_q = F.log_softmax(draft_logits.float() / sampling.temperature, dim=-1)
-    p = F.softmax(teacher_logits.float() / sampling.temperature, dim=-1)
-    return F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+    log_p = F.log_softmax(teacher_logits.float() / sampling.temperature, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
 
 
 def chain_rollout(student: DraftStudent, features, ids, steps: int, continue_with):
     """The chain as decoding runs it, on every context position at once: (head features (B, W, steps + 1, H),
-    logits (B, W, steps + 1, V), tokens (B, W, steps + 1)), W = N - 1.
+    tokens (B, W, steps + 1)), W = N - 1.
 
     Window p starts from the teacher-forced head row p (ids[p+1] stands for the round's exact token); its row j
-    stands for the teacher's feature at p+1+j, whose logits give the distribution of token p+2+j, and the window
-    continues with continue_with(j, logits (B, W, V)) -> tokens (B, W): its draft (validation) or the text's own
-    token (training). Row j >= 1 fuses the head's feature of row j-1 with the token row j-1 continued with, and
-    sees the context rows up to p and its own window causally (the staircase mask).
+    stands for the teacher's feature at p+1+j, whose readout gives the distribution of token p+2+j, and the window
+    continues with continue_with(j, row j's features (B, W, H)) -> tokens (B, W), its draft in validation. Row
+    j >= 1 fuses the head's feature of row j-1 with the token row j-1 continued with, and sees the context rows up
+    to p and its own window causally (the staircase mask).
     """
     head, teacher = student.head, student.teacher
     context_rows = head.rows(teacher, features[:, :-1], ids[:, 1:])
     width = context_rows.shape[1]
     hidden = [head.forward_train(teacher, features, ids)]
-    logits = [teacher.logits(hidden[0])]
-    tokens = [continue_with(0, logits[0])]
+    tokens = [continue_with(0, hidden[0])]
     window_rows = []
     for step in range(1, steps + 1):
         window_rows.append(head.rows(teacher, hidden[-1], tokens[-1]))
@@ -161,58 +159,54 @@ def chain_rollout(student: DraftStudent, features, ids, steps: int, continue_wit
         out = run_blocks(head.blocks, x, positions, teacher.inv_freq,
                          lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, width, step))
         hidden.append(out[:, width:].view(x.shape[0], width, step, -1)[:, :, -1])
-        logits.append(teacher.logits(hidden[-1]))
-        tokens.append(continue_with(step, logits[-1]))
-    return torch.stack(hidden, dim=2), torch.stack(logits, dim=2), torch.stack(tokens, dim=2)
-
-
-def _shifted(x, step):
-    """x (B, N, ...) read at p + step for every window p = 0..N-2 (rows past the end repeat the last one)."""
-    index = (torch.arange(x.shape[1] - 1, device=x.device) + step).clamp(max=x.shape[1] - 1)
-    return x[:, index]
+        tokens.append(continue_with(step, hidden[-1]))
+    return torch.stack(hidden, dim=2), torch.stack(tokens, dim=2)
 
 
 def chain_step(student: DraftStudent, ids, u, sampling: Sampling, rollout: bool = False):
     """The loss of one batch of a chain student and its metrics.
 
-    Training runs the chain k-1 rows deep on the text's own tokens (row j of window p reads the text's token
-    p+1+j): the head learns to continue from its own features, as it must when it drafts. Every row's loss is
-    KL(teacher || head) against the teacher's distribution of token p+2+j plus the smooth-L1 pull of its feature
-    towards the teacher's feature at p+1+j; rows past the context's end are left out.
+    Training is teacher-forced: head row p reads the teacher's feature at p and the text's token p+1, and its loss
+    is KL(teacher || head) against the teacher's distribution of token p+2 plus the smooth-L1 pull of its feature
+    towards the teacher's feature at p+1. (Training the chain deeper, each later row reading the head's own feature
+    and the text's next token, measured worse at equal wall clock: it costs about three teacher-forced steps and
+    did not raise the acceptance of later drafts given the earlier ones.)
 
     Args:
         student: a chain-pathway DraftStudent.
         ids: (B, N) contexts; u: (B, N, k) uniforms (u[:, p, 1:] are the uniforms of the drafts of window p).
-        rollout: False (training): the loss, and per offset the share of rows whose draft, sampled with its
-            uniform, equals the teacher's sample (on the text's tokens, not the drafts').
-            True (validation): also run the chain on its own drafts, as decoding does, and measure acceptance at
-            every offset: the share of windows whose drafts up to it all equal the teacher's tokens.
+        rollout: False (training): the loss, and the share of head rows whose draft, sampled with its uniform,
+            equals the teacher's sample (the first draft's acceptance, teacher-forced).
+            True (validation): also run the chain k-1 drafts deep on its own drafts, as decoding does, and measure
+            acceptance at every offset: the share of windows whose drafts up to it all equal the teacher's tokens.
 
     Returns:
-        (loss, metrics): "loss", "acceptance" (k-1 floats) and, with rollout, "tokens_per_pass" (1 + their sum).
+        (loss, metrics): "loss", "acceptance" (1 float in training, k-1 with rollout) and, with rollout,
+        "tokens_per_pass" (1 + their sum).
     """
     teacher, steps = student.teacher, u.shape[2] - 1
     with torch.no_grad():
         stream, teacher_logits = student.trunk(ids)
     features = stream.features
-    width = ids.shape[1] - 1
+    head_features = student.head.forward_train(teacher, features, ids)
+    draft_logits = teacher.logits(head_features)  # the whole vocabulary: a draft vocabulary only restricts decoding
+    target_logits = teacher_logits[:, 1:]
+    loss = _kl(draft_logits, target_logits, sampling) + FEATURE_LOSS_WEIGHT * F.smooth_l1_loss(
+        head_features.float(), features[:, 1:].float())
     window_u = u[:, :-1, 1:]
-    hidden, draft_logits, _ = chain_rollout(student, features, ids, steps - 1,
-                                            lambda step, logits: _shifted(ids, step + 2))
-    target_logits = torch.stack([_shifted(teacher_logits, 1 + j) for j in range(steps)], dim=2)
-    target_features = torch.stack([_shifted(features, 1 + j) for j in range(steps)], dim=2)
-    valid = (torch.arange(width, device=ids.device)[:, None] + torch.arange(steps, device=ids.device)) < width
-    kl = _kl(draft_logits[:, valid], target_logits[:, valid], sampling)
-    loss = kl + FEATURE_LOSS_WEIGHT * F.smooth_l1_loss(hidden[:, valid].float(), target_features[:, valid].float())
     with torch.no_grad():
-        if not rollout:
-            drafts = sample_rows(draft_logits.detach(), window_u, sampling)
-            matches = (drafts == sample_rows(target_logits, window_u, sampling)).double()
-            accepted = [matches[:, valid[:, j], j].mean().item() for j in range(steps)]
-            return loss, {"loss": loss.item(), "acceptance": accepted}
-        _, _, drafts = chain_rollout(student, features, ids, steps - 1,
-                                     lambda step, logits: sample_rows(logits, window_u[..., step], sampling))
-        targets = target_logits[:, :, :1]
+        if not rollout:  # measured on two sequences: sampling every row would cost a fifth of the step
+            rows = slice(0, 2)
+            drafts = sample_rows(draft_logits[rows].detach(), window_u[rows, :, 0], sampling)
+            matches = drafts == sample_rows(target_logits[rows], window_u[rows, :, 0], sampling)
+            return loss, {"loss": loss.item(), "acceptance": [matches.double().mean().item()]}
+        head = student.head
+
+        def draft(step, features):
+            return head.token_ids(sample_rows(head.readout(teacher, features), window_u[..., step], sampling))
+
+        _, drafts = chain_rollout(student, features, ids, steps - 1, draft)
+        targets = target_logits[:, :, None]
         if steps > 1:  # the teacher's distributions after each window's drafts: window p's context ends at ids[p+1],
             # so it is the teacher's window anchored at p+1 (window 0, anchored at ids[0], is padding)
             window_tokens = drafts[:, :, :-1]

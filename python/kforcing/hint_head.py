@@ -94,6 +94,8 @@ class HeadConfig:
             (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.trunk_adapters`) or
             "chain" (a `ChainHead` drafting one token per call from the teacher's features; categorical readout,
             num_layers blocks, no noise embedding).
+        draft_vocab: chain pathway only: drafts come from the draft_vocab most frequent tokens of the training
+            text (a smaller LM head read per draft); None: the whole vocabulary.
         adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
             attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
             weights, for hint rows only. At most the model width (checked when the adapters are built). None: the
@@ -110,6 +112,7 @@ class HeadConfig:
     noise_code: str = "sinusoid"
     pathway: str = "trunk"
     adapter_rank: Optional[int] = None
+    draft_vocab: Optional[int] = None
 
     def __post_init__(self):
         for name in ("num_layers", "max_k"):
@@ -125,6 +128,12 @@ class HeadConfig:
             raise ValueError(f"unknown noise_code {self.noise_code!r}; choose one of {NOISE_CODES}")
         if self.pathway not in PATHWAYS:
             raise ValueError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
+        vocab = self.draft_vocab
+        if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 2):
+            raise ValueError(f"HeadConfig.draft_vocab must be an int >= 2 (or None: the whole vocabulary), got "
+                             f"{vocab!r}")
+        if vocab is not None and self.pathway != "chain":
+            raise ValueError(f"draft_vocab applies to the chain pathway only, not {self.pathway!r}")
         if self.pathway == "chain" and self.readout != "categorical":
             raise ValueError(f"the chain pathway drafts from distributions: it needs readout 'categorical', got "
                              f"{self.readout!r}")

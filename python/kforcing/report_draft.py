@@ -32,8 +32,9 @@ def verified_table(results: Dict) -> str:
         cells = [_fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
         lines.append(_row(["verified", str(v["k"]), _fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
                            "NO"] + cells))
-    lines.append(_row(["u-shuffle", str(diag["k"]), _fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
-                      + [_fmt(a) for a in diag["shuffle"]]))
+    if diag["shuffle"] is not None:  # a chain student has no hint rows to feed other uniforms
+        lines.append(_row(["u-shuffle", str(diag["k"]), _fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
+                          + [_fmt(a) for a in diag["shuffle"]]))
     floor_tpp = 1 + sum(diag["floor"])
     lines.append(_row(["u-blind floor", str(diag["k"]), f"{floor_tpp:.2f} (predicted)", "-"]
                       + [_fmt(a) for a in diag["floor"]]))
@@ -69,7 +70,8 @@ def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for values, label, style in ((verified["accepted"], "draft student", "o-"), (diag["shuffle"], "u-shuffle", "s--"),
                                  (diag["floor"], "u-blind floor", "k:")):
-        ax.plot(offsets, values, style, label=label)
+        if values is not None:
+            ax.plot(offsets, values, style, label=label)
     ax.set(xlabel="draft offset j", ylabel="drafts 2..j all accepted", ylim=(0, 1.02), xticks=offsets,
            title=f"verified decoding, k={diag['k']}")
     ax.grid(alpha=0.3)

@@ -1,0 +1,162 @@
+"""The cost model of decoding: what one round of every decoding design costs, in AR steps, on one machine, in one run.
+
+A decoding round's cost at small batch is, to first order, the weight bytes it reads. This script measures it for
+every design, with random weights (cost does not depend on training; acceptance does, and comes from trained
+students: `kforcing eval`), at each preset and batch size:
+
+  AR             generate_ar: one teacher row per sequence per step
+  push-forward   generate_kforcing on a PushForwardLM at k: k committed rows and k hint rows, k tokens a pass
+  a. trunk       a draft student, trunk pathway with full-copy adapters (distill's former default): a verify
+                 pass of k rows, then a second pass of [exact | k-2 hints] through every block
+  c. head        a draft student, head pathway with one block: a verify pass, the head over the k committed rows,
+                 then one head pass of [exact | k-1 hints] drafting k-1 tokens jointly from their uniforms
+  d. chain       a draft student, chain pathway with one block: a verify pass of k rows, then k-1 one-row head
+                 calls, each drafting one token from the head's distribution with its own uniform
+
+Draft designs are timed verified with k pinned (static shapes: a round costs the same whatever is accepted).
+Each measurement is a whole generate call (prefill included) divided by its passes; calls are interleaved
+(`kforcing.metrics.time_interleaved`), so load spikes hit every design alike. "AR steps/round" is the design's
+ms per round over AR's ms per step in the same run. "weights/round" counts the weight bytes one round's calls read,
+each matrix once per call that reads it, over an AR step's (embedding gathers and KV caches left out): what the
+round would cost if it were purely weight-bound.
+
+Tokens per round of a trained student divided by its AR steps per round is its speedup over AR.
+
+Examples:
+  python bench/bench_round_cost.py                           # tiny, small and base; batch 1, 8, 32
+  python bench/bench_round_cost.py --preset small --batch 1 --profile
+"""
+
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from kforcing.draft_decode import generate_with_drafts  # noqa: E402
+from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.hint_head import DraftStudent, HeadConfig  # noqa: E402
+from kforcing.metrics import time_interleaved  # noqa: E402
+from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
+
+
+def matrix_bytes(module) -> int:
+    """Bytes of the weights a call of `module` reads: every parameter except embedding tables (gathered by row)."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in embeddings)
+
+
+def round_weight_bytes(design, teacher, student, k) -> int:
+    """Weight bytes one round of `design` reads (module docstring)."""
+    blocks = sum(matrix_bytes(block) for block in teacher.blocks)
+    readout = matrix_bytes(teacher.lm_head) + matrix_bytes(teacher.norm)
+    teacher_pass = blocks + readout
+    if design == "AR":
+        return teacher_pass
+    if design.startswith("push-forward"):
+        return matrix_bytes(student)
+    head = student.head
+    if design.startswith("a."):  # verify, then the teacher's blocks for the exact row and the copies for hints
+        return 2 * teacher_pass + matrix_bytes(head)
+    if design.startswith("c."):  # verify, the head over committed rows, the head's draft pass and its readout
+        head_blocks = sum(matrix_bytes(block) for block in head.blocks)
+        return teacher_pass + 2 * head_blocks + matrix_bytes(head.noise) + matrix_bytes(head.norm) + readout
+    # d. chain: verify, then k-1 head calls (the first also reads the committed rows), each with the readout
+    return teacher_pass + (k - 1) * (matrix_bytes(head) + readout)
+
+
+def designs(teacher, k):
+    """{name: (student, decode(prompts, new_tokens))} of every design at k."""
+    push_forward = PushForwardLM.from_teacher(teacher, k).eval()
+    trunk = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="trunk", adapter_rank=0)).eval()
+    head = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="head")).eval()
+    chain = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="chain")).eval()
+
+    def drafting(student):
+        return lambda prompts, n: generate_with_drafts(student, prompts, n, k=k, seed=0)
+
+    return {
+        "AR": (teacher, lambda prompts, n: generate_ar(teacher, prompts, n, seed=0)),
+        f"push-forward k={k}": (push_forward, lambda prompts, n: generate_kforcing(push_forward, prompts, n, k=k,
+                                                                                   seed=0)),
+        f"a. trunk k={k}": (trunk, drafting(trunk)),
+        f"c. head k={k}": (head, drafting(head)),
+        f"d. chain k={k}": (chain, drafting(chain)),
+    }
+
+
+def profile_round(teacher, k, batch, args):
+    """Print where a chain round's time goes (torch.profiler, CPU ops), beside an AR call's."""
+    prompts = torch.randint(0, teacher.config.vocab_size, (batch, args.prompt_len)).tolist()
+    for name, (_, decode) in designs(teacher, k).items():
+        if name != "AR" and not name.startswith("d."):
+            continue
+        decode(prompts, args.new_tokens)
+        with torch.profiler.profile() as prof:
+            out = decode(prompts, args.new_tokens)
+        print(f"\n{name}: {out.num_passes} passes")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--preset", nargs="+", default=["tiny", "small", "base"], choices=sorted(PRESETS),
+                        help="model presets")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
+    parser.add_argument("--k", type=int, default=4, help="tokens per round of the drafting designs")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per design")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile AR and the chain design at the first preset and batch size")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="kforcing_ops.*reference", category=RuntimeWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.resolve_device(args.device)
+    meta = common.metadata(device)
+    print(f"{common.device_name(device)}, torch {torch.__version__}", flush=True)
+    rows = []
+    for preset in args.preset:
+        torch.manual_seed(0)
+        teacher = ARModel(ModelConfig.from_preset(preset)).to(device).eval()
+        if args.profile:
+            profile_round(teacher, args.k, args.batch[0], args)
+            return
+        candidates = designs(teacher, args.k)
+        ar_bytes = round_weight_bytes("AR", teacher, None, args.k)
+        for batch in args.batch:
+            prompts = torch.randint(0, teacher.config.vocab_size, (batch, args.prompt_len)).tolist()
+            runs = {name: (lambda decode=decode: decode(prompts, args.new_tokens))
+                    for name, (_, decode) in candidates.items()}
+            measured = time_interleaved(runs, device, args.repeats)
+            ar_ms = 1e3 * statistics.median(measured["AR"][0]) / measured["AR"][1].num_passes
+            for name, (times, out) in measured.items():
+                ms = 1e3 * statistics.median(times) / out.num_passes
+                row = {"preset": preset, "batch": batch, "design": name, "rounds": out.num_passes, "ms_per_round": ms,
+                       "ar_steps_per_round": ms / ar_ms,
+                       "weights_per_round": round_weight_bytes(name, teacher, candidates[name][0], args.k) / ar_bytes}
+                rows.append(row)
+                print(f"{preset:5s} batch {batch:3d} {name:20s}: {ms:8.2f} ms/round, {row['ar_steps_per_round']:.2f} "
+                      f"AR steps, weights {row['weights_per_round']:.2f}x AR's", flush=True)
+    columns = [("preset", "preset", "{}"), ("batch", "batch", "{}"), ("design", "design", "{}"),
+               ("ms_per_round", "ms/round", "{:.2f}"), ("ar_steps_per_round", "AR steps/round", "{:.2f}"),
+               ("weights_per_round", "weights/round vs AR", "{:.2f}x")]
+    table = common.markdown_table(rows, columns)
+    print()
+    print(table)
+    if not args.no_save:
+        settings = {"k": args.k, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                    "threads": torch.get_num_threads(),
+                    "command": " ".join(["python", "bench/bench_round_cost.py", *(argv or sys.argv[1:])])}
+        for path in common.save("round_cost", device, rows, table, extra={"settings": settings}, meta=meta):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
