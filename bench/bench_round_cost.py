@@ -10,8 +10,9 @@ students: `kforcing eval`), at each preset and batch size:
                  pass of k rows, then a second pass of [exact | k-2 hints] through every block
   c. head        a draft student, head pathway with one block: a verify pass, the head over the k committed rows,
                  then one head pass of [exact | k-1 hints] drafting k-1 tokens jointly from their uniforms
-  d. chain       a draft student, chain pathway with one block: a verify pass of k rows, then k-1 one-row head
-                 calls, each drafting one token from the head's distribution with its own uniform
+  d. chain       a draft student, chain pathway with one block: a verify pass of k rows, then k-1 head calls,
+                 each drafting one token from the head's distribution with its own uniform; also at k = 2, and
+                 with a draft vocabulary of V/8 tokens (the drafts' LM head reads an eighth of the bytes)
 
 Draft designs are timed verified with k pinned (static shapes: a round costs the same whatever is accepted).
 Each measurement is a whole generate call (prefill included) divided by its passes; calls are interleaved
@@ -65,8 +66,12 @@ def round_weight_bytes(design, teacher, student, k) -> int:
     if design.startswith("c."):  # verify, the head over committed rows, the head's draft pass and its readout
         head_blocks = sum(matrix_bytes(block) for block in head.blocks)
         return teacher_pass + 2 * head_blocks + matrix_bytes(head.noise) + matrix_bytes(head.norm) + readout
-    # d. chain: verify, then k-1 head calls (the first also reads the committed rows), each with the readout
-    return teacher_pass + (k - 1) * (matrix_bytes(head) + readout)
+    # d. chain: verify, then a head call per draft (the first also reads the committed rows), each with the readout
+    # (the LM head's draft-vocabulary rows only, with a draft vocabulary)
+    drafts = int(design.split("k=")[1].split(",")[0]) - 1
+    vocab = head.config.draft_vocab or teacher.config.vocab_size
+    draft_readout = matrix_bytes(teacher.norm) + matrix_bytes(teacher.lm_head) * vocab // teacher.config.vocab_size
+    return teacher_pass + drafts * (matrix_bytes(head) + draft_readout)
 
 
 def designs(teacher, k):
@@ -75,9 +80,12 @@ def designs(teacher, k):
     trunk = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="trunk", adapter_rank=0)).eval()
     head = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="head")).eval()
     chain = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="chain")).eval()
+    small_vocab = teacher.config.vocab_size // 8
+    chain_vocab = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="chain",
+                                                                draft_vocab=small_vocab)).eval()
 
-    def drafting(student):
-        return lambda prompts, n: generate_with_drafts(student, prompts, n, k=k, seed=0)
+    def drafting(student, rows=k):
+        return lambda prompts, n: generate_with_drafts(student, prompts, n, k=rows, seed=0)
 
     return {
         "AR": (teacher, lambda prompts, n: generate_ar(teacher, prompts, n, seed=0)),
@@ -86,6 +94,8 @@ def designs(teacher, k):
         f"a. trunk k={k}": (trunk, drafting(trunk)),
         f"c. head k={k}": (head, drafting(head)),
         f"d. chain k={k}": (chain, drafting(chain)),
+        "d. chain k=2": (chain, drafting(chain, 2)),
+        f"d. chain k={k}, draft vocab V/8": (chain_vocab, drafting(chain_vocab)),
     }
 
 
