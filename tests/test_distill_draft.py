@@ -1,4 +1,4 @@
-"""distill --pathway head|trunk: draft checkpoints, resuming, evaluation, the CLI, bad settings, and learning."""
+"""distill --pathway head|trunk|chain: draft checkpoints, resuming, evaluation, the CLI, bad settings, and learning."""
 
 import json
 import shutil
@@ -44,9 +44,10 @@ def head_weights(path):
     return {name: value.clone() for name, value in student.head.state_dict().items()}
 
 
-@pytest.mark.parametrize("pathway", ["head", "trunk"])
+@pytest.mark.parametrize("pathway", ["head", "trunk", "chain", "chain-draft-vocab"])
 def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_path, pathway):
-    sizes = dict(adapter_rank=2) if pathway == "trunk" else {}
+    sizes = {"trunk": dict(adapter_rank=2), "chain-draft-vocab": dict(draft_vocab=64)}.get(pathway, {})
+    pathway = pathway.split("-")[0]
     summary = distill(settings(teacher_run, tmp_path / "run", pathway=pathway, readout="categorical", **sizes))
     stage = summary["stages"][0]
     assert stage["k"] == 4 and stage["step"] == 6 and stage["pathway"] == pathway
@@ -57,6 +58,9 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
     assert config["model_type"] == "draft" and config["teacher_fingerprint"] == student.fingerprint
     files = {path.name for path in (tmp_path / "run" / "stage_k4" / "final").iterdir()}
     assert TEACHER_FILE not in files and tokenizer is not None  # the teacher is referenced, never copied
+    if "draft_vocab" in sizes:  # the training text's 64 most frequent tokens, saved with the head
+        ids = student.head.draft_ids
+        assert ids.tolist() == sorted(ids.tolist()) and len(set(ids.tolist())) == 64 and bool(ids.any())
     prompts = [[tokenizer.eos_id] + [5, 6, 7][:n] for n in (0, 3, 1)]
     ar = generate_ar(student.teacher, prompts, 20, seed=3, **SAMPLING)
     out = generate_with_drafts(student, prompts, 20, seed=3, **SAMPLING)
@@ -122,6 +126,17 @@ def test_a_head_refuses_another_teacher_and_a_merged_export_stands_alone(teacher
         shutil.move(str(moved), str(teacher_run))
 
 
+def test_eval_of_a_chain_student_leaves_out_the_u_shuffle_test(teacher_run, tmp_path):
+    distill(settings(teacher_run, tmp_path / "run", pathway="chain"))
+    config = EvalConfig(teacher=str(teacher_run), student=str(tmp_path / "run"), num_samples=4, sample_len=12,
+                        batch_size=4, batch_sizes=[1], speed_tokens=8, speed_repeats=1, progress=False, **SAMPLING)
+    results = run_eval(config)
+    assert all(row["equals_ar"] for row in results["verified"])
+    assert results["diagnostics"]["shuffle"] is None and len(results["diagnostics"]["floor"]) == 3
+    tables = eval_tables(results)
+    assert "u-blind floor" in tables and "u-shuffle |" not in tables
+
+
 def test_eval_of_a_draft_student(teacher_run, tmp_path):
     distill(settings(teacher_run, tmp_path / "run"))
     config = EvalConfig(teacher=str(teacher_run), student=str(tmp_path / "run"), num_samples=4, sample_len=12,
@@ -163,7 +178,14 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(pathway="sideways"), "unknown pathway"),
     (dict(top_p=0.0), "top_p in"),
     (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
-    (dict(pathway="full", top_k=50), "--top-k applies to --pathway head or trunk"),
+    (dict(pathway="full", top_k=50), r"--top-k applies to the draft pathways \(head, trunk, chain\)"),
+    (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64), "--draft-vocab applies to the draft pathways"),
+    (dict(pathway="chain", adapter_rank=4), "--adapter-rank does not apply to --pathway chain"),
+    (dict(pathway="chain", windows="teacher"), "--windows does not apply to --pathway chain"),
+    (dict(pathway="chain", readout="onehot"), "needs readout 'categorical'"),
+    (dict(pathway="chain", draft_vocab=1), "draft_vocab must be an int >= 2"),
+    (dict(pathway="chain", draft_vocab=10_000), "larger than the teacher's vocabulary"),
+    (dict(draft_vocab=64), "draft_vocab applies to the chain pathway only"),
     (dict(pathway="trunk", readout="categorical", schedule=[2, 4]), "nothing to train below k = 3"),
     (dict(boundary_beta=0.5), "--boundary-beta needs --readout onehot --windows teacher"),
     (dict(readout="onehot", windows="student", boundary_beta=0.5), "--boundary-beta needs"),
@@ -176,11 +198,12 @@ def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     assert not (tmp_path / "run" / "stage_k4").exists()
 
 
-def test_a_few_hundred_steps_raise_verified_tokens_per_pass(teacher_run, tmp_path):
+@pytest.mark.parametrize("pathway", ["head", "chain"])
+def test_a_few_hundred_steps_raise_verified_tokens_per_pass(teacher_run, tmp_path, pathway):
     """Learning, measured the way a user would: verified decoding on held-out prompts before and after training."""
-    config = settings(teacher_run, tmp_path / "run", readout="categorical", schedule=[2], steps=[LEARNING_STEPS],
-                      batch_size=8, seq_len=32, lr=3e-3, warmup_steps=20, eval_interval=LEARNING_STEPS,
-                      ar_eval_contexts=32, log_interval=50)
+    config = settings(teacher_run, tmp_path / "run", pathway=pathway, readout="categorical", schedule=[2],
+                      steps=[LEARNING_STEPS], batch_size=8, seq_len=32, lr=3e-3, warmup_steps=20,
+                      eval_interval=LEARNING_STEPS, ar_eval_contexts=32, log_interval=50)
     stage = distill(config)["stages"][0]
     before, after = stage["initial"]["verified_tokens_per_pass"], stage["verified_tokens_per_pass"]
     assert after > LEARNED_TOKENS_PER_PASS and after > before + 0.3, (before, after)

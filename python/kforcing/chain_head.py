@@ -39,10 +39,27 @@ from .model import Block, ModelConfig, decode_blocks, run_blocks
 FEATURE_LOSS_WEIGHT = 0.1  # the smooth-L1 pull of the head's features towards the teacher's (beside the KL)
 
 
-class ChainHead(nn.Module):
-    """The trainable part of a chain-pathway `DraftStudent`: the fuse Linear and the head's blocks."""
+def block_config(teacher_config, num_layers: int) -> ModelConfig:
+    """The kforcing ModelConfig of the head's blocks: a kforcing teacher's own, or, for a Hugging Face teacher
+    (`kforcing.hf_teacher.HFModelConfig`), kforcing blocks of its width, heads and key/value heads."""
+    if isinstance(teacher_config, ModelConfig):
+        return teacher_config
+    if teacher_config.head_dim * teacher_config.n_head != teacher_config.n_embd:
+        raise ValueError(f"a chain head needs head_dim x heads = width; this teacher has {teacher_config.n_head} "
+                         f"heads of {teacher_config.head_dim} in a width of {teacher_config.n_embd}")
+    return ModelConfig(vocab_size=teacher_config.vocab_size, n_layer=num_layers, n_embd=teacher_config.n_embd,
+                       n_head=teacher_config.n_head, n_kv_head=teacher_config.n_kv_head,
+                       max_seq_len=teacher_config.max_seq_len)
 
-    def __init__(self, model_config: ModelConfig, config):
+
+class ChainHead(nn.Module):
+    """The trainable part of a chain-pathway `DraftStudent`: the fuse Linear and the head's blocks.
+
+    model_config is the teacher's config: a kforcing `ModelConfig`, or a Hugging Face teacher's `HFModelConfig`
+    (then the blocks are kforcing blocks of its shape, initialised fresh: there are no kforcing blocks to copy).
+    """
+
+    def __init__(self, model_config, config):
         super().__init__()
         if config.pathway != "chain":
             raise ValueError(f"a ChainHead is the 'chain' pathway; this HeadConfig has pathway={config.pathway!r} "
@@ -55,9 +72,12 @@ class ChainHead(nn.Module):
                              f"{model_config.n_layer} layers")
         self.config, self.model_config = config, model_config
         self.teacher_fingerprint: Optional[str] = None  # set by DraftStudent: the teacher these weights belong to
+        blocks = block_config(model_config, config.num_layers)
         width = model_config.n_embd
         self.fuse = DecodeLinear(2 * width, width, bias=False)
-        self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(blocks) for _ in range(config.num_layers))
+        inv_freq = blocks.rope_base ** (-torch.arange(0, blocks.head_dim, 2, dtype=torch.float64) / blocks.head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # the head's own rotary frequencies
         if config.draft_vocab is not None:
             if config.draft_vocab > model_config.vocab_size:
                 raise ValueError(f"draft_vocab={config.draft_vocab} is larger than the teacher's vocabulary "
@@ -76,16 +96,18 @@ class ChainHead(nn.Module):
         vocabulary (N = draft_vocab: the restricted LM head reads N / V of the LM head's bytes) or the whole one."""
         if self.config.draft_vocab is None:
             return teacher.logits(features)
-        weight = teacher.lm_head.weight
+        norm, lm_head = teacher.output_layers()
+        weight, bias = lm_head.weight, lm_head.bias
         key = (weight.data_ptr(), weight._version, weight.dtype, self.draft_ids.data_ptr(), self.draft_ids._version)
         if self._readout is None or self._readout[0] != key:  # built once per teacher and vocabulary
-            linear = DecodeLinear(weight.shape[1], self.config.draft_vocab, bias=False, device=weight.device,
-                                  dtype=weight.dtype)
-            linear.weight.requires_grad_(False)
+            linear = DecodeLinear(weight.shape[1], self.config.draft_vocab, bias=bias is not None,
+                                  device=weight.device, dtype=weight.dtype).requires_grad_(False)
             with torch.no_grad():
                 linear.weight.copy_(weight[self.draft_ids])
+                if bias is not None:
+                    linear.bias.copy_(bias[self.draft_ids])
             self._readout = (key, linear)
-        return self._readout[1](teacher.norm(features))
+        return self._readout[1](norm(features))
 
     def token_ids(self, index):
         """Token ids of readout indices."""
@@ -99,17 +121,34 @@ class ChainHead(nn.Module):
         return full.index_copy_(-1, self.draft_ids, probabilities)
 
     def export_config(self) -> dict:
-        """What a checkpoint's config.json records of the head (as `HintHead.export_config`)."""
-        return {"model_type": "draft", "model": self.model_config.to_dict(), "head": self.config.to_dict(),
+        """What a checkpoint's config.json records of the head (as `HintHead.export_config`; "teacher_kind": "hf"
+        and the teacher's shape for a Hugging Face teacher, as `HFTrunkAdapters.export_config`)."""
+        kind = {} if isinstance(self.model_config, ModelConfig) else {"teacher_kind": "hf"}
+        return {"model_type": "draft", **kind, "model": self.model_config.to_dict(), "head": self.config.to_dict(),
                 "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
+    def blank(cls, teacher, config):
+        """An untrained head for `teacher` (its weights are about to be loaded from a checkpoint)."""
+        return cls(teacher.config, config)
+
+    @classmethod
     def from_teacher(cls, teacher, config):
-        """A head whose blocks start as copies of the teacher's last blocks and whose fuse starts as [I | I] / 2:
-        the copied blocks first see the mean of the feature and the next token's embedding."""
+        """A head whose fuse starts as [I | I] / 2 (the blocks first see the mean of the feature and the next token's
+        embedding) and whose blocks start as copies of a kforcing teacher's last blocks; for a Hugging Face teacher,
+        as blocks that add nothing yet (weights N(0, 0.02), output projections zero)."""
         head = cls(teacher.config, config).to(device=teacher.device, dtype=teacher.dtype)
-        for mine, theirs in zip(head.blocks, teacher.blocks[-config.num_layers:]):
-            mine.load_state_dict(theirs.state_dict())
+        if isinstance(teacher.config, ModelConfig):
+            for mine, theirs in zip(head.blocks, teacher.blocks[-config.num_layers:]):
+                mine.load_state_dict(theirs.state_dict())
+        else:
+            with torch.no_grad():
+                for block in head.blocks:
+                    for module in block.modules():
+                        if isinstance(module, nn.Linear):
+                            nn.init.normal_(module.weight, std=0.02)
+                    block.attn.wo.weight.zero_()
+                    block.mlp.proj.weight.zero_()
         width = teacher.config.n_embd
         with torch.no_grad():
             eye = torch.eye(width, device=head.fuse.weight.device, dtype=head.fuse.weight.dtype) / 2
@@ -126,14 +165,14 @@ class ChainHead(nn.Module):
         its output stands for the teacher's feature at p+1 (the distribution of ids[p+2])."""
         x = self.rows(teacher, features[:, :-1], ids[:, 1:])
         positions = torch.arange(x.shape[1], device=x.device)
-        return run_blocks(self.blocks, x, positions, teacher.inv_freq,
+        return run_blocks(self.blocks, x, positions, self.inv_freq,
                           lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, 0, 1))
 
     def decode(self, teacher, features, next_tokens, cache, n_commit):
         """One head call in decoding: rows (F, token) (B, T) at slots cache.seqlens + 0..T-1 -> features (B, T, H);
         the first n_commit rows are appended to the head's cache."""
         return decode_blocks(self.blocks, self.rows(teacher, features, next_tokens), cache, n_commit,
-                             teacher.inv_freq)
+                             self.inv_freq)
 
 
 __all__ = ["ChainHead", "FEATURE_LOSS_WEIGHT"]

@@ -263,9 +263,9 @@ class DistillConfig:
                       "noise_code": (self.noise_code, "sinusoid"), "boundary_beta": (self.boundary_beta, None)}
         for name, (value, default) in draft_only.items():
             if value != default:  # the push-forward student has no such option: never ignore it silently
-                raise DistillError(f"--{name.replace('_', '-')} applies to --pathway head or trunk; the full "
-                                   "pathway samples the whole distribution at its temperature in vocabulary order "
-                                   "with a one-hot readout")
+                raise DistillError(f"--{name.replace('_', '-')} applies to the draft pathways (head, trunk, "
+                                   "chain); the full pathway samples the whole distribution at its temperature in "
+                                   "vocabulary order with a one-hot readout")
 
     def _validate_draft(self):
         self.tau = self.tau or (DRAFT_SAMPLING["temperature"],) * 2

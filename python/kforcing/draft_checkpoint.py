@@ -89,7 +89,7 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
         module = head_class(model, head_config.pathway)
     except ValueError as error:
         raise CheckpointError(f"{directory}: {error}") from None
-    head = module(model if isinstance(model, HFTeacher) else model.config, head_config)
+    head = module.blank(model, head_config)
     head.to(device=model.device, dtype=model.dtype)
     head.teacher_fingerprint = fingerprint
     ckpt.load_weights(head, directory)

@@ -156,7 +156,7 @@ def chain_rollout(student: DraftStudent, features, ids, steps: int, continue_wit
         window_rows.append(head.rows(teacher, hidden[-1], tokens[-1]))
         x = torch.cat([context_rows, torch.stack(window_rows, dim=2).flatten(1, 2)], dim=1)
         positions = DraftStudent._staircase_positions(width, width, step, x.device)
-        out = run_blocks(head.blocks, x, positions, teacher.inv_freq,
+        out = run_blocks(head.blocks, x, positions, head.inv_freq,
                          lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, width, step))
         hidden.append(out[:, width:].view(x.shape[0], width, step, -1)[:, :, -1])
         tokens.append(continue_with(step, hidden[-1]))

@@ -89,6 +89,11 @@ class HFTrunkAdapters(nn.Module):
                 "head": self.config.to_dict(), "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
+    def blank(cls, teacher: HFTeacher, config):
+        """Untrained adapters for `teacher` (their weights are about to be loaded from a checkpoint)."""
+        return cls(teacher, config)
+
+    @classmethod
     def from_teacher(cls, teacher: HFTeacher, config):
         """Adapters that start as the teacher (B = 0; the final norm a copy of the teacher's)."""
         return cls(teacher, config).to(device=teacher.device, dtype=teacher.dtype)

@@ -195,6 +195,10 @@ class HFTeacher(nn.Module):
         """Next-token logits of `run_layers`' output (already normed): the LM head."""
         return self.model.get_output_embeddings()(hidden)
 
+    def output_layers(self):
+        """(norm, lm_head): logits(hidden) = lm_head(norm(hidden)); the norm is run_layers' own, so an identity."""
+        return nn.Identity(), self.model.get_output_embeddings()
+
     def fingerprint_config(self) -> dict:
         """What `teacher_fingerprint` hashes besides the weights: the shape and the model's whole config."""
         settings = {key: value for key, value in self.model.config.to_dict().items()

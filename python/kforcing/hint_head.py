@@ -187,6 +187,11 @@ class HintHead(nn.Module):
                 "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
+    def blank(cls, teacher, config):
+        """An untrained module for `teacher` (its weights are about to be loaded from a checkpoint)."""
+        return cls(teacher.config, config)
+
+    @classmethod
     def from_teacher(cls, teacher: ARModel, config: HeadConfig):
         """A head whose blocks and final norm start as copies of the teacher's last blocks and final norm."""
         head = cls(teacher.config, config).to(device=teacher.device, dtype=teacher.dtype)
@@ -198,13 +203,13 @@ class HintHead(nn.Module):
 
 def head_class(teacher, pathway: str):
     """The trainable module's class of `pathway` on `teacher`: `HintHead`, `TrunkAdapters` or `ChainHead` on an
-    ARModel, `HFTrunkAdapters` on a Hugging Face teacher (which has no head or chain pathway: their heads copy
-    kforcing blocks)."""
+    ARModel; `HFTrunkAdapters` or `ChainHead` on a Hugging Face teacher (which has no head pathway: a HintHead
+    copies kforcing blocks). Every class has `from_teacher(teacher, config)` and `blank(teacher, config)`."""
     if isinstance(teacher, HFTeacher):
-        if pathway != "trunk":
-            raise ValueError(f"pathway {pathway!r} needs a kforcing ARModel teacher (its head copies the "
-                             "teacher's kforcing blocks); a Hugging Face teacher takes pathway 'trunk'")
-        return HFTrunkAdapters
+        if pathway == "head":
+            raise ValueError("pathway 'head' needs a kforcing ARModel teacher (its hint head copies the teacher's "
+                             "kforcing blocks); a Hugging Face teacher takes pathway 'trunk' or 'chain'")
+        return HFTrunkAdapters if pathway == "trunk" else ChainHead
     return {"trunk": TrunkAdapters, "head": HintHead, "chain": ChainHead}[pathway]
 
 

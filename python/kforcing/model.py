@@ -403,6 +403,10 @@ class ARModel(Transformer):
         """Next-token logits of `run_layers`' output: the final norm, then the LM head."""
         return self.lm_head(self.norm(hidden))
 
+    def output_layers(self):
+        """(norm, lm_head): logits(hidden) = lm_head(norm(hidden))."""
+        return self.norm, self.lm_head
+
     def fingerprint_config(self) -> dict:
         """What `teacher_fingerprint` hashes besides the weights."""
         return self.config.to_dict()

@@ -10,6 +10,7 @@ Face causal LM). Both are frozen nn.Modules with
                                         v) computes each layer's attention in kforcing's (B, S, heads, D) layout
                                         (the staircase mask in training, the static `KVCache` in decoding)
     logits(hidden)                      next-token logits of run_layers' output
+    output_layers()                     (norm, lm_head) with logits(hidden) = lm_head(norm(hidden))
     forward(ids), decode(ids, cache, n_commit, logits)
     fingerprint_config()                what `teacher_fingerprint` hashes besides the weights
 

@@ -204,6 +204,11 @@ class TrunkAdapters(nn.Module):
                 "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
+    def blank(cls, teacher, config):
+        """An untrained module for `teacher` (its weights are about to be loaded from a checkpoint)."""
+        return cls(teacher.config, config)
+
+    @classmethod
     def from_teacher(cls, teacher, config):
         """Adapters that start as the teacher: zero LoRA updates, or full copies of its blocks; the final norm of
         hint rows starts as the teacher's."""
