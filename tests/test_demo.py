@@ -29,7 +29,7 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     assert f"report: {report}" in first.stdout
     assert "K-Forcing demo summary" in first.stdout and "speedup vs AR (batch 1)" in first.stdout
     assert "train-teacher" in first.stderr and "distill k=4" in first.stderr  # progress bars
-    assert "distill trunk k=4" in first.stderr and "verified" in first.stdout
+    assert "distill chain k=4" in first.stderr and "verified" in first.stdout
     text = report.read_text()
     for section in SECTIONS:
         assert section in text, section

@@ -190,7 +190,7 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(boundary_beta=0.5), "--boundary-beta needs --readout onehot --windows teacher"),
     (dict(readout="onehot", windows="student", boundary_beta=0.5), "--boundary-beta needs"),
     (dict(readout="onehot", windows="teacher", boundary_beta=0.0), "--boundary-beta must be positive"),
-    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to --pathway head"),
+    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to the draft pathways"),
 ])
 def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):

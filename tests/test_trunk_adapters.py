@@ -213,7 +213,7 @@ def test_head_config_round_trips_and_old_checkpoints_default_to_the_head_pathway
            if key not in ("pathway", "adapter_rank", "readout")}
     assert (HeadConfig.from_dict(old).pathway, HeadConfig.from_dict(old).readout) == ("head", "onehot")
     assert HeadConfig.from_dict(old).adapter_rank == 8  # the default of the kforcing that wrote it
-    assert (HeadConfig().pathway, HeadConfig().readout) == ("trunk", "categorical")  # what distill trains
+    assert (HeadConfig().pathway, HeadConfig().readout) == ("trunk", "categorical")
 
 
 def test_the_default_adapters_are_full_copies_and_checkpoints_record_the_rank():

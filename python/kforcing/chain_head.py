@@ -14,9 +14,9 @@ draft stands exactly when it is the teacher's own sample (the coupled rule), and
 the head's distributions are the proposals.
 
 A round therefore reads the teacher once (k rows) plus k-1 head calls (the first over the rows the round
-committed, the others one row each), instead of a second pass through every block. With `draft_vocab` N the drafts' readout covers only the N most frequent tokens of the training text
-(the LM head is most of a one-block head's bytes): a draft can then never be a rarer token, and the teacher's
-verification stays exact.
+committed, the others one row each), instead of a second pass through every block. With `draft_vocab` N the
+drafts' readout covers only the N most frequent tokens of the training text (the LM head is most of a one-block
+head's bytes): a draft can then never be a rarer token, and the teacher's verification stays exact.
 
 Training (`kforcing.head_targets.chain_step`) is teacher-forced: on the teacher's features of real text, KL(teacher
 || head) at the sampling temperature plus a small smooth-L1 pull of f_p towards F_{p+1}, which is what lets the

@@ -263,7 +263,7 @@ def _add_distill_parser(subparsers):
     p = _new_parser(
         subparsers, "distill", "distil an AR teacher into a k-token student (by default a draft student that "
         "decodes losslessly with --verify)",
-        "By default (--pathway trunk) the teacher stays frozen and only the hint rows' weights train (docs/method.md "
+        "By default (--pathway chain) the teacher stays frozen and only a one-block draft head trains (docs/method.md "
         "§8): the student's token rows are the teacher's own, and `kforcing sample --verify` decodes losslessly, "
         "several tokens per pass; the defaults are the ones bench/results/ablation_draft_cpu measured best. --paper "
         "(or --pathway full) runs the original method instead: progressive self-forcing (docs/method.md §5), where "

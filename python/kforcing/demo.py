@@ -92,12 +92,12 @@ PROFILES = {
         name="quick", preset="tiny", corpus_mb=1.0, vocab_size=512, teacher_steps=300, teacher_batch=16,
         teacher_seq_len=64, distill_steps=[150, 120, 120], distill_batch=16, distill_seq_len=48, eval_contexts=64,
         num_samples=8, sample_len=48, batch_sizes=[1, 8], speed_tokens=32, speed_repeats=2, ar_eval_contexts=64,
-        draft_steps=60, warmup=20, eval_interval=50, minutes="about 4 minutes on a 2-core CPU"),
+        draft_steps=200, warmup=20, eval_interval=50, minutes="about 4 minutes on a 2-core CPU"),
     "default": DemoProfile(
         name="default", preset="tiny", corpus_mb=3.0, vocab_size=1024, teacher_steps=1000, teacher_batch=16,
         teacher_seq_len=128, distill_steps=[500, 500, 600], distill_batch=16, distill_seq_len=64,
         eval_contexts=256, num_samples=32, sample_len=128, batch_sizes=[1, 8, 32], speed_tokens=64,
-        speed_repeats=3, ar_eval_contexts=128, draft_steps=600, eval_interval=100,
+        speed_repeats=3, ar_eval_contexts=128, draft_steps=1200, eval_interval=100,
         minutes="about 30 minutes on a 2-core CPU"),
     "full": DemoProfile(
         name="full", preset="small", corpus_mb=None, vocab_size=8192, teacher_steps=20000, teacher_batch=32,

@@ -60,11 +60,15 @@ from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_o
                       warn_changed_settings)
 
 OBJECTIVES = ("self-forcing", "noise-inversion")
-# full: a PushForwardLM (every weight trains); head / trunk: a DraftStudent (the teacher frozen; a hint head on its
-# final states, or adapters on its blocks for hint rows only).
+# full: a PushForwardLM (every weight trains); head / trunk / chain: a DraftStudent (the teacher frozen; a hint head
+# on its final states, adapters on its blocks for hint rows only, or a chain head drafting one token per call).
 PATHWAYS = ("full", "head", "trunk", "chain")
 DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4], "chain": [4]}
 CHAIN_HEAD_LAYERS = 1  # the chain head's default depth: one copy of the teacher's last block
+# The student `kforcing distill` trains unless told otherwise: the design comparison (README, bench/results/
+# ablation_draft_cpu and round_cost_cpu) found the chain pathway's round the cheapest per draft on weight-bound
+# models and its unverified samples the closest to the teacher's.
+DEFAULT_PATHWAY = "chain"
 # The distribution a draft student learns unless told otherwise: truncated sampling, what users sample with; the
 # ablation in bench/results/ablation_draft_cpu compares it with temperature 1 over the whole vocabulary.
 DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
@@ -117,7 +121,7 @@ class DistillConfig:
     paper: bool = option(False, "the original method in one flag: --pathway full (every weight fine-tuned), "
                          "progressive self-forcing 1,2,4 at temperature 1, sinusoidal noise code, one-hot readout, "
                          "vocabulary CDF order; it overrides those settings")
-    pathway: str = option(HeadConfig.pathway, "the student: full (every weight fine-tuned, hint rows through the "
+    pathway: str = option(DEFAULT_PATHWAY, "the student: full (every weight fine-tuned, hint rows through the "
                           "whole model: the original method), head (a hint head on the frozen teacher's final "
                           "states), trunk (hint rows through the frozen teacher with adapters) or chain (a one-block "
                           "head that drafts one token per call from the teacher's features); head, trunk and chain "
@@ -126,9 +130,10 @@ class DistillConfig:
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
                                            convert=lambda text: parse_int_list(text, "--schedule") if text else None)
-    readout: Optional[str] = option(None, "head/trunk: categorical (default: each row outputs the next token's "
-                                    "distribution, sampled with that token's uniform) or onehot (the draft is the "
-                                    "argmax of a row that sees its own uniform; the full pathway's)",
+    readout: Optional[str] = option(None, "head/trunk: categorical (default, and chain's only one: each row outputs "
+                                    "the next token's distribution, sampled with that token's uniform) or onehot "
+                                    "(the draft is the argmax of a row that sees its own uniform; the full "
+                                    "pathway's)",
                                     choices=list(READOUTS))
     head_layers: Optional[int] = option(None, "head/chain: Transformer blocks of the head, copied from the teacher's "
                                         f"last ones (default {HeadConfig.num_layers} for head, {CHAIN_HEAD_LAYERS} "
@@ -141,9 +146,9 @@ class DistillConfig:
                                         "default: the whole vocabulary")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
-    top_k: Optional[int] = option(None, "head/trunk: the top-k of the sampling distribution the head learns (0: "
+    top_k: Optional[int] = option(None, "draft pathways: the top-k of the sampling distribution the head learns (0: "
                                   f"off; default {DRAFT_SAMPLING['top_k']})")
-    top_p: Optional[float] = option(None, "head/trunk: the top-p of the sampling distribution the head learns (1: "
+    top_p: Optional[float] = option(None, "draft pathways: the top-p of the sampling distribution the head learns (1: "
                                     f"off; default {DRAFT_SAMPLING['top_p']})")
     boundary_beta: Optional[float] = option(None, "head/trunk with --readout onehot --windows teacher: move each "
                                             "training uniform inside its target token's CDF interval by a Beta(B, "
@@ -163,7 +168,7 @@ class DistillConfig:
                                     "teacher's training length, at most max_seq_len - max k)")
     tau: Optional[Tuple[float, float]] = option(
         None, "the temperature the student learns: T, or (full pathway) MIN:MAX to draw one per sequence uniformly "
-        f"(e.g. 0.7:1.2); default 1.0 for full, {DRAFT_SAMPLING['temperature']} for head/trunk",
+        f"(e.g. 0.7:1.2); default 1.0 for full, {DRAFT_SAMPLING['temperature']} for the draft pathways",
         convert=lambda text: parse_tau(text) if text else None)
     lr: Optional[float] = option(None, "peak learning rate (default: 1e-3 up to width 256, 3e-4 above)")
     min_lr_ratio: float = loop_option("min_lr_ratio")
@@ -241,7 +246,7 @@ class DistillConfig:
     def _apply_paper(self):
         """--paper: the original method. Settings it fixes may not be given beside it (they would be ignored)."""
         given = [name for name, value, default in (
-            ("pathway", self.pathway, HeadConfig.pathway), ("tau", self.tau, None), ("top_k", self.top_k, None),
+            ("pathway", self.pathway, DEFAULT_PATHWAY), ("tau", self.tau, None), ("top_k", self.top_k, None),
             ("top_p", self.top_p, None), ("readout", self.readout, None), ("head_layers", self.head_layers, None),
             ("adapter_rank", self.adapter_rank, None), ("draft_vocab", self.draft_vocab, None),
             ("windows", self.windows, "student"),
@@ -641,7 +646,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
         check_draft_run(config, info)
     elif isinstance(teacher, HFTeacher):
         raise DistillError("--pathway full fine-tunes a copy of a kforcing teacher; a Hugging Face teacher stays "
-                           "frozen: use --pathway trunk")
+                           "frozen: use --pathway chain or trunk")
     elif isinstance(teacher, PushForwardLM):
         if config.objective == "noise-inversion":
             raise DistillError("--objective noise-inversion needs an AR teacher (the CDF intervals are the AR "

@@ -80,8 +80,9 @@ _BEFORE_DEFAULTS_CHANGED = {"readout": "onehot", "pathway": "head", "adapter_ran
 class HeadConfig:
     """The shape of a draft student's trainable part (a hint head, or trunk adapters).
 
-    The defaults are `kforcing distill`'s, chosen by the ablation (README): the trunk pathway with rank-8 adapters
-    and the categorical readout.
+    The dataclass defaults describe a trunk-pathway student with the categorical readout (the adapters' rank
+    fixed when they are built); `kforcing distill` trains the chain pathway by default
+    (`kforcing.distill.DEFAULT_PATHWAY`, one block).
 
     Attributes:
         num_layers: Transformer blocks in the head (copied from the teacher's last blocks at initialisation).
