@@ -14,9 +14,9 @@ so every call produces exactly batch x --new-tokens tokens.
 With --linear both (the default) every decoder runs twice in the same rounds: its decode passes' linear layers on
 kforcing_ops.decode_linear (the default) and on torch's GEMM (`kforcing_ops.nn.torch_linears()`, the "before");
 "vs torch GEMM" is the median over rounds of (time with torch's GEMM / time with the kernel). --verified adds a
-draft student's verified round at the largest k, pinned and adaptive (random weights: its drafts are rarely
-accepted, so read the pinned row's ms/pass and "AR steps/pass", and the adaptive row's speedup: the worst case of
-adaptive drafting, which should fall back to AR steps).
+draft student's verified round at the largest k (--pathway, default chain), pinned and adaptive (random weights:
+its drafts are rarely accepted, so read the pinned row's ms/pass and "AR steps/pass", and the adaptive row's
+speedup: the worst case of adaptive drafting, which should fall back to AR steps).
 
 Targets: CPU, `small` preset, batch 1: k=4 >= 2.5x AR. GPU, `base` preset, batch 1..256: k=4 >= 3.5x AR.
 Writes bench/results/decode_<cpu|cuda>.{json,md} (tagged with device, torch version and git sha).
@@ -86,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--verified", action="store_true",
                         help="also time a draft student's verified rounds at the largest k, pinned and adaptive "
                              "(random weights)")
+    parser.add_argument("--pathway", default="chain", choices=["chain", "trunk", "head"],
+                        help="the draft student of --verified (one block for chain and head)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile one call of AR and of K-Forcing at the largest k (first batch "
                              "size) with torch.profiler and print the ops that take the most device time")
@@ -113,7 +115,10 @@ def main(argv=None):
         profile(teacher, student, config, batches[0], max(args.k), args, options, device)
         return
 
-    drafter = DraftStudent.from_teacher(teacher, HeadConfig(max_k=max(args.k))) if args.verified else None
+    drafter = None
+    if args.verified:
+        layers = {"trunk": {}, "chain": dict(num_layers=1), "head": dict(num_layers=1)}[args.pathway]
+        drafter = DraftStudent.from_teacher(teacher, HeadConfig(max_k=max(args.k), pathway=args.pathway, **layers))
     linears = ["kernel", "torch"] if args.linear == "both" else [args.linear]
 
     def with_linear(linear, fn):
@@ -171,7 +176,7 @@ def main(argv=None):
         settings = {"preset": preset, "params": teacher.num_params(), "dtype": str(dtype).replace("torch.", ""),
                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                     "compile": args.compile, "cuda_graph": args.cuda_graph, "threads": torch.get_num_threads(),
-                    "linear": args.linear,
+                    "linear": args.linear, "verified_pathway": args.pathway if args.verified else None,
                     "command": " ".join(["python", "bench/bench_decode.py", *(argv or sys.argv[1:])])}
         for path in common.save("decode", device, rows, table, extra={"settings": settings}):
             print(f"wrote {path}")

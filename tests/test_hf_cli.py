@@ -22,11 +22,12 @@ def hf_model(tmp_path_factory):
     return directory
 
 
-def test_distill_eval_and_sample_a_hugging_face_teacher(hf_model, tmp_path, capsys):
+@pytest.mark.parametrize("student", [[], ["--pathway", "trunk", "--adapter-rank", "2"]], ids=["chain", "trunk"])
+def test_distill_eval_and_sample_a_hugging_face_teacher(hf_model, tmp_path, capsys, student):
     teacher = f"hf:{hf_model}"
     run = tmp_path / "run"
     assert main(["distill", "--teacher", teacher, "--corpus", "stdlib", "--corpus-max-mb", "0.3", "--out", str(run),
-                 "--steps", "6", "--batch-size", "4", "--seq-len", "16", "--adapter-rank", "2", "--warmup", "2",
+                 "--steps", "6", "--batch-size", "4", "--seq-len", "16", *student, "--warmup", "2",
                  "--eval-interval", "3", "--eval-batches", "1", "--ar-eval-contexts", "4", "--tau", "0.7",
                  "--top-k", "50", "--top-p", "0.9", "--device", "cpu", "--no-progress"]) == 0
     assert "verified tokens per pass" in capsys.readouterr().err
@@ -60,4 +61,4 @@ def test_command_line_errors_name_the_problem(hf_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--teacher", f"hf:{hf_model}", "--paper", "--corpus", "stdlib", "--out",
               str(tmp_path / "full")])
-    assert "a Hugging Face teacher stays frozen: use --pathway trunk" in capsys.readouterr().err
+    assert "a Hugging Face teacher stays frozen: use --pathway chain or trunk" in capsys.readouterr().err
