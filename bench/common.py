@@ -193,7 +193,7 @@ def report(name, device, results, text, no_save):
 
 
 def base_parser(description):
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to run; auto = cuda when available")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")

@@ -204,3 +204,22 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, teacher_run, capsys)
     assert error.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("kforcing: error: ") and f"{weights} is corrupt" in err and err.count("\n") == 1
+
+
+def test_no_option_is_taken_by_its_prefix_and_boundary_beta_is_on_the_command_line(tmp_path, capsys):
+    """`distill --k 2` once became --keep-checkpoints 2 silently: every command refuses an abbreviation now. The
+    documented --boundary-beta reaches DistillConfig (and its checks) from the command line."""
+    from kforcing.cli import build_parser
+
+    base = ["distill", "--teacher", "t", "--out", str(tmp_path / "run")]
+    for args in (["--k", "2"], ["--keep", "2"], ["--head-l", "1"]):
+        with pytest.raises(SystemExit) as error:
+            main([*base, *args])
+        assert error.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    for command in (["sample", "--ckpt", "c", "--max-new", "4"], ["eval", "--teacher", "t", "--student", "s", "--num-s", "4"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert "unrecognized arguments" in capsys.readouterr().err
+    args = build_parser().parse_args([*base, "--pathway", "trunk", "--readout", "onehot", "--windows", "teacher",
+                                      "--boundary-beta", "0.5"])
+    assert args.boundary_beta == 0.5

@@ -79,7 +79,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _new_parser(subparsers, name, help, description):
-    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+    # allow_abbrev=False: a prefix is never taken for an option (distill --k 2 is not --keep-checkpoints 2)
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter,
+                                 allow_abbrev=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,8 +274,8 @@ def _add_distill_parser(subparsers):
         "OUT/stage_kK (metrics.jsonl, checkpoints, final/), and OUT/latest.json points to the newest finished "
         "student.")
     add_options(p.add_argument_group("the student"), DistillConfig, [
-        "paper", "pathway", "readout", "head_layers", "adapter_rank", "draft_vocab", "noise_code", "windows", "top_k",
-        "top_p", "cdf_order"])
+        "paper", "pathway", "readout", "head_layers", "adapter_rank", "draft_vocab", "noise_code", "windows",
+        "boundary_beta", "top_k", "top_p", "cdf_order"])
     add_options(p.add_argument_group("teacher, stages and data"), DistillConfig, [
         "teacher", "out_dir", "schedule", "objective", "steps", "plateau_patience", "plateau_delta", "min_steps",
         "tau", "corpus", "text_field", "corpus_max_bytes", "data_dir", "val_fraction", "seq_len"])
@@ -389,7 +391,7 @@ def _refuse_file(path):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="kforcing", description="K-Forcing: train an AR teacher, distil it into a student that samples k tokens "
+        prog="kforcing", allow_abbrev=False, description="K-Forcing: train an AR teacher, distil it into a student that samples k tokens "
                                      "per forward pass, evaluate it, or run it all with `kforcing demo`.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
