@@ -216,7 +216,8 @@ def test_no_option_is_taken_by_its_prefix_and_boundary_beta_is_on_the_command_li
         with pytest.raises(SystemExit) as error:
             main([*base, *args])
         assert error.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
-    for command in (["sample", "--ckpt", "c", "--max-new", "4"], ["eval", "--teacher", "t", "--student", "s", "--num-s", "4"]):
+    for command in (["sample", "--ckpt", "c", "--max-new", "4"],
+                    ["eval", "--teacher", "t", "--student", "s", "--num-s", "4"]):
         with pytest.raises(SystemExit):
             main(command)
         assert "unrecognized arguments" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import DecodeLinear
 
+from .draft_module import DraftModule
 from .model import Block, ModelConfig, decode_blocks, run_blocks
 
 FEATURE_LOSS_WEIGHT = 0.1  # the smooth-L1 pull of the head's features towards the teacher's (beside the KL)
@@ -52,7 +53,7 @@ def block_config(teacher_config, num_layers: int) -> ModelConfig:
                        max_seq_len=teacher_config.max_seq_len)
 
 
-class ChainHead(nn.Module):
+class ChainHead(DraftModule):
     """The trainable part of a chain-pathway `DraftStudent`: the fuse Linear and the head's blocks.
 
     model_config is the teacher's config: a kforcing `ModelConfig`, or a Hugging Face teacher's `HFModelConfig`
@@ -119,18 +120,6 @@ class ChainHead(nn.Module):
             return probabilities
         full = probabilities.new_zeros(*probabilities.shape[:-1], self.model_config.vocab_size)
         return full.index_copy_(-1, self.draft_ids, probabilities)
-
-    def export_config(self) -> dict:
-        """What a checkpoint's config.json records of the head (as `HintHead.export_config`; "teacher_kind": "hf"
-        and the teacher's shape for a Hugging Face teacher, as `HFTrunkAdapters.export_config`)."""
-        kind = {} if isinstance(self.model_config, ModelConfig) else {"teacher_kind": "hf"}
-        return {"model_type": "draft", **kind, "model": self.model_config.to_dict(), "head": self.config.to_dict(),
-                "teacher_fingerprint": self.teacher_fingerprint}
-
-    @classmethod
-    def blank(cls, teacher, config):
-        """An untrained head for `teacher` (its weights are about to be loaded from a checkpoint)."""
-        return cls(teacher.config, config)
 
     @classmethod
     def from_teacher(cls, teacher, config):

@@ -391,8 +391,9 @@ def _refuse_file(path):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="kforcing", allow_abbrev=False, description="K-Forcing: train an AR teacher, distil it into a student that samples k tokens "
-                                     "per forward pass, evaluate it, or run it all with `kforcing demo`.")
+        prog="kforcing", allow_abbrev=False,
+        description="K-Forcing: train an AR teacher, distil it into a student that samples k tokens per forward pass, "
+                    "evaluate it, or run it all with `kforcing demo`.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_train_parser(subparsers)

@@ -25,6 +25,7 @@ from torch import nn
 
 from kforcing_ops.nn import NoiseEmbedding
 
+from .draft_module import DraftModule
 from .hf_teacher import HFTeacher, linear_features
 from .trunk_adapters import GatedLoRALinear
 
@@ -44,7 +45,7 @@ def _norm_hook(norm, hint_index, module, inputs, output):
     return output.index_copy(-2, hint_index, norm(inputs[0].index_select(-2, hint_index)))
 
 
-class HFTrunkAdapters(nn.Module):
+class HFTrunkAdapters(DraftModule):
     """The trainable part of a trunk-pathway `DraftStudent` on an `HFTeacher`: per-layer LoRA adapters, the final
     norm of hint rows and the noise encoder (see the module docstring). `config.adapter_rank` None means
     DEFAULT_RANK, and `self.config` records the rank used."""
@@ -82,11 +83,6 @@ class HFTrunkAdapters(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = copy.deepcopy(teacher.final_norm()).requires_grad_(True)
         self.noise = NoiseEmbedding(width, num_freqs=config.noise_num_freqs, code=config.noise_code)
-
-    def export_config(self) -> dict:
-        """What a checkpoint's config.json records: the teacher's shape, the head settings and the fingerprint."""
-        return {"model_type": "draft", "teacher_kind": "hf", "model": self.model_config.to_dict(),
-                "head": self.config.to_dict(), "teacher_fingerprint": self.teacher_fingerprint}
 
     @classmethod
     def blank(cls, teacher: HFTeacher, config):

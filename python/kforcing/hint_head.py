@@ -51,6 +51,7 @@ import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
 from .chain_head import ChainHead
+from .draft_module import DraftModule
 from .hf_adapters import HFTrunkAdapters
 from .hf_teacher import HFTeacher
 from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
@@ -164,7 +165,7 @@ class HeadConfig:
         return k if self.readout == "onehot" else k - 1
 
 
-class HintHead(nn.Module):
+class HintHead(DraftModule):
     """The trainable part of a head-pathway `DraftStudent`: blocks, a final norm and the noise encoder."""
 
     def __init__(self, model_config: ModelConfig, config: HeadConfig):
@@ -180,17 +181,6 @@ class HintHead(nn.Module):
         self.blocks = nn.ModuleList(Block(model_config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(model_config.n_embd, bias=False)
         self.noise = NoiseEmbedding(model_config.n_embd, num_freqs=config.noise_num_freqs, code=config.noise_code)
-
-    def export_config(self) -> dict:
-        """What a checkpoint's config.json records of the head (`kforcing.checkpoint`): the teacher's model config,
-        the head's settings and the fingerprint of the teacher the head was trained on."""
-        return {"model_type": "draft", "model": self.model_config.to_dict(), "head": self.config.to_dict(),
-                "teacher_fingerprint": self.teacher_fingerprint}
-
-    @classmethod
-    def blank(cls, teacher, config):
-        """An untrained module for `teacher` (its weights are about to be loaded from a checkpoint)."""
-        return cls(teacher.config, config)
 
     @classmethod
     def from_teacher(cls, teacher: ARModel, config: HeadConfig):

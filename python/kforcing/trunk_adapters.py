@@ -41,6 +41,7 @@ from torch import nn
 
 from kforcing_ops.nn import DecodeLinear, NoiseEmbedding
 
+from .draft_module import DraftModule
 from .model import ModelConfig, apply_rotary, rotary_cos_sin
 
 
@@ -169,7 +170,7 @@ class BlockAdapter(nn.Module):
         return torch.cat([token, self.dropout(hint)], dim=-2)
 
 
-class TrunkAdapters(nn.Module):
+class TrunkAdapters(DraftModule):
     """The trainable part of a trunk-pathway `DraftStudent`: per-layer adapters, the final norm of hint rows and
     the noise encoder (see the module docstring).
 
@@ -197,16 +198,6 @@ class TrunkAdapters(nn.Module):
         self.layers = nn.ModuleList(BlockAdapter(model_config, rank) for _ in range(model_config.n_layer))
         self.norm = nn.LayerNorm(width, bias=False)
         self.noise = NoiseEmbedding(width, num_freqs=config.noise_num_freqs, code=config.noise_code)
-
-    def export_config(self) -> dict:
-        """What a checkpoint's config.json records (as `HintHead.export_config`)."""
-        return {"model_type": "draft", "model": self.model_config.to_dict(), "head": self.config.to_dict(),
-                "teacher_fingerprint": self.teacher_fingerprint}
-
-    @classmethod
-    def blank(cls, teacher, config):
-        """An untrained module for `teacher` (its weights are about to be loaded from a checkpoint)."""
-        return cls(teacher.config, config)
 
     @classmethod
     def from_teacher(cls, teacher, config):
