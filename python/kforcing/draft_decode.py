@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .generate import check_request, mask_after_eos
+from .decode_request import check_request, mask_after_eos
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
 from kforcing_ops import sampling_probabilities
 

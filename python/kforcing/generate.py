@@ -40,6 +40,8 @@ import torch
 
 import kforcing_ops
 
+from .decode_request import check_request, mask_after_eos
+from .draft_decode import generate_with_drafts
 from .hf_teacher import HFTeacher
 from .hint_head import DraftStudent
 from .model import KVCache, PushForwardLM
@@ -73,57 +75,6 @@ class GenerationOutput:
 # Shared plumbing
 
 
-def as_prompt_list(prompts) -> List[List[int]]:
-    """Prompts as lists of token ids, from a list of lists / 1-D tensors or a (B, P) tensor."""
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() == 1:
-            prompts = prompts[None]
-        if prompts.dim() != 2:
-            raise ValueError(f"`prompts` as a tensor must be (B, P), got shape {tuple(prompts.shape)}")
-        return prompts.tolist()
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("`prompts` must be a non-empty list of token-id lists (or 1-D tensors), or a (B, P) tensor")
-    result = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        if isinstance(prompt, int):
-            raise ValueError("`prompts` must be a list of prompts (lists of token ids), not one flat list; "
-                             "wrap a single prompt: [prompt]")
-        result.append([int(t) for t in prompt])
-    return result
-
-
-def check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
-    """Validate a generation request: (prompts as lists of ids, sequence ids (B,) int64 on the model's device)."""
-    prompt_list = as_prompt_list(prompts)
-    config = model.config
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    for i, prompt in enumerate(prompt_list):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. the EOS/BOS token)")
-        if len(prompt) > config.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the model's "
-                             f"max_seq_len={config.max_seq_len}")
-        if len(prompt) + max_new_tokens > config.max_seq_len:
-            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's max_seq_len={config.max_seq_len}")
-        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={config.vocab_size}): {bad[:5]}")
-    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if value is not None and not 0 <= value < config.vocab_size:
-            raise ValueError(f"{name}={value} is outside [0, vocab_size={config.vocab_size})")
-    batch = len(prompt_list)
-    if sequence_ids is None:
-        sequence_ids = torch.arange(batch, dtype=torch.int64)
-    sequence_ids = torch.as_tensor(sequence_ids, dtype=torch.int64).flatten()
-    if sequence_ids.shape[0] != batch:
-        raise ValueError(f"sequence_ids has {sequence_ids.shape[0]} entries for {batch} prompts")
-    return prompt_list, sequence_ids.to(model.device)
-
-
 def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
     """Validate, pad, and split the prompts into (prefix for the ragged prefill, uniform tail)."""
     prompt_list, sequence_ids = check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
@@ -150,15 +101,6 @@ def _prefill_prefix(model, cache, prefix, pad_id):
         model.decode(ids, cache, logits=None)
     cache.seqlens.copy_(torch.tensor([len(p) for p in prefix], dtype=torch.int32))
     return 1
-
-
-def mask_after_eos(tokens, eos_id, pad_id):
-    """(tokens with everything after the first EOS set to pad_id, lengths up to and including EOS)."""
-    if eos_id is None:
-        return tokens, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
-    is_eos = tokens == eos_id
-    after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return tokens.masked_fill(after, pad_id), (~after).sum(dim=1)
 
 
 # Options of torch.compile for `compile=True` (e.g. {"backend": "aot_eager"} to trace without code generation).
@@ -377,7 +319,6 @@ def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
         (when k does not divide max_new_tokens) are dropped. A DraftStudent returns a DraftOutput.
     """
     if isinstance(student, DraftStudent):
-        from .draft_decode import generate_with_drafts  # imports this module: bound at call time
         if freq_penalty or compile or cuda_graph:
             raise ValueError("freq_penalty, compile and cuda_graph are not available for a DraftStudent")
         return generate_with_drafts(student, prompts, max_new_tokens, k, seed, temperature, top_k, top_p,
