@@ -54,7 +54,7 @@ from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
-from .stage_task import StageTask, plateaued
+from .stage_task import DistillError, StageTask, plateaued
 from .teacher import is_teacher
 from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_option,
                       warn_changed_settings)
@@ -73,10 +73,6 @@ DEFAULT_PATHWAY = "chain"
 # ablation in bench/results/ablation_draft_cpu compares it with temperature 1 over the whole vocabulary.
 DRAFT_SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 _VAL_OFFSET = 1 << 40  # sample keys of validation batches start here (training keys stay far below)
-
-
-class DistillError(ValueError):
-    """The settings of a distillation (or the checkpoints it is given) cannot work together."""
 
 
 def parse_tau(text: str) -> Tuple[float, float]:

@@ -29,7 +29,7 @@ from .head_targets import chain_step, head_step
 from .hint_head import DraftStudent
 from .runtime import write_json_atomic
 from .targets import batch_noise, boundary_draws
-from .stage_task import StageTask
+from .stage_task import DistillError, StageTask
 from .trainer import DistInfo, Trainer
 
 VERIFY_NEW_TOKENS = 32  # tokens each held-out prompt decodes when a stage measures verified tokens per pass
@@ -127,8 +127,6 @@ def run_draft_stage(config, student: DraftStudent, index: int, k: int, steps: in
 
     The head's EMA weights (the stage's export) are left in `student.head` for the next stage.
     """
-    from .distill import DistillError
-
     task = DraftTask(config, student, index, k, dataset, seq_len, info, device, teacher_checkpoint)
     stop_at = steps if config.stop_after is None else min(steps, config.stop_after - steps_before)
     peak = config.effective_lr(student.config)
@@ -159,8 +157,6 @@ def run_draft_stage(config, student: DraftStudent, index: int, k: int, steps: in
 
 def check_draft_run(config, info: DistInfo):
     """Raise DistillError for settings a draft student's distillation does not support."""
-    from .distill import DistillError
-
     if info.enabled or (dist.is_available() and dist.is_initialized()):
         raise DistillError(f"--pathway {config.pathway} trains on one process (its head is small); run it without "
                            "torchrun")

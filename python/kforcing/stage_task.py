@@ -3,7 +3,7 @@
 A stage validates at the start, every eval_interval steps and at the end; it may end early on a plateau of one
 validation metric; at its start and end (and on a plateau) it adds a costlier measurement against the teacher; it
 remembers its first record ("initial") and the latest value of every metric ("records") for its summary, and keeps
-the plateau history in its checkpoints.
+the plateau history in its checkpoints. `DistillError` is every distillation's settings error.
 """
 
 import abc
@@ -19,6 +19,10 @@ def plateaued(history: List[float], config, step: int) -> bool:
     if patience is None or step < config.min_steps or len(history) <= patience:
         return False
     return max(history[-patience:]) < max(history[:-patience]) + config.plateau_delta
+
+
+class DistillError(ValueError):
+    """The settings of a distillation (or the checkpoints it is given) cannot work together."""
 
 
 class StageTask(TrainingTask):
@@ -69,4 +73,4 @@ class StageTask(TrainingTask):
         self.history, self.initial = list(state["history"]), state.get("initial")
 
 
-__all__ = ["StageTask", "plateaued"]
+__all__ = ["DistillError", "StageTask", "plateaued"]
