@@ -170,9 +170,9 @@ def table(rows):
 def plot(rows, path):
     """<path>: per row, verified tokens per pass (none for the paper row: it cannot verify) and the unverified
     samples' perplexity ratio, beside the default's."""
-    from kforcing.report import _pyplot, _save
+    from kforcing.report_tables import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["row"] for r in rows][::-1]
     by_name = {r["row"]: r for r in rows}
     tpp = [by_name[n].get("tokens_per_pass", 0.0) for n in names]
@@ -192,7 +192,7 @@ def plot(rows, path):
     if "default" in by_name:
         left.axvline(tpp[names.index("default")], color="tab:orange", ls="--", lw=0.8)
         right.axvline(ppl[names.index("default")], color="tab:orange", ls="--", lw=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def row_record(args, row, meta):

@@ -12,6 +12,8 @@ the numbers mean is written by hand, outside generated files.
 from pathlib import Path
 from typing import Dict, List
 
+from .report_draft import draft_summary_lines, draft_tables, plot_draft
+from .report_tables import fmt, pyplot, quality_table, save_figure, speed_table
 from .runtime import write_text_atomic
 
 SECTIONS = ["## Summary", "## Setup", "## 1. Corpus and tokenizer", "## 2. Teacher", "## 3. Distillation",
@@ -22,16 +24,6 @@ _TARGET_NAMES = {"agree_offset_1": "agreement at offset 1", "agree_offset_4": "a
                  "ppl_ratio": "PPL(student) / PPL(AR samples), under the teacher",
                  "entropy_rel": "relative entropy gap, abs(H(student) - H(AR)) / H(AR)",
                  "sample_quality": "sample quality (both of the above)"}
-
-
-def _fmt(value, digits=3):
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,48 +37,8 @@ def agreement_table(results: Dict) -> str:
              "equal.\n", "| k | " + " | ".join(f"offset {j}" for j in range(1, max_k + 1)) + " | exact match |",
              "|" + "---|" * (max_k + 2)]
     for a in results["agreement"]:
-        cells = [_fmt(v) for v in a["per_offset"]] + [""] * (max_k - a["k"])
-        lines.append(f"| {a['k']} | " + " | ".join(cells) + f" | {_fmt(a['exact_match'])} |")
-    return "\n".join(lines)
-
-
-def quality_table(results: Dict) -> str:
-    settings = results["settings"]
-    has_ref = any("ppl_reference" in q for q in results["quality"])
-    prompt = "unconditional (EOS prompt)" if not settings["prompt_len"] else f"{settings['prompt_len']}-token prompts"
-    cols = ["model", "k", "freq. penalty", "PPL (teacher)"] + (["PPL (reference)"] if has_ref else []) + [
-        "unigram entropy", "distinct-2", "distinct-3", "longest repeat (mean / max)", "match AR"]
-    lines = [f"{settings['num_samples']} samples of {settings['sample_len']} tokens, {prompt}, temperature "
-             f"{settings['temperature']:g}, the same seeds for every row. Entropy in nats; "
-             "'match AR': share of tokens equal to the AR sample of the same seed.\n", _row(cols),
-             "|" + "---|" * len(cols)]
-    for q in results["quality"]:
-        cells = [q["model"], str(q["k"]) if q["k"] else "-", _fmt(q["freq_penalty"], 2) if q["k"] else "-",
-                 _fmt(q["ppl_teacher"], 2)] + ([_fmt(q.get("ppl_reference", float("nan")), 2)] if has_ref else []) + [
-            _fmt(q["unigram_entropy"]), _fmt(q["distinct_2"]), _fmt(q["distinct_3"]),
-            f"{q['longest_repeat_mean']:.1f} / {q['longest_repeat_max']}",
-            _fmt(q["token_match_with_ar"]) if "token_match_with_ar" in q else "-"]
-        lines.append(_row(cells))
-    lines += [f"\nNote: {note}." for note in results.get("notes", [])]
-    return "\n".join(lines)
-
-
-def speed_table(results: Dict) -> str:
-    """'' when the evaluation ran no decode benchmark."""
-    if not results.get("speed"):
-        return ""
-    machine, settings = results["machine"], results["settings"]
-    lines = [f"{results['speed_tokens']} new tokens after 16-token prompts, {machine['device']} "
-             f"({machine['cpu_threads']} threads), medians of {settings['speed_repeats']} interleaved "
-             "rounds; speedup = median per-round AR time / this time; a pass's cost in AR steps = its ms / an AR "
-             "pass's ms at the same batch size.\n",
-             "| batch | decoder | passes | tokens/s | ms/pass | AR steps/pass | speedup vs AR |",
-             "|---|---|---|---|---|---|---|"]
-    ar_ms = {s["batch"]: s["ms_per_pass"] for s in results["speed"] if s["decoder"] == "AR"}
-    for s in results["speed"]:
-        cost = f"{s['ms_per_pass'] / ar_ms[s['batch']]:.2f}" if s["batch"] in ar_ms else "-"
-        lines.append(f"| {s['batch']} | {s['decoder']} | {s['passes']} | {s['tokens_per_s']:.0f} | "
-                     f"{s['ms_per_pass']:.2f} | {cost} | {s['speedup']:.2f}x |")
+        cells = [fmt(v) for v in a["per_offset"]] + [""] * (max_k - a["k"])
+        lines.append(f"| {a['k']} | " + " | ".join(cells) + f" | {fmt(a['exact_match'])} |")
     return "\n".join(lines)
 
 
@@ -104,7 +56,6 @@ def targets_table(results: Dict) -> str:
 def eval_tables(results: Dict) -> str:
     """The Markdown tables of an evaluation (agreement, sample quality, decode speed, targets)."""
     if results.get("kind") == "draft":
-        from .report_draft import draft_tables
 
         return draft_tables(results)
     parts = ["### Coupled agreement with the AR teacher (same contexts, same u)\n\n" + agreement_table(results),
@@ -136,30 +87,13 @@ def write_eval_report(results: Dict, out_dir, plots: bool = True) -> Dict[str, s
 # Plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
     """quality_vs_k.png, agreement.png and (with a decode benchmark) throughput.png in `out` (a draft student's:
     `kforcing.report_draft.plot_draft`)."""
     if results.get("kind") == "draft":
-        from .report_draft import plot_draft
 
         return plot_draft(results, out)
-    plt = _pyplot()
+    plt = pyplot()
     ks = results["ks"]
     teacher = next(q for q in results["quality"] if q["k"] == 0)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -173,7 +107,7 @@ def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
         ax.set(xlabel="k (tokens per pass)", xticks=ks, title=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    paths = {"quality_vs_k": _save(fig, out / "quality_vs_k.png")}
+    paths = {"quality_vs_k": save_figure(fig, out / "quality_vs_k.png")}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for a in results["agreement"]:
         ax.plot(range(1, a["k"] + 1), a["per_offset"], "o-", label=f"k={a['k']} (exact {a['exact_match']:.2f})")
@@ -181,7 +115,7 @@ def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
            xticks=range(1, max(ks) + 1), title="coupled agreement (same u)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths["agreement"] = _save(fig, out / "agreement.png")
+    paths["agreement"] = save_figure(fig, out / "agreement.png")
     if results.get("speed"):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
@@ -193,13 +127,13 @@ def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
         ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        paths["throughput"] = _save(fig, out / "throughput.png")
+        paths["throughput"] = save_figure(fig, out / "throughput.png")
     return paths
 
 
 def plot_training(teacher_records: List[Dict], stage_records: Dict[int, List[Dict]], out: Path) -> Dict[str, Path]:
     """teacher_loss.png (train and validation loss) and distill_curves.png (every stage back to back) in `out`."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     train = [r for r in teacher_records if "train_loss" in r]
     val = [r for r in teacher_records if "val_loss" in r]
@@ -208,7 +142,7 @@ def plot_training(teacher_records: List[Dict], stage_records: Dict[int, List[Dic
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="AR teacher")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths = {"teacher_loss": _save(fig, out / "teacher_loss.png")}
+    paths = {"teacher_loss": save_figure(fig, out / "teacher_loss.png")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     offset = 0
     for k, records in stage_records.items():
@@ -230,7 +164,7 @@ def plot_training(teacher_records: List[Dict], stage_records: Dict[int, List[Dic
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    paths["distill_curves"] = _save(fig, out / "distill_curves.png")
+    paths["distill_curves"] = save_figure(fig, out / "distill_curves.png")
     return paths
 
 
@@ -276,7 +210,6 @@ def summary_table(data: Dict) -> str:
     missed = [name for name, t in targets.items() if not t["reached"]]
     lines += ["", f"quality targets at k={max(ks)}: reached {reached or 'none'}; not reached {missed or 'none'}"]
     if data.get("draft"):
-        from .report_draft import draft_summary_lines
 
         lines += [""] + draft_summary_lines(data["draft"])
     return "\n".join(lines)
@@ -350,7 +283,6 @@ def _files_section(data: Dict, out: Path) -> str:
 
 
 def _draft_section(data: Dict, plots: Dict[str, Path], out: Path) -> str:
-    from .report_draft import draft_tables
 
     draft = data["draft"]
     stage = draft["stages"][-1]
@@ -391,4 +323,4 @@ def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
 
 
 __all__ = ["SECTIONS", "agreement_table", "demo_markdown", "eval_tables", "plot_eval", "plot_training",
-           "quality_table", "speed_table", "summary_table", "targets_table", "write_eval_report"]
+           "summary_table", "targets_table", "write_eval_report"]

@@ -4,7 +4,7 @@ PNG out, as `kforcing.report` does for push-forward students."""
 from pathlib import Path
 from typing import Dict, List
 
-from .report import _fmt, _pyplot, _row, _save, quality_table, speed_table
+from .report_tables import fmt, pyplot, quality_table, row, save_figure, speed_table
 
 _TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verified output equals AR sampling",
                  "accept_2_floor": "acceptance at offset 2 vs the u-blind floor",
@@ -26,18 +26,18 @@ def verified_table(results: Dict) -> str:
              "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
              f"u-blind floor ({diag.get('floor_windows', '?')} held-out windows) drafts from the teacher's own "
              "distribution with independent uniforms; u-shuffle feeds the hint rows another seed's uniforms.\n",
-             _row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
+             row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
              "|" + "---|" * (3 + max_k)]
     for v in results["verified"]:
-        cells = [_fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
-        lines.append(_row(["verified", str(v["k"]), _fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
+        cells = [fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
+        lines.append(row(["verified", str(v["k"]), fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
                            "NO"] + cells))
     if diag["shuffle"] is not None:  # a chain student has no hint rows to feed other uniforms
-        lines.append(_row(["u-shuffle", str(diag["k"]), _fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
-                          + [_fmt(a) for a in diag["shuffle"]]))
+        lines.append(row(["u-shuffle", str(diag["k"]), fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
+                          + [fmt(a) for a in diag["shuffle"]]))
     floor_tpp = 1 + sum(diag["floor"])
-    lines.append(_row(["u-blind floor", str(diag["k"]), f"{floor_tpp:.2f} (predicted)", "-"]
-                      + [_fmt(a) for a in diag["floor"]]))
+    lines.append(row(["u-blind floor", str(diag["k"]), f"{floor_tpp:.2f} (predicted)", "-"]
+                      + [fmt(a) for a in diag["floor"]]))
     return "\n".join(lines)
 
 
@@ -63,7 +63,7 @@ def draft_tables(results: Dict) -> str:
 def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
     """acceptance.png (per offset: verified, u-shuffle, u-blind floor) and, with a benchmark, throughput.png, in
     `out` (file names start with `prefix`)."""
-    plt = _pyplot()
+    plt = pyplot()
     diag = results["diagnostics"]
     verified = next(v for v in results["verified"] if v["k"] == diag["k"])
     offsets = list(range(2, diag["k"] + 1))
@@ -76,7 +76,7 @@ def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
            title=f"verified decoding, k={diag['k']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths = {"acceptance": _save(fig, out / f"{prefix}acceptance.png")}
+    paths = {"acceptance": save_figure(fig, out / f"{prefix}acceptance.png")}
     if results.get("speed"):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
@@ -86,7 +86,7 @@ def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
         ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        paths["throughput"] = _save(fig, out / f"{prefix}throughput.png")
+        paths["throughput"] = save_figure(fig, out / f"{prefix}throughput.png")
     return paths
 
 
