@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing import checkpoint as ckpt  # noqa: E402
+from kforcing.loading import load_model  # noqa: E402
 from kforcing import evaluate_draft as draft_eval  # noqa: E402
 from kforcing.data import heldout_contexts  # noqa: E402
 from kforcing.distill import DistillConfig, distill  # noqa: E402
@@ -225,7 +226,7 @@ def main(argv=None):
     device = torch.device("cpu")
     meta = common.metadata(device)  # the revision that runs: a run lasts hours, and the checkout may move on
     scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kforcing-ablation-"))
-    teacher, tokenizer, _ = ckpt.load_model(args.teacher)
+    teacher, tokenizer, _ = load_model(args.teacher)
     models = Models(teacher, None, tokenizer, ckpt.read_provenance(args.teacher), None)
     dataset = heldout_data(EvalConfig(teacher=args.teacher, student=args.teacher), models)
     prompts = heldout_contexts(dataset, args.prompts, args.prompt_len, args.prompt_len, seed=args.seed + 1)
@@ -252,7 +253,7 @@ def main(argv=None):
         start = time.perf_counter()
         distill(distill_config(args, row, out, steps))
         train_seconds = time.perf_counter() - start
-        student, _, _ = ckpt.load_model(out)
+        student, _, _ = load_model(out)
         result = {"row": row, "steps": steps, "seconds_per_step": per_step, "train_seconds": train_seconds,
                   **evaluate_row(args, row, student, models, prompts, reference, floor_contexts)}
         rows.append(result)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing.checkpoint import RunLayout, load_model  # noqa: E402
+from kforcing.checkpoint import RunLayout  # noqa: E402
+from kforcing.loading import load_model  # noqa: E402
 from kforcing.data import find_token_cache  # noqa: E402
 from kforcing.generate import generate_ar  # noqa: E402
 from kforcing.metrics import time_interleaved  # noqa: E402

@@ -19,13 +19,14 @@ from . import reference
 from .attention import window_attention, window_attention_decode
 from .embedding import noise_conditioned_embedding, noise_embedding
 from .linear import decode_linear
-from .sampling import inverse_cdf_sample, raise_on_invalid_samples, sampling_probabilities
+from .sampling import cdf_interval, inverse_cdf_sample, raise_on_invalid_samples, sampling_probabilities
 
 __version__ = _ext.BUILD_INFO["version"]
 
 __all__ = [
     "CDF_ORDERS",
     "NOISE_CODES",
+    "cdf_interval",
     "decode_linear",
     "inverse_cdf_sample",
     "noise_conditioned_embedding",

@@ -66,6 +66,13 @@ def sampling_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
     return reference.sampling_probabilities(logits, temperature, top_k, top_p)
 
 
+def cdf_interval(logits, tokens, temperature=1.0, top_k=0, top_p=1.0, order="vocab"):
+    """The float64 interval (lower, upper] of u that `inverse_cdf_sample(logits, u, temperature, top_k, top_p,
+    order)` maps to each row's token, for tokens (R,) int64 inside their rows' sampling support (pure PyTorch).
+    For rules that move a uniform inside its token's interval, such as boundary weighting in training."""
+    return reference.cdf_interval(logits, tokens, temperature, top_k, top_p, order)
+
+
 def raise_on_invalid_samples(tokens):
     """Raise ValueError if any row was invalid (token -1, the CUDA kernel's error value). Syncs with the host."""
     bad = (tokens < 0).nonzero().flatten()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kforcing.checkpoint as ckpt
+from kforcing.loading import load_model
 import kforcing.trainer
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.train import TrainConfig, train_teacher
@@ -64,7 +65,7 @@ def test_broken_files_are_checkpoint_errors_naming_the_file(run, tmp_path, damag
     damage(directory / name)
     with pytest.raises(ckpt.CheckpointError, match=message) as error:
         if name == "model.safetensors":
-            ckpt.load_model(directory)
+            load_model(directory)
         else:
             ckpt.load_torch_file(directory, name)
     assert str(directory / name) in str(error.value)

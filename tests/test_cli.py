@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.checkpoint import load_model, save_checkpoint
+from kforcing.checkpoint import save_checkpoint
+from kforcing.loading import load_model
 from kforcing.cli import main
 from kforcing.model import PushForwardLM
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kforcing.checkpoint as ckpt
+from kforcing.loading import load_model
 import kforcing_ops
 from kforcing.cli import main
 from kforcing.data import heldout_contexts
@@ -268,12 +269,12 @@ def test_stage1_raises_agreement_and_stage2_keeps_improving(teacher_run, tmp_pat
     assert two["val_acc_2"] > two["initial"]["val_acc_2"] + 0.1
     assert two["ar_agree_2"] > two["initial"]["ar_agree_2"]
     # The exported students: k=2 is the run's latest; agreement recomputed from the checkpoint matches the log.
-    student, _, config_json = ckpt.load_model(out)
+    student, _, config_json = load_model(out)
     assert isinstance(student, PushForwardLM) and student.max_k == 2
     assert ckpt.resolve_checkpoint(out) == out / "stage_k2" / "final"
     assert config_json["provenance"]["k"] == 2
-    teacher, _, _ = ckpt.load_model(teacher_run)
-    stage1, _, _ = ckpt.load_model(out / "stage_k1" / "final")
+    teacher, _, _ = load_model(teacher_run)
+    stage1, _, _ = load_model(out / "stage_k1" / "final")
     from kforcing.data import TokenDataset
     contexts = heldout_contexts(TokenDataset(teacher_run / "data"), 128, max_len=32, seed=0)
     again = coupled_agreement(teacher, stage1, contexts, 1, seed=0)
@@ -370,7 +371,7 @@ def test_distill_cli_and_its_errors(teacher_run, tmp_path, capsys):
         main(["distill", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert error.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
     # A teacher without a tokenizer cannot tokenise contexts.
-    teacher, _, _ = ckpt.load_model(teacher_run)
+    teacher, _, _ = load_model(teacher_run)
     ckpt.save_checkpoint(tmp_path / "bare", teacher)
     with pytest.raises(SystemExit):
         main(["distill", "--teacher", str(tmp_path / "bare"), "--out", str(tmp_path / "y"), "--device", "cpu"])

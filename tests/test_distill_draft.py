@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import kforcing.checkpoint as ckpt
+from kforcing.loading import load_model
 from kforcing.checkpoint import CheckpointError
 from kforcing.cli import main
 from kforcing.distill import DistillConfig, DistillError, distill
@@ -40,7 +40,7 @@ def settings(teacher_run, out, **overrides):
 
 
 def head_weights(path):
-    student, _, _ = ckpt.load_model(path)
+    student, _, _ = load_model(path)
     return {name: value.clone() for name, value in student.head.state_dict().items()}
 
 
@@ -53,7 +53,7 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
     assert stage["k"] == 4 and stage["step"] == 6 and stage["pathway"] == pathway
     for key in ("val_tokens_per_pass", "verified_tokens_per_pass", "val_accept_2", "verified_accept_4"):
         assert key in stage and key in stage["initial"]
-    student, tokenizer, config = ckpt.load_model(tmp_path / "run")
+    student, tokenizer, config = load_model(tmp_path / "run")
     assert isinstance(student, DraftStudent) and student.head_config.pathway == pathway
     assert config["model_type"] == "draft" and config["teacher_fingerprint"] == student.fingerprint
     files = {path.name for path in (tmp_path / "run" / "stage_k4" / "final").iterdir()}
@@ -73,7 +73,7 @@ def test_a_trunk_run_resumes_with_its_own_adapter_rank_when_none_is_given(teache
     resumed = settings(teacher_run, tmp_path / "run", resume=True, **trunk)  # no rank: the default would be 0
     distill(resumed)
     assert resumed.adapter_rank is None  # the caller's config is not changed behind its back
-    student, _, _ = ckpt.load_model(tmp_path / "run")
+    student, _, _ = load_model(tmp_path / "run")
     assert student.head_config.adapter_rank == 2
     assert (tmp_path / "run" / "stage_k4" / "done.json").exists()
 
@@ -103,24 +103,24 @@ def test_progressive_growth_continues_the_same_head(teacher_run, tmp_path):
 
 def test_a_head_refuses_another_teacher_and_a_merged_export_stands_alone(teacher_run, tmp_path):
     distill(settings(teacher_run, tmp_path / "run"))
-    student, tokenizer, _ = ckpt.load_model(tmp_path / "run")
+    student, tokenizer, _ = load_model(tmp_path / "run")
     other = ARModel(student.config)
     with pytest.raises(CheckpointError, match="fingerprint"):
-        ckpt.load_model(tmp_path / "run", teacher=other)
+        load_model(tmp_path / "run", teacher=other)
     with torch.no_grad():  # one weight changed by a rounding step is another teacher too
         student.teacher.lm_head.weight[0, 0] += 1e-3
     with pytest.raises(CheckpointError, match="only fits the exact teacher"):
-        ckpt.load_model(tmp_path / "run", teacher=student.teacher)
-    student, _, _ = ckpt.load_model(tmp_path / "run")
+        load_model(tmp_path / "run", teacher=student.teacher)
+    student, _, _ = load_model(tmp_path / "run")
     save_draft_student(tmp_path / "merged", student, tokenizer, merged=True)
     moved = tmp_path / "moved_teacher"
     shutil.move(str(teacher_run), str(moved))
     try:
         with pytest.raises(CheckpointError, match="no longer exists"):
-            ckpt.load_model(tmp_path / "run")
-        alone, _, _ = ckpt.load_model(tmp_path / "merged")
+            load_model(tmp_path / "run")
+        alone, _, _ = load_model(tmp_path / "merged")
         assert alone.fingerprint == student.fingerprint
-        found, _, _ = ckpt.load_model(tmp_path / "run", teacher=moved)
+        found, _, _ = load_model(tmp_path / "run", teacher=moved)
         assert found.fingerprint == student.fingerprint
     finally:
         shutil.move(str(moved), str(teacher_run))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kforcing.checkpoint as ckpt
+from kforcing.loading import load_model
 from kforcing.cli import main
 from kforcing.data import TokenDataset, iter_documents, prepare_dataset, train_tokenizer
 from kforcing.data import heldout_contexts
@@ -95,7 +96,7 @@ def test_run_eval_results_and_their_report(checkpoints):
 
 def test_run_eval_with_a_reference_model_and_prompts(checkpoints):
     reference = ARModel(CONFIG)
-    _, tokenizer, _ = ckpt.load_model(checkpoints / "student")
+    _, tokenizer, _ = load_model(checkpoints / "student")
     ckpt.save_checkpoint(checkpoints / "reference", reference, tokenizer)
     results = run_eval(small_eval(checkpoints, out_dir=None, ks=[2], reference=str(checkpoints / "reference"),
                                   prompt_len=5, freq_penalty=0.0, batch_sizes=[]))

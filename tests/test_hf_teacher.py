@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import kforcing_ops  # noqa: E402
 import kforcing.checkpoint as ckpt  # noqa: E402
+from kforcing.loading import load_model  # noqa: E402
 from kforcing.checkpoint import CheckpointError  # noqa: E402
 from kforcing.draft_checkpoint import save_draft_student  # noqa: E402
 from kforcing.draft_decode import generate_with_drafts  # noqa: E402
@@ -182,7 +183,7 @@ def test_a_checkpoint_stores_the_adapters_and_the_fingerprint_never_the_teacher(
     assert config["teacher_kind"] == "hf" and config["teacher_fingerprint"] == student.fingerprint
     saved = ckpt.load_tensors(tmp_path / "student", "model.safetensors")
     assert set(saved) == set(student.head.state_dict()) and not any(key.startswith("model.") for key in saved)
-    loaded_student, _, _ = ckpt.load_model(tmp_path / "student")  # the teacher found through the provenance
+    loaded_student, _, _ = load_model(tmp_path / "student")  # the teacher found through the provenance
     assert loaded_student.fingerprint == student.fingerprint
     for name, value in student.head.state_dict().items():
         assert torch.equal(loaded_student.head.state_dict()[name], value)
@@ -191,7 +192,7 @@ def test_a_checkpoint_stores_the_adapters_and_the_fingerprint_never_the_teacher(
                        generate_with_drafts(student, prompts, 8, seed=2).tokens)
     save_tiny("llama", tmp_path / "other", seed=7)
     with pytest.raises(CheckpointError, match="fingerprint"):
-        ckpt.load_model(tmp_path / "student", teacher=f"hf:{tmp_path / 'other'}")
+        load_model(tmp_path / "student", teacher=f"hf:{tmp_path / 'other'}")
     with pytest.raises(ValueError, match="merged export embeds kforcing teachers only"):
         save_draft_student(tmp_path / "merged", student, merged=True)
 
@@ -231,7 +232,7 @@ def test_a_chain_student_of_an_hf_teacher_trains_verifies_and_round_trips(family
     save_draft_student(tmp_path / "student", student,
                        provenance=ckpt.Provenance("distill", 0, teacher=f"hf:{tmp_path / 'teacher'}", k=4))
     assert ckpt.read_config(tmp_path / "student")["teacher_kind"] == "hf"
-    again, _, _ = ckpt.load_model(tmp_path / "student")
+    again, _, _ = load_model(tmp_path / "student")
     for name, value in student.head.state_dict().items():
         assert torch.equal(again.head.state_dict()[name], value)
     assert torch.equal(generate_with_drafts(again, prompts, 14, k=4, seed=5, **SAMPLING).tokens, ar.tokens)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import kforcing.checkpoint as ckpt
+from kforcing.loading import load_model
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.model import ARModel, ModelConfig
 from kforcing.train import TrainConfig, lr_at, train_teacher
@@ -75,7 +76,7 @@ def test_tiny_teacher_learns_on_the_default_corpus(tmp_path):
     assert directory.name == "step_0000120"
     assert {p.name for p in directory.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
                                                     "optimizer.pt", "trainer_state.pt"}
-    model, tokenizer, config_json = ckpt.load_model(out)
+    model, tokenizer, config_json = load_model(out)
     assert isinstance(model, ARModel) and not model.training
     assert config_json["provenance"]["settings"]["steps"] == 120 and tokenizer.vocab_size == 1024
     # The model learned the corpus: Python source is far more likely than shuffled tokens.
@@ -153,7 +154,7 @@ def test_checkpoint_save_is_atomic(tmp_path, shared, monkeypatch):
     train_teacher(short_config(out, shared, steps=2))
     good = ckpt.resolve_checkpoint(out)
     before = weights(out)
-    model, tokenizer, _ = ckpt.load_model(out)
+    model, tokenizer, _ = load_model(out)
 
     def crash(state, path, metadata=None):
         Path(path).write_bytes(b"partial")
@@ -172,10 +173,10 @@ def test_checkpoint_save_is_atomic(tmp_path, shared, monkeypatch):
 
 def test_load_errors(tmp_path, shared):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
-        ckpt.load_model(tmp_path / "nothing")
+        load_model(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ckpt.CheckpointError, match="expected a checkpoint directory"):
-        ckpt.load_model(tmp_path / "empty")
+        load_model(tmp_path / "empty")
     out = tmp_path / "run"
     train_teacher(short_config(out, shared, steps=1))
     other = ARModel(ModelConfig.from_preset("tiny", vocab_size=512, n_layer=3))
@@ -185,7 +186,7 @@ def test_load_errors(tmp_path, shared):
     config["format"] = "something-else"
     (ckpt.resolve_checkpoint(out) / "config.json").write_text(json.dumps(config))
     with pytest.raises(ckpt.CheckpointError, match="not a kforcing checkpoint"):
-        ckpt.load_model(out)
+        load_model(out)
 
 
 def test_ddp_two_cpu_processes_match_one_process_with_accumulation(tmp_path, shared):

@@ -19,6 +19,8 @@ and what they share:
     kforcing.generate    generate_ar, generate_kforcing: static-cache decoding with coupled noise
     kforcing.noise       counter_uniform: uniforms as a pure function of (seed, sequence, position)
     kforcing.checkpoint  checkpoints (checksummed, atomic), run-directory layout, typed provenance
+    kforcing.loading     load_model: any model by its path (a checkpoint or run, a draft student with its teacher,
+                         or a Hugging Face model "hf:PATH")
     kforcing.trainer     the one training loop (accumulation, DDP, autocast, clipping, EMA, logging, exact resume)
     kforcing.metrics     pure metrics: agreement, perplexity, text statistics, decode speed
     kforcing.options     config fields that define their command-line flags (one default, one help text)

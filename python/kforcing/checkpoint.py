@@ -411,29 +411,11 @@ def _device_of(model) -> torch.device:
     return next(iter(model.state_dict().values())).device
 
 
-def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True,
-               teacher=None):
-    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run directory, or a Hugging Face
-    model "hf:PATH" (an `HFTeacher`, with the tokenizer.json of its folder; its config dict is empty).
-
-    A draft-student checkpoint (a hint head) loads as a `DraftStudent` with its teacher: `teacher` (a teacher model,
-    a checkpoint path or "hf:PATH") when given, else the teacher embedded in a merged export, else the one its
-    provenance names (see `kforcing.draft_checkpoint`).
-    """
-    from .hf_teacher import is_hf_spec, load_hf_teacher
-
-    if is_hf_spec(path):
-        model, tokenizer = load_hf_teacher(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
-        return model, tokenizer, {}
-    directory = resolve_checkpoint(path)
-    config = read_config(directory)
-    if config.get("model_type") == "draft":
-        from .draft_checkpoint import load_draft_student
-
-        student = load_draft_student(directory, config, teacher, device)
-        if dtype is not None:
-            student.to(dtype)
-        return student.eval(), _tokenizer(directory, with_tokenizer), config
+def load_kforcing_model(directory, config: dict, device="cpu", dtype: Optional[torch.dtype] = None,
+                        with_tokenizer: bool = True):
+    """(model in eval mode, tokenizer or None, config) of a kforcing teacher or push-forward student checkpoint
+    (`directory` resolved, `config` its config.json). Draft students and Hugging Face models load through
+    `kforcing.loading.load_model`."""
     try:
         model = build_model(config)
     except (ValueError, TypeError) as error:
@@ -442,16 +424,18 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tok
     load_weights(model, directory)
     if dtype is not None:
         model.to(dtype)
-    return model.eval(), _tokenizer(directory, with_tokenizer), config
+    return model.eval(), checkpoint_tokenizer(directory, with_tokenizer), config
 
 
-def _tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
+def checkpoint_tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
+    """The tokenizer.json saved with a checkpoint, when `wanted` and there is one."""
     if wanted and (directory / "tokenizer.json").is_file():
         return load_tokenizer(directory / "tokenizer.json")
     return None
 
 
-__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "describe_config_difference", "describe_source",
-           "sha256_file", "find_resume_checkpoint", "is_complete", "load_file_checked", "load_model", "load_tensors",
-           "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
-           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "unwrap", "write_latest"]
+__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer", "describe_config_difference",
+           "describe_source", "find_resume_checkpoint", "is_complete", "load_file_checked", "load_kforcing_model",
+           "load_tensors", "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
+           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "sha256_file", "unwrap",
+           "write_latest"]

@@ -201,7 +201,7 @@ def _fill_sampling(args, draft_config):
 def _sample(args):
     import torch
 
-    from .checkpoint import load_model
+    from .loading import load_model
     from .draft_decode import generate_with_drafts
     from .generate import generate_ar, generate_kforcing
     from .model import cast_linear_weights

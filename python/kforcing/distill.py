@@ -54,6 +54,7 @@ from .model import ARModel, PushForwardLM
 from .runtime import resolve_device, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
+from .loading import load_model
 from .stage_task import DistillError, StageTask, plateaued
 from .teacher import is_teacher
 from .trainer import (DistInfo, Trainer, check_loop_options, distributed, loop_option,
@@ -628,7 +629,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
         # the caller's config stays as given).
         saved_rank = json.loads(layout.distill_settings.read_text()).get("adapter_rank")
         config = dataclasses.replace(config, adapter_rank=saved_rank)
-    teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
+    teacher, tokenizer, teacher_config = load_model(config.teacher, device=device)
     # A Hugging Face teacher is named by its resolved "hf:PATH"; a kforcing one by its checkpoint directory.
     if isinstance(teacher, HFTeacher):
         teacher_id = teacher.source
@@ -684,7 +685,7 @@ def _run_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_len, lay
 
     def finished(stage_layout):  # the next stage's teacher: this stage's student
         nonlocal stage_teacher, stage_teacher_dir
-        stage_teacher, _, _ = ckpt.load_model(stage_layout.final, device=device, with_tokenizer=False)
+        stage_teacher, _, _ = load_model(stage_layout.final, device=device, with_tokenizer=False)
         stage_teacher_dir = str(stage_layout.final.resolve())
 
     return _schedule_loop(config, layout, info, seq_len, train, finished)

@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, Provenance
-from .hf_teacher import HFTeacher, is_hf_spec
+from .hf_teacher import HFTeacher, is_hf_spec, load_hf_teacher
 from .hint_head import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
 from .model import ARModel, ModelConfig
 from .teacher import is_teacher
@@ -63,7 +63,14 @@ def _find_teacher(directory: Path, config: dict, teacher, device):
         if not Path(local).expanduser().exists():
             raise CheckpointError(f"{directory} was trained on the teacher {path}, which no longer exists; pass it "
                                   "(--teacher) from where it is now")
-    model, _, _ = ckpt.load_model(path, device=device, with_tokenizer=False)
+    if is_hf_spec(path):
+        model, _ = load_hf_teacher(path, device=device, with_tokenizer=False)
+    else:
+        teacher_directory = ckpt.resolve_checkpoint(path)
+        teacher_config = ckpt.read_config(teacher_directory)
+        if teacher_config.get("model_type") == "draft":
+            raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a draft student")
+        model, _, _ = ckpt.load_kforcing_model(teacher_directory, teacher_config, device, with_tokenizer=False)
     if not is_teacher(model):
         raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a "
                               f"{type(model).__name__}")

@@ -48,6 +48,7 @@ from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreem
 from .draft_checkpoint import trained_sampling
 from .hint_head import CDF_ORDERS, DraftStudent, Sampling
 from .hf_teacher import HFTeacher
+from .loading import load_model
 from .model import ARModel, PushForwardLM
 from .teacher import is_teacher
 from .options import option, parse_int_list
@@ -137,10 +138,10 @@ class Models:
 
 def load_models(config: EvalConfig, device) -> Models:
     """The teacher, the student and the optional reference, checked to be comparable."""
-    teacher, tokenizer, teacher_config = ckpt.load_model(config.teacher, device=device)
+    teacher, tokenizer, teacher_config = load_model(config.teacher, device=device)
     if not is_teacher(teacher):
         raise EvalError(f"--teacher {config.teacher} is a {type(teacher).__name__}; it must be the AR teacher")
-    student, student_tokenizer, student_config = ckpt.load_model(config.student, device=device, teacher=teacher)
+    student, student_tokenizer, student_config = load_model(config.student, device=device, teacher=teacher)
     if isinstance(student, ARModel):
         raise EvalError(f"--student {config.student} is an AR model; it must be a K-Forcing student "
                         "(a `kforcing distill` output)")
@@ -152,7 +153,7 @@ def load_models(config: EvalConfig, device) -> Models:
     models = Models(teacher, student, tokenizer or student_tokenizer, Provenance.from_config(teacher_config),
                     Provenance.from_config(student_config))
     if config.reference:
-        models.reference, models.reference_tokenizer, _ = ckpt.load_model(config.reference, device=device)
+        models.reference, models.reference_tokenizer, _ = load_model(config.reference, device=device)
         if not isinstance(models.reference, ARModel):
             raise EvalError(f"--reference {config.reference} must be an AR model")
         if models.reference.config.vocab_size != teacher.config.vocab_size and (

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import kforcing_ops
-from kforcing_ops.reference import cdf_interval
+from kforcing_ops import cdf_interval
 
 from .chain_head import FEATURE_LOSS_WEIGHT
 from .hint_head import DraftStudent, Sampling, drafts_from_logits, sample_rows
