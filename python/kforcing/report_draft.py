@@ -22,10 +22,11 @@ def _sampling(results: Dict) -> str:
 def verified_table(results: Dict) -> str:
     settings, max_k = results["settings"], max(results["ks"])
     diag = results["diagnostics"]
+    shuffle = "; u-shuffle feeds the hint rows another seed's uniforms" if diag["shuffle"] is not None else ""
     lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {_sampling(results)}. Accepted "
              "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
              f"u-blind floor ({diag.get('floor_windows', '?')} held-out windows) drafts from the teacher's own "
-             "distribution with independent uniforms; u-shuffle feeds the hint rows another seed's uniforms.\n",
+             f"distribution with independent uniforms{shuffle}.\n",
              row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
              "|" + "---|" * (3 + max_k)]
     for v in results["verified"]:
