@@ -225,3 +225,38 @@ def test_no_option_is_taken_by_its_prefix_and_boundary_beta_is_on_the_command_li
     args = build_parser().parse_args([*base, "--pathway", "trunk", "--readout", "onehot", "--windows", "teacher",
                                       "--boundary-beta", "0.5"])
     assert args.boundary_beta == 0.5
+
+
+def test_one_run_writes_into_a_directory_at_a_time(tmp_path, capsys):
+    """A second distill (or train-teacher) on a folder another run is writing into is refused with one line naming
+    the holder, before it touches anything; the lock goes with the process that held it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from kforcing.runtime import LOCK_FILE, RunLockedError, run_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from kforcing.runtime import run_lock
+        with run_lock({str(out)!r}, "distill"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for command in (["distill", "--teacher", "t", "--out", str(out)],
+                        ["train-teacher", "--corpus", "stdlib", "--out", str(out)]):
+            with pytest.raises(SystemExit) as error:
+                main(command)
+            err = capsys.readouterr().err
+            assert error.value.code == 2 and f"is in use by kforcing distill (pid {holder.pid})" in err, err
+        assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]  # the refused runs wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out, "eval"):  # the holder is gone: the folder is free again
+        with pytest.raises(RunLockedError, match="in use by kforcing eval"):
+            with run_lock(out, "distill"):
+                pass

@@ -31,6 +31,7 @@ Contexts come from the teacher's own token cache, found through its checkpoint's
 or `data_dir` say otherwise.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +52,7 @@ from .hf_teacher import HFTeacher
 from .hint_head import CDF_ORDERS, NOISE_CODES, READOUTS, DraftStudent, HeadConfig, Sampling
 from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
-from .runtime import resolve_device, write_json_atomic
+from .runtime import resolve_device, run_lock, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
 from .loading import load_model
@@ -583,7 +584,10 @@ def distill(config: DistillConfig) -> dict:
     """
     config.validate()
     with distributed(config.device) as info:
-        return _distill(config, info)
+        # One writer per run directory: the lock is taken before the checks for an existing run, so two runs
+        # started together on one --out cannot both pass them (under torchrun, rank 0 holds it for all).
+        with run_lock(config.out_dir, "distill") if info.main else contextlib.nullcontext():
+            return _distill(config, info)
 
 
 HF_CONTEXT_LEN = 256  # default contexts of a Hugging Face teacher (--seq-len overrides)

@@ -1,9 +1,12 @@
-"""Process plumbing every stage shares: which device to run on, atomic file writes, the git commit.
+"""Process plumbing every stage shares: which device to run on, atomic file writes, one writer per run directory, the
+git commit.
 
 One definition of each, so that `kforcing train-teacher`, `distill`, `eval` and `demo` resolve `--device` alike
 and write their JSON files the same crash-safe way.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +36,39 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+LOCK_FILE = ".kforcing.lock"
+
+
+class RunLockedError(ValueError):
+    """Another process is writing into the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(directory, command: str):
+    """Hold the run directory for one writer: an advisory lock (fcntl.flock) on directory/.kforcing.lock for the
+    whole block, which the system releases when the process ends, however it ends (kill -9 included). A second
+    writer gets RunLockedError naming the holder ("kforcing distill (pid 1234)"). Creates the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(f"{directory} is in use by {holder}: one run writes into a directory at a time; wait "
+                             "for it to end, or choose another --out") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"kforcing {command} (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -16,6 +16,7 @@ What a run does:
   `kforcing distill` and `kforcing eval` find the teacher's data.
 """
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -30,7 +31,7 @@ from . import checkpoint as ckpt
 from .checkpoint import Provenance, RunLayout
 from .data import TokenDataset, Tokenizer, iter_documents, load_tokenizer, prepare_dataset, train_tokenizer
 from .model import ARModel, ModelConfig, PRESETS
-from .runtime import resolve_device
+from .runtime import resolve_device, run_lock
 from .options import option
 from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
                       warn_changed_settings)
@@ -232,7 +233,9 @@ def train_teacher(config: TrainConfig) -> dict:
     """
     config.validate()
     with distributed(config.device) as info:
-        return _train(config, info)
+        # One writer per run directory (under torchrun, rank 0 holds the lock for all ranks).
+        with run_lock(config.out_dir, "train-teacher") if info.main else contextlib.nullcontext():
+            return _train(config, info)
 
 
 def _train(config: TrainConfig, info: DistInfo) -> dict:
