@@ -70,7 +70,7 @@ def test_at_initialisation_hint_rows_run_the_teachers_weights(rank, readout):
     window_x = student.window_inputs(y1, u, 0.8)
     windows, rows = window_x.shape[1], window_x.shape[2]
     x = torch.cat([teacher.tok_emb(ids), window_x.flatten(1, 2)], dim=1)
-    positions = student._staircase_positions(ids.shape[1], windows, rows, ids.device)
+    positions = student.staircase_positions(ids.shape[1], windows, rows, ids.device)
     hidden = run_blocks(teacher.blocks, x, positions, teacher.inv_freq,
                         lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, windows, rows))
     hidden = hidden[:, ids.shape[1]:].view(*window_x.shape)

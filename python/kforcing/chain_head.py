@@ -152,7 +152,10 @@ class ChainHead(DraftModule):
     def forward_train(self, teacher, features, ids):
         """Teacher-forced head features (B, N-1, H) over a context: row p reads (F_p, ids[p+1]) at position p and
         its output stands for the teacher's feature at p+1 (the distribution of ids[p+2])."""
-        x = self.rows(teacher, features[:, :-1], ids[:, 1:])
+        return self.run_rows(self.rows(teacher, features[:, :-1], ids[:, 1:]))
+
+    def run_rows(self, x):
+        """The head's blocks over input rows x (B, S, H) at positions 0..S-1, causally (training layout)."""
         positions = torch.arange(x.shape[1], device=x.device)
         return run_blocks(self.blocks, x, positions, self.inv_freq,
                           lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, 0, 1))

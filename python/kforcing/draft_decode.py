@@ -21,10 +21,11 @@ Each pass runs, with static shapes:
             the tokens that followed them) in one call, then drafts one token per call from its own feature of the
             row before, each with its position's uniform (`kforcing.chain_head`).
 
-Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none, and a round with none is a
-plain AR step (the teacher over the exact token alone, no draft pass). `kforcing.draft_policy.DraftPolicy` chooses
-from each sequence's measured acceptance and the two kinds' measured cost, so verified decoding runs at AR's speed
-when the drafts do not pay for their pass, and drafts when they do.
+Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none (a chain student may
+also make fewer: its round costs one head call per draft), and a round with none is a plain AR step (the teacher
+over the exact token alone, no draft pass). `kforcing.draft_policy.DraftPolicy` chooses from each sequence's
+measured acceptance and the rounds' measured cost, so verified decoding runs at AR's speed when the drafts do not
+pay for their pass, and drafts when they do.
 
 Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
 decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every

@@ -73,7 +73,8 @@ class DraftPolicy:
         if explore_every < 1 or not 0 < decay <= 1:
             raise ValueError(f"explore_every must be >= 1 and decay in (0, 1], got {explore_every} and {decay}")
         self.max_drafts, self.explore_every, self.decay = max_drafts, explore_every, decay
-        self.counts = list(range(1, max_drafts + 1)) if per_draft_cost else [max_drafts]  # a drafting round's
+        # The draft counts a drafting round may make.
+        self.counts = list(range(1, max_drafts + 1)) if per_draft_cost else [max_drafts]
         self.fixed = costs is not None
         self.cost = {0: costs[0], max_drafts: costs[1]} if costs is not None else {}
         # Optimistic start: a sequence is assumed to accept every draft until its first drafting round, whose

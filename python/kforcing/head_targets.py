@@ -149,13 +149,13 @@ def chain_rollout(student: DraftStudent, features, ids, steps: int, continue_wit
     head, teacher = student.head, student.teacher
     context_rows = head.rows(teacher, features[:, :-1], ids[:, 1:])
     width = context_rows.shape[1]
-    hidden = [head.forward_train(teacher, features, ids)]
+    hidden = [head.run_rows(context_rows)]
     tokens = [continue_with(0, hidden[0])]
     window_rows = []
     for step in range(1, steps + 1):
         window_rows.append(head.rows(teacher, hidden[-1], tokens[-1]))
         x = torch.cat([context_rows, torch.stack(window_rows, dim=2).flatten(1, 2)], dim=1)
-        positions = DraftStudent._staircase_positions(width, width, step, x.device)
+        positions = DraftStudent.staircase_positions(width, width, step, x.device)
         out = run_blocks(head.blocks, x, positions, head.inv_freq,
                          lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, width, step))
         hidden.append(out[:, width:].view(x.shape[0], width, step, -1)[:, :, -1])

@@ -325,13 +325,14 @@ class DraftStudent:
         batch, context = ids.shape
         windows, rows = window_tokens.shape[1], window_tokens.shape[2]
         x = teacher.embed(torch.cat([ids, window_tokens.flatten(1)], dim=1))
-        features = teacher.run_layers(x, self._staircase_positions(context, windows, rows, ids.device),
+        features = teacher.run_layers(x, self.staircase_positions(context, windows, rows, ids.device),
                                       lambda layer, q, k, v: kforcing_ops.window_attention(q, k, v, windows, rows))
         logits = teacher.logits(features[:, context:])
         return logits.view(batch, windows, rows, -1)
 
     @staticmethod
-    def _staircase_positions(context, windows, rows, device):
+    def staircase_positions(context, windows, rows, device):
+        """Rotary positions of [context 0..context-1 | `windows` windows of `rows` rows, window t at t+1, ...]."""
         return torch.cat([torch.arange(context, device=device),
                           DraftStudent._window_positions(windows, rows, device)])
 
@@ -394,7 +395,7 @@ class DraftStudent:
         batch, context = ids.shape
         windows, rows = window_x.shape[1], window_x.shape[2]
         x = torch.cat([features.to(window_x.dtype), window_x.flatten(1, 2)], dim=1)
-        hidden = run_blocks(self.head.blocks, x, self._staircase_positions(context, windows, rows, ids.device),
+        hidden = run_blocks(self.head.blocks, x, self.staircase_positions(context, windows, rows, ids.device),
                             self.teacher.inv_freq,
                             lambda layer, q, kk, v: kforcing_ops.window_attention(q, kk, v, windows, rows))
         return hidden[:, context:].view(batch, windows, rows, -1)
