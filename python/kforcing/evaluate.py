@@ -55,6 +55,7 @@ from .options import option, parse_int_list
 from .runtime import machine_info, resolve_device, write_json_atomic
 
 # Quality targets, measured at the largest k without frequency penalty.
+EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = {"agree_offset_1": 0.90, "agree_offset_4": 0.75, "ppl_ratio": 1.3, "entropy_rel": 0.05}
 
 
@@ -103,6 +104,9 @@ class EvalConfig:
                                      "teacher was trained on)")
     seed: int = option(0, "noise seed")
     device: str = option("auto", "cpu, cuda or auto")
+    dtype: str = option("float32", "the models' dtype while evaluating (bfloat16 or float16: what a GPU serves); "
+                        "checkpoints load in float32 and are cast once the student is matched to its teacher",
+                        choices=list(EVAL_DTYPES))
     threads: Optional[int] = option(None, "CPU threads (default: torch's)")
     plots: bool = option(True, "skip the PNG plots", flag="--no-plots", action="store_false")
     progress: bool = option(True, "hide the progress bar", flag="--no-progress", action="store_false")
@@ -137,7 +141,8 @@ class Models:
 
 
 def load_models(config: EvalConfig, device) -> Models:
-    """The teacher, the student and the optional reference, checked to be comparable."""
+    """The teacher, the student and the optional reference, checked to be comparable, cast to config.dtype (after
+    loading: a draft student checks its teacher's float32 weights against the fingerprint it was trained on)."""
     teacher, tokenizer, teacher_config = load_model(config.teacher, device=device)
     if not is_teacher(teacher):
         raise EvalError(f"--teacher {config.teacher} is a {type(teacher).__name__}; it must be the AR teacher")
@@ -159,6 +164,10 @@ def load_models(config: EvalConfig, device) -> Models:
         if models.reference.config.vocab_size != teacher.config.vocab_size and (
                 models.reference_tokenizer is None or tokenizer is None):
             raise EvalError("the reference model has another vocabulary and no tokenizer to re-tokenise samples with")
+    dtype = EVAL_DTYPES[config.dtype]
+    for model in (models.teacher, models.student, models.reference):
+        if model is not None:
+            model.to(dtype)
     return models
 
 
