@@ -19,7 +19,15 @@ def _name(dtype):
 
 
 def value(cond, op, message):
+    if cond is True:  # a plain bool that holds: torch 2.11's dynamo cannot trace a lazy message next to a constant
+        return
     torch._check_value(cond, lambda: f"kforcing.{op}: {message}")
+
+
+def check_type(cond, message):
+    """torch._check_type, skipped when cond is a plain True (see value)."""
+    if cond is not True:
+        torch._check_type(cond, message)
 
 
 def dim(t, ndim, op, name, layout):
@@ -33,7 +41,7 @@ def size(t, d, expected, op, name, what):
 
 def dtype(t, allowed, op, name):
     names = ", ".join(map(_name, allowed))
-    torch._check_type(t.dtype in allowed,
+    check_type(t.dtype in allowed,
                       lambda: f"kforcing.{op}: `{name}` must have dtype in {{{names}}}, got {_name(t.dtype)}")
 
 
@@ -61,7 +69,7 @@ def inverse_cdf_sample(logits, u, temperatures, temperature, top_k, top_p, logit
     choice(order, CDF_ORDERS, op, "order")
     dim(logits, 2, op, "logits", "(N, V)")
     if logits_types is None:
-        torch._check_type(logits.dtype != torch.float64 or logits.device.type == "cpu", lambda: (
+        check_type(logits.dtype != torch.float64 or logits.device.type == "cpu", lambda: (
             f"kforcing.{op}: `logits` of dtype float64 are sampled on CPU only; on {logits.device} pass float32, "
             "bfloat16 or float16 logits"))
         logits_types = SAMPLER_TYPES.get(logits.device.type, FLOAT_TYPES + (torch.float64,))
@@ -89,7 +97,7 @@ def _heads(q, k, v, op, dtypes):
         dim(t, 4, op, name, "(batch, seq, heads, head_dim)")
     dtype(q, dtypes or ATTENTION_TYPES.get(q.device.type, ALL_ATTENTION_TYPES), op, "q")
     for name, t in (("k", k), ("v", v)):
-        torch._check_type(t.dtype == q.dtype,
+        check_type(t.dtype == q.dtype,
                           lambda: f"kforcing.{op}: `{name}` has dtype {_name(t.dtype)} but `q` has {_name(q.dtype)}")
         same_device(t, q, op, name, "q")
     value(k.shape == v.shape, op, f"`k` and `v` must have one shape, got {list(k.shape)} and {list(v.shape)}")
@@ -123,7 +131,7 @@ def window_attention_decode(q, k_new, v_new, k_cache, v_cache, cache_seqlens, n_
     size(k_new, 1, q.shape[1], op, "k_new", "T new rows, as q")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         dim(t, 4, op, name, "(batch, max_len, kv_heads, head_dim)")
-        torch._check_type(t.dtype == q.dtype,
+        check_type(t.dtype == q.dtype,
                           lambda: f"kforcing.{op}: `{name}` has dtype {_name(t.dtype)} but `q` has {_name(q.dtype)}")
         same_device(t, q, op, name, "q")
     value(k_cache.shape == v_cache.shape, op,
@@ -206,7 +214,7 @@ def noise_embedding(u, tau, weight, bias, tau_scalar=None, code="sinusoid"):
     if bias is not None:
         dim(bias, 1, op, "bias", "(H,)")
         size(bias, 0, weight.shape[0], op, "bias", "H, the rows of weight")
-        torch._check_type(bias.dtype == weight.dtype, lambda: (
+        check_type(bias.dtype == weight.dtype, lambda: (
             f"kforcing.{op}: `bias` has dtype {_name(bias.dtype)} but `weight` has {_name(weight.dtype)}"))
         same_device(bias, weight, op, "bias", "weight")
 
@@ -229,7 +237,7 @@ def noise_conditioned_embedding(token_ids, token_table, u, tau, weight, bias, ta
     value(tau is None or tau.dim() <= 1, op, "`tau` must be a float, a 0-d tensor or a (B,) tensor")
     dim(weight, 2, op, "weight", "(H, 4F)")
     size(weight, 0, token_table.shape[1], op, "weight", "H, the width of token_table")
-    torch._check_type(weight.dtype == token_table.dtype, lambda: (
+    check_type(weight.dtype == token_table.dtype, lambda: (
         f"kforcing.{op}: `weight` has dtype {_name(weight.dtype)} but `token_table` has {_name(token_table.dtype)}"))
     for name, t in (("token_table", token_table), ("u", u), ("weight", weight)):
         same_device(t, token_ids, op, name, "token_ids")

@@ -30,6 +30,12 @@ def torch_linears():
         _decode_linear_enabled = previous
 
 
+def decode_linear_enabled() -> bool:
+    """False inside `torch_linears()`: what a cached CUDA graph of a decode step must be keyed by, since a graph
+    replays whichever linear layers it was captured with."""
+    return _decode_linear_enabled
+
+
 class DecodeLinear(nn.Linear):
     """nn.Linear whose decode-time calls run `decode_linear`: a drop-in that makes decode steps read each weight once
     and gives every row the same bits whatever rows share the call.
@@ -172,4 +178,5 @@ class WindowAttention(nn.Module):
         return self.c_proj(out.reshape(x.shape))
 
 
-__all__ = ["DECODE_LINEAR_MAX_ROWS", "DecodeLinear", "NoiseEmbedding", "WindowAttention", "torch_linears"]
+__all__ = ["DECODE_LINEAR_MAX_ROWS", "DecodeLinear", "NoiseEmbedding", "WindowAttention", "decode_linear_enabled",
+           "torch_linears"]

@@ -82,8 +82,8 @@ def kernels():
                 tokens = ko.inverse_cdf_sample(logits, u, t, top_k, top_p)
                 assert bool(((tokens >= 0) & (tokens < 50257)).all()), (temperature, top_k, top_p)
 
-    # The decode linear kernel: 1..64 rows (the row-invariant range), odd widths, a bias, every dtype.
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # The decode linear kernel: 1..64 rows (the row-invariant range), odd widths, a bias, both of its dtypes.
+    for dtype in (torch.float32, torch.bfloat16):
         weight, bias = torch.randn(301, 97, device=dev, dtype=dtype), torch.randn(301, device=dev, dtype=dtype)
         for rows in (1, 3, 17, 64):
             ko.decode_linear(torch.randn(rows, 97, device=dev, dtype=dtype), weight, bias)

@@ -58,11 +58,12 @@ $PY -m kforcing_ops.info | tee -a "$LOG/gpu.txt"
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 test_group() {  # test_group NAME FILES...: the cuda-marked tests of FILES in one process
   local name=$1; shift
-  step "test_$name" 150 $PY -m pytest -q -m cuda -p no:cacheprovider -x -rfE "$@"
+  step "test_$name" 150 $PY -m pytest -q -m cuda -p no:cacheprovider -p no:logging -rfE "$@"
 }
 
 # 1. Correctness: every cuda test, then every kernel and graph replay under memcheck.
-test_group sampling_linear tests/test_sampling.py tests/test_linear.py
+test_group sampling tests/test_sampling.py
+test_group linear tests/test_linear.py
 test_group attention tests/test_attention.py
 test_group embedding tests/test_embedding.py
 test_group decoding tests/test_model.py tests/test_generate.py tests/test_row_invariance.py \

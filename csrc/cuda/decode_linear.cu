@@ -3,7 +3,8 @@
 // Semantics: kforcing_ops/linear.py. At decode batch sizes a linear layer is a read of W: cuBLAS picks GEMM tiles
 // made for many rows. Here one warp owns one output n and reads W's row n once with 16-byte loads (4 fp32 or
 // 8 bf16 weights per lane per step), FMAing each weight into the partial sums of up to kRowsPerCta rows of x
-// (x is small and stays in L1/L2). Lane l's partial sum of (row m, output n) walks k = 16-byte step s * 32 + l,
+// (x is small and stays in L1/L2; each row's matching elements are one or two vector loads, not kVec scalar
+// ones, which would make a multi-row call bound by load instructions rather than by W's bytes). Lane l's partial sum of (row m, output n) walks k = 16-byte step s * 32 + l,
 // element j ascending; then a fixed xor-butterfly over the 32 lanes sums them, and + bias.
 //
 // Row invariance: that chain depends only on (m, n) and K, never on how many rows the call has, which CTA row
@@ -36,13 +37,30 @@ constexpr int kRowsPerCta = 16;
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
+// Loads the N elements at p (8, 16 or 32 bytes, p aligned to min(that, 16)) in one or two vector loads.
+template <int N, typename T>
+__device__ __forceinline__ void load_vector(const T* p, T (&out)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 8 || kBytes == 16 || kBytes == 32, "8, 16 or 32 bytes");
+  if constexpr (kBytes == 8) {
+    const uint2 bits = __ldg(reinterpret_cast<const uint2*>(p));
+    memcpy(out, &bits, sizeof(bits));
+  } else {
+#pragma unroll
+    for (int q = 0; q < kBytes / 16; ++q) {
+      const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p) + q);
+      memcpy(reinterpret_cast<char*>(out) + 16 * q, &bits, sizeof(bits));
+    }
+  }
+}
+
 // ROWS: the rows this CTA holds partial sums for (a power of two >= the rows it has, <= kRowsPerCta); rows past
 // M are computed on nothing and never written. kVec: W elements per 16-byte load.
 template <int ROWS, typename XT, typename WT>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_linear_kernel(const XT* __restrict__ x, const WT* __restrict__ w, int64_t ldw,
                          const float* __restrict__ bias, XT* __restrict__ y, int64_t m, int64_t n, int64_t k,
-                         bool vector_loads) {
+                         bool vector_loads, bool x_vector_loads) {
   constexpr int kVec = 16 / sizeof(WT);
   const int lane = threadIdx.x % 32;
   const int64_t out = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -63,13 +81,21 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int j = 0; j < kVec; ++j) wv[j] = base + j < k ? w_row[base + j] : WT(0);
     }
+    const bool full = vector_loads && base + kVec <= k;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       if (r < rows) {
         const XT* xr = x_rows + r * k + base;
+        XT xv[kVec];
+        if (full && x_vector_loads) {
+          load_vector(xr, xv);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) xv[j] = base + j < k ? xr[j] : XT(0);
+        }
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          if (base + j < k) acc[r] = fmaf(to_float(xr[j]), to_float(wv[j]), acc[r]);
+          if (base + j < k) acc[r] = fmaf(to_float(xv[j]), to_float(wv[j]), acc[r]);
         }
       }
     }
@@ -90,13 +116,16 @@ void launch(const at::Tensor& x, const at::Tensor& weight, const float* bias, at
   const int64_t n = weight.size(0), k = weight.size(1);
   const bool vector_loads = reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
                             (weight.stride(0) * static_cast<int64_t>(sizeof(WT))) % 16 == 0;
+  // x's rows (contiguous, k apart) start 16-byte aligned: each lane's kVec elements are one or two vector loads.
+  const bool x_vector_loads = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
+                              (k * static_cast<int64_t>(sizeof(XT))) % 16 == 0;
   const dim3 grid(ceil_div(n, kWarps), ceil_div(m, kRowsPerCta));
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto go = [&](auto rows_tag) {
     constexpr int kRows = decltype(rows_tag)::value;
     decode_linear_kernel<kRows, XT, WT><<<grid, kWarps * 32, 0, stream>>>(
         x.const_data_ptr<XT>(), weight.const_data_ptr<WT>(), weight.stride(0), bias, out.mutable_data_ptr<XT>(), m,
-        n, k, vector_loads);
+        n, k, vector_loads, x_vector_loads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The smallest row count that holds a CTA's rows: fewer registers and no idle FMAs at M = 1..8.

@@ -7,7 +7,8 @@
 // reduces max and sum (online softmax), and the value rows are accumulated with each lane owning head_dim / 32
 // output columns. dK/dV: one warp per key row, visiting the query rows that see it (context rows from the key on,
 // hint rows of the windows anchored at or after it, or the rest of its own window for a hint key) 32 at a time:
-// no atomics, deterministic. Delta = rowsum(dO * O) is computed once per row beforehand.
+// no atomics, deterministic, each 32-row chunk summed apart before it joins the total (blocked summation, the
+// accuracy of a GEMM's tiled sum). Delta = rowsum(dO * O) is computed once per row beforehand.
 
 #include "window_attention_common.cuh"
 
@@ -181,6 +182,9 @@ __global__ void __launch_bounds__(kSimtWarps * 32) simt_dkdv_kernel(AttentionPar
           prob = expf(dot_with_shared(q + p.q_row(b, r, h), k_s[warp], p.dim) - p.lse[p.stat(b, h, r)]);
           ds = prob * (dot_with_shared(dout + p.q_row(b, r, h), v_s[warp], p.dim) - p.delta[p.stat(b, h, r)]);
         }
+        // A chunk's 32 terms are summed on their own, then added to the total: a key seen by thousands of
+        // (row, head) pairs would otherwise lose fp32 bits to one long running sum.
+        float dk_chunk[kDimsPerLane] = {}, dv_chunk[kDimsPerLane] = {};
         for (int i = 0; i < n; ++i) {
           const float pi = __shfl_sync(kFullMask, prob, i), dsi = __shfl_sync(kFullMask, ds, i);
           const T* q_row = q + p.q_row(b, r0 + i, h);
@@ -189,10 +193,15 @@ __global__ void __launch_bounds__(kSimtWarps * 32) simt_dkdv_kernel(AttentionPar
           for (int c = 0; c < kDimsPerLane; ++c) {
             const int64_t d = lane + 32 * c;
             if (d < p.dim) {
-              dv[c] += pi * to_float(do_row[d]);
-              dk[c] += dsi * to_float(q_row[d]);
+              dv_chunk[c] += pi * to_float(do_row[d]);
+              dk_chunk[c] += dsi * to_float(q_row[d]);
             }
           }
+        }
+#pragma unroll
+        for (int c = 0; c < kDimsPerLane; ++c) {
+          dk[c] += dk_chunk[c];
+          dv[c] += dv_chunk[c];
         }
       }
     }

@@ -39,6 +39,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 import kforcing_ops
+from kforcing_ops.nn import decode_linear_enabled
 
 from .decode_request import check_request, mask_after_eos
 from .draft_decode import generate_with_drafts
@@ -169,7 +170,7 @@ class _Step:
     mutates the KV cache in place and returns a tensor. For a CUDA graph (`cuda_graphs` given) the inputs are
     copied into static buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards,
     so they leave no trace (the rows they wrote are rewritten by the real step). Graphs are keyed by the
-    function, the constants and the input shapes.
+    function, the constants, the linear layers' mode (`kforcing_ops.nn.torch_linears`) and the input shapes.
     """
 
     def __init__(self, fn, bound, cache, compile=False, cuda_graphs: Optional[_CudaGraphs] = None):
@@ -184,7 +185,7 @@ class _Step:
         if self.cuda_graphs is None:
             return self.fn(*self.bound, *inputs)
         graphs = self.cuda_graphs.graphs
-        key = (self.name, self.constants, tuple((tuple(t.shape), t.dtype) for t in inputs))
+        key = (self.name, self.constants, decode_linear_enabled(), tuple((tuple(t.shape), t.dtype) for t in inputs))
         if key not in graphs:
             if len(graphs) >= _MAX_GRAPHS:
                 return self.fn(*self.bound, *inputs)
