@@ -500,6 +500,23 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.kforcing.inverse_cdf_sample.default, args)
 
 
+def test_valid_arguments_make_no_lazy_message_checks(monkeypatch):
+    """torch 2.11's dynamo cannot trace torch._check_value/_check_type given a constant condition and a lazy
+    message, which broke torch.compile(fullgraph=True) of the ops there: checks that hold must make no such call."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a check that holds called torch._check_value/_check_type")
+
+    monkeypatch.setattr(torch, "_check_value", refuse)
+    monkeypatch.setattr(torch, "_check_type", refuse)
+    ref.inverse_cdf_sample(torch.randn(3, 50), torch.rand(3), 0.7, 5, 0.9, order="descending")
+    ref.noise_embedding(torch.rand(4), 0.5, torch.randn(8, 16), torch.randn(8), code="dyadic")
+    ref.decode_linear(torch.randn(2, 16), torch.randn(8, 16), torch.randn(8))
+    q, k, v = (torch.randn(1, 5 + 5 * 2, 2, 8) for _ in range(3))
+    ref.window_attention(q, k, v, 5, 2)
+    with pytest.raises(AssertionError, match="a check that holds"):  # a failing check still reaches torch._check_*
+        ref.inverse_cdf_sample(torch.randn(3, 50), torch.rand(3), order="sideways")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
