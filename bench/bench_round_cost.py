@@ -11,8 +11,10 @@ students: `kforcing eval`), at each preset and batch size:
   c. head        a draft student, head pathway with one block: a verify pass, the head over the k committed rows,
                  then one head pass of [exact | k-1 hints] drafting k-1 tokens jointly from their uniforms
   d. chain       a draft student, chain pathway with one block: a verify pass of k rows, then k-1 head calls,
-                 each drafting one token from the head's distribution with its own uniform; also at k = 2, and
-                 with a draft vocabulary of V/8 tokens (the drafts' LM head reads an eighth of the bytes)
+                 each drafting one token from the head's distribution with its own uniform; also at k = 2, with
+                 a draft vocabulary of V/8 tokens (the drafts' LM head reads an eighth of the bytes), and with
+                 the head's linear weights and readout stored in bf16 (`cast_linear_weights(head, bf16)`: half
+                 its bytes; drafts only propose, so verification stays exact)
 
 Draft designs are timed verified with k pinned (static shapes: a round costs the same whatever is accepted).
 Each measurement is a whole generate call (prefill included) divided by its passes; calls are interleaved
@@ -28,6 +30,7 @@ Examples:
   python bench/bench_round_cost.py --preset small --batch 1 --profile
 """
 
+import copy
 import statistics
 import sys
 import warnings
@@ -42,7 +45,7 @@ from kforcing.draft_decode import generate_with_drafts  # noqa: E402
 from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
 from kforcing.hint_head import DraftStudent, HeadConfig  # noqa: E402
 from kforcing.metrics import time_interleaved  # noqa: E402
-from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
+from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM, cast_linear_weights  # noqa: E402
 
 
 def matrix_bytes(module) -> int:
@@ -70,7 +73,9 @@ def round_weight_bytes(design, teacher, student, k) -> int:
     # (the LM head's draft-vocabulary rows only, with a draft vocabulary)
     drafts = int(design.split("k=")[1].split(",")[0]) - 1
     vocab = head.config.draft_vocab or teacher.config.vocab_size
-    draft_readout = matrix_bytes(teacher.norm) + matrix_bytes(teacher.lm_head) * vocab // teacher.config.vocab_size
+    lm_head = teacher.lm_head.weight
+    draft_readout = (matrix_bytes(teacher.norm) + lm_head.numel() * head.weight_dtype.itemsize * vocab
+                     // teacher.config.vocab_size)
     return teacher_pass + drafts * (matrix_bytes(head) + draft_readout)
 
 
@@ -83,6 +88,8 @@ def designs(teacher, k):
     small_vocab = teacher.config.vocab_size // 8
     chain_vocab = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="chain",
                                                                 draft_vocab=small_vocab)).eval()
+    chain_bf16, chain_vocab_bf16 = (DraftStudent(teacher, cast_linear_weights(copy.deepcopy(s.head), torch.bfloat16))
+                                    for s in (chain, chain_vocab))
 
     def drafting(student, rows=k):
         return lambda prompts, n: generate_with_drafts(student, prompts, n, k=rows, seed=0)
@@ -96,6 +103,8 @@ def designs(teacher, k):
         f"d. chain k={k}": (chain, drafting(chain)),
         "d. chain k=2": (chain, drafting(chain, 2)),
         f"d. chain k={k}, draft vocab V/8": (chain_vocab, drafting(chain_vocab)),
+        f"d. chain k={k}, bf16 head": (chain_bf16, drafting(chain_bf16)),
+        f"d. chain k={k}, V/8, bf16 head": (chain_vocab_bf16, drafting(chain_vocab_bf16)),
     }
 
 

@@ -1,5 +1,7 @@
 """The chain pathway: a one-block head drafting one token per call, verified equal to AR sampling token for token."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from kforcing.draft_decode import generate_with_drafts
 from kforcing.generate import generate_ar
 from kforcing.head_targets import chain_rollout, chain_step
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling
-from kforcing.model import KVCache
+from kforcing.model import KVCache, cast_linear_weights
 
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
 
@@ -171,6 +173,30 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(trained, monk
         HeadConfig(pathway="head", draft_vocab=40)
     with pytest.raises(ValueError, match="larger than the teacher's vocabulary"):
         ChainHead(CONFIG, HeadConfig(pathway="chain", draft_vocab=CONFIG.vocab_size + 1))
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 40])
+def test_a_head_with_bf16_weights_drafts_from_them_and_stays_exact(trained, draft_vocab):
+    """cast_linear_weights(head, bf16): the fuse, the blocks and the drafts' readout (a bf16 copy of the teacher's
+    LM head, restricted or whole) read bf16 weights, the teacher stays fp32, drafts stay close to the fp32 head's
+    and verified decoding still equals AR."""
+    head = ChainHead(CONFIG, HeadConfig(num_layers=1, pathway="chain", draft_vocab=draft_vocab))
+    head.load_state_dict(trained.head.state_dict(), strict=False)
+    fp32 = DraftStudent(trained.teacher, head).eval()
+    bf16 = DraftStudent(trained.teacher, cast_linear_weights(copy.deepcopy(head), torch.bfloat16)).eval()
+    assert bf16.head.weight_dtype == torch.bfloat16 and trained.teacher.lm_head.weight.dtype == torch.float32
+    feature = torch.randn(5, CONFIG.n_embd)
+    with torch.no_grad():
+        got, want = bf16.head.readout(bf16.teacher, feature), fp32.head.readout(fp32.teacher, feature)
+    assert bf16.head._readout[1].weight.dtype == torch.bfloat16 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)  # bf16 weights: about 3 significant digits
+    for sampling in SAMPLINGS:
+        want = generate_ar(trained.teacher, PROMPTS, 30, seed=4, **sampling)
+        for k in (4, None):
+            got = generate_with_drafts(bf16, PROMPTS, 30, k=k, seed=4, **sampling)
+            assert torch.equal(got.tokens, want.tokens), (sampling, k)
+    pinned = [generate_with_drafts(s, PROMPTS, 30, k=4, seed=4).tokens_per_pass for s in (fp32, bf16)]
+    assert abs(pinned[0] - pinned[1]) < 0.25 * pinned[0]
 
 
 def test_adaptive_drafting_weighs_every_draft_count(monkeypatch):

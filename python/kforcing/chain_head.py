@@ -92,21 +92,32 @@ class ChainHead(DraftModule):
         top = torch.topk(torch.as_tensor(counts, dtype=torch.float64), self.config.draft_vocab).indices
         self.draft_ids.copy_(top.sort().values.to(self.draft_ids.device))
 
+    @property
+    def weight_dtype(self):
+        """The dtype the head's linear weights are stored in: its activations' dtype, or bfloat16 after
+        `kforcing.model.cast_linear_weights(head, torch.bfloat16)` (drafting reads half the bytes; drafts only
+        propose, so verification stays exact). The drafts' readout is stored in it too."""
+        return self.fuse.weight.dtype
+
     def readout(self, teacher, features):
         """Draft logits (..., N) of head features (..., H): the teacher's final norm and LM head, over the draft
-        vocabulary (N = draft_vocab: the restricted LM head reads N / V of the LM head's bytes) or the whole one."""
-        if self.config.draft_vocab is None:
-            return teacher.logits(features)
+        vocabulary (N = draft_vocab: the restricted LM head reads N / V of the LM head's bytes) or the whole one,
+        read from a copy in `weight_dtype` when that differs from the teacher's."""
         norm, lm_head = teacher.output_layers()
         weight, bias = lm_head.weight, lm_head.bias
-        key = (weight.data_ptr(), weight._version, weight.dtype, self.draft_ids.data_ptr(), self.draft_ids._version)
-        if self._readout is None or self._readout[0] != key:  # built once per teacher and vocabulary
-            linear = DecodeLinear(weight.shape[1], self.config.draft_vocab, bias=bias is not None,
-                                  device=weight.device, dtype=weight.dtype).requires_grad_(False)
+        if self.config.draft_vocab is None and weight.dtype == self.weight_dtype:
+            return teacher.logits(features)
+        ids = self.draft_ids if self.config.draft_vocab is not None else None
+        key = (weight.data_ptr(), weight._version, weight.dtype, self.weight_dtype,
+               None if ids is None else (ids.data_ptr(), ids._version))
+        if self._readout is None or self._readout[0] != key:  # built once per teacher, vocabulary and dtype
+            rows = weight if ids is None else weight[ids]
+            linear = DecodeLinear(weight.shape[1], rows.shape[0], bias=bias is not None, device=weight.device,
+                                  dtype=self.weight_dtype).requires_grad_(False)
             with torch.no_grad():
-                linear.weight.copy_(weight[self.draft_ids])
+                linear.weight.copy_(rows)
                 if bias is not None:
-                    linear.bias.copy_(bias[self.draft_ids])
+                    linear.bias.copy_(bias if ids is None else bias[ids])
             self._readout = (key, linear)
         return self._readout[1](norm(features))
 
@@ -146,8 +157,7 @@ class ChainHead(DraftModule):
 
     def rows(self, teacher, features, next_tokens):
         """The head's input rows (B, S, H): fuse([features | embeddings of the tokens that follow them])."""
-        return self.fuse(torch.cat([features.to(self.fuse.weight.dtype),
-                                    teacher.embed(next_tokens).to(self.fuse.weight.dtype)], dim=-1))
+        return self.fuse(torch.cat([features, teacher.embed(next_tokens).to(features.dtype)], dim=-1))
 
     def forward_train(self, teacher, features, ids):
         """Teacher-forced head features (B, N-1, H) over a context: row p reads (F_p, ids[p+1]) at position p and
