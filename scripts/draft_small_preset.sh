@@ -2,10 +2,10 @@
 # The small-preset measurement of a draft student with `kforcing distill`'s defaults, prepared to run unattended on
 # a quiet machine (it takes about two hours on a 2-core CPU; timings are meaningless while other work shares it):
 #   1. a `small` teacher (6 layers x 512, byte-level BPE of 8,192 on the default corpus), resumable;
-#   2. a draft student distilled from it with the defaults (trunk pathway, categorical readout, k = 4,
-#      temperature 0.7, top-k 50, top-p 0.9) for DISTILL_STEPS steps of 8 x 64 windows;
-#   3. `kforcing eval`: verified tokens per pass, acceptance per offset against the u-blind floor, the u-shuffle
-#      test, unverified sample quality, and tokens/s against AR at batch 1 and 8.
+#   2. a draft student distilled from it with the defaults (chain pathway, one block, k = 4, temperature 0.7,
+#      top-k 50, top-p 0.9) for DISTILL_STEPS steps of 8 x 64 windows;
+#   3. `kforcing eval`: verified tokens per pass, acceptance per offset against the u-blind floor, unverified
+#      sample quality, and tokens/s against AR (pinned k, adaptive, unverified) at batch 1, 8 and 32.
 # Both trainings checkpoint often, so an interrupted run loses at most a few minutes: rerun the same command.
 # The evaluation is copied to bench/results/draft_small_<device>/ beside a README naming the budget.
 #   usage: bash scripts/draft_small_preset.sh [RUN_DIR]      (default RUN_DIR: runs/small-draft)
@@ -34,7 +34,7 @@ kforcing distill --teacher "$RUN/teacher" --out "$RUN/draft" --steps "$DISTILL_S
   --eval-interval 150 --save-interval 150 "${resume[@]}"
 distill_s=$((SECONDS - start - teacher_s))
 
-kforcing eval --teacher "$RUN/teacher" --student "$RUN/draft" --k 2,4 --batch-sizes 1,8 --out "$RUN/eval"
+kforcing eval --teacher "$RUN/teacher" --student "$RUN/draft" --k 2,4 --batch-sizes 1,8,32 --out "$RUN/eval"
 mkdir -p "$RESULTS"
 cp "$RUN"/eval/eval.{md,json} "$RESULTS"/
 cp "$RUN"/eval/*.png "$RESULTS"/ 2>/dev/null || true
@@ -47,6 +47,6 @@ $(date -u +%Y-%m-%dT%H:%MZ).
 - Teacher: \`kforcing train-teacher --config small --batch-size 8 --seq-len 128 --steps $TEACHER_STEPS\`
   (${teacher_s} s here; 0 when it was already trained).
 - Student: \`kforcing distill\` defaults, $DISTILL_STEPS steps of 8 x 64 windows (${distill_s} s).
-- Evaluation: [eval.md](eval.md) (\`kforcing eval --k 2,4 --batch-sizes 1,8\`).
+- Evaluation: [eval.md](eval.md) (\`kforcing eval --k 2,4 --batch-sizes 1,8,32\`).
 EOF
 echo "wrote $RESULTS (teacher ${teacher_s} s, distillation ${distill_s} s)"

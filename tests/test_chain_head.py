@@ -10,7 +10,7 @@ from kforcing.draft_decode import generate_with_drafts
 from kforcing.generate import generate_ar
 from kforcing.head_targets import chain_rollout, chain_step
 from kforcing.hint_head import DraftStudent, HeadConfig, Sampling
-from kforcing.model import KVCache, cast_linear_weights
+from kforcing.model import KVCache
 
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
 
@@ -177,13 +177,13 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(trained, monk
 
 @pytest.mark.parametrize("draft_vocab", [None, 40])
 def test_a_head_with_bf16_weights_drafts_from_them_and_stays_exact(trained, draft_vocab):
-    """cast_linear_weights(head, bf16): the fuse, the blocks and the drafts' readout (a bf16 copy of the teacher's
+    """store_draft_weights(bf16): the fuse, the blocks and the drafts' readout (a bf16 copy of the teacher's
     LM head, restricted or whole) read bf16 weights, the teacher stays fp32, drafts stay close to the fp32 head's
     and verified decoding still equals AR."""
     head = ChainHead(CONFIG, HeadConfig(num_layers=1, pathway="chain", draft_vocab=draft_vocab))
     head.load_state_dict(trained.head.state_dict(), strict=False)
     fp32 = DraftStudent(trained.teacher, head).eval()
-    bf16 = DraftStudent(trained.teacher, cast_linear_weights(copy.deepcopy(head), torch.bfloat16)).eval()
+    bf16 = DraftStudent(trained.teacher, copy.deepcopy(head)).store_draft_weights(torch.bfloat16).eval()
     assert bf16.head.weight_dtype == torch.bfloat16 and trained.teacher.lm_head.weight.dtype == torch.float32
     feature = torch.randn(5, CONFIG.n_embd)
     with torch.no_grad():

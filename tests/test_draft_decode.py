@@ -8,6 +8,7 @@ from kforcing.generate import generate_ar, generate_kforcing
 from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
 from kforcing.model import PushForwardLM
 from kforcing.noise import counter_uniform
+from kforcing_ops.nn import DecodeLinear
 
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
 
@@ -302,3 +303,18 @@ def test_speculative_decoding_samples_the_teacher_and_accepts_drafts():
         generate_with_drafts(student, PROMPTS, 4, acceptance="greedy")
     adaptive = generate_with_drafts(_student("onehot"), PROMPTS, 12, seed=2, acceptance="speculative")
     assert adaptive.lengths.tolist() == [12] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("pathway", ["head", "trunk"])
+def test_draft_weights_in_bf16_keep_verified_decoding_exact(pathway):
+    """store_draft_weights(bf16): a head-pathway head drafts from bf16 weights; a trunk student's adapters, which
+    run inside the teacher's pass, stay as they are; verified decoding equals AR either way."""
+    student = draft_student(_teacher(), HeadConfig(num_layers=1, max_k=4, readout="categorical", pathway=pathway))
+    student.store_draft_weights(torch.bfloat16)
+    dtypes = {m.weight.dtype for m in student.head.modules() if isinstance(m, DecodeLinear)}
+    assert dtypes == ({torch.bfloat16} if pathway == "head" else {torch.float32})
+    assert student.teacher.lm_head.weight.dtype == torch.float32
+    for sampling in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)):
+        want = generate_ar(student.teacher, RAGGED, 24, seed=2, **sampling)
+        for k in (4, None):
+            assert torch.equal(generate_with_drafts(student, RAGGED, 24, k=k, seed=2, **sampling).tokens, want.tokens)

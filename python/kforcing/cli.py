@@ -160,6 +160,10 @@ def _add_sample_parser(subparsers):
                    help="how the linear layers' weights are stored for decoding: bfloat16 reads half the bytes per "
                         "step (activations and the KV cache stay float32); the model decoded is then the "
                         "bf16-weight model, and --verify equals its AR samples")
+    p.add_argument("--draft-weights", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="draft students with --dtype float32: how the head's linear weights are stored for drafting "
+                        "(chain and head pathways). bfloat16 halves the bytes drafting reads; drafts only propose, "
+                        "so --verify output is unchanged")
     p.set_defaults(func=_sample)
 
 
@@ -216,6 +220,8 @@ def _sample(args):
     if args.dtype == "bfloat16":
         for part in (model.teacher, model.head) if kind == "draft" else (model,):
             cast_linear_weights(part, torch.bfloat16)
+    elif kind == "draft":
+        model.store_draft_weights(getattr(torch, args.draft_weights))
     _fill_sampling(args, config if kind == "draft" else None)
     texts = args.prompt or [""]
     prompts = []

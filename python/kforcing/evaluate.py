@@ -107,6 +107,9 @@ class EvalConfig:
     dtype: str = option("float32", "the models' dtype while evaluating (bfloat16 or float16: what a GPU serves); "
                         "checkpoints load in float32 and are cast once the student is matched to its teacher",
                         choices=list(EVAL_DTYPES))
+    draft_weights: str = option("bfloat16", "draft students with --dtype float32: how the head's linear weights are "
+                                "stored for drafting (chain and head pathways); bfloat16 halves the bytes drafting "
+                                "reads, and verified output is unchanged", choices=["float32", "bfloat16"])
     threads: Optional[int] = option(None, "CPU threads (default: torch's)")
     plots: bool = option(True, "skip the PNG plots", flag="--no-plots", action="store_false")
     progress: bool = option(True, "hide the progress bar", flag="--no-progress", action="store_false")
@@ -168,6 +171,8 @@ def load_models(config: EvalConfig, device) -> Models:
     for model in (models.teacher, models.student, models.reference):
         if model is not None:
             model.to(dtype)
+    if isinstance(student, DraftStudent) and dtype == torch.float32:
+        student.store_draft_weights(getattr(torch, config.draft_weights))
     return models
 
 

@@ -54,7 +54,7 @@ from .chain_head import ChainHead
 from .draft_module import DraftModule
 from .hf_adapters import HFTrunkAdapters
 from .hf_teacher import HFTeacher
-from .model import ARModel, Block, ModelConfig, decode_blocks, run_blocks
+from .model import ARModel, Block, ModelConfig, cast_linear_weights, decode_blocks, run_blocks
 from .teacher import check_teacher
 from .trunk_adapters import TrunkAdapters
 
@@ -288,6 +288,15 @@ class DraftStudent:
     @property
     def dtype(self):
         return self.teacher.dtype
+
+    def store_draft_weights(self, dtype):
+        """Store the head's linear weights as `dtype` for decoding (float32 or bfloat16; `cast_linear_weights`):
+        bfloat16 halves the bytes drafting reads, and since drafts only propose, verified output is unchanged. For
+        the chain and head pathways, whose drafting runs the head alone; a trunk student's adapters run inside the
+        teacher's pass and stay as they are. Returns self."""
+        if self.pathway != "trunk":
+            cast_linear_weights(self.head, dtype)
+        return self
 
     def num_params(self) -> int:
         """Trainable (head) parameters: what a draft checkpoint stores."""
