@@ -1,5 +1,6 @@
 """The `kforcing` command line: train-teacher and sample, as a user runs them, and their error messages."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.checkpoint import save_checkpoint
+from kforcing.checkpoint import CheckpointError, save_checkpoint
 from kforcing.loading import load_model
 from kforcing.cli import main
 from kforcing.model import PushForwardLM
@@ -260,3 +261,34 @@ def test_one_run_writes_into_a_directory_at_a_time(tmp_path, capsys):
         with pytest.raises(RunLockedError, match="in use by kforcing eval"):
             with run_lock(out, "distill"):
                 pass
+
+
+def test_a_teacher_run_is_never_a_students_out_nor_the_reverse(tmp_path, capsys):
+    """A run folder records its kind (run.json); distill refuses a teacher's folder as --out (it would repoint its
+    latest.json to the student) and train-teacher refuses a student's, before either writes anything. Folders
+    written before run.json existed are recognised by their files."""
+    from kforcing.checkpoint import RunLayout
+
+    teacher, student, fresh = tmp_path / "teacher", tmp_path / "student", tmp_path / "fresh"
+    (teacher / "checkpoints").mkdir(parents=True)  # a teacher run from before run.json
+    student.mkdir()
+    (student / "distill.json").write_text("{}")  # a student run from before run.json
+    cases = ((["distill", "--teacher", str(teacher), "--out", str(teacher)], teacher, "holds a teacher run"),
+             (["train-teacher", "--corpus", "stdlib", "--out", str(student)], student, "holds a student run"))
+    for command, folder, message in cases:
+        before = sorted(path.name for path in folder.iterdir())
+        with pytest.raises(SystemExit) as error:
+            main(command)
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and message in err and "choose another --out" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in folder.iterdir() if p.name != ".kforcing.lock") == before
+    layout = RunLayout(fresh)
+    fresh.mkdir()
+    assert layout.kind() is None
+    layout.claim("teacher", "train-teacher")
+    assert layout.kind() == "teacher" and json.loads(layout.run_kind.read_text()) == {"kind": "teacher"}
+    layout.claim("teacher", "train-teacher")  # the same kind again: fine
+    with pytest.raises(CheckpointError, match="holds a teacher run"):
+        layout.claim("distill", "distill")
+

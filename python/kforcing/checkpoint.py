@@ -60,6 +60,9 @@ def _file(name: str, doc: str = None) -> property:
     return property(lambda self: self.root / name, doc=doc)
 
 
+_KIND_NAMES = {"teacher": "teacher run (kforcing train-teacher)", "distill": "student run (kforcing distill)"}
+
+
 class RunLayout:
     """The file names of a training run (a teacher run, or one distillation stage) and of a distillation run."""
 
@@ -82,6 +85,33 @@ class RunLayout:
 
     def stage(self, k: int) -> "RunLayout":
         return RunLayout(self.root / f"stage_k{k}")
+
+    run_kind = _file("run.json", "The kind of run the folder holds: {\"kind\": \"teacher\" | \"distill\"}.")
+
+    def kind(self) -> Optional[str]:
+        """"teacher" or "distill" for a folder that holds a run (from run.json, or for folders written before it
+        existed, from distill.json or a teacher's checkpoints), None for a new or empty folder."""
+        if self.run_kind.is_file():
+            try:
+                return str(json.loads(self.run_kind.read_text())["kind"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{self.run_kind} is not a run record ({error}); delete it if the folder "
+                                      "is yours") from None
+        if self.distill_settings.is_file():
+            return "distill"
+        if self.checkpoints.is_dir() or self.latest.is_file():
+            return "teacher"
+        return None
+
+    def claim(self, kind: str, command: str):
+        """Mark the folder as a run of `kind`, refusing a folder that holds a run of another kind (a teacher's
+        folder is never a student's --out, nor the reverse): call it holding the run lock."""
+        held = self.kind()
+        if held not in (None, kind):
+            raise CheckpointError(f"{self.root} holds a {_KIND_NAMES[held]}; kforcing {command} writes a "
+                                  f"{_KIND_NAMES[kind]} and would overwrite its latest.json: choose another --out")
+        if held is None or not self.run_kind.is_file():
+            write_json_atomic(self.run_kind, {"kind": kind})
 
     def read_metrics(self) -> List[dict]:
         """The records of metrics.jsonl ([] when the run has none)."""

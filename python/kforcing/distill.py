@@ -624,6 +624,8 @@ def _write_settings(config: DistillConfig, layout: RunLayout, teacher_id: str, s
 def _distill(config: DistillConfig, info: DistInfo) -> dict:
     device = resolve_device(config.device, info.local_rank)
     layout = RunLayout(config.out_dir)
+    if info.main:
+        layout.claim("distill", "distill")
     if layout.distill_settings.is_file() and not config.resume:
         raise DistillError(f"{layout.root} already holds a distillation run; pass --resume to continue it (finished "
                            "stages are kept), or choose another --out")

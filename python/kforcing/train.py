@@ -241,6 +241,8 @@ def train_teacher(config: TrainConfig) -> dict:
 def _train(config: TrainConfig, info: DistInfo) -> dict:
     device = resolve_device(config.device, info.local_rank)
     layout = RunLayout(config.out_dir)
+    if info.main:
+        layout.claim("teacher", "train-teacher")
     start = ckpt.find_resume_checkpoint(layout.root)
     if start is not None and not config.resume:
         raise ValueError(f"{layout.root} already holds a training run; pass --resume to continue it, or choose "
