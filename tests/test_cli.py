@@ -229,7 +229,7 @@ def test_no_option_is_taken_by_its_prefix_and_boundary_beta_is_on_the_command_li
 
 
 def test_one_run_writes_into_a_directory_at_a_time(tmp_path, capsys):
-    """A second distill (or train-teacher) on a folder another run is writing into is refused with one line naming
+    """A second distill, train-teacher or eval on a folder another run is writing into is refused with one line naming
     the holder, before it touches anything; the lock goes with the process that held it."""
     import subprocess
     import sys
@@ -248,7 +248,8 @@ def test_one_run_writes_into_a_directory_at_a_time(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         for command in (["distill", "--teacher", "t", "--out", str(out)],
-                        ["train-teacher", "--corpus", "stdlib", "--out", str(out)]):
+                        ["train-teacher", "--corpus", "stdlib", "--out", str(out)],
+                        ["eval", "--teacher", "t", "--student", "s", "--out", str(out)]):
             with pytest.raises(SystemExit) as error:
                 main(command)
             err = capsys.readouterr().err

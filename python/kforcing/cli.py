@@ -339,6 +339,7 @@ def _add_eval_parser(subparsers):
 def _eval(args):
     from .evaluate import EvalConfig, run_eval, save_results
     from .report import eval_tables, write_eval_report
+    from .runtime import run_lock
 
     if args.out_dir is None:
         student = Path(args.student).expanduser()
@@ -346,9 +347,10 @@ def _eval(args):
                            else student.parent / "eval")
     _refuse_file(args.out_dir)
     config = config_from_args(EvalConfig, args)
-    results = run_eval(config)
-    save_results(results, config.out_dir)
-    write_eval_report(results, config.out_dir, plots=config.plots)
+    with run_lock(config.out_dir, "eval"):  # one evaluation writes into a folder at a time
+        results = run_eval(config)
+        save_results(results, config.out_dir)
+        write_eval_report(results, config.out_dir, plots=config.plots)
     print(eval_tables(results))
     print(f"results: {config.out_dir}/eval.json, {config.out_dir}/eval.md", file=sys.stderr)
     return 0
