@@ -155,6 +155,8 @@ def test_eval_of_a_draft_student(teacher_run, tmp_path):
     json.dumps(results)  # eval.json is plain data
     with pytest.raises(ValueError, match="--k 1 is not allowed"):
         run_eval(EvalConfig(**{**config.__dict__, "ks": [1]}))
+    with pytest.raises(ValueError, match="--freq-penalty applies to push-forward students"):
+        run_eval(EvalConfig(**{**config.__dict__, "freq_penalty": 1.0}))
 
 
 def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):

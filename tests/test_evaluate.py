@@ -146,6 +146,8 @@ def test_eval_cli_and_its_errors(checkpoints, tmp_path, capsys):
     fails(["--teacher", teacher, "--student", student, "--sample-len", "100"], "exceeds the models' max_seq_len=64")
     fails(["--teacher", teacher, "--student", student, "--sample-len", "6", "--data-dir", str(tmp_path)],
           "holds no token cache")
+    fails(["--teacher", teacher, "--student", student, "--sample-len", "6", "--context-len", "1000"],
+          "--context-len 1000 does not fit: the models' max_seq_len=64 holds at most")
 
 
 def test_heldout_contexts_are_deterministic(checkpoints):

@@ -55,6 +55,7 @@ from .options import option, parse_int_list
 from .runtime import machine_info, resolve_device, write_json_atomic
 
 # Quality targets, measured at the largest k without frequency penalty.
+DEFAULT_FREQ_PENALTY = 1.0  # push-forward students: the penalised sample set beside the plain one
 EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = {"agree_offset_1": 0.90, "agree_offset_4": 0.75, "ppl_ratio": 1.3, "entropy_rel": 0.05}
 
@@ -93,7 +94,8 @@ class EvalConfig:
                                     "the one it was distilled with)")
     cdf_order: Optional[str] = option(None, "draft students: the inverse CDF's token order (vocab or descending; "
                                       "default: the one it was distilled with)", choices=list(CDF_ORDERS))
-    freq_penalty: float = option(1.0, "lambda of the penalised student samples (0: none)")
+    freq_penalty: Optional[float] = option(None, "push-forward students: lambda of the penalised student samples "
+                                           "(0: none; default 1.0)")
     batch_sizes: List[int] = option([1, 8, 32], "batch sizes of the decode benchmark ('' to skip it)",
                                     convert=lambda text: parse_int_list(text, "--batch-sizes") if text.strip() else [],
                                     flag_default="1,8,32")
@@ -124,7 +126,7 @@ class EvalConfig:
             raise EvalError(f"temperature must be positive, got {self.temperature}")
         if (self.top_k is not None and self.top_k < 0) or (self.top_p is not None and not 0.0 < self.top_p <= 1.0):
             raise EvalError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
-        if self.freq_penalty < 0:
+        if self.freq_penalty is not None and self.freq_penalty < 0:
             raise EvalError(f"freq_penalty must be >= 0, got {self.freq_penalty}")
         if any(b < 1 for b in self.batch_sizes):
             raise EvalError(f"batch sizes must be >= 1, got {self.batch_sizes}")
@@ -153,6 +155,9 @@ def load_models(config: EvalConfig, device) -> Models:
     if isinstance(student, ARModel):
         raise EvalError(f"--student {config.student} is an AR model; it must be a K-Forcing student "
                         "(a `kforcing distill` output)")
+    if isinstance(student, DraftStudent) and config.freq_penalty is not None:
+        raise EvalError("--freq-penalty applies to push-forward students; a draft student's samples are never "
+                        "penalised (verified decoding is the teacher's own sample)")
     if isinstance(student, PushForwardLM):
         check_compatible(teacher, student, tokenizer, student_tokenizer)
         if config.top_k or (config.top_p or 1.0) < 1.0 or config.cdf_order not in (None, "vocab"):
@@ -244,7 +249,8 @@ def _sample_prompts(config: EvalConfig, models: Models, dataset: TokenDataset) -
 
 def _quality(config: EvalConfig, models: Models, prompts, ks, bar) -> Dict:
     """{"quality": one row per sample set (AR teacher, then the student per penalty and k), "examples"}."""
-    penalties = [0.0] + ([config.freq_penalty] if config.freq_penalty else [])
+    penalty = DEFAULT_FREQ_PENALTY if config.freq_penalty is None else config.freq_penalty
+    penalties = [0.0] + ([penalty] if penalty else [])
     rows, examples, ar_samples = [], {}, None
 
     def measure(name, model, k, penalty):
@@ -314,6 +320,9 @@ def run_eval(config: EvalConfig) -> Dict:
         raise EvalError(f"the held-out data has {dataset.vocab_size} token ids but the models only "
                         f"{models.teacher.config.vocab_size}: it was made with another tokenizer")
     max_seq, trained_len = models.teacher.config.max_seq_len, trained_context_length(models)
+    if config.context_len and config.context_len > max_seq - max(ks):
+        raise EvalError(f"--context-len {config.context_len} does not fit: the models' max_seq_len={max_seq} holds "
+                        f"at most {max_seq - max(ks)} context tokens before the largest k={max(ks)}")
     context_len = min(config.context_len or trained_len or max_seq, max_seq - max(ks))
     prompts = _sample_prompts(config, models, dataset)
     notes = []
@@ -329,7 +338,7 @@ def run_eval(config: EvalConfig) -> Dict:
                "machine": machine_info(device), "training": training_budget(models)}
     if isinstance(models.student, DraftStudent):
         return _draft_eval(config, models, dataset, prompts, results)
-    sample_sets = 1 + len(ks) * (2 if config.freq_penalty else 1)
+    sample_sets = 1 + len(ks) * (1 if config.freq_penalty == 0 else 2)
     bar = tqdm(total=len(ks) + sample_sets + len(config.batch_sizes) * config.speed_repeats, desc="eval",
                unit="task", disable=not config.progress, dynamic_ncols=True)
     contexts = heldout_contexts(dataset, config.contexts, context_len, seed=config.seed)
