@@ -93,6 +93,20 @@ def test_resuming_a_draft_run_is_exact(teacher_run, tmp_path, options):
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def test_resuming_past_the_requested_steps_finishes_with_a_message(teacher_run, tmp_path, capsys):
+    """An interrupted run at step 4 resumed with --steps 2: nothing left to train, said in one line; the CLI's
+    summary prints '-' for the metrics it did not measure instead of a traceback."""
+    out = tmp_path / "run"
+    distill(settings(teacher_run, out, steps=[8], save_interval=4, stop_after=4))
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher_run), "--out", str(out), "--resume", "--steps", "2",
+                 "--pathway", "head", "--head-layers", "1", "--warmup", "2", "--batch-size", "4", "--seq-len", "16",
+                 "--eval-batches", "1", "--ar-eval-contexts", "4", "--no-progress", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "is at step 4, which reaches the 2 steps asked for: nothing left to train" in err, err
+    assert "Traceback" not in err and "stage k=4: " in err and (out / "stage_k4" / "done.json").is_file()
+
+
 def test_progressive_growth_continues_the_same_head(teacher_run, tmp_path):
     summary = distill(settings(teacher_run, tmp_path / "run", schedule=[2, 4], steps=[3, 3]))
     assert [s["k"] for s in summary["stages"]] == [2, 4]

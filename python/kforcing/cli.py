@@ -297,20 +297,23 @@ def _add_distill_parser(subparsers):
 def _distill(args):
     from .distill import DistillConfig, distill
 
-    summary = distill(config_from_args(DistillConfig, args))
+    config = config_from_args(DistillConfig, args)
+    summary = distill(config)
+
+    def number(stage, key, form="{:.3f}"):  # "-" for a metric the run did not measure (e.g. resumed when done)
+        return "-" if stage.get(key) is None else form.format(stage[key])
+
     if int(os.environ.get("RANK", "0")) == 0:
         for stage in summary["stages"]:
-            if "verified_tokens_per_pass" in stage or "val_tokens_per_pass" in stage:
-                accept = ", ".join(f"{stage.get(f'val_accept_{j}', 0.0):.3f}" for j in range(2, stage["k"] + 1))
-                measured = stage.get("verified_tokens_per_pass")
+            if config.pathway != "full":  # a draft student
+                accept = ", ".join(number(stage, f"val_accept_{j}") for j in range(2, stage["k"] + 1))
                 print(f"stage k={stage['k']}: {stage['step']} steps, acceptance per draft offset [{accept}], "
-                      f"verified tokens per pass " + ("-" if measured is None else f"{measured:.2f}"),
+                      f"verified tokens per pass {number(stage, 'verified_tokens_per_pass', '{:.2f}')}",
                       file=sys.stderr)
                 continue
-            agree = [stage.get(f"ar_agree_{j}") for j in range(1, stage["k"] + 1)]
-            agree = ", ".join("-" if a is None else f"{a:.3f}" for a in agree)
-            print(f"stage k={stage['k']}: {stage['step']} steps, val exact match {stage['val_exact_match']:.3f}, "
-                  f"AR agreement per offset [{agree}]", file=sys.stderr)
+            agree = ", ".join(number(stage, f"ar_agree_{j}") for j in range(1, stage["k"] + 1))
+            print(f"stage k={stage['k']}: {stage['step']} steps, val exact match "
+                  f"{number(stage, 'val_exact_match')}, AR agreement per offset [{agree}]", file=sys.stderr)
         if summary["checkpoint"]:
             print(f"student: {summary['checkpoint']}", file=sys.stderr)
         else:

@@ -423,6 +423,9 @@ class Trainer:
         self.task.load_state(state)
         self.step = state["step"]
         _set_rng_state(state["rng"][self.info.rank], self.device)
+        if self.step >= self.steps and self.info.main:
+            print(f"kforcing: {self.task.name}: {directory} is at step {self.step}, which reaches the {self.steps} "
+                  "steps asked for: nothing left to train, the run is finished as it is", file=sys.stderr)
 
     def save(self):
         rng = [_rng_state(self.device)]
