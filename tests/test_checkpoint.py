@@ -108,3 +108,15 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(shared, tmp_p
     with pytest.raises(TrainingError, match="non-finite loss at step 1"):
         train_teacher(config(out, shared, save_interval=1))
     assert not (out / "latest.json").exists() and not list(out.glob("checkpoints/step_*"))
+
+
+def test_weights_of_another_kind_of_model_are_refused_in_plain_words(tmp_path):
+    from kforcing.hint_head import DraftStudent, HeadConfig
+    from kforcing.model import ARModel, ModelConfig
+
+    teacher = ARModel(ModelConfig.from_preset("tiny", vocab_size=64, max_seq_len=32))
+    ckpt.save_checkpoint(tmp_path, teacher)
+    student = DraftStudent.from_teacher(teacher, HeadConfig(pathway="chain", num_layers=1))
+    with pytest.raises(ckpt.CheckpointError, match="holds an AR model, which does not fit the ChainHead it is being "
+                                                   "loaded into"):
+        ckpt.load_weights(student.head, tmp_path)

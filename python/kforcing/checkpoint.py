@@ -415,8 +415,10 @@ def load_weights(model, path, strict: bool = True):
             raise CheckpointError(f"checkpoint {directory} was made for another model config "
                                   f"({describe_config_difference(saved_config, model_config)}; checkpoint vs model)")
     if (config.get("head") is None) != (mine.get("head") is None):
-        raise CheckpointError(f"checkpoint {directory} is a {config.get('model_type')} checkpoint; it does not fit a "
-                              f"{type(model).__name__}")
+        kinds = {"ar": "an AR model", "pushforward": "a push-forward student", "draft": "a draft student"}
+        saved = kinds.get(config.get("model_type"), f"a {config.get('model_type')!r} model")
+        raise CheckpointError(f"checkpoint {directory} holds {saved}, which does not fit the {type(model).__name__} "
+                              "it is being loaded into")
     if mine.get("head") is not None:
         from .hint_head import HeadConfig
 
