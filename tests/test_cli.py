@@ -293,3 +293,15 @@ def test_a_teacher_run_is_never_a_students_out_nor_the_reverse(tmp_path, capsys)
     with pytest.raises(CheckpointError, match="holds a teacher run"):
         layout.claim("distill", "distill")
 
+
+
+def test_a_damaged_run_file_is_an_error_naming_it(tmp_path, capsys):
+    """A run's own JSON (here distill.json of a student run) that does not parse: one line naming the file."""
+    run = tmp_path / "student"
+    run.mkdir()
+    (run / "distill.json").write_text('{"teacher_checkpoint": ')
+    with pytest.raises(SystemExit) as error:
+        main(["distill", "--teacher", "t", "--out", str(run), "--resume", "--pathway", "trunk"])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and f"{run / 'distill.json'} is not valid JSON" in err, err
+    assert len(err.strip().splitlines()) == 1

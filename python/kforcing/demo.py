@@ -35,7 +35,6 @@ The report folder (default runs/demo, runs/demo-quick, runs/demo-full):
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -51,7 +50,7 @@ from .distill import DRAFT_SAMPLING, DistillConfig, distill
 from .evaluate import EvalConfig, load_results, run_eval, save_results
 from .report import demo_markdown, plot_eval, plot_training, summary_table, write_eval_report
 from .report_draft import plot_draft
-from .runtime import git_sha, resolve_device, write_json_atomic, write_text_atomic
+from .runtime import git_sha, read_json, resolve_device, write_json_atomic, write_text_atomic
 from .train import TrainConfig, train_teacher
 
 DEFAULT_OUT = {"quick": "runs/demo-quick", "default": "runs/demo", "full": "runs/demo-full"}
@@ -117,7 +116,7 @@ class _State:
         self.path = path
         self.data = {"version": self.VERSION, "profile": dataclasses.asdict(profile), "phases": {}}
         if path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path)
             if saved.get("profile") != self.data["profile"]:
                 raise ValueError(f"{path.parent} holds a demo run of another profile "
                                  f"({saved.get('profile', {}).get('name')!r}); choose another --out or delete it")

@@ -33,7 +33,6 @@ or `data_dir` say otherwise.
 
 import contextlib
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -52,7 +51,7 @@ from .hf_teacher import HFTeacher
 from .hint_head import CDF_ORDERS, NOISE_CODES, READOUTS, DraftStudent, HeadConfig, Sampling
 from .metrics import coupled_agreement
 from .model import ARModel, PushForwardLM
-from .runtime import resolve_device, run_lock, write_json_atomic
+from .runtime import read_json, resolve_device, run_lock, write_json_atomic
 from .targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
 from .options import option, parse_int_list
 from .loading import load_model
@@ -612,7 +611,7 @@ def _write_settings(config: DistillConfig, layout: RunLayout, teacher_id: str, s
     """distill.json: checked against the current settings on --resume (another teacher is an error)."""
     current = config.to_json()
     if layout.distill_settings.is_file():
-        saved = json.loads(layout.distill_settings.read_text())
+        saved = read_json(layout.distill_settings)
         if saved.get("teacher_checkpoint") not in (None, teacher_id):
             raise DistillError(f"{layout.root} was distilled from {saved['teacher_checkpoint']}, not {teacher_id}; "
                                "resume with the original --teacher or choose another --out")
@@ -633,7 +632,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
     if resuming and config.pathway == "trunk" and config.adapter_rank is None:
         # An unset rank resumes with the run's own, also for a run begun when the default rank was another (a copy:
         # the caller's config stays as given).
-        saved_rank = json.loads(layout.distill_settings.read_text()).get("adapter_rank")
+        saved_rank = read_json(layout.distill_settings).get("adapter_rank")
         config = dataclasses.replace(config, adapter_rank=saved_rank)
     teacher, tokenizer, teacher_config = load_model(config.teacher, device=device)
     # A Hugging Face teacher is named by its resolved "hf:PATH"; a kforcing one by its checkpoint directory.
@@ -674,7 +673,7 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
 
 
 def _finished_stage(stage_layout: RunLayout, k: int) -> dict:
-    summary = json.loads(stage_layout.done.read_text())
+    summary = read_json(stage_layout.done)
     if not (stage_layout.final / "config.json").is_file():
         raise ckpt.CheckpointError(f"{stage_layout.done} marks stage k={k} finished but {stage_layout.final} is not "
                                    f"a checkpoint; delete {stage_layout.root} to redo the stage")

@@ -30,7 +30,6 @@ largest k evaluated and stated as reached or not.
 """
 
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -52,7 +51,7 @@ from .loading import load_model
 from .model import ARModel, PushForwardLM
 from .teacher import is_teacher
 from .options import option, parse_int_list
-from .runtime import machine_info, resolve_device, write_json_atomic
+from .runtime import machine_info, read_json, resolve_device, write_json_atomic
 
 # Quality targets, measured at the largest k without frequency penalty.
 DEFAULT_FREQ_PENALTY = 1.0  # push-forward students: the penalised sample set beside the plain one
@@ -409,7 +408,7 @@ def save_results(results: Dict, out_dir) -> Path:
 
 def load_results(out_dir) -> Dict:
     """The results an evaluation saved in out_dir (eval.json)."""
-    return json.loads((Path(out_dir) / "eval.json").read_text())
+    return read_json(Path(out_dir) / "eval.json")
 
 
 def check_targets(results: Dict) -> Dict:

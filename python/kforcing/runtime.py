@@ -88,6 +88,23 @@ def write_json_atomic(path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+class StateFileError(ValueError):
+    """A run's own JSON file (settings, a finished stage's record, a demo's state) cannot be read."""
+
+
+def read_json(path) -> dict:
+    """A run's JSON file, or StateFileError naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StateFileError(f"{path} is not valid JSON ({error}); restore it, or delete the run and start again") \
+            from None
+    if not isinstance(data, dict):
+        raise StateFileError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def sha256_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
