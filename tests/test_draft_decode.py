@@ -318,3 +318,31 @@ def test_draft_weights_in_bf16_keep_verified_decoding_exact(pathway):
         want = generate_ar(student.teacher, RAGGED, 24, seed=2, **sampling)
         for k in (4, None):
             assert torch.equal(generate_with_drafts(student, RAGGED, 24, k=k, seed=2, **sampling).tokens, want.tokens)
+
+
+def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(monkeypatch):
+    """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
+    its first observations plainly; and while the two kinds are within CLOSE_MARGIN, exploration does not back
+    off."""
+    from kforcing import draft_policy
+
+    clock = [0.0]
+    monkeypatch.setattr(draft_policy.time, "perf_counter", lambda: clock[0])
+    policy = draft_policy.DraftPolicy(batch=1, max_drafts=3, device="cpu", explore_every=2)
+    active = torch.ones(1, dtype=torch.bool)
+
+    def round_of(kind_seconds, matches=None):
+        clock[0] += kind_seconds
+        if matches is not None:
+            policy.observe_acceptance(torch.tensor([matches]), active)
+        return policy.choose(active)
+
+    assert policy.choose(active) == 3                           # untimed: drafting first
+    assert round_of(10.0, [1, 1, 0]) == 0                       # the drafting round's first timing: 10 s (one-off)
+    round_of(1.0)                                               # an AR step: 1 s
+    for _ in range(8):                                          # steady drafting rounds of 2.8 s
+        kind = policy._timing[0]
+        round_of(2.8 if kind else 1.0, [1, 1, 0] if kind else None)
+    assert policy.cost[3] < 3.0 and policy.cost[0] == 1.0      # 10 s was dropped, not averaged in
+    torch.testing.assert_close(policy.acceptance[0], torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    assert policy.rounds[0] >= 3 and policy.interval == 2      # 3 tokens / 2.8 s vs 1 / 1 s: close, keep exploring

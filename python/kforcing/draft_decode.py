@@ -110,6 +110,8 @@ class _DraftDecoder:
         # Chain pathway: (teacher features, the tokens that followed them, rows kept) the head has not read yet,
         # and the head's feature at each sequence's last read row (what the next draft chain starts from).
         self.pending, self.chain_feature = [], None
+        # Whether the queue holds rows a drafting round did not commit (the prompt's, or a run of AR steps').
+        self.catch_up_pending = False
 
     @property
     def draft_cache(self):
@@ -151,7 +153,7 @@ class _DraftDecoder:
         self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
         return tokens, keep
 
-    def commit_features(self, features, next_tokens, keep):
+    def commit_features(self, features, next_tokens, keep, by_drafting_round=False):
         """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
         that followed them (B, T); each sequence keeps only its first `keep` rows.
 
@@ -162,6 +164,7 @@ class _DraftDecoder:
             return
         if self.student.pathway == "chain":
             self.pending.append((features, next_tokens, keep))
+            self.catch_up_pending = self.catch_up_pending or not by_drafting_round
             return
         start = self.head_cache.seqlens.clone()
         decode_blocks(self.student.head.blocks, features, self.head_cache, features.shape[1],
@@ -180,6 +183,16 @@ class _DraftDecoder:
             self.chain_feature = last if self.chain_feature is None else torch.where(
                 (keep > 0)[:, None], last, self.chain_feature)
         self.pending.clear()
+        self.catch_up_pending = False
+
+    def catch_up(self) -> bool:
+        """Chain pathway: read the rows queued by the prompt or a run of AR steps now, apart from the next drafting
+        round (whose cost adaptive drafting measures: a catch-up that grows with the AR steps before it would make
+        drafting look dearer the longer it was not taken). True when there was something to read."""
+        if not self.catch_up_pending:
+            return False
+        self._read_pending()
+        return True
 
     def _chain_drafts(self, count, distributions):
         """Chain pathway: `count` drafts, each sampled from the head's distribution with its position's uniform,
@@ -324,6 +337,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         if not bool(active.any()):
             break
         count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
+        if count and policy is not None and decoder.catch_up():
+            policy.restart_timing()  # the catch-up is not part of the drafting round's cost
         start = decoder.trunk_cache.seqlens.to(torch.int64)
         if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
             # advances the caches itself)
@@ -365,7 +380,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
             exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
             decoder.trunk_cache.seqlens.copy_(start + advance)
-            decoder.commit_features(features, new_tokens, advance)
+            decoder.commit_features(features, new_tokens, advance, by_drafting_round=True)
         sequence_passes += active.long()
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
         if eos_id is not None:

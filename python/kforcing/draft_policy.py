@@ -5,12 +5,15 @@ teacher row, no draft pass). `DraftPolicy` keeps
   - per sequence, an exponential moving average of each draft offset's cumulative acceptance (drafts 1..j all
     accepted), updated from the verification every drafting round does anyway;
   - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
-    (measured around whole rounds, so it includes everything a round does), or fixed costs given by the caller.
+    (measured around whole rounds, so it includes everything a round does; a kind's first timing in a request,
+    which carries one-off costs, is replaced by its second rather than averaged), or fixed costs given by the
+    caller.
 Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
 active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed
 is tried first. The kind not taken is tried again after `explore_every` rounds, then after twice as many each
-time trying it changes nothing (up to 16x), so that both estimates follow the text while a hopeless kind costs
-little.
+time trying it changes nothing and it is clearly worse (by more than CLOSE_MARGIN; up to 16x), so that both
+estimates follow the text while a hopeless kind costs little. Acceptance estimates average their first
+observations plainly (weight 1/n) before the moving average takes over (weight `decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
@@ -35,6 +38,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 MAX_BACKOFF = 16
+CLOSE_MARGIN = 0.15  # kinds whose expected tokens per unit of cost are this close keep being explored
 
 
 @dataclasses.dataclass
@@ -77,9 +81,11 @@ class DraftPolicy:
         self.counts = list(range(1, max_drafts + 1)) if per_draft_cost else [max_drafts]
         self.fixed = costs is not None
         self.cost = {0: costs[0], max_drafts: costs[1]} if costs is not None else {}
+        self._timings = {}  # kind -> rounds of it timed in this request
         # Optimistic start: a sequence is assumed to accept every draft until its first drafting round, whose
         # outcome then replaces the assumption (later rounds blend in).
         self.acceptance = torch.ones(batch, max_drafts, dtype=torch.float64, device=device)
+        self._observations = torch.zeros(batch, max_drafts, dtype=torch.float64, device=device)
         self._seen = torch.zeros(batch, dtype=torch.bool, device=device)
         self.interval = explore_every
         self._key = (batch, max_drafts)
@@ -89,6 +95,7 @@ class DraftPolicy:
             if not self.fixed:
                 self.cost = dict(learnt.cost)
             self.acceptance[:] = learnt.acceptance.to(device)
+            self._observations[:] = 1 / self.decay  # a learnt prior: new observations blend in at `decay`
             self._seen[:] = True
             self.interval = learnt.interval
         self.rounds = {count: 0 for count in [0, *self.counts]}  # rounds taken of each count
@@ -111,6 +118,12 @@ class DraftPolicy:
             self._tokens = [1.0, *(1.0 + self.acceptance[active].mean(dim=0).cumsum(0)).tolist()]
         return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
 
+    def _margin(self, best) -> float:
+        """How much more the best kind is expected to yield per unit of cost than the best of the other kind."""
+        rate = lambda count: self._tokens[count] / self._cost(count)  # noqa: E731
+        other = rate(0) if best else max(rate(count) for count in self.counts)
+        return rate(best) / other - 1
+
     def choose(self, active: torch.Tensor) -> int:
         """Drafts for the next round (0, max_drafts or, with per_draft_cost, a count between), given the (B,) mask of
         sequences still decoding. Also ends the timing of the previous round: call it once per round, at the same
@@ -118,9 +131,12 @@ class DraftPolicy:
         now = time.perf_counter()
         if self._timing is not None and not self.fixed:
             kind, start, rounds = self._timing
-            previous = self.cost.get(kind)
             seconds = (now - start) / rounds
-            self.cost[kind] = seconds if previous is None else (1 - self.decay) * previous + self.decay * seconds
+            # A kind's first timing in a request carries one-off costs (first calls, allocations): the second
+            # replaces it rather than blending with it, and later ones blend in.
+            seen = self._timings.get(kind, 0)
+            self.cost[kind] = seconds if seen <= 1 else (1 - self.decay) * self.cost[kind] + self.decay * seconds
+            self._timings[kind] = seen + 1
         self._round += 1
         untimed = [kind for kind in (self.max_drafts, 0) if kind not in self.cost]
         if untimed:
@@ -129,8 +145,11 @@ class DraftPolicy:
             best = self._best(active)
             if self._explored_from is not None:  # the last round explored: did it change the choice?
                 changed = (best > 0) != (self._explored_from > 0)
-                self.interval = self.explore_every if changed else min(2 * self.interval,
-                                                                       MAX_BACKOFF * self.explore_every)
+                # Back off only from a kind that is clearly worse: where the two are close, exploring costs
+                # little and the estimates (noisy at small batch) need the observations.
+                close = self._margin(best) < CLOSE_MARGIN
+                self.interval = self.explore_every if changed or close else min(2 * self.interval,
+                                                                                MAX_BACKOFF * self.explore_every)
                 self._explored_from = None
             other = 0 if best else self.max_drafts
             kind = best
@@ -140,6 +159,13 @@ class DraftPolicy:
         self._taken_at[self.max_drafts if kind else 0] = self._round
         self._timing = (kind, now, 1)
         return kind
+
+    def restart_timing(self):
+        """Start timing the round `choose` just began from now: work done since (a catch-up the round did not
+        cause) is left out of its cost."""
+        if self._timing is not None:
+            kind, _, rounds = self._timing
+            self._timing = (kind, time.perf_counter(), rounds)
 
     def plain_run(self, limit: int) -> int:
         """After `choose` returned 0: how many AR steps, at most `limit`, the decoder may take in a row before the
@@ -160,8 +186,11 @@ class DraftPolicy:
         past c keep their estimates)."""
         rows, count = active.nonzero().flatten(), matches.shape[1]
         current, new = self.acceptance[rows, :count], matches[rows].to(self.acceptance.dtype)
-        blended = torch.where(self._seen[rows, None], (1 - self.decay) * current + self.decay * new, new)
-        self.acceptance[rows, :count] = blended
+        # The n-th observation of an offset weighs max(decay, 1/n): a plain mean of the first few (a 0/1 outcome
+        # is noise), then a moving average. The optimistic start counts as no observation.
+        self._observations[rows, :count] += 1
+        weight = self._observations[rows, :count].reciprocal().clamp(min=self.decay)
+        self.acceptance[rows, :count] = (1 - weight) * current + weight * new
         self._seen[rows] = True
         self._tokens = None
 
