@@ -322,8 +322,8 @@ def test_draft_weights_in_bf16_keep_verified_decoding_exact(pathway):
 
 def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(monkeypatch):
     """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
-    its first observations plainly; and while the two kinds are within CLOSE_MARGIN, exploration does not back
-    off."""
+    its first observations plainly; exploration keeps its interval while exploring costs little, and backs off
+    when an exploration is dear."""
     from kforcing import draft_policy
 
     clock = [0.0]
@@ -345,4 +345,7 @@ def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(
         round_of(2.8 if kind else 1.0, [1, 1, 0] if kind else None)
     assert policy.cost[3] < 3.0 and policy.cost[0] == 1.0      # 10 s was dropped, not averaged in
     torch.testing.assert_close(policy.acceptance[0], torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
-    assert policy.rounds[0] >= 3 and policy.interval == 2      # 3 tokens / 2.8 s vs 1 / 1 s: close, keep exploring
+    assert policy.rounds[0] >= 3 and policy.interval == 2      # 3 tokens / 2.8 s vs 1 / 1 s: exploring is cheap
+    assert policy._affordable_interval(3) == 2
+    policy.cost[0] = 0.3                                        # now AR is far better: a drafting round loses
+    assert policy._affordable_interval(0) == 32                 # 2.8 - 3 x 0.3 s, over 2% of 0.3 s: the cap, 16 x 2

@@ -10,9 +10,10 @@ teacher row, no draft pass). `DraftPolicy` keeps
     caller.
 Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
 active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed
-is tried first. The kind not taken is tried again after `explore_every` rounds, then after twice as many each
-time trying it changes nothing and it is clearly worse (by more than CLOSE_MARGIN; up to 16x), so that both
-estimates follow the text while a hopeless kind costs little. Acceptance estimates average their first
+is tried first. The kind not taken is tried again after `explore_every` rounds; each time trying it changes
+nothing, the interval becomes what keeps exploring at about EXPLORE_BUDGET of the time (the time an exploration
+loses against the best kind, over 2% of a best round; from explore_every up to 16x it), so that both estimates
+follow the text: a kind close to the best keeps being tried, a hopeless one costs little. Acceptance estimates average their first
 observations plainly (weight 1/n) before the moving average takes over (weight `decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
@@ -38,7 +39,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 MAX_BACKOFF = 16
-CLOSE_MARGIN = 0.15  # kinds whose expected tokens per unit of cost are this close keep being explored
+EXPLORE_BUDGET = 0.02  # the share of decoding time that exploring the kind not taken may cost
 
 
 @dataclasses.dataclass
@@ -118,11 +119,15 @@ class DraftPolicy:
             self._tokens = [1.0, *(1.0 + self.acceptance[active].mean(dim=0).cumsum(0)).tolist()]
         return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
 
-    def _margin(self, best) -> float:
-        """How much more the best kind is expected to yield per unit of cost than the best of the other kind."""
-        rate = lambda count: self._tokens[count] / self._cost(count)  # noqa: E731
-        other = rate(0) if best else max(rate(count) for count in self.counts)
-        return rate(best) / other - 1
+    def _affordable_interval(self, best) -> int:
+        """Rounds between explorations such that exploring the other kind (an AR step, or a round of max_drafts)
+        costs about EXPLORE_BUDGET of the time: the time one exploration loses against spending it on `best`, over
+        EXPLORE_BUDGET x a round of `best`; between explore_every and MAX_BACKOFF x explore_every."""
+        other = 0 if best else self.max_drafts
+        per_token = self._cost(best) / self._tokens[best]
+        loss = self._cost(other) - self._tokens[other] * per_token
+        rounds = loss / (EXPLORE_BUDGET * self._cost(best))
+        return int(min(max(rounds, self.explore_every), MAX_BACKOFF * self.explore_every))
 
     def choose(self, active: torch.Tensor) -> int:
         """Drafts for the next round (0, max_drafts or, with per_draft_cost, a count between), given the (B,) mask of
@@ -145,11 +150,7 @@ class DraftPolicy:
             best = self._best(active)
             if self._explored_from is not None:  # the last round explored: did it change the choice?
                 changed = (best > 0) != (self._explored_from > 0)
-                # Back off only from a kind that is clearly worse: where the two are close, exploring costs
-                # little and the estimates (noisy at small batch) need the observations.
-                close = self._margin(best) < CLOSE_MARGIN
-                self.interval = self.explore_every if changed or close else min(2 * self.interval,
-                                                                                MAX_BACKOFF * self.explore_every)
+                self.interval = self.explore_every if changed else self._affordable_interval(best)
                 self._explored_from = None
             other = 0 if best else self.max_drafts
             kind = best
