@@ -50,7 +50,7 @@ def copy_of(run, tmp_path):
 def test_every_tensor_file_has_a_checksum(run):
     directory = ckpt.resolve_checkpoint(run)
     files = ckpt.read_config(directory)["files"]
-    assert set(files) == {"model.safetensors", "optimizer.pt", "trainer_state.pt"}
+    assert set(files) == {"model.safetensors", "optimizer.pt", "trainer_state.pt", "tokenizer.json"}
     assert all(len(digest) == 64 for digest in files.values())
 
 
@@ -76,7 +76,7 @@ def test_unreadable_content_with_a_matching_checksum(run, tmp_path):
     (directory / "optimizer.pt").write_bytes(b"not a pickle")
     config = json.loads((directory / "config.json").read_text())
     config["files"]["optimizer.pt"] = ckpt.sha256_file(directory / "optimizer.pt")
-    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "config.json").write_text(json.dumps(ckpt.seal_config(config)))
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer.pt is unreadable \("):
         ckpt.load_torch_file(directory, "optimizer.pt")
 
@@ -120,3 +120,29 @@ def test_weights_of_another_kind_of_model_are_refused_in_plain_words(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="holds an AR model, which does not fit the ChainHead it is being "
                                                    "loaded into"):
         ckpt.load_weights(student.head, tmp_path)
+
+
+def test_config_and_tokenizer_are_covered_by_checksums(run, tmp_path):
+    """config.json carries the sha256 of its own content and lists tokenizer.json's: editing a setting (here the
+    model's rope base) or swapping two vocabulary entries is a CheckpointError naming the file, not another
+    computation loaded silently. Checkpoints from before version 3 load unchecked."""
+    directory = copy_of(run, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["version"] == 3 and len(config[ckpt.CONFIG_CHECKSUM]) == 64
+    edited = dict(config, model=dict(config["model"], rope_base=500.0))
+    (directory / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ckpt.CheckpointError, match="config.json was changed after the checkpoint was saved"):
+        load_model(directory)
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    text = json.dumps(tokenizer)
+    (directory / "tokenizer.json").write_text(text.replace('"def"', '"DEF"', 1) if '"def"' in text else text + " ")
+    with pytest.raises(ckpt.CheckpointError, match=r"tokenizer.json is corrupt: its sha256 does not match"):
+        load_model(directory)
+    older = {key: value for key, value in config.items() if key != ckpt.CONFIG_CHECKSUM}
+    older["version"] = 2
+    older["files"] = {name: digest for name, digest in config["files"].items() if name != "tokenizer.json"}
+    (directory / "config.json").write_text(json.dumps(older))
+    model, tokenizer, _ = load_model(directory)  # a version-2 checkpoint: config and tokenizer unchecked
+    assert tokenizer is not None
+

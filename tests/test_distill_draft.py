@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kforcing.loading import load_model
-from kforcing.checkpoint import CheckpointError
+from kforcing.checkpoint import CheckpointError, Provenance
+from kforcing.data import iter_documents, train_tokenizer
 from kforcing.cli import main
 from kforcing.distill import DistillConfig, DistillError, distill
 from kforcing.draft_checkpoint import TEACHER_FILE, save_draft_student
@@ -127,6 +128,12 @@ def test_a_head_refuses_another_teacher_and_a_merged_export_stands_alone(teacher
         load_model(tmp_path / "run", teacher=student.teacher)
     student, _, _ = load_model(tmp_path / "run")
     save_draft_student(tmp_path / "merged", student, tokenizer, merged=True)
+    other_tokenizer = train_tokenizer([text for _, text in iter_documents("stdlib", max_bytes=50_000)],
+                                      vocab_size=tokenizer.vocab_size)
+    save_draft_student(tmp_path / "retokenised", student, other_tokenizer,
+                       provenance=Provenance("distill", 0, teacher=str(teacher_run), k=4))
+    with pytest.raises(CheckpointError, match="tokenizer.json differs from its teacher's tokenizer"):
+        load_model(tmp_path / "retokenised")
     moved = tmp_path / "moved_teacher"
     shutil.move(str(teacher_run), str(moved))
     try:

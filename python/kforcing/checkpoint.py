@@ -3,10 +3,11 @@
 A checkpoint is a directory:
 
     model.safetensors     the model's state dict
-    config.json           {"format": "kforcing-checkpoint", "version": 2, "model_type": "ar" | "pushforward",
+    config.json           {"format": "kforcing-checkpoint", "version": 3, "model_type": "ar" | "pushforward",
                            "model": ModelConfig fields, ["max_k", "noise_num_freqs"],
-                           "files": {file name: sha256 of every tensor file},
-                           "provenance": `Provenance` (what it was trained from)}
+                           "files": {file name: sha256 of every tensor file and of tokenizer.json},
+                           "provenance": `Provenance` (what it was trained from),
+                           "config_sha256": sha256 of the rest of config.json}
     tokenizer.json        the tokenizer (when one is given)
     optimizer.pt          the optimizer's state dict (training checkpoints)
     trainer_state.pt      step, RNG states, ... (training checkpoints)
@@ -14,9 +15,9 @@ A checkpoint is a directory:
 
 `save_checkpoint` writes everything into a hidden temporary directory beside the target and then renames it into
 place, so a crash mid-save leaves the previous checkpoint untouched and never a half-written one; temporaries left
-by a killed process are removed by `remove_stale_temporaries` when the next run starts. Every tensor file is
-checked against its sha256 on load: a missing, truncated, altered or unreadable file is a `CheckpointError` naming
-the file and what is wrong.
+by a killed process are removed by `remove_stale_temporaries` when the next run starts. Every file a load reads is
+checked against its sha256 (config.json against the one it carries): a missing, truncated, altered or unreadable
+file is a `CheckpointError` naming the file and what is wrong.
 
 A run directory (`RunLayout`) keeps its checkpoints in RUN/checkpoints/step_NNNNNNN and points to the newest through
 RUN/latest.json, itself replaced atomically; `resolve_checkpoint(RUN)` follows that pointer. A distillation run
@@ -24,6 +25,7 @@ holds one such layout per stage (RUN/stage_kK) plus each stage's exported studen
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -39,7 +41,10 @@ from .model import ModelConfig, Transformer, build_model
 from .runtime import sha256_file, write_json_atomic
 
 FORMAT = "kforcing-checkpoint"
-VERSION = 2  # 2: sha256 of every tensor file and typed provenance; 1 had neither (still readable)
+# 3: config.json carries the sha256 of its own content and files{} lists tokenizer.json too; 2: sha256 of every
+# tensor file and typed provenance; 1 had neither (all still readable)
+VERSION = 3
+CONFIG_CHECKSUM = "config_sha256"
 LATEST = "latest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -245,7 +250,19 @@ def _write_files(tmp: Path, model, tokenizer, optimizer, trainer_state, tensors)
         torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
-    return {path.name: sha256_file(path) for path in sorted(tmp.iterdir()) if path.suffix in (".safetensors", ".pt")}
+    return {path.name: sha256_file(path) for path in sorted(tmp.iterdir())
+            if path.suffix in (".safetensors", ".pt") or path.name == "tokenizer.json"}
+
+
+def _config_digest(config: dict) -> str:
+    body = {key: value for key, value in config.items() if key != CONFIG_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal_config(config: dict) -> dict:
+    """config with the sha256 of its content (config.json's own checksum: the settings a load computes with are
+    part of the checkpoint, as its tensors are)."""
+    return {**config, CONFIG_CHECKSUM: _config_digest(config)}
 
 
 def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer] = None, optimizer=None,
@@ -273,7 +290,7 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
         files = _write_files(tmp, model, tokenizer, optimizer, trainer_state, tensors)
         config = {"format": FORMAT, "version": VERSION, **model.export_config(), "files": files,
                   "provenance": dataclasses.asdict(provenance) if provenance else None}
-        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(tmp / "config.json", seal_config(config))
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -348,6 +365,10 @@ def read_config(path) -> dict:
     if config.get("version", 0) > VERSION:
         raise CheckpointError(f"{directory} has checkpoint version {config['version']}; this kforcing reads "
                               f"up to {VERSION}: upgrade kforcing")
+    if config.get("version", 0) >= 3 and config.get(CONFIG_CHECKSUM) != _config_digest(config):
+        raise CheckpointError(f"{directory}/config.json was changed after the checkpoint was saved (its content does "
+                              "not match the checksum it carries): its settings decide what the weights compute, so "
+                              "restore the file rather than edit it")
     return config
 
 
@@ -460,14 +481,18 @@ def load_kforcing_model(directory, config: dict, device="cpu", dtype: Optional[t
 
 
 def checkpoint_tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
-    """The tokenizer.json saved with a checkpoint, when `wanted` and there is one."""
-    if wanted and (directory / "tokenizer.json").is_file():
-        return load_tokenizer(directory / "tokenizer.json")
-    return None
+    """The tokenizer.json saved with a checkpoint, when `wanted` and there is one (checked against its sha256 when
+    config.json lists it)."""
+    if not wanted or not (directory / "tokenizer.json").is_file():
+        return None
+    config = read_config(directory)
+    if "tokenizer.json" in config.get("files", {}):
+        return load_file_checked(directory, "tokenizer.json", load_tokenizer, config)
+    return load_tokenizer(directory / "tokenizer.json")  # written before version 3
 
 
-__all__ = ["CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer", "describe_config_difference",
-           "describe_source", "find_resume_checkpoint", "is_complete", "load_file_checked", "load_kforcing_model",
-           "load_tensors", "load_torch_file", "load_weights", "prune_checkpoints", "read_config", "read_provenance",
-           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "sha256_file", "unwrap",
-           "write_latest"]
+__all__ = ["CONFIG_CHECKSUM", "CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer",
+           "describe_config_difference", "describe_source", "find_resume_checkpoint", "is_complete",
+           "load_file_checked", "load_kforcing_model", "load_tensors", "load_torch_file", "load_weights",
+           "prune_checkpoints", "read_config", "read_provenance", "remove_stale_temporaries", "resolve_checkpoint",
+           "save_checkpoint", "seal_config", "sha256_file", "unwrap", "write_latest"]

@@ -45,14 +45,15 @@ def save_draft_student(directory, student: DraftStudent, tokenizer=None, provena
 
 
 def _find_teacher(directory: Path, config: dict, teacher, device):
+    """(the teacher model, its tokenizer or None when it was given as a model or is embedded)."""
     if is_teacher(teacher):
-        return teacher
+        return teacher, None
     if teacher is not None:
         path = teacher
     elif TEACHER_FILE in config.get("files", {}):
         model = ARModel(ModelConfig.from_dict(config["model"])).to(device)
         model.load_state_dict(ckpt.load_tensors(directory, TEACHER_FILE, device))
-        return model.eval()
+        return model.eval(), None
     else:
         provenance = Provenance.from_config(config)
         path = provenance.teacher if provenance is not None else None
@@ -64,17 +65,17 @@ def _find_teacher(directory: Path, config: dict, teacher, device):
             raise CheckpointError(f"{directory} was trained on the teacher {path}, which no longer exists; pass it "
                                   "(--teacher) from where it is now")
     if is_hf_spec(path):
-        model, _ = load_hf_teacher(path, device=device, with_tokenizer=False)
+        model, tokenizer = load_hf_teacher(path, device=device)
     else:
         teacher_directory = ckpt.resolve_checkpoint(path)
         teacher_config = ckpt.read_config(teacher_directory)
         if teacher_config.get("model_type") == "draft":
             raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a draft student")
-        model, _, _ = ckpt.load_kforcing_model(teacher_directory, teacher_config, device, with_tokenizer=False)
+        model, tokenizer, _ = ckpt.load_kforcing_model(teacher_directory, teacher_config, device)
     if not is_teacher(model):
         raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a "
                               f"{type(model).__name__}")
-    return model
+    return model, tokenizer
 
 
 def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, ARModel, HFTeacher] = None,
@@ -85,7 +86,12 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
         head_config = HeadConfig.from_dict(config["head"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory}: unreadable head settings ({error})") from None
-    model = _find_teacher(directory, config, teacher, device)
+    model, teacher_tokenizer = _find_teacher(directory, config, teacher, device)
+    student_tokenizer = ckpt.checkpoint_tokenizer(directory, True)
+    if None not in (teacher_tokenizer, student_tokenizer) and \
+            teacher_tokenizer.fingerprint() != student_tokenizer.fingerprint():
+        raise CheckpointError(f"{directory}/tokenizer.json differs from its teacher's tokenizer: a draft student "
+                              "decodes with its teacher's vocabulary; restore the teacher's tokenizer.json")
     fingerprint = teacher_fingerprint(model)
     if fingerprint != config.get("teacher_fingerprint"):
         raise CheckpointError(f"{directory} was trained on a teacher with fingerprint "
