@@ -286,3 +286,20 @@ def test_loading_draws_no_progress_bar_and_restores_the_setting(tmp_path, capfd)
     load_hf_teacher(f"hf:{tmp_path}")
     assert "Loading weights" not in capfd.readouterr().err  # kforcing's commands draw their own progress
     assert logging.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_chain_step_runs_under_bf16_autocast(family, tmp_path):
+    """distill --dtype bfloat16 autocasts the training step: in the teacher's staircase pass a rotary model's q and
+    k come out in float32 beside a bf16 v, and kforcing's attention takes them in the autocast dtype, as torch's
+    SDPA does (it raised "`q`, `k` and `v` must have one dtype")."""
+    from kforcing.head_targets import chain_step
+
+    _, teacher = loaded(family, tmp_path, torch.float32)
+    student = DraftStudent.from_teacher(teacher, HeadConfig(pathway="chain", num_layers=1))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    u = torch.rand(2, 12, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for rollout in (False, True):  # training, and validation's rollout on the head's own drafts
+            loss, _ = chain_step(student, ids, u, Sampling(**SAMPLING), rollout=rollout)
+            assert torch.isfinite(loss)

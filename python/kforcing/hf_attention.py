@@ -13,6 +13,8 @@ transformers' own mask is not built for this implementation (its mask registry h
 model passes attention_mask=None): the callback is the mask.
 """
 
+import torch
+
 ATTENTION_NAME = "kforcing"
 ATTEND_KWARG = "kforcing_attend"
 
@@ -36,9 +38,20 @@ def kforcing_attention(module, query, key, value, attention_mask, scaling=None, 
                          f"uses 1/sqrt(head_dim) = {head_dim ** -0.5}")
     if kwargs.get("softcap") is not None:
         raise ValueError("attention logit soft-capping is not supported by kforcing's attention")
+    query, key, value = _autocast(query, key, value)
     out = attend(module.layer_idx, query.transpose(1, 2).contiguous(), key.transpose(1, 2).contiguous(),
                  value.transpose(1, 2).contiguous())
     return out, None
+
+
+def _autocast(*tensors):
+    """Under autocast, q, k and v in its dtype, as torch's SDPA takes them there: a model's rotary embedding can
+    return q and k in float32 while v comes out of an autocast linear layer in bf16."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def register_attention():
