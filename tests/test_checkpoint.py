@@ -81,7 +81,8 @@ def test_unreadable_content_with_a_matching_checksum(run, tmp_path):
         ckpt.load_torch_file(directory, "optimizer.pt")
 
 
-def test_resume_without_latest_json_continues_from_the_newest_complete_checkpoint(shared, tmp_path, monkeypatch):
+def test_resume_without_latest_json_continues_from_the_newest_complete_checkpoint(shared, tmp_path, monkeypatch,
+                                                                                    capsys):
     out = tmp_path / "teacher"
     train_teacher(config(out, shared, steps=6, stop_after=4))
     (out / "latest.json").unlink()
@@ -96,8 +97,11 @@ def test_resume_without_latest_json_continues_from_the_newest_complete_checkpoin
     original = kforcing.trainer.Trainer.resume
     monkeypatch.setattr(kforcing.trainer.Trainer, "resume",
                         lambda self, directory: resumed_from.append(directory.name) or original(self, directory))
+    capsys.readouterr()
     summary = train_teacher(config(out, shared, steps=6, resume=True))
     assert resumed_from == ["step_0000004"] and summary["step"] == 6
+    err = capsys.readouterr().err  # the skipped checkpoint is named, with the one resumed from
+    assert f"kforcing: skipping {incomplete} (incomplete or unreadable); resuming from " in err, err
     assert not any(path.exists() for path in stale) and not (out / ".latest.json.tmp4242").exists()
 
 

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -187,17 +188,28 @@ def find_resume_checkpoint(run_dir) -> Optional[Path]:
     names nothing usable (a crash between the save and the pointer), the newest complete RUN/checkpoints/step_N.
     None when the run has no complete checkpoint."""
     layout = RunLayout(run_dir)
+    skipped = []
     if layout.latest.is_file():
         try:
             target = layout.root / json.loads(layout.latest.read_text())["checkpoint"]
             if is_complete(target):
                 return target
+            skipped.append(target)
         except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    if not layout.checkpoints.is_dir():
-        return None
-    steps = sorted((int(m[1]), p) for p in layout.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)))
-    return next((path for _, path in reversed(steps) if is_complete(path)), None)
+            skipped.append(layout.latest)
+    found = None
+    if layout.checkpoints.is_dir():
+        steps = sorted((int(m[1]), p) for p in layout.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for _, path in reversed(steps):
+            if is_complete(path):
+                found = path
+                break
+            if path not in skipped:
+                skipped.append(path)
+    if skipped:  # say what a resume passes over, so a restart from an older step (or from 0) is never silent
+        print(f"kforcing: skipping {', '.join(map(str, skipped))} (incomplete or unreadable); "
+              + (f"resuming from {found}" if found else "no complete checkpoint to resume from"), file=sys.stderr)
+    return found
 
 
 def is_complete(directory) -> bool:
