@@ -150,3 +150,16 @@ def test_config_and_tokenizer_are_covered_by_checksums(run, tmp_path):
     model, tokenizer, _ = load_model(directory)  # a version-2 checkpoint: config and tokenizer unchecked
     assert tokenizer is not None
 
+
+def test_provenance_from_a_newer_or_damaged_config():
+    """Unknown provenance fields (a newer kforcing's) are ignored with a warning naming them; a provenance without
+    its stage, or with a teacher that is not a path, is a CheckpointError naming the field."""
+    base = {"stage": "distill", "step": 3, "teacher": "runs/teacher", "k": 4}
+    with pytest.warns(UserWarning, match=r"does not know \(future_field; checkpoint version 3\): ignored"):
+        provenance = ckpt.Provenance.from_config({"version": 3, "provenance": {**base, "future_field": 1}})
+    assert provenance == ckpt.Provenance("distill", 3, teacher="runs/teacher", k=4)
+    with pytest.raises(ckpt.CheckpointError, match="provenance lacks stage"):
+        ckpt.Provenance.from_config({"provenance": {"step": 3}})
+    with pytest.raises(ckpt.CheckpointError, match=r"provenance.teacher must be a path \(a string\), got int"):
+        ckpt.Provenance.from_config({"provenance": {**base, "teacher": 7}})
+

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -152,9 +153,27 @@ class Provenance:
 
     @classmethod
     def from_config(cls, config: dict) -> Optional["Provenance"]:
-        """The provenance of a checkpoint's config.json; version-1 checkpoints kept it in an untyped "extra"."""
+        """The provenance of a checkpoint's config.json; version-1 checkpoints kept it in an untyped "extra".
+
+        Fields this version does not know (a newer kforcing's) are ignored with a warning naming them: provenance
+        describes where a checkpoint came from and never changes what it computes."""
         if config.get("provenance"):
-            return cls(**config["provenance"])
+            data = config["provenance"]
+            if not isinstance(data, dict):
+                raise CheckpointError(f"config.json's provenance must be an object, got {type(data).__name__}")
+            known = {field.name for field in dataclasses.fields(cls)}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                warnings.warn(f"config.json's provenance has fields this kforcing does not know ({', '.join(unknown)}"
+                              f"; checkpoint version {config.get('version')}): ignored", stacklevel=2)
+            missing = [name for name in ("stage", "step") if name not in data]
+            if missing:
+                raise CheckpointError(f"config.json's provenance lacks {', '.join(missing)}")
+            for name in ("teacher", "token_cache"):
+                if data.get(name) is not None and not isinstance(data[name], str):
+                    raise CheckpointError(f"config.json's provenance.{name} must be a path (a string), got "
+                                          f"{type(data[name]).__name__}")
+            return cls(**{name: value for name, value in data.items() if name in known})
         extra = config.get("extra") or {}
         if "train" in extra:
             train = extra["train"]
