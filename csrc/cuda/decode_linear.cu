@@ -4,8 +4,9 @@
 // made for many rows. Here one warp owns one output n and reads W's row n once with 16-byte loads (4 fp32 or
 // 8 bf16 weights per lane per step), FMAing each weight into the partial sums of up to kRowsPerCta rows of x
 // (x is small and stays in L1/L2; each row's matching elements are one or two vector loads, not kVec scalar
-// ones, which would make a multi-row call bound by load instructions rather than by W's bytes). Lane l's partial sum of (row m, output n) walks k = 16-byte step s * 32 + l,
-// element j ascending; then a fixed xor-butterfly over the 32 lanes sums them, and + bias.
+// ones, which would make a multi-row call bound by load instructions rather than by W's bytes). Lane l's partial
+// sum of (row m, output n) walks k = 16-byte step s * 32 + l, element j ascending; then a fixed xor-butterfly over
+// the 32 lanes sums them, and + bias.
 //
 // Row invariance: that chain depends only on (m, n) and K, never on how many rows the call has, which CTA row
 // chunk m falls in or how many rows that chunk holds, so a row's output is bitwise the same in any call. Calls

@@ -13,8 +13,8 @@ active sequences, as of the last drafting round) / cost(drafting) against 1 / co
 is tried first. The kind not taken is tried again after `explore_every` rounds; each time trying it changes
 nothing, the interval becomes what keeps exploring at about EXPLORE_BUDGET of the time (the time an exploration
 loses against the best kind, over 2% of a best round; from explore_every up to 16x it), so that both estimates
-follow the text: a kind close to the best keeps being tried, a hopeless one costs little. Acceptance estimates average their first
-observations plainly (weight 1/n) before the moving average takes over (weight `decay`).
+follow the text: a kind close to the best keeps being tried, a hopeless one costs little. Acceptance estimates
+average their first observations plainly (weight 1/n) before the moving average takes over (weight `decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)

@@ -44,9 +44,9 @@ def speed_table(results: Dict) -> str:
         return ""
     machine, settings = results["machine"], results["settings"]
     lines = [f"{results['speed_tokens']} new tokens after 16-token prompts, {machine['device']} "
-             f"({machine['cpu_threads']} threads), {settings.get('dtype', 'float32')}, medians of {settings['speed_repeats']} interleaved "
-             "rounds; speedup = median per-round AR time / this time; a pass's cost in AR steps = its ms / an AR "
-             "pass's ms at the same batch size.\n",
+             f"({machine['cpu_threads']} threads), {settings.get('dtype', 'float32')}, medians of "
+             f"{settings['speed_repeats']} interleaved rounds; speedup = median per-round AR time / this time; a "
+             "pass's cost in AR steps = its ms / an AR pass's ms at the same batch size.\n",
              "| batch | decoder | passes | tokens/s | ms/pass | AR steps/pass | speedup vs AR |",
              "|---|---|---|---|---|---|---|"]
     ar_ms = {s["batch"]: s["ms_per_pass"] for s in results["speed"] if s["decoder"] == "AR"}
