@@ -1,6 +1,6 @@
 """Ablation of the student's options at one wall-clock budget: each row changes one option from the default.
 
-For every row, a short calibration run times the row's training step, then `kforcing.distill.distill` trains it
+For every row, a short calibration run times the row's training step, then `kforcing.training.distill.distill` trains it
 for as many steps as fit --minutes (so each row gets the same wall-clock budget, with its full learning-rate
 schedule), and the result is evaluated on the same held-out prompts and seeds:
 
@@ -40,14 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing import checkpoint as ckpt  # noqa: E402
-from kforcing.loading import load_model  # noqa: E402
-from kforcing import evaluate_draft as draft_eval  # noqa: E402
+from kforcing.checkpoints import checkpoint as ckpt  # noqa: E402
+from kforcing.checkpoints.loading import load_model  # noqa: E402
+from kforcing.evaluation import evaluate_draft as draft_eval  # noqa: E402
 from kforcing.data import heldout_contexts  # noqa: E402
-from kforcing.distill import DistillConfig, distill  # noqa: E402
-from kforcing.evaluate import EvalConfig, Models, heldout_data  # noqa: E402
-from kforcing.hint_head import Sampling  # noqa: E402
-from kforcing.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
+from kforcing.training.distill import DistillConfig, distill  # noqa: E402
+from kforcing.evaluation.evaluate import EvalConfig, Models, heldout_data  # noqa: E402
+from kforcing.students.draft_student import Sampling  # noqa: E402
+from kforcing.evaluation.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
 # `kforcing distill`'s defaults for a draft student (head_layers 2 and, for this kforcing teacher, adapter_rank 0 --
@@ -171,7 +171,7 @@ def table(rows):
 def plot(rows, path):
     """<path>: per row, verified tokens per pass (none for the paper row: it cannot verify) and the unverified
     samples' perplexity ratio, beside the default's."""
-    from kforcing.report_tables import pyplot, save_figure
+    from kforcing.evaluation.report_tables import pyplot, save_figure
 
     plt = pyplot()
     names = [r["row"] for r in rows][::-1]

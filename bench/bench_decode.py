@@ -1,10 +1,10 @@
 """End-to-end decode speed: generate_ar vs generate_kforcing (k = 1..4), same backbone, same machine, one run.
 
-For each batch size, the AR teacher (kforcing.model.ARModel) and a push-forward student built from it
+For each batch size, the AR teacher (kforcing.models.transformer.ARModel) and a push-forward student built from it
 (PushForwardLM.from_teacher, same backbone weights; random weights are fine for speed) generate
 --new-tokens tokens after a --prompt-len token prompt:
-  AR          kforcing.generate.generate_ar: one token per pass, inverse-CDF sampling from explicit uniforms
-  K-Forcing   kforcing.generate.generate_kforcing: [prompt | k hints] then [k committed | k hints] per pass
+  AR          kforcing.decoding.generate.generate_ar: one token per pass, inverse-CDF sampling from explicit uniforms
+  K-Forcing   kforcing.decoding.generate.generate_kforcing: [prompt | k hints] then [k committed | k hints] per pass
 Each measurement is a whole generate call (prefill included). After one warm-up call of each decoder, --repeats
 rounds call every decoder once, interleaved, so that load spikes on a shared machine hit all of them alike.
 Reported: median [p20, p80] seconds per call, tokens/s and ms per pass (from the median), and the speedup of
@@ -36,11 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
-from kforcing.hint_head import DraftStudent, HeadConfig  # noqa: E402
+from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.students.draft_student import DraftStudent, HeadConfig  # noqa: E402
 from kforcing_ops.nn import torch_linears  # noqa: E402
-from kforcing.metrics import time_interleaved  # noqa: E402
-from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM  # noqa: E402
+from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
+from kforcing.models.transformer import ARModel, ModelConfig, PRESETS  # noqa: E402
+from kforcing.students.push_forward import PushForwardLM  # noqa: E402
 
 
 def profile(teacher, student, config, batch, k, args, options, device):

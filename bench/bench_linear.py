@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import kforcing_ops  # noqa: E402
-from kforcing.model import ModelConfig, PRESETS  # noqa: E402
+from kforcing.models.transformer import ModelConfig, PRESETS  # noqa: E402
 
 
 def layer_shapes(config):

@@ -18,9 +18,9 @@ students: `kforcing eval`), at each preset and batch size:
 
 Draft designs are timed verified with k pinned (static shapes: a round costs the same whatever is accepted).
 Each measurement is a whole generate call (prefill included) divided by its passes; calls are interleaved
-(`kforcing.metrics.time_interleaved`), so load spikes hit every design alike. "AR steps/round" is the design's
-ms per round over AR's ms per step in the same run. "weights/round" counts the weight bytes one round's calls read,
-each matrix once per call that reads it, over an AR step's (embedding gathers and KV caches left out): what the
+(`kforcing.evaluation.metrics.time_interleaved`), so load spikes hit every design alike. "AR steps/round" is the
+design's ms per round over AR's ms per step in the same run. "weights/round" counts the weight bytes one round's calls
+read, each matrix once per call that reads it, over an AR step's (embedding gathers and KV caches left out): what the
 round would cost if it were purely weight-bound.
 
 Tokens per round of a trained student divided by its AR steps per round is its speedup over AR.
@@ -41,11 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing.draft_decode import generate_with_drafts  # noqa: E402
-from kforcing.generate import generate_ar, generate_kforcing  # noqa: E402
-from kforcing.hint_head import DraftStudent, HeadConfig  # noqa: E402
-from kforcing.metrics import time_interleaved  # noqa: E402
-from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM, cast_linear_weights  # noqa: E402
+from kforcing.decoding.draft_decode import generate_with_drafts  # noqa: E402
+from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.students.draft_student import DraftStudent, HeadConfig  # noqa: E402
+from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
+from kforcing.models.transformer import ARModel, ModelConfig, PRESETS, cast_linear_weights  # noqa: E402
+from kforcing.students.push_forward import PushForwardLM  # noqa: E402
 
 
 def matrix_bytes(module) -> int:

@@ -1,9 +1,9 @@
 """bf16 decode weights: what they cost in held-out perplexity and what they buy in AR decode speed, on a trained
 teacher.
 
-`kforcing.model.cast_linear_weights(model, torch.bfloat16)` stores every linear layer's weight in bf16 (half the bytes
-a decode step reads) and keeps embeddings, norms, activations and the KV cache in fp32. This script compares the
-fp32 teacher with its bf16-weight copy:
+`kforcing.models.transformer.cast_linear_weights(model, torch.bfloat16)` stores every linear layer's weight in bf16
+(half the bytes a decode step reads) and keeps embeddings, norms, activations and the KV cache in fp32. This script
+compares the fp32 teacher with its bf16-weight copy:
   perplexity   exp(mean next-token NLL) over --windows held-out windows of --seq-len tokens (the teacher run's
                validation split), computed with full forward passes;
   AR speed     generate_ar of --new-tokens tokens after a --prompt-len prompt at each --batch size, the two models
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing.checkpoint import RunLayout  # noqa: E402
-from kforcing.loading import load_model  # noqa: E402
+from kforcing.checkpoints.checkpoint import RunLayout  # noqa: E402
+from kforcing.checkpoints.loading import load_model  # noqa: E402
 from kforcing.data import find_token_cache  # noqa: E402
-from kforcing.generate import generate_ar  # noqa: E402
-from kforcing.metrics import time_interleaved  # noqa: E402
-from kforcing.model import cast_linear_weights  # noqa: E402
+from kforcing.decoding.generate import generate_ar  # noqa: E402
+from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
+from kforcing.models.transformer import cast_linear_weights  # noqa: E402
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark as tbench
 
-from kforcing.cli import HelpFormatter
+from kforcing.cli.commands import HelpFormatter
 from kforcing.runtime import git_sha, resolve_device  # noqa: F401  (the benchmarks resolve --device with it)
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,8 +12,9 @@ import sys
 import torch
 
 import kforcing_ops as ko
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
 
 dev = "cuda"
 

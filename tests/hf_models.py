@@ -1,5 +1,5 @@
-"""Tiny Hugging Face causal LMs for the tests of kforcing.hf_teacher: built from configs with random weights and
-saved with save_pretrained to a temporary directory (nothing is downloaded)."""
+"""Tiny Hugging Face causal LMs for the tests of kforcing.teachers.hf_teacher: built from configs with random weights
+and saved with save_pretrained to a temporary directory (nothing is downloaded)."""
 
 import torch
 

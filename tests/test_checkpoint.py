@@ -1,5 +1,5 @@
-"""kforcing.checkpoint: checksums verified on load, clear errors for broken files, resuming without latest.json,
-clean-up of interrupted saves, and training that stops on a non-finite loss before saving anything."""
+"""kforcing.checkpoints.checkpoint: checksums verified on load, clear errors for broken files, resuming without
+latest.json, clean-up of interrupted saves, and training that stops on a non-finite loss before saving anything."""
 
 import json
 import shutil
@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-import kforcing.checkpoint as ckpt
-from kforcing.loading import load_model
-import kforcing.trainer
+import kforcing.checkpoints.checkpoint as ckpt
+from kforcing.checkpoints.loading import load_model
+import kforcing.training.trainer
 from kforcing.data import iter_documents, train_tokenizer
-from kforcing.train import TrainConfig, train_teacher
-from kforcing.trainer import TrainingError
+from kforcing.training.train import TrainConfig, train_teacher
+from kforcing.training.trainer import TrainingError
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 
@@ -94,8 +94,8 @@ def test_resume_without_latest_json_continues_from_the_newest_complete_checkpoin
         path.mkdir()
     (out / ".latest.json.tmp4242").write_text("{")
     resumed_from = []
-    original = kforcing.trainer.Trainer.resume
-    monkeypatch.setattr(kforcing.trainer.Trainer, "resume",
+    original = kforcing.training.trainer.Trainer.resume
+    monkeypatch.setattr(kforcing.training.trainer.Trainer, "resume",
                         lambda self, directory: resumed_from.append(directory.name) or original(self, directory))
     capsys.readouterr()
     summary = train_teacher(config(out, shared, steps=6, resume=True))
@@ -115,8 +115,8 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(shared, tmp_p
 
 
 def test_weights_of_another_kind_of_model_are_refused_in_plain_words(tmp_path):
-    from kforcing.hint_head import DraftStudent, HeadConfig
-    from kforcing.model import ARModel, ModelConfig
+    from kforcing.students.draft_student import DraftStudent, HeadConfig
+    from kforcing.models.transformer import ARModel, ModelConfig
 
     teacher = ARModel(ModelConfig.from_preset("tiny", vocab_size=64, max_seq_len=32))
     ckpt.save_checkpoint(tmp_path, teacher)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kforcing.checkpoint import CheckpointError, save_checkpoint
-from kforcing.loading import load_model
-from kforcing.cli import main
-from kforcing.model import PushForwardLM
+from kforcing.checkpoints.checkpoint import CheckpointError, save_checkpoint
+from kforcing.checkpoints.loading import load_model
+from kforcing.cli.commands import main
+from kforcing.students.push_forward import PushForwardLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 
@@ -195,7 +195,7 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, teacher_run, ca
 def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, teacher_run, capsys):
     import shutil
 
-    from kforcing.checkpoint import resolve_checkpoint
+    from kforcing.checkpoints.checkpoint import resolve_checkpoint
 
     broken = tmp_path / "broken"
     shutil.copytree(resolve_checkpoint(teacher_run), broken)
@@ -211,7 +211,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, teacher_run, capsys)
 def test_no_option_is_taken_by_its_prefix_and_boundary_beta_is_on_the_command_line(tmp_path, capsys):
     """`distill --k 2` once became --keep-checkpoints 2 silently: every command refuses an abbreviation now. The
     documented --boundary-beta reaches DistillConfig (and its checks) from the command line."""
-    from kforcing.cli import build_parser
+    from kforcing.cli.commands import build_parser
 
     base = ["distill", "--teacher", "t", "--out", str(tmp_path / "run")]
     for args in (["--k", "2"], ["--keep", "2"], ["--head-l", "1"]):
@@ -268,7 +268,7 @@ def test_a_teacher_run_is_never_a_students_out_nor_the_reverse(tmp_path, capsys)
     """A run folder records its kind (run.json); distill refuses a teacher's folder as --out (it would repoint its
     latest.json to the student) and train-teacher refuses a student's, before either writes anything. Folders
     written before run.json existed are recognised by their files."""
-    from kforcing.checkpoint import RunLayout
+    from kforcing.checkpoints.checkpoint import RunLayout
 
     teacher, student, fresh = tmp_path / "teacher", tmp_path / "student", tmp_path / "fresh"
     (teacher / "checkpoints").mkdir(parents=True)  # a teacher run from before run.json

@@ -8,8 +8,8 @@ import pytest
 
 import kforcing_ops
 from kforcing.data import iter_documents, train_tokenizer
-from kforcing.distill import DistillConfig, distill
-from kforcing.train import TrainConfig, train_teacher
+from kforcing.training.distill import DistillConfig, distill
+from kforcing.training.train import TrainConfig, train_teacher
 from tolerances import CONVERGENCE_LOSS_RTOL
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")

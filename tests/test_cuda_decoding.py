@@ -5,9 +5,9 @@ Face teacher in bfloat16 matches transformers' own SDPA attention and decodes lo
 import pytest
 import torch
 
-from kforcing.draft_decode import generate_with_drafts
-from kforcing.generate import generate_ar
-from kforcing.hint_head import DraftStudent, HeadConfig
+from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.decoding.generate import generate_ar
+from kforcing.students.draft_student import DraftStudent, HeadConfig
 
 from conftest import expect_kernel
 from tiny_models import draft_student, peaked_teacher
@@ -47,7 +47,7 @@ def test_verified_decoding_equals_ar_on_the_gpu(pathway, dtype):
 def test_an_hf_teacher_in_bf16_matches_transformers_sdpa_and_decodes_losslessly(family, tmp_path):
     transformers = pytest.importorskip("transformers")
     from hf_models import VOCAB, save_tiny
-    from kforcing.hf_teacher import load_hf_teacher
+    from kforcing.teachers.hf_teacher import load_hf_teacher
 
     exact = save_tiny(family, tmp_path, dtype=torch.float64).to("cuda")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kforcing.demo import PROFILES
-from kforcing.report import SECTIONS
+from kforcing.cli.demo import PROFILES
+from kforcing.evaluation.report import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""kforcing.distill: targets equal the teachers' own decoding, the student learns, resuming is exact, DDP, errors."""
+"""kforcing.training.distill: targets equal the teachers' own decoding, the student learns, resuming is exact, DDP,
+errors."""
 
 import json
 import os
@@ -10,18 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kforcing.checkpoint as ckpt
-from kforcing.loading import load_model
+import kforcing.checkpoints.checkpoint as ckpt
+from kforcing.checkpoints.loading import load_model
 import kforcing_ops
-from kforcing.cli import main
+from kforcing.cli.commands import main
 from kforcing.data import heldout_contexts
-from kforcing.distill import DistillConfig, DistillError, check_schedule, distill, parse_tau, plateaued
-from kforcing.metrics import coupled_agreement
+from kforcing.training.distill import DistillConfig, DistillError, check_schedule, distill, parse_tau, plateaued
+from kforcing.evaluation.metrics import coupled_agreement
 from kforcing.options import parse_int_list
-from kforcing.targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
-from kforcing.trainer import EMA, RAW_WEIGHTS_FILE, TrainingError
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.training.targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
+from kforcing.training.trainer import EMA, RAW_WEIGHTS_FILE, TrainingError
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
 from kforcing.noise import counter_uniform
 from tolerances import DDP_LOSS_ABS, DDP_WEIGHTS, HAND_BUILT_LOSS_ABS, RECOMPUTED_AGREEMENT_ABS
 import tiny_models

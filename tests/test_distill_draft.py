@@ -6,18 +6,18 @@ import shutil
 import pytest
 import torch
 
-from kforcing.loading import load_model
-from kforcing.checkpoint import CheckpointError, Provenance
+from kforcing.checkpoints.loading import load_model
+from kforcing.checkpoints.checkpoint import CheckpointError, Provenance
 from kforcing.data import iter_documents, train_tokenizer
-from kforcing.cli import main
-from kforcing.distill import DistillConfig, DistillError, distill
-from kforcing.draft_checkpoint import TEACHER_FILE, save_draft_student
-from kforcing.draft_decode import generate_with_drafts
-from kforcing.evaluate import EvalConfig, run_eval
-from kforcing.generate import generate_ar
-from kforcing.hint_head import DraftStudent
-from kforcing.model import ARModel
-from kforcing.report import eval_tables
+from kforcing.cli.commands import main
+from kforcing.training.distill import DistillConfig, DistillError, distill
+from kforcing.checkpoints.draft_checkpoint import TEACHER_FILE, save_draft_student
+from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.evaluation.evaluate import EvalConfig, run_eval
+from kforcing.decoding.generate import generate_ar
+from kforcing.students.draft_student import DraftStudent
+from kforcing.models.transformer import ARModel
+from kforcing.evaluation.report import eval_tables
 from tiny_models import trained_teacher
 
 SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)

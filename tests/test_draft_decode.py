@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kforcing.draft_decode import generate_with_drafts
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
-from kforcing.model import PushForwardLM
+from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.students.draft_student import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
+from kforcing.students.push_forward import PushForwardLM
 from kforcing.noise import counter_uniform
 from kforcing_ops.nn import DecodeLinear
 
@@ -37,7 +37,7 @@ def test_verified_decoding_equals_ar_sampling(readout, sampling, seed):
 
 def _oracle_drafts(monkeypatch, want, prompts, error_every):
     """Replace the head's drafts by the AR continuation, wrong at a pseudo-random 1/error_every of positions."""
-    from kforcing import draft_decode
+    from kforcing.decoding import draft_decode
 
     starts = torch.tensor([len(p) for p in prompts])
 
@@ -207,7 +207,7 @@ def test_adaptive_drafting_equals_ar_with_ragged_prompts_and_eos(batch, sampling
 
 
 def test_adaptive_drafting_options_are_checked():
-    from kforcing.draft_policy import DraftPolicy
+    from kforcing.decoding.draft_policy import DraftPolicy
 
     with pytest.raises(ValueError, match="adaptive drafting only"):
         generate_with_drafts(_student(), PROMPTS, 4, k=4, round_costs=(1.0, 2.0))
@@ -254,7 +254,7 @@ def _chi_square_p_value(counts, probs):
 def test_speculative_rule_samples_the_teachers_distribution(rule):
     """Hand-set p and q on a 5-token vocabulary, 200,000 rounds of one draft: the token after the exact one follows
     p (chi-square), and two plausible wrong rules are caught by the same test."""
-    from kforcing.speculative import inverse_cdf, speculative_accept
+    from kforcing.decoding.speculative import inverse_cdf, speculative_accept
 
     gen = torch.Generator().manual_seed(0)
     p1 = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
@@ -324,7 +324,7 @@ def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(
     """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
     its first observations plainly; exploration keeps its interval while exploring costs little, and backs off
     when an exploration is dear."""
-    from kforcing import draft_policy
+    from kforcing.decoding import draft_policy
 
     clock = [0.0]
     monkeypatch.setattr(draft_policy.time, "perf_counter", lambda: clock[0])

@@ -1,4 +1,5 @@
-"""kforcing.evaluate and kforcing.report: results from checkpoints, their tables and plots, `kforcing eval`."""
+"""kforcing.evaluation.evaluate and kforcing.evaluation.report: results from checkpoints, their tables and plots,
+`kforcing eval`."""
 
 import json
 import subprocess
@@ -8,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import kforcing.checkpoint as ckpt
-from kforcing.loading import load_model
-from kforcing.cli import main
+import kforcing.checkpoints.checkpoint as ckpt
+from kforcing.checkpoints.loading import load_model
+from kforcing.cli.commands import main
 from kforcing.data import TokenDataset, iter_documents, prepare_dataset, train_tokenizer
 from kforcing.data import heldout_contexts
-from kforcing.evaluate import EvalConfig, check_targets, run_eval, save_results
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
-from kforcing.report import eval_tables, write_eval_report
+from kforcing.evaluation.evaluate import EvalConfig, check_targets, run_eval, save_results
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
+from kforcing.evaluation.report import eval_tables, write_eval_report
 from tolerances import DIFFERENT_PERPLEXITY_REL, PERPLEXITY_REL
 from tiny_models import CONFIG, models
 

@@ -1,4 +1,5 @@
-"""kforcing.generate and kforcing.noise: cached decoding equals the full forward, coupling, determinism, plumbing."""
+"""kforcing.decoding.generate and kforcing.noise: cached decoding equals the full forward, coupling, determinism,
+plumbing."""
 
 import pytest
 import torch
@@ -6,8 +7,9 @@ import torch
 import kforcing_ops
 from conftest import DEVICES, HAS_GPU
 from kforcing_ops import _ext
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.model import ARModel, KVCache, ModelConfig, PushForwardLM
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.models.transformer import ARModel, KVCache, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
 from kforcing.noise import counter_uniform, hash3, hash3_python, splitmix64, splitmix64_python
 from tolerances import CACHED_VS_FULL
 
@@ -199,7 +201,7 @@ def test_ar_and_kforcing_draw_the_same_noise():
     seen = {}
     original = counter_uniform
 
-    import kforcing.generate as gen
+    import kforcing.decoding.generate as gen
 
     def spy(name):
         def wrapped(seed, seq, pos):
@@ -310,7 +312,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     ar = generate_ar(teacher, prompts, 6, seed=5)
     kf = generate_kforcing(student, prompts, 8, k=2, seed=5)
     # The default inductor backend needs minutes of C++ compilation on 2 cores: trace with aot_eager.
-    import kforcing.generate as gen
+    import kforcing.decoding.generate as gen
     monkeypatch.setitem(gen.COMPILE_OPTIONS, "backend", "aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()

@@ -5,9 +5,9 @@ import torch
 
 from kforcing_ops import reference as ref
 
-from kforcing.head_targets import BOUNDARY_MARGIN, head_step, teacher_rollout
-from kforcing.hint_head import DraftStudent, HeadConfig, Sampling, sample_rows
-from kforcing.model import ARModel, ModelConfig
+from kforcing.training.head_targets import BOUNDARY_MARGIN, head_step, teacher_rollout
+from kforcing.students.draft_student import DraftStudent, HeadConfig, Sampling, sample_rows
+from kforcing.models.transformer import ARModel, ModelConfig
 from kforcing.noise import counter_uniform
 
 CONFIG = ModelConfig(vocab_size=53, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=64)

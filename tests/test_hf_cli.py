@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import kforcing.checkpoint as ckpt  # noqa: E402
-from kforcing.cli import main  # noqa: E402
-from kforcing.draft_checkpoint import TEACHER_FILE  # noqa: E402
+import kforcing.checkpoints.checkpoint as ckpt  # noqa: E402
+from kforcing.cli.commands import main  # noqa: E402
+from kforcing.checkpoints.draft_checkpoint import TEACHER_FILE  # noqa: E402
 from hf_models import save_tiny, tiny_tokenizer  # noqa: E402
 
 SAMPLING = ["--temperature", "0.7", "--top-k", "50", "--top-p", "0.9"]

@@ -1,11 +1,29 @@
 """The import rules of the Python packages, checked on their source (ast): no module imports another in a circle,
-none takes another module's private name, and only kforcing_ops and the tests import kforcing_ops.reference."""
+none imports a package above its own (LAYERS), none takes another module's private name, only kforcing_ops and the
+tests import kforcing_ops.reference, and pyproject.toml installs every package."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"kforcing": ROOT / "python" / "kforcing", "kforcing_ops": ROOT / "kforcing_ops"}
+
+# The floors of the code, lowest first: a module may import its own floor and the floors below, never one above.
+# Within a floor only the circle test applies. `kforcing` itself (its __init__, the public names) is the roof.
+LAYERS = [
+    ["kforcing_ops"],
+    ["kforcing.runtime", "kforcing.noise", "kforcing.options"],
+    ["kforcing.data"],
+    ["kforcing.models"],
+    ["kforcing.teachers"],
+    ["kforcing.students"],
+    ["kforcing.decoding"],
+    ["kforcing.checkpoints"],
+    ["kforcing.evaluation"],
+    ["kforcing.training"],
+    ["kforcing.cli"],
+]
 
 
 def _module_name(package, path):
@@ -76,6 +94,41 @@ def _circles(edges):
 def test_no_module_imports_another_in_a_circle():
     edges, _, _ = _graph()
     assert not _circles(edges)
+
+
+def _floor(module):
+    """The index in LAYERS of a module's floor; the `kforcing` package itself is the roof."""
+    if module == "kforcing":
+        return len(LAYERS)
+    for index, floor in enumerate(LAYERS):
+        if any(module == name or module.startswith(name + ".") for name in floor):
+            return index
+    raise AssertionError(f"{module} is on no floor: add its package to LAYERS in tests/test_imports.py")
+
+
+def _upward_imports(edges):
+    return sorted(f"{module} imports {target}" for module, targets in edges.items() for target in targets
+                  if _floor(target) > _floor(module))
+
+
+def test_no_module_imports_a_package_above_its_own():
+    edges, _, _ = _graph()
+    assert not _upward_imports(edges)
+
+
+def test_the_floors_catch_an_upward_import():
+    """A model importing the decoding package is found; the decoding package importing a model is not."""
+    edges = {"kforcing.models.transformer": {"kforcing.decoding.generate"},
+             "kforcing.decoding.generate": {"kforcing.models.transformer"}}
+    assert _upward_imports(edges) == ["kforcing.models.transformer imports kforcing.decoding.generate"]
+
+
+def test_pyproject_installs_every_package():
+    """A subpackage missing from [tool.setuptools] packages would be left out of a regular (non-editable) install."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(package, path) for package, folder in PACKAGES.items()
+             for path in folder.rglob("__init__.py")}
+    assert found == listed
 
 
 def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""kforcing.metrics: text statistics on hand-built cases, coupled agreement, perplexity, batch independence, speed."""
+"""kforcing.evaluation.metrics: text statistics on hand-built cases, coupled agreement, perplexity, batch independence,
+speed."""
 
 import math
 
@@ -6,12 +7,13 @@ import pytest
 import torch
 
 from kforcing.data import train_tokenizer
-from kforcing.evaluate import default_ks
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.metrics import (EvalError, agreement_from_tokens, check_compatible, coupled_agreement, decode_speed,
-                              distinct_n, generate_samples, longest_repeated_ngram, perplexity, text_statistics,
-                              unigram_entropy, window_tokens)
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.evaluation.evaluate import default_ks
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.evaluation.metrics import (EvalError, agreement_from_tokens, check_compatible, coupled_agreement,
+                              decode_speed, distinct_n, generate_samples, longest_repeated_ngram, perplexity,
+                              text_statistics, unigram_entropy, window_tokens)
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
 from tolerances import PERPLEXITY_REL
 from tiny_models import CONFIG, models
 

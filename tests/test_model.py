@@ -1,4 +1,4 @@
-"""kforcing.model: configs, the two attention paths, the staircase layout, from_teacher, bad input."""
+"""kforcing.models.transformer: configs, the two attention paths, the staircase layout, from_teacher, bad input."""
 
 import contextlib
 import dataclasses
@@ -8,7 +8,9 @@ import torch
 
 from conftest import DEVICES
 import kforcing_ops
-from kforcing.model import ARModel, ModelConfig, PRESETS, PushForwardLM, build_model
+from kforcing.models.transformer import ARModel, ModelConfig, PRESETS
+from kforcing.students.push_forward import PushForwardLM
+from kforcing.checkpoints.checkpoint import build_model
 from kforcing.noise import counter_uniform
 from tolerances import GRADIENTS_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE, SAME_ROWS_FP32
 

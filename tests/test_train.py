@@ -1,4 +1,5 @@
-"""kforcing.train and kforcing.checkpoint: the tiny teacher learns, resuming is exact, DDP, atomic checkpoints."""
+"""kforcing.training.train and kforcing.checkpoints.checkpoint: the tiny teacher learns, resuming is exact, DDP, atomic
+checkpoints."""
 
 import json
 import os
@@ -11,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kforcing.checkpoint as ckpt
-from kforcing.loading import load_model
+import kforcing.checkpoints.checkpoint as ckpt
+from kforcing.checkpoints.loading import load_model
 from kforcing.data import iter_documents, train_tokenizer
-from kforcing.model import ARModel, ModelConfig
-from kforcing.train import TrainConfig, lr_at, train_teacher
-from kforcing.trainer import Trainer
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.training.train import TrainConfig, lr_at, train_teacher
+from kforcing.training.trainer import Trainer
 from tolerances import CHANCE_LOSS_ABS, DDP_LOSS_ABS, DDP_WEIGHTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")

@@ -7,13 +7,13 @@ the teacher's weights compute; verified decoding equals AR sampling token for to
 import pytest
 import torch
 
-from kforcing.draft_decode import generate_with_drafts
-from kforcing.generate import generate_ar, generate_kforcing
-from kforcing.head_targets import head_step
-from kforcing.hint_head import DraftStudent, HeadConfig, HintHead, Sampling, sample_rows
-from kforcing.model import KVCache, decode_blocks, run_blocks
+from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.decoding.generate import generate_ar, generate_kforcing
+from kforcing.training.head_targets import head_step
+from kforcing.students.draft_student import DraftStudent, HeadConfig, HintHead, Sampling, sample_rows
+from kforcing.models.transformer import KVCache, decode_blocks, run_blocks
 from kforcing.noise import counter_uniform
-from kforcing.trunk_adapters import GatedLoRALinear, TrunkAdapters
+from kforcing.students.trunk_adapters import GatedLoRALinear, TrunkAdapters
 
 import kforcing_ops
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher

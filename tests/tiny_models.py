@@ -2,8 +2,9 @@
 
 import torch
 
-from kforcing.hint_head import DraftStudent, HeadConfig
-from kforcing.model import ARModel, ModelConfig, PushForwardLM
+from kforcing.students.draft_student import DraftStudent, HeadConfig
+from kforcing.models.transformer import ARModel, ModelConfig
+from kforcing.students.push_forward import PushForwardLM
 
 CONFIG = ModelConfig.from_preset("tiny", vocab_size=300, max_seq_len=64)
 
@@ -57,7 +58,7 @@ def trained_teacher(root, steps=150):
     """A tiny AR teacher run trained for `steps` steps on 0.5 MB of the default corpus (vocab 512), in root/teacher:
     about a minute on two CPU cores at the default 150 steps."""
     from kforcing.data import iter_documents, train_tokenizer
-    from kforcing.train import TrainConfig, train_teacher
+    from kforcing.training.train import TrainConfig, train_teacher
 
     texts = [text for _, text in iter_documents("stdlib", max_bytes=500_000)]
     tokenizer_path = train_tokenizer(texts, vocab_size=512).save(root)

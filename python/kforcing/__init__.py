@@ -1,36 +1,28 @@
 """kforcing: K-Forcing (push-forward, joint next-k-token decoding) on top of kforcing_ops.
 
-The stages, in the order data flows through them (each reads the previous one's run directory through
-`kforcing.checkpoint`):
+Packages by concern, each importing only the ones below it (tests/test_imports.py checks the order):
 
-    kforcing.data        corpora, BPE tokenizers, token caches, held-out contexts
-    kforcing.train       the teacher's config, batches and loss (`kforcing train-teacher`)
-    kforcing.targets     distillation targets, training noise and the window loss
-    kforcing.distill     the stage schedule AR -> k=1 -> 2 -> 4 (`kforcing distill`)
-    kforcing.evaluate    coupled agreement, sample quality, decode speed -> results (`kforcing eval`)
-    kforcing.report      every Markdown table and plot, from results
-    kforcing.demo        the whole pipeline with profiles (`kforcing demo`)
+    kforcing.cli           the `kforcing` command and the demo
+    kforcing.training      the training loop, teacher training, distillation stages and their targets
+    kforcing.evaluation    metrics, `kforcing eval`, reports and plots
+    kforcing.checkpoints   the checkpoint format, run folders, provenance, loading any model by its path
+    kforcing.decoding      AR, push-forward and draft decoding, adaptive drafting, speculative sampling
+    kforcing.students      the push-forward student and the draft student with its heads and adapters
+    kforcing.teachers      the teacher protocol; Hugging Face teachers
+    kforcing.models        the Transformer, ARModel, presets, KVCache
 
-and what they share:
+and the foundations every package may use:
 
-    kforcing.model       ModelConfig, ARModel (teacher), PushForwardLM (student), KVCache
-    kforcing.teacher     the teacher protocol that ARModel and kforcing.hf_teacher.HFTeacher (a Hugging Face causal
-                         LM, `--teacher hf:PATH`) implement
-    kforcing.generate    generate_ar, generate_kforcing: static-cache decoding with coupled noise
-    kforcing.noise       counter_uniform: uniforms as a pure function of (seed, sequence, position)
-    kforcing.checkpoint  checkpoints (checksummed, atomic), run-directory layout, typed provenance
-    kforcing.loading     load_model: any model by its path (a checkpoint or run, a draft student with its teacher,
-                         or a Hugging Face model "hf:PATH")
-    kforcing.trainer     the one training loop (accumulation, DDP, autocast, clipping, EMA, logging, exact resume)
-    kforcing.metrics     pure metrics: agreement, perplexity, text statistics, decode speed
-    kforcing.options     config fields that define their command-line flags (one default, one help text)
-    kforcing.runtime     device resolution, atomic writes, checksums, git commit
-    kforcing.cli         the `kforcing` command (argparse only)
+    kforcing.data          corpora, BPE tokenizers, token caches, held-out contexts
+    kforcing.noise         counter_uniform: uniforms as a pure function of (seed, sequence, position)
+    kforcing.options       config fields that define their command-line flags (one default, one help text)
+    kforcing.runtime       device resolution, atomic writes, checksums, run locks, git commit
 """
 
-from .generate import GenerationOutput, generate_ar, generate_kforcing
-from .model import ARModel, KVCache, ModelConfig, PushForwardLM
+from .decoding.generate import GenerationOutput, generate_ar, generate_kforcing
+from .models.transformer import ARModel, KVCache, ModelConfig
 from .noise import counter_uniform
+from .students.push_forward import PushForwardLM
 
 __all__ = ["ARModel", "GenerationOutput", "KVCache", "ModelConfig", "PushForwardLM", "counter_uniform", "generate_ar",
            "generate_kforcing"]

@@ -544,8 +544,8 @@ def find_token_cache(candidates: Sequence, tokenizer: Optional[Tokenizer]) -> Op
     """The first of `candidates` (token cache directories, None entries skipped) made with `tokenizer` (any
     tokenizer when None), memory-mapped; None when no candidate fits.
 
-    The candidates come from the run directories' typed metadata (`kforcing.checkpoint.Provenance.token_cache`),
-    in the caller's order of preference.
+    The candidates come from the run directories' typed metadata
+    (`kforcing.checkpoints.checkpoint.Provenance.token_cache`), in the caller's order of preference.
     """
     fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
     for candidate in candidates:

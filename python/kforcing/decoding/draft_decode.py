@@ -1,0 +1,397 @@
+"""Decoding with a `DraftStudent`: verified (lossless) or unverified, a fixed number of rows per pass (§8).
+
+Each pass runs, with static shapes:
+
+    trunk   the frozen teacher over k rows [c | d_2..d_k]: c, the last exact token, and the drafts that follow it.
+            All k rows are appended to the teacher's KV cache; the logits after every row are the teacher's
+            exact next-token distributions given the rows before.
+    sample  t_j = inverse_cdf_sample(logits after row j, u of position L+1+j), for j = 0..k-1, in one batched call.
+    accept  verified: draft d_{j+2} stands while it equals t_j; at the first mismatch the teacher's token t_j
+            replaces it. The new tokens t_0..t_a (a = accepted drafts) are exactly what AR sampling with the same
+            uniforms produces, so the output equals `generate_ar` token for token. Each sequence's cache length
+            moves back to the accepted rows (rows past it are overwritten by the next pass).
+            unverified: the k-1 drafts are taken as they are, plus the exact t_{k-1}: k tokens per pass.
+    draft   head pathway: commit the k trunk features to the head's KV cache (its length moves back the same
+            way), then one head pass over [the new exact token | hints] drafts the next k-1 tokens.
+            trunk pathway: one pass of [the new exact token | hints] through the teacher's blocks, the exact row
+            with the teacher's weights and the hint rows with the adapters; at every layer the rows attend to
+            the teacher's cache of that layer and causally to each other, and append nothing to it (there is
+            no second cache).
+            chain pathway: the head reads the rows the teacher committed since its last draft (their features and
+            the tokens that followed them) in one call, then drafts one token per call from its own feature of the
+            row before, each with its position's uniform (`kforcing.students.chain_head`).
+
+Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none (a chain student may
+also make fewer: its round costs one head call per draft), and a round with none is a plain AR step (the teacher
+over the exact token alone, no draft pass). `kforcing.decoding.draft_policy.DraftPolicy` chooses from each sequence's
+measured acceptance and the rounds' measured cost, so verified decoding runs at AR's speed when the drafts do not
+pay for their pass, and drafts when they do.
+
+Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
+decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every
+sequence has its tokens (or an EOS).
+"""
+
+import dataclasses
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..students.draft_student import DraftStudent, Sampling, drafts_from_logits, sample_rows
+from .request import check_request, mask_after_eos
+from kforcing_ops import sampling_probabilities
+
+from ..models.transformer import KVCache, decode_blocks
+from ..noise import counter_uniform
+from ..teachers.protocol import decode_layers
+from .draft_policy import DraftPolicy
+from .speculative import speculative_accept
+
+ACCEPTANCE_RULES = ("coupled", "speculative")
+# Keys of speculative sampling's uniform streams (XORed into the seed), apart from every other stream's.
+_ACCEPT_KEY, _RESIDUAL_KEY = 0x5EC_ACC, 0x5EC_2E5
+
+
+@dataclasses.dataclass
+class DraftOutput:
+    """The result of `generate_with_drafts`.
+
+    Attributes:
+        tokens: (B, max_new_tokens) int64; positions after a sequence's EOS hold pad_id.
+        lengths: (B,) int64, valid tokens per sequence (up to and including EOS).
+        num_passes: forward passes (trunk + head) of the batch, prefill included: until its slowest sequence is
+            done.
+        tokens_per_pass: each sequence's generated tokens over the passes it took part in (prefill included),
+            averaged over the batch (1.0 for AR): the rate of one sequence, whatever the others in its batch do.
+        accepted: (k-1,) float: the fraction of verification steps in which drafts 2..j+2 were all accepted
+            (over the drafting rounds that made draft j+2).
+        ar_rounds: rounds that made no drafts (adaptive drafting's plain AR steps).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    num_passes: int
+    tokens_per_pass: float
+    accepted: List[float]
+    ar_rounds: int = 0
+
+    def tolist(self) -> List[List[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
+
+
+class _DraftDecoder:
+    """The state of one batched decode: the KV caches, the pending exact token and its drafts.
+
+    Head pathway: the teacher's cache and the head's own cache (the trunk's features of committed tokens).
+    Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
+    Chain pathway: the teacher's cache and the head's own cache of (teacher feature, next token) rows, which the
+    head reads lazily, just before it drafts.
+    """
+
+    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows):
+        """run_rows: the most rows one head call may write past a sequence's length (the longest AR run, read in
+        one call: finished sequences' rows are written too, and discarded)."""
+        teacher, config = student.teacher, student.config
+        self.student, self.sampling = student, sampling
+        # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
+        # (a round gathers its rows instead of hashing them again, three times a round).
+        positions = torch.arange(max_len, device=teacher.device)
+        self.u_table = counter_uniform(seed, sequence_ids[:, None], positions)
+        self.hint_table = (self.u_table if hint_seed is None or hint_seed == seed
+                           else counter_uniform(hint_seed, sequence_ids[:, None], positions))
+        # Speculative sampling's acceptance and residual uniforms: two more streams of the same seed.
+        self.accept_table, self.residual_table = (counter_uniform(seed ^ key, sequence_ids[:, None], positions)
+                                                  for key in (_ACCEPT_KEY, _RESIDUAL_KEY))
+        self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
+        self.head_cache = None
+        if student.pathway in ("head", "chain"):
+            self.head_cache = KVCache(student.head_config.num_layers, batch, max_len + run_rows, config.n_kv_head,
+                                      config.head_dim, device=teacher.device, dtype=teacher.dtype)
+        # Chain pathway: (teacher features, the tokens that followed them, rows kept) the head has not read yet,
+        # and the head's feature at each sequence's last read row (what the next draft chain starts from).
+        self.pending, self.chain_feature = [], None
+        # Whether the queue holds rows a drafting round did not commit (the prompt's, or a run of AR steps').
+        self.catch_up_pending = False
+
+    @property
+    def draft_cache(self):
+        """The cache the draft rows attend to; its length is the position of the pending exact token."""
+        return self.trunk_cache if self.head_cache is None else self.head_cache
+
+    def uniforms(self, positions, table=None):
+        """The decoding seed's uniforms (or `table`'s) at positions (B, T) of each sequence."""
+        return (self.u_table if table is None else table).gather(1, positions)
+
+    def trunk(self, ids):
+        """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
+        teacher = self.student.teacher
+        features = decode_layers(teacher, teacher.embed(ids), self.trunk_cache, ids.shape[1])
+        return features, teacher.logits(features)
+
+    def ar_steps(self, exact, active, steps, eos_id):
+        """`steps` plain AR steps from the exact tokens (B,): (tokens (B, steps), keep (B, steps)), keep False from a
+        sequence's EOS on and for inactive sequences, whose caches do not advance. A tight loop with no host sync:
+        per step one teacher row, one sampler call and a few tensor ops."""
+        tokens = exact.new_empty((exact.shape[0], steps))
+        keep = active[:, None].repeat(1, steps)
+        seqlens = self.trunk_cache.seqlens
+        position = seqlens.to(torch.int64)[:, None] + 1  # of the token each step samples
+        inactive, advance = (~active).int(), active.long()[:, None]
+        features = []
+        for s in range(steps):
+            step_features, logits = self.trunk(exact[:, None])
+            features.append(step_features)
+            exact = sample_rows(logits, self.uniforms(position), self.sampling)[:, 0]
+            tokens[:, s] = exact
+            seqlens.sub_(inactive)  # the step appended a row to every sequence: inactive ones take it back
+            position.add_(advance)
+            if eos_id is not None:  # from a sequence's EOS on, its caches stop and its tokens are not kept
+                active = active & (exact != eos_id)
+                inactive, advance = (~active).int(), active.long()[:, None]
+                keep[:, s + 1:] &= active[:, None]
+        # Kept steps are a prefix of each sequence's run, so the head reads the whole run in one call.
+        self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
+        return tokens, keep
+
+    def commit_features(self, features, next_tokens, keep, by_drafting_round=False):
+        """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
+        that followed them (B, T); each sequence keeps only its first `keep` rows.
+
+        Head pathway: append the features to the head's cache. Chain pathway: queue them; the head reads them
+        all in one call before its next draft chain (so AR steps cost no head call). Trunk pathway: nothing to do
+        (the teacher's cache is all the draft rows read)."""
+        if self.head_cache is None:
+            return
+        if self.student.pathway == "chain":
+            self.pending.append((features, next_tokens, keep))
+            self.catch_up_pending = self.catch_up_pending or not by_drafting_round
+            return
+        start = self.head_cache.seqlens.clone()
+        decode_blocks(self.student.head.blocks, features, self.head_cache, features.shape[1],
+                      self.student.teacher.inv_freq)
+        self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+
+    def _read_pending(self):
+        """Chain pathway: run the head over the queued rows (one call per queued pass) into its cache, and keep
+        its feature at each sequence's last kept row in `chain_feature`."""
+        head, teacher = self.student.head, self.student.teacher
+        for features, next_tokens, keep in self.pending:
+            start = self.head_cache.seqlens.clone()
+            hidden = head.decode(teacher, features, next_tokens, self.head_cache, features.shape[1])
+            self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+            last = hidden.gather(1, (keep - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))[:, 0]
+            self.chain_feature = last if self.chain_feature is None else torch.where(
+                (keep > 0)[:, None], last, self.chain_feature)
+        self.pending.clear()
+        self.catch_up_pending = False
+
+    def catch_up(self) -> bool:
+        """Chain pathway: read the rows queued by the prompt or a run of AR steps now, apart from the next drafting
+        round (whose cost adaptive drafting measures: a catch-up that grows with the AR steps before it would make
+        drafting look dearer the longer it was not taken). True when there was something to read."""
+        if not self.catch_up_pending:
+            return False
+        self._read_pending()
+        return True
+
+    def _chain_drafts(self, count, distributions):
+        """Chain pathway: `count` drafts, each sampled from the head's distribution with its position's uniform,
+        each fed back as the next head row (one one-row head call per draft after the first); the chain's rows
+        leave the head's cache as they came."""
+        student, sampling = self.student, self.sampling
+        head, teacher = student.head, student.teacher
+        self._read_pending()
+        feature = self.chain_feature
+        start = self.head_cache.seqlens.clone()
+        positions = self.trunk_cache.seqlens.to(torch.int64)[:, None] + 1 + torch.arange(count, device=start.device)
+        u = self.uniforms(positions)
+        drafts, distributions_ = [], []
+        for j in range(count):
+            logits = head.readout(teacher, feature[:, None])
+            draft = head.token_ids(sample_rows(logits, u[:, j:j + 1], sampling))
+            drafts.append(draft)
+            if distributions:
+                distributions_.append(head.full_distribution(_probabilities(logits, sampling)))
+            if j + 1 < count:
+                feature = head.decode(teacher, feature[:, None], draft, self.head_cache, 1)[:, 0]
+        self.head_cache.seqlens.copy_(start)
+        drafts = torch.cat(drafts, dim=1)
+        return (drafts, torch.cat(distributions_, dim=1)) if distributions else drafts
+
+    def draft(self, exact, count, distributions=False):
+        """Drafts (B, count) of the tokens after `exact` (B,), the token at each sequence's draft-cache length:
+        a window of count + 1 rows (hint i only sees hints 0..i, so fewer rows than k draft the same tokens).
+        distributions: also return the (B, count, V) float64 distributions the drafts were drawn from (a point
+        mass at the argmax for the onehot readout)."""
+        student = self.student
+        if student.pathway == "chain":
+            return self._chain_drafts(count, distributions)
+        cache = self.draft_cache
+        position = cache.seqlens.to(torch.int64)[:, None]
+        positions = position + torch.arange(count + 1, device=exact.device)
+        u = self.uniforms(positions)  # u of exact, then of the drafts
+        hints = self.uniforms(positions, self.hint_table)
+        sampling = self.sampling
+        x = student.window_inputs(exact[:, None], hints[:, None], sampling.temperature)[:, 0]
+        logits = student.readout_logits(student.decode_window(x, cache))
+        drafts = drafts_from_logits(logits, u, student.head_config.readout, sampling)
+        if not distributions:
+            return drafts
+        if student.head_config.readout == "onehot":
+            q = torch.nn.functional.one_hot(drafts, logits.shape[-1]).double()
+        else:
+            q = _probabilities(logits, sampling)
+        return drafts, q
+
+
+def _probabilities(logits, sampling):
+    """The float64 distributions (..., V) that `sample_rows` draws from, for logits (..., V)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return sampling_probabilities(flat, sampling.temperature, sampling.top_k, sampling.top_p).view(logits.shape)
+
+
+@torch.no_grad()
+def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k: Optional[int] = None,
+                         seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+                         verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
+                         sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab",
+                         round_costs: Optional[Sequence[float]] = None, acceptance: str = "coupled") -> DraftOutput:
+    """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
+
+    Args:
+        student: a DraftStudent (teacher-exact token rows and a hint head).
+        prompts, max_new_tokens, seed, temperature, top_k, top_p, eos_id, pad_id, sequence_ids: as in
+            `kforcing.decoding.generate.generate_ar`; temperature must be a float here.
+        k: rows per pass, 2 <= k <= student.max_k: the exact token and k-1 drafts in every round. None (the
+            default): adaptive drafting with up to max_k - 1 drafts when verifying (`kforcing.decoding.draft_policy`):
+            each round drafts k-1 tokens or none (a plain AR step), whichever is expected to give more tokens per unit
+            of cost, so verified decoding is not slower than AR when the drafts do not pay; without verification, max_k.
+        verify: True: every draft is checked against the teacher's own token under the same uniform, and the
+            output equals `generate_ar(student.teacher, ...)` token for token. False: drafts are kept as they
+            are (k tokens per pass, the student's own distribution).
+        order: the CDF's token order ("vocab" or "descending"), as in `generate_ar`; a head learns one of them.
+        hint_seed: a diagnostic (the u-shuffle test): the hint rows carry uniforms drawn from this seed instead of
+            the decoding seed, while the teacher and a categorical readout still sample with the decoding seed's.
+            Verified output stays exact; the acceptance shows how much the drafts owe to the right uniforms.
+        round_costs: adaptive drafting only: fixed (AR step, drafting round) costs instead of measured wall times
+            (reproducible choices; see `DraftPolicy`).
+        acceptance: how verification keeps drafts. "coupled" (default): a draft stands when it equals the teacher's
+            token under the same uniform, so the output equals `generate_ar`'s token for token. "speculative":
+            speculative sampling (`kforcing.decoding.speculative`): lossless in distribution (every token is distributed
+            as the teacher's sample), not equal to `generate_ar`'s.
+
+    Returns:
+        DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
+    """
+    if not isinstance(student, DraftStudent):
+        raise TypeError(f"generate_with_drafts needs a DraftStudent, got {type(student).__name__}")
+    if acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}")
+    if acceptance == "speculative" and not verify:
+        raise ValueError("acceptance='speculative' is a verification rule: it needs verify=True")
+    if hint_seed is not None and student.pathway == "chain":
+        raise ValueError("hint_seed moves the hint rows' uniforms; a chain student has no hint rows (its drafts are "
+                         "sampled with the decoding seed's uniforms)")
+    speculative = acceptance == "speculative"
+    adaptive = k is None and verify
+    if round_costs is not None and not adaptive:
+        raise ValueError("round_costs applies to adaptive drafting only (verify=True and k=None)")
+    k = student.max_k if k is None else k
+    if not isinstance(k, int) or not 2 <= k <= student.max_k:
+        raise ValueError(f"k={k!r} is not allowed: this student drafts with 2 <= k <= max_k={student.max_k}")
+    prompt_list, sequence_ids = check_request(student.teacher, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    device = student.device
+    batch = len(prompt_list)
+    lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
+    sampling = Sampling(float(temperature), top_k, top_p, order)
+    decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, seed, sequence_ids,
+                            sampling, hint_seed, max_new_tokens)
+
+    # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
+    # sequence's length, so they are never read and the next pass overwrites them.
+    ids = torch.full((batch, int(lengths.max())), pad_id, dtype=torch.int64)
+    for b, prompt in enumerate(prompt_list):
+        ids[b, :len(prompt)] = torch.tensor(prompt)
+    ids = ids.to(device)
+    features, logits = decoder.trunk(ids)
+    decoder.trunk_cache.seqlens.copy_(lengths)
+    last = logits[torch.arange(batch, device=device), lengths - 1]
+    exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
+    next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
+    decoder.commit_features(features, next_tokens, lengths)
+    policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
+                         per_draft_cost=student.pathway == "chain") if adaptive else None
+
+    out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
+    out[:, 0] = exact
+    produced = torch.ones(batch, dtype=torch.int64, device=device)
+    finished = exact == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+    accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
+    passes = 1
+    steps = torch.zeros(k - 1, dtype=torch.float64, device=device)  # verification steps that made each offset
+    sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
+    offsets = torch.arange(k, device=device)
+    while True:
+        active = ~finished & (produced < max_new_tokens)
+        if not bool(active.any()):
+            break
+        count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
+        if count and policy is not None and decoder.catch_up():
+            policy.restart_timing()  # the catch-up is not part of the drafting round's cost
+        start = decoder.trunk_cache.seqlens.to(torch.int64)
+        if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
+            # advances the caches itself)
+            run = policy.plain_run(int((max_new_tokens - produced)[active].min()))
+            new_tokens, keep = decoder.ar_steps(exact, active, run, eos_id)
+            advance = keep.long().sum(dim=1)
+            index = (produced[:, None] + offsets.new_tensor(range(run))).clamp(max=out.shape[1] - 1)
+            exact = new_tokens[:, -1]
+            sequence_passes += keep.long().sum(dim=1) - active.long()  # the run's passes (one more below)
+            passes += run - 1
+        else:
+            drafts, q = decoder.draft(exact, count, distributions=True) if speculative else (
+                decoder.draft(exact, count), None)
+            features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
+            rows = offsets[:count + 1]
+            positions = start[:, None] + 1 + rows
+            if speculative:
+                new_tokens, n_accepted = speculative_accept(
+                    _probabilities(logits, sampling), q, drafts,
+                    decoder.uniforms(positions[:, :-1], decoder.accept_table),
+                    decoder.uniforms(positions, decoder.residual_table))
+            else:
+                teacher_tokens = sample_rows(logits, decoder.uniforms(positions), sampling)
+            if not verify:
+                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
+                n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
+            else:
+                if not speculative:  # coupled: drafts stand while they equal the teacher's tokens
+                    new_tokens = teacher_tokens
+                    n_accepted = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+                matches = (rows[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
+                accepted[:count] += matches[active].double().sum(dim=0)
+                steps[:count] += active.double().sum()
+                if policy is not None:
+                    policy.observe_acceptance(matches, active)
+            # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
+            advance = torch.where(active, 1 + n_accepted, 0)
+            keep = active[:, None] & (rows[None, :] < advance[:, None])
+            index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
+            exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
+            decoder.trunk_cache.seqlens.copy_(start + advance)
+            decoder.commit_features(features, new_tokens, advance, by_drafting_round=True)
+        sequence_passes += active.long()
+        out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
+        if eos_id is not None:
+            finished |= ((new_tokens == eos_id) & keep).any(dim=1)
+        produced += advance
+        passes += 1
+    if policy is not None:
+        policy.remember()
+    tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
+    rate = (out_lengths.double() / sequence_passes.double()).mean().item()
+    return DraftOutput(tokens, out_lengths, passes, rate, (accepted / steps.clamp(min=1)).tolist() if verify else [],
+                       policy.rounds[0] if policy is not None else 0)
+
+
+__all__ = ["ACCEPTANCE_RULES", "DraftOutput", "generate_with_drafts"]

@@ -1,0 +1,121 @@
+"""Tables and plots of a draft student's evaluation (`kforcing.evaluation.evaluate_draft`): results as data in, Markdown
+and PNG out, as `kforcing.evaluation.report` does for push-forward students."""
+
+from pathlib import Path
+from typing import Dict, List
+
+from .report_tables import fmt, pyplot, quality_table, row, save_figure, speed_table
+
+_TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verified output equals AR sampling",
+                 "accept_2_floor": "acceptance at offset 2 vs the u-blind floor",
+                 "entropy_rel": "unverified samples: relative entropy gap to the teacher's",
+                 "ppl_ratio": "unverified samples: PPL / PPL of the teacher's samples",
+                 "repeat_ratio": "unverified samples: longest repeat / the teacher's"}
+
+
+def _sampling(results: Dict) -> str:
+    s = results["sampling"]
+    return (f"temperature {s['temperature']:g}, top-k {s['top_k'] or 'off'}, "
+            f"top-p {s['top_p'] if s['top_p'] < 1 else 'off'}")
+
+
+def verified_table(results: Dict) -> str:
+    settings, max_k = results["settings"], max(results["ks"])
+    diag = results["diagnostics"]
+    shuffle = "; u-shuffle feeds the hint rows another seed's uniforms" if diag["shuffle"] is not None else ""
+    lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {_sampling(results)}. Accepted "
+             "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
+             f"u-blind floor ({diag.get('floor_windows', '?')} held-out windows) drafts from the teacher's own "
+             f"distribution with independent uniforms{shuffle}.\n",
+             row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
+             "|" + "---|" * (3 + max_k)]
+    for v in results["verified"]:
+        cells = [fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
+        lines.append(row(["verified", str(v["k"]), fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
+                           "NO"] + cells))
+    if diag["shuffle"] is not None:  # a chain student has no hint rows to feed other uniforms
+        lines.append(row(["u-shuffle", str(diag["k"]), fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
+                          + [fmt(a) for a in diag["shuffle"]]))
+    floor_tpp = 1 + sum(diag["floor"])
+    lines.append(row(["u-blind floor", str(diag["k"]), f"{floor_tpp:.2f} (predicted)", "-"]
+                      + [fmt(a) for a in diag["floor"]]))
+    return "\n".join(lines)
+
+
+def targets_table(results: Dict) -> str:
+    targets = results["targets"]
+    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
+    for key, name in _TARGET_NAMES.items():
+        t = targets[key]
+        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
+        lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def draft_tables(results: Dict) -> str:
+    parts = ["### Verified decoding (lossless) and its diagnostics\n\n" + verified_table(results),
+             "### Unverified samples against the teacher's (no penalty)\n\n" + quality_table(results)]
+    if results.get("speed"):
+        parts.append("### Decode speed\n\n" + speed_table(results))
+    parts.append(f"### Targets at k={results['targets']['k']}\n\n" + targets_table(results))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
+    """acceptance.png (per offset: verified, u-shuffle, u-blind floor) and, with a benchmark, throughput.png, in
+    `out` (file names start with `prefix`)."""
+    plt = pyplot()
+    diag = results["diagnostics"]
+    verified = next(v for v in results["verified"] if v["k"] == diag["k"])
+    offsets = list(range(2, diag["k"] + 1))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for values, label, style in ((verified["accepted"], "draft student", "o-"), (diag["shuffle"], "u-shuffle", "s--"),
+                                 (diag["floor"], "u-blind floor", "k:")):
+        if values is not None:
+            ax.plot(offsets, values, style, label=label)
+    ax.set(xlabel="draft offset j", ylabel="drafts 2..j all accepted", ylim=(0, 1.02), xticks=offsets,
+           title=f"verified decoding, k={diag['k']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = {"acceptance": save_figure(fig, out / f"{prefix}acceptance.png")}
+    if results.get("speed"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
+            rows = [s for s in results["speed"] if s["decoder"] == name]
+            ax.plot([s["batch"] for s in rows], [s["tokens_per_s"] for s in rows], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths["throughput"] = save_figure(fig, out / f"{prefix}throughput.png")
+    return paths
+
+
+def draft_summary_lines(draft: Dict) -> List[str]:
+    """The demo summary's lines for the draft student: verified and unverified decoding beside AR."""
+    results, stage = draft["eval"], draft["stages"][-1]
+    k = max(results["ks"])
+    verified = next(v for v in results["verified"] if v["k"] == k)
+    quality = {q["k"]: q for q in results["quality"]}
+    speed = {s["decoder"]: s for s in results.get("speed", []) if s["batch"] == 1}
+    floor = results["diagnostics"]["floor"]
+    lines = [f"draft student ({stage['step']} steps, {_sampling(results)}), k={k}:",
+             f"{'':26}{'verified':>12}{'unverified':>12}{'AR':>10}",
+             f"{'tokens per pass':26}{verified['tokens_per_pass']:>12.2f}{float(k):>12.2f}{1.0:>10.2f}",
+             f"{'acceptance offsets 2..k':26}" + " / ".join(f"{a:.2f}" for a in verified["accepted"])
+             + "   (u-blind floor " + " / ".join(f"{a:.2f}" for a in floor) + ")",
+             f"{'equals AR sampling':26}{'yes' if verified['equals_ar'] else 'NO':>12}{'-':>12}{'-':>10}"]
+    for key, label in (("ppl_teacher", "PPL under teacher"), ("unigram_entropy", "unigram entropy"),
+                       ("longest_repeat_mean", "longest repeat (mean)")):
+        lines.append(f"{label:26}{quality[0][key]:>12.2f}{quality[k][key]:>12.2f}{quality[0][key]:>10.2f}")
+    if speed:
+        lines.append(f"{'tokens/s (batch 1)':26}{speed[f'verified k={k}']['tokens_per_s']:>12.0f}"
+                     f"{speed[f'unverified k={k}']['tokens_per_s']:>12.0f}{speed['AR']['tokens_per_s']:>10.0f}")
+        lines.append(f"{'speedup vs AR (batch 1)':26}{speed[f'verified k={k}']['speedup']:>11.2f}x"
+                     f"{speed[f'unverified k={k}']['speedup']:>11.2f}x{'1.00x':>10}")
+        if "verified adaptive" in speed:  # drafts only in rounds where they pay, AR steps otherwise
+            lines.append(f"{'  verified, adaptive':26}{speed['verified adaptive']['speedup']:>11.2f}x")
+    return lines
+
+
+__all__ = ["draft_summary_lines", "draft_tables", "plot_draft", "targets_table", "verified_table"]
