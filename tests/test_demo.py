@@ -28,6 +28,16 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     report = out / "report.md"
     assert f"report: {report}" in first.stdout
     assert "K-Forcing demo summary" in first.stdout and "speedup vs AR (batch 1)" in first.stdout
+    # The headline comes first: the default (draft) student's speed against AR, verified and unverified, beside its
+    # sample quality, then the push-forward student.
+    summary_text = first.stdout
+    assert summary_text.index("default student: a draft student") < summary_text.index("push-forward student")
+    headline = {line[:26].strip(): line[26:].split() for line in summary_text.splitlines()
+                if line.startswith(("equals AR sampling", "speed vs AR (batch", "PPL under teacher "))}
+    assert headline["equals AR sampling"][:2] == ["yes", "yes"]  # adaptive and pinned k verified equal AR
+    for batch in PROFILES["quick"].batch_sizes:
+        cells = headline[f"speed vs AR (batch {batch})"]
+        assert len(cells) == 4 and cells[-1] == "1.00x" and all(c.endswith("x") for c in cells)
     assert "train-teacher" in first.stderr and "distill k=4" in first.stderr  # progress bars
     assert "distill chain k=4" in first.stderr and "verified" in first.stdout
     text = report.read_text()
@@ -35,8 +45,13 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
         assert section in text, section
     positions = [text.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
-    for name in ("teacher_loss", "distill_curves", "quality_vs_k", "agreement", "throughput", "draft_acceptance",
-                 "draft_throughput"):
+    first_screen = text[:text.index("## Setup")]  # the plot and one sample per model, under the summary
+    assert "plots/headline.png" in first_screen
+    for model in ("| teacher | AR, temperature 0.7", "| draft student (default) | unverified, k=4 |",
+                  "| teacher | AR, temperature 1 |", "| push-forward student | k=4 |"):
+        assert model in first_screen, model
+    for name in ("headline", "teacher_loss", "distill_curves", "quality_vs_k", "agreement", "throughput",
+                 "draft_acceptance", "draft_throughput"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"plots/{name}.png" in text
     summary = json.loads((out / "summary.json").read_text())
@@ -53,6 +68,7 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     draft = summary["draft"]
     assert [s["step"] for s in draft["stages"]] == [quick.draft_steps]
     assert draft["eval"]["kind"] == "draft" and all(v["equals_ar"] for v in draft["eval"]["verified"])
+    assert draft["eval"]["verified_adaptive"]["equals_ar"] and draft["eval"]["verified_adaptive"]["tokens_per_pass"] >= 1
     assert {s["decoder"] for s in draft["eval"]["speed"]} >= {"AR", "verified k=4", "unverified k=4"}
     assert (out / "draft" / "eval" / "eval.md").is_file()
     # Checkpoints: the teacher run and the students, the run's latest being the k=4 student.

@@ -64,24 +64,6 @@ class CheckpointError(RuntimeError):
 # Run directories
 
 
-MODEL_TYPES = {"ar": ARModel, "pushforward": PushForwardLM}
-
-
-def build_model(spec):
-    """Rebuild an untrained model from `export_config()`'s dict (the "config.json" of a checkpoint)."""
-    if not isinstance(spec, dict) or "model_type" not in spec or "model" not in spec:
-        raise ValueError("a model spec needs 'model_type' and 'model' keys (is this a kforcing checkpoint?)")
-    kind = spec["model_type"]
-    if kind not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {kind!r}; expected one of {sorted(MODEL_TYPES)}")
-    config = ModelConfig.from_dict(spec["model"])
-    if kind == "ar":
-        return ARModel(config)
-    if "max_k" not in spec:
-        raise ValueError("a 'pushforward' model spec needs 'max_k'")
-    return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
-
-
 def _file(name: str, doc: str = None) -> property:
     return property(lambda self: self.root / name, doc=doc)
 
@@ -508,6 +490,24 @@ def load_weights(model, path, strict: bool = True):
                               f"shape mismatches {problems}, missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, strict=strict)
     return model
+
+
+MODEL_TYPES = {"ar": ARModel, "pushforward": PushForwardLM}
+
+
+def build_model(spec):
+    """Rebuild an untrained model from `export_config()`'s dict (the "config.json" of a checkpoint)."""
+    if not isinstance(spec, dict) or "model_type" not in spec or "model" not in spec:
+        raise ValueError("a model spec needs 'model_type' and 'model' keys (is this a kforcing checkpoint?)")
+    kind = spec["model_type"]
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {kind!r}; expected one of {sorted(MODEL_TYPES)}")
+    config = ModelConfig.from_dict(spec["model"])
+    if kind == "ar":
+        return ARModel(config)
+    if "max_k" not in spec:
+        raise ValueError("a 'pushforward' model spec needs 'max_k'")
+    return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
 
 
 def _device_of(model) -> torch.device:

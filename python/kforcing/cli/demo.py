@@ -47,7 +47,8 @@ import torch
 from ..checkpoints import checkpoint as ckpt
 from ..checkpoints.checkpoint import RunLayout
 from ..evaluation.evaluate import EvalConfig, load_results, run_eval, save_results
-from ..evaluation.report import demo_markdown, plot_eval, plot_training, summary_table, write_eval_report
+from ..evaluation.report import (demo_markdown, plot_eval, plot_headline, plot_training, summary_table,
+                                 write_eval_report)
 from ..evaluation.report_draft import plot_draft
 from ..runtime import git_sha, read_json, resolve_device, write_json_atomic, write_text_atomic
 from ..training.distill import DRAFT_SAMPLING, DistillConfig, distill
@@ -275,6 +276,7 @@ def run_demo(profile="default", out_dir=None, device="auto", threads=None, progr
     plot_paths = {**plot_eval(results, plots), **plot_training(teacher_records, stage_records, plots)}
     plot_paths.update({f"draft_{name}": path for name, path in plot_draft(draft_results, plots, "draft_").items()})
     data = _summary(prof, out, phases, results, draft_results, teacher_records, state, time.perf_counter() - started)
+    plot_paths.update(plot_headline(data, plots))
     write_json_atomic(out / "summary.json", data)
     report = out / "report.md"
     write_text_atomic(report, demo_markdown(data, plot_paths, out))

@@ -376,16 +376,17 @@ def _draft_eval(config: EvalConfig, models: Models, dataset, prompts, results: D
     bar.update(1)
     bar.set_postfix_str("verified decoding")
     results["verified"] = draft_eval.verified_rows(student, prompts, ks, reference=reference, **common)
+    results["verified_adaptive"] = draft_eval.adaptive_row(student, prompts, reference=reference, **common)
     bar.update(1)
     bar.set_postfix_str("u-blind floor and u-shuffle")
     contexts = heldout_contexts(dataset, config.contexts, results["context_len"], seed=config.seed)
     results["diagnostics"] = draft_eval.diagnostics(student, prompts, max(ks), floor_contexts=contexts, **common)
     bar.update(1)
     bar.set_postfix_str("unverified samples")
-    results["quality"] = draft_eval.unverified_quality(student, prompts, ks, reference=reference, models=models,
-                                                       **common)
+    results["quality"], first = draft_eval.unverified_quality(student, prompts, ks, reference=reference,
+                                                              models=models, **common)
     if models.tokenizer is not None:
-        results["examples"] = {"AR teacher (= verified)": models.tokenizer.decode(reference[0])}
+        results["examples"] = {name: models.tokenizer.decode(tokens) for name, tokens in first.items()}
     bar.update(1)
     results["speed"] = []
     if config.batch_sizes:

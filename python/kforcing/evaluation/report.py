@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..runtime import write_text_atomic
-from .report_draft import draft_summary_lines, draft_tables, plot_draft
+from .report_draft import draft_summary_lines, draft_tables, plot_draft, sampling_text
 from .report_tables import fmt, pyplot, quality_table, save_figure, speed_table
 
 SECTIONS = ["## Summary", "## Setup", "## 1. Corpus and tokenizer", "## 2. Teacher", "## 3. Distillation",
@@ -186,6 +186,10 @@ def summary_table(data: Dict) -> str:
     lines = ["", "K-Forcing demo summary", "=" * 22,
              f"teacher: {teacher['preset']} preset, {teacher['params']:,} parameters, {teacher['steps']} steps, "
              f"val loss {teacher['first_val_loss']:.2f} -> {teacher['val_loss']:.2f}"]
+    if data.get("draft"):
+        lines += [""] + draft_summary_lines(data["draft"])
+    lines += ["", "push-forward student (`kforcing distill --pathway full`): k tokens per forward pass, temperature "
+              f"{results['settings']['temperature']:g}"]
     for stage in data["stages"]:
         initial = stage.get("initial") or {}
         lines.append(f"stage k={stage['k']}: {stage['step']} steps, held-out exact match vs its teacher "
@@ -209,10 +213,69 @@ def summary_table(data: Dict) -> str:
     reached = [name for name, t in targets.items() if t["reached"]]
     missed = [name for name, t in targets.items() if not t["reached"]]
     lines += ["", f"quality targets at k={max(ks)}: reached {reached or 'none'}; not reached {missed or 'none'}"]
-    if data.get("draft"):
-
-        lines += [""] + draft_summary_lines(data["draft"])
     return "\n".join(lines)
+
+
+def plot_headline(data: Dict, out: Path) -> Dict[str, Path]:
+    """headline.png: speed against AR per batch size of the default (draft) student's decoding modes and of the
+    push-forward student at its largest k, from the demo's summary data (an empty dict without a decode benchmark)."""
+    series = {}
+    draft = (data.get("draft") or {}).get("eval") or {}
+    if draft.get("speed"):
+        k = max(draft["ks"])
+        for name, label in (("verified adaptive", "draft student, verified (adaptive; = AR's tokens)"),
+                            (f"verified k={k}", f"draft student, verified k={k}"),
+                            (f"unverified k={k}", f"draft student, unverified k={k}")):
+            series[label] = [(s["batch"], s["speedup"]) for s in draft["speed"] if s["decoder"] == name]
+    results = data["eval"]
+    if results.get("speed"):
+        k = max(results["ks"])
+        series[f"push-forward student, k={k}"] = [(s["batch"], s["speedup"]) for s in results["speed"]
+                                                  if s["decoder"] == f"k={k}"]
+    series = {label: points for label, points in series.items() if points}
+    if not series:
+        return {}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in series.items():
+        ax.plot([b for b, _ in points], [v for _, v in points], "o-", label=label)
+    ax.axhline(1.0, color="k", linestyle="--", label="AR teacher")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="batch size", ylabel="tokens/s over AR's", title=f"speed against AR ({results['machine']['device']})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return {"headline": save_figure(fig, out / "headline.png")}
+
+
+def _sample_cell(text: str, limit: int = 160) -> str:
+    """A sample's start as one Markdown table cell: newlines shown as ⏎, pipes and backticks escaped."""
+    cell = text[:limit].replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ⏎ ")
+    return cell + (" …" if len(text) > limit else "")
+
+
+def first_samples_table(data: Dict) -> str:
+    """The first sample of each model side by side (same seed and prompt per sampling setting, so rows of one
+    setting are coupled): the teacher and the default student at its sampling settings, the teacher and the
+    push-forward student at theirs."""
+    lines = ["| model | decoding | the first sample's start |", "|---|---|---|"]
+    draft = (data.get("draft") or {}).get("eval") or {}
+    examples = draft.get("examples") or {}
+    if examples:
+        k = max(draft["ks"])
+        settings = sampling_text(draft)
+        lines.append(f"| teacher | AR, {settings} | {_sample_cell(examples['AR teacher (= verified)'])} |")
+        lines.append("| draft student (default) | verified: the teacher's sample, token for token | (the row above) |")
+        if f"unverified k={k}" in examples:
+            lines.append(f"| draft student (default) | unverified, k={k} | "
+                         f"{_sample_cell(examples[f'unverified k={k}'])} |")
+    results = data["eval"]
+    examples = results.get("examples") or {}
+    if examples:
+        k = max(results["ks"])
+        temperature = results["settings"]["temperature"]
+        lines.append(f"| teacher | AR, temperature {temperature:g} | {_sample_cell(examples['AR teacher'])} |")
+        lines.append(f"| push-forward student | k={k} | {_sample_cell(examples[f'student k={k}'])} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def _duration(seconds: float) -> str:
@@ -298,11 +361,31 @@ def _draft_section(data: Dict, plots: Dict[str, Path], out: Path) -> str:
     return text + draft_tables(draft["eval"]).replace("### ", "#### ") + pictures
 
 
+def _samples_section(data: Dict) -> str:
+    """The first sample of every set, decoded: the push-forward student's beside the teacher's at temperature 1,
+    then the draft student's unverified ones beside the teacher's at the draft student's settings."""
+    def blocks(examples):
+        return "".join(f"\n**{name}**\n\n```\n{text[:600].replace('```', chr(39) * 3)}\n```\n"
+                       for name, text in examples.items())
+
+    text = ("The first unconditional sample of each set (same seed, so the rows of one set are coupled), decoded. "
+            "Push-forward student and teacher at temperature "
+            f"{data['eval']['settings']['temperature']:g}:\n" + blocks(data["eval"].get("examples", {})))
+    draft = (data.get("draft") or {}).get("eval") or {}
+    if draft.get("examples"):
+        text += (f"\nDraft student and teacher at {sampling_text(draft)} (verified decoding gives the teacher's "
+                 "sample):\n" + blocks(draft["examples"]))
+    return text
+
+
 def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
     """report.md: every section in SECTIONS, from the demo's summary.json data and its plots."""
     results, prof = data["eval"], data["profile"]
     flag = {"quick": " --quick", "default": "", "full": " --full"}[prof["name"]]
-    body = [f"```\n{summary_table(data).strip()}\n```\n", *_setup_sections(data, plots, out),
+    headline = f"\n![speed against AR]({_rel(plots['headline'], out)})\n" if "headline" in plots else ""
+    samples = first_samples_table(data)
+    body = [f"```\n{summary_table(data).strip()}\n```\n{headline}" + (f"\n{samples}" if samples else ""),
+            *_setup_sections(data, plots, out),
             _distill_section(data, plots, out),
             agreement_table(results) + f"\n\n![agreement]({_rel(plots['agreement'], out)})\n",
             quality_table(results) + f"\n\n![quality vs k]({_rel(plots['quality_vs_k'], out)})\n",
@@ -310,9 +393,7 @@ def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
             + (f"\n\n![throughput]({_rel(plots['throughput'], out)})\n" if "throughput" in plots else "\n"),
             f"At k={results['targets']['k']}, no frequency penalty.\n\n" + targets_table(results) + "\n",
             _draft_section(data, plots, out),
-            "The first unconditional sample of each set (same seed, so the rows are coupled), decoded:\n" + "".join(
-                f"\n**{name}**\n\n```\n{text[:600].replace('```', chr(39) * 3)}\n```\n"
-                for name, text in results.get("examples", {}).items()),
+            _samples_section(data),
             _files_section(data, out)]
     md = [f"# K-Forcing demo report ({prof['name']} profile)\n\n",
           f"Generated by `kforcing demo{flag}` on {data['created']}" + (f", git {data['git']}" if data["git"] else "")
@@ -322,5 +403,5 @@ def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
     return "".join(md)
 
 
-__all__ = ["SECTIONS", "agreement_table", "demo_markdown", "eval_tables", "plot_eval", "plot_training",
-           "summary_table", "targets_table", "write_eval_report"]
+__all__ = ["SECTIONS", "agreement_table", "demo_markdown", "eval_tables", "first_samples_table", "plot_eval",
+           "plot_headline", "plot_training", "summary_table", "targets_table", "write_eval_report"]

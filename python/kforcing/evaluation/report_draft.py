@@ -13,7 +13,8 @@ _TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verifi
                  "repeat_ratio": "unverified samples: longest repeat / the teacher's"}
 
 
-def _sampling(results: Dict) -> str:
+def sampling_text(results: Dict) -> str:
+    """The sampling settings of a draft evaluation, in words."""
     s = results["sampling"]
     return (f"temperature {s['temperature']:g}, top-k {s['top_k'] or 'off'}, "
             f"top-p {s['top_p'] if s['top_p'] < 1 else 'off'}")
@@ -23,8 +24,8 @@ def verified_table(results: Dict) -> str:
     settings, max_k = results["settings"], max(results["ks"])
     diag = results["diagnostics"]
     shuffle = "; u-shuffle feeds the hint rows another seed's uniforms" if diag["shuffle"] is not None else ""
-    lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {_sampling(results)}. Accepted "
-             "at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
+    lines = [f"{settings['num_samples']} prompts x {settings['sample_len']} tokens, {sampling_text(results)}. "
+             "Accepted at offset j: the share of verification steps whose drafts 2..j all equal the teacher's tokens. The "
              f"u-blind floor ({diag.get('floor_windows', '?')} held-out windows) drafts from the teacher's own "
              f"distribution with independent uniforms{shuffle}.\n",
              row(["decoding", "k", "tokens per pass", "equals AR"] + [f"offset {j}" for j in range(2, max_k + 1)]),
@@ -33,6 +34,10 @@ def verified_table(results: Dict) -> str:
         cells = [fmt(a) for a in v["accepted"]] + [""] * (max_k - v["k"])
         lines.append(row(["verified", str(v["k"]), fmt(v["tokens_per_pass"], 2), "yes" if v["equals_ar"] else
                            "NO"] + cells))
+    adaptive = results.get("verified_adaptive")
+    if adaptive:  # drafts up to max_k - 1 tokens a round, or none: no per-offset rate
+        lines.append(row(["verified, adaptive", f"<= {results['student_max_k']}", fmt(adaptive["tokens_per_pass"], 2),
+                          "yes" if adaptive["equals_ar"] else "NO"] + [""] * (max_k - 1)))
     if diag["shuffle"] is not None:  # a chain student has no hint rows to feed other uniforms
         lines.append(row(["u-shuffle", str(diag["k"]), fmt(diag["shuffle_tokens_per_pass"], 2), "-"]
                           + [fmt(a) for a in diag["shuffle"]]))
@@ -92,30 +97,42 @@ def plot_draft(results: Dict, out: Path, prefix: str = "") -> Dict[str, Path]:
 
 
 def draft_summary_lines(draft: Dict) -> List[str]:
-    """The demo summary's lines for the draft student: verified and unverified decoding beside AR."""
+    """The demo summary's headline: the draft student (`kforcing distill`'s default) decoding verified, adaptively
+    (the default of `kforcing sample --verify`) and at k, and unverified at k, beside AR: tokens per round, speed
+    against AR at every batch size measured, and sample quality under the teacher."""
     results, stage = draft["eval"], draft["stages"][-1]
     k = max(results["ks"])
     verified = next(v for v in results["verified"] if v["k"] == k)
     quality = {q["k"]: q for q in results["quality"]}
-    speed = {s["decoder"]: s for s in results.get("speed", []) if s["batch"] == 1}
+    speed = {(s["decoder"], s["batch"]): s for s in results.get("speed", [])}
     floor = results["diagnostics"]["floor"]
-    lines = [f"draft student ({stage['step']} steps, {_sampling(results)}), k={k}:",
-             f"{'':26}{'verified':>12}{'unverified':>12}{'AR':>10}",
-             f"{'tokens per pass':26}{verified['tokens_per_pass']:>12.2f}{float(k):>12.2f}{1.0:>10.2f}",
-             f"{'acceptance offsets 2..k':26}" + " / ".join(f"{a:.2f}" for a in verified["accepted"])
-             + "   (u-blind floor " + " / ".join(f"{a:.2f}" for a in floor) + ")",
-             f"{'equals AR sampling':26}{'yes' if verified['equals_ar'] else 'NO':>12}{'-':>12}{'-':>10}"]
+    columns = ["verified adaptive", f"verified k={k}", f"unverified k={k}", "AR"]
+    width = 26
+
+    def line(label, cells):
+        return (f"{label:{width}}" + "".join(f"{cell:>12}" for cell in cells)).rstrip()
+
+    adaptive = results.get("verified_adaptive")  # results written before it existed lack it
+    lines = [f"default student: a draft student on the frozen teacher ({stage['step']} steps, "
+             f"{sampling_text(results)})",
+             line("", ["verified", "verified", "unverified", "AR"]), line("", ["adaptive", f"k={k}", f"k={k}", ""]),
+             line("tokens per round", [f"{adaptive['tokens_per_pass']:.2f}" if adaptive else "-",
+                                       f"{verified['tokens_per_pass']:.2f}", f"{float(k):.2f}", "1.00"]),
+             line("equals AR sampling", [("yes" if adaptive["equals_ar"] else "NO") if adaptive else "-",
+                                         "yes" if verified["equals_ar"] else "NO", "-", "-"])]
+    for batch in sorted({batch for _, batch in speed}):
+        cells = [f"{speed[(name, batch)]['speedup']:.2f}x" if (name, batch) in speed else "-" for name in columns]
+        lines.append(line(f"speed vs AR (batch {batch})", cells))
+    if ("AR", 1) in speed:
+        lines.append(line("tokens/s (batch 1)", [f"{speed[(name, 1)]['tokens_per_s']:.0f}" if (name, 1) in speed
+                                                 else "-" for name in columns]))
     for key, label in (("ppl_teacher", "PPL under teacher"), ("unigram_entropy", "unigram entropy"),
                        ("longest_repeat_mean", "longest repeat (mean)")):
-        lines.append(f"{label:26}{quality[0][key]:>12.2f}{quality[k][key]:>12.2f}{quality[0][key]:>10.2f}")
-    if speed:
-        lines.append(f"{'tokens/s (batch 1)':26}{speed[f'verified k={k}']['tokens_per_s']:>12.0f}"
-                     f"{speed[f'unverified k={k}']['tokens_per_s']:>12.0f}{speed['AR']['tokens_per_s']:>10.0f}")
-        lines.append(f"{'speedup vs AR (batch 1)':26}{speed[f'verified k={k}']['speedup']:>11.2f}x"
-                     f"{speed[f'unverified k={k}']['speedup']:>11.2f}x{'1.00x':>10}")
-        if "verified adaptive" in speed:  # drafts only in rounds where they pay, AR steps otherwise
-            lines.append(f"{'  verified, adaptive':26}{speed['verified adaptive']['speedup']:>11.2f}x")
+        same = f"{quality[0][key]:.2f}"
+        lines.append(line(label, [same, same, f"{quality[k][key]:.2f}", same]))
+    lines.append(f"{'acceptance offsets 2..k':{width}}" + " / ".join(f"{a:.2f}" for a in verified["accepted"])
+                 + "   (u-blind floor " + " / ".join(f"{a:.2f}" for a in floor) + ")")
     return lines
 
 
-__all__ = ["draft_summary_lines", "draft_tables", "plot_draft", "targets_table", "verified_table"]
+__all__ = ["draft_summary_lines", "draft_tables", "plot_draft", "sampling_text", "targets_table", "verified_table"]
