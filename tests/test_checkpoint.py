@@ -163,3 +163,55 @@ def test_provenance_from_a_newer_or_damaged_config():
     with pytest.raises(ckpt.CheckpointError, match=r"provenance.teacher must be a path \(a string\), got int"):
         ckpt.Provenance.from_config({"provenance": {**base, "teacher": 7}})
 
+
+
+def test_a_failed_save_leaves_the_checkpoint_that_was_there(run, tmp_path, monkeypatch):
+    """A save that fails mid-way (a full disk) is one CheckpointError saying so, and the checkpoint of that name
+    still loads with its old weights; a first save that fails leaves nothing."""
+    model, tokenizer, _ = load_model(run)
+    target = tmp_path / "ckpt"
+    ckpt.save_checkpoint(target, model, tokenizer)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    real_replace = ckpt.os.replace
+
+    def full_disk(source, destination):
+        if str(source).startswith(str(tmp_path / ".ckpt.tmp")) or str(source).startswith(str(tmp_path / ".new.tmp")):
+            raise OSError(28, "No space left on device", str(destination))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(ckpt.os, "replace", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not save the checkpoint .*ckpt: No space left on device "
+                                                   r"\(.*\); the checkpoint that was there is intact"):
+        ckpt.save_checkpoint(target, model, tokenizer)
+    with pytest.raises(ckpt.CheckpointError, match="nothing was written there"):
+        ckpt.save_checkpoint(tmp_path / "new", model, tokenizer)
+    monkeypatch.undo()
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    reloaded, _, _ = load_model(target)
+    assert all(torch.equal(reloaded.state_dict()[name], value) for name, value in before.items())
+
+
+def test_unknown_config_keys_are_refused_where_they_compute_and_ignored_with_a_warning_elsewhere(run, tmp_path):
+    """A config.json from a newer kforcing (sealed as it would seal it): an unknown model field is a CheckpointError
+    naming the field and the checkpoint version; an unknown top-level key is ignored with a warning naming it."""
+    def copy_with(edit):
+        directory = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(ckpt.resolve_checkpoint(run), directory)
+        config = json.loads((directory / "config.json").read_text())
+        config.pop(ckpt.CONFIG_CHECKSUM)
+        edit(config)
+        (directory / "config.json").write_text(json.dumps(ckpt.seal_config(config)))
+        return directory
+
+    computing = copy_with(lambda config: config["model"].update(sliding_window=64))
+    with pytest.raises(ckpt.CheckpointError, match=r"\(version 3\): ModelConfig: unknown field\(s\) "
+                                                   r"\['sliding_window'\], from a newer kforcing"):
+        load_model(computing)
+    describing = copy_with(lambda config: config.update(trained_on="a newer machine"))
+    with pytest.warns(UserWarning, match=r"keys this kforcing does not know \(trained_on; checkpoint version 3\): "
+                                         "ignored"):
+        model, _, _ = load_model(describing)
+    assert model is not None

@@ -178,6 +178,23 @@ def test_out_naming_a_file_is_a_one_line_error(tmp_path, teacher_run, capsys):
     assert existing.read_text() == "keep me"
 
 
+def test_an_unwritable_out_is_a_one_line_error(tmp_path, teacher_run, capsys):
+    """An --out that cannot be created (here under a regular file: permissions do not stop root) ends every writing
+    command in one line naming the path, exit code 1."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    out = blocker / "run"
+    for args in ([*TRAIN, "--corpus", "stdlib", "--out", str(out)],
+                 ["distill", "--teacher", str(teacher_run), "--out", str(out)],
+                 ["eval", "--teacher", str(teacher_run), "--student", str(teacher_run), "--out", str(out)]):
+        with pytest.raises(SystemExit) as error:
+            main(args)
+        assert error.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("kforcing: error: ") and str(blocker) in err and err.count("\n") == 1, err
+    assert blocker.read_text() == "keep me"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, teacher_run, capsys):
     for args in ([*TRAIN, "--corpus", "stdlib", "--out", str(tmp_path / "t"), "--device", "cuda"],

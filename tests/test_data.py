@@ -178,8 +178,16 @@ def test_cache_mismatch_and_corruption_are_detected(tmp_path, corpus_dir, tokeni
     other_tokenizer = train_tokenizer([TEXT], vocab_size=300)
     with pytest.raises(DataCacheError, match="another tokenizer.*rebuild"):
         prepare_dataset(str(corpus_dir), other_tokenizer, cache)
+    # What differs is said in the words of the option that changes it.
+    with pytest.raises(DataCacheError, match=r"from all of it of the corpus, this run reads its first 0.0001 MB "
+                                             r"\(--corpus-max-mb\)"):
+        prepare_dataset(str(corpus_dir), tokenizer, cache, max_bytes=100)
+    with pytest.raises(DataCacheError, match="from another corpus"):
+        prepare_dataset([str(corpus_dir), str(corpus_dir / "doc00.txt")], tokenizer, cache)
+    with pytest.raises(DataCacheError, match="another validation split"):
+        prepare_dataset(str(corpus_dir), tokenizer, cache, val_fraction=0.2)
     (corpus_dir / "doc00.txt").write_text("changed")
-    with pytest.raises(DataCacheError, match="another corpus"):
+    with pytest.raises(DataCacheError, match=r"as its files were then \(they changed since\)"):
         prepare_dataset(str(corpus_dir), tokenizer, cache)
     ds = prepare_dataset(str(corpus_dir), tokenizer, cache, rebuild=True)
     assert ds.meta["corpus_fingerprint"] != ""

@@ -448,6 +448,32 @@ def _read_meta(directory: Path):
     return meta
 
 
+def _megabytes(max_bytes) -> str:
+    return "all of it" if max_bytes is None else f"its first {max_bytes / 1e6:g} MB (--corpus-max-mb)"
+
+
+def _cache_difference(meta: dict, wanted: dict, corpus, text_field: str, max_bytes) -> str:
+    """How an existing cache's making differs from this run's, in words (what a user changes to match it)."""
+    reasons = []
+    if meta.get("corpus_fingerprint") != wanted["corpus_fingerprint"]:
+        specs = [str(spec) for spec in _as_specs(corpus)]
+        if meta.get("corpus") != specs:
+            reasons.append(f"from another corpus ({meta.get('corpus')}, this run: {specs})")
+        elif meta.get("text_field", "text") != text_field:
+            reasons.append(f"from another text field ({meta.get('text_field')!r}, this run: {text_field!r})")
+        elif meta.get("max_bytes") != max_bytes:
+            reasons.append(f"from {_megabytes(meta.get('max_bytes'))} of the corpus, this run reads "
+                           f"{_megabytes(max_bytes)}")
+        else:
+            reasons.append(f"from the corpus {specs} as its files were then (they changed since)")
+    if meta.get("tokenizer_fingerprint") != wanted["tokenizer_fingerprint"]:
+        reasons.append("with another tokenizer")
+    if meta.get("val_fraction") != wanted["val_fraction"]:
+        reasons.append(f"with another validation split ({meta.get('val_fraction')}, this run: "
+                       f"{wanted['val_fraction']})")
+    return " and ".join(reasons)
+
+
 def prepare_dataset(corpus, tokenizer: Tokenizer, cache_dir, val_fraction: float = 0.01, text_field: str = "text",
                     max_bytes: Optional[int] = None, rebuild: bool = False, verify: bool = True,
                     progress: bool = False) -> TokenDataset:
@@ -477,9 +503,8 @@ def prepare_dataset(corpus, tokenizer: Tokenizer, cache_dir, val_fraction: float
         diff = [key for key, value in wanted.items() if meta.get(key) != value]
         if diff:
             raise DataCacheError(
-                f"token cache {cache_dir} was built from another {' and '.join(k.split('_')[0] for k in diff)} "
-                f"(its corpus: {meta.get('corpus')}); pass rebuild=True / --rebuild-data to overwrite it, or use "
-                "another data directory")
+                f"token cache {cache_dir} was built {_cache_difference(meta, wanted, corpus, text_field, max_bytes)}; "
+                "pass rebuild=True / --rebuild-data to overwrite it, or use another data directory")
         return TokenDataset(cache_dir, verify=verify)
 
     cache_dir.mkdir(parents=True, exist_ok=True)

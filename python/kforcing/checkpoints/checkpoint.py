@@ -52,6 +52,10 @@ LATEST = "latest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_STATE_FILE = "trainer_state.pt"
+# Every top-level key of a config.json any writer here emits (checkpoint fields, each model kind's export_config,
+# version 1's "extra"); read_config warns about others.
+_CONFIG_KEYS = {"format", "version", "model_type", "model", "files", "provenance", CONFIG_CHECKSUM, "extra", "max_k",
+                "noise_num_freqs", "head", "teacher_fingerprint", "teacher_kind"}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)\d+$")
 
@@ -313,8 +317,23 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
     """
     model = unwrap(model)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    existed = directory.exists()
+    try:
+        _save_into(directory, tmp, model, tokenizer, optimizer, trainer_state, provenance, tensors)
+    except OSError as error:  # a full disk, a read-only folder: one clear error, and whatever was there stays
+        reason = error.strerror or str(error)
+        where = f" ({error.filename})" if error.filename else ""
+        raise CheckpointError(f"could not save the checkpoint {directory}: {reason}{where}; "
+                              + ("the checkpoint that was there is intact" if existed else "nothing was written there")
+                              ) from error
+    return directory
+
+
+def _save_into(directory: Path, tmp: Path, model, tokenizer, optimizer, trainer_state, provenance, tensors):
+    """save_checkpoint's work: write into `tmp`, then swap it in for `directory` (restoring the old one if the swap
+    fails); `tmp` never outlives the call."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -330,7 +349,11 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
         if directory.exists():  # replacing a checkpoint of the same name: move the old one aside first
             old = directory.with_name(f".{directory.name}.old{os.getpid()}")
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                os.replace(old, directory)  # the previous checkpoint goes back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -338,7 +361,6 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def unwrap(model):
@@ -401,6 +423,10 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{directory}/config.json was changed after the checkpoint was saved (its content does "
                               "not match the checksum it carries): its settings decide what the weights compute, so "
                               "restore the file rather than edit it")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:  # every key that decides a computation is known or refused below it (model, head); others describe
+        warnings.warn(f"{directory}/config.json has keys this kforcing does not know ({', '.join(unknown)}; "
+                      f"checkpoint version {config.get('version')}): ignored", stacklevel=2)
     return config
 
 
@@ -522,7 +548,7 @@ def load_kforcing_model(directory, config: dict, device="cpu", dtype: Optional[t
     try:
         model = build_model(config)
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {directory}: {error}") from None
+        raise CheckpointError(f"checkpoint {directory} (version {config.get('version')}): {error}") from None
     model.to(device)
     load_weights(model, directory)
     if dtype is not None:

@@ -85,7 +85,8 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
     try:
         head_config = HeadConfig.from_dict(config["head"])
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{directory}: unreadable head settings ({error})") from None
+        raise CheckpointError(f"{directory} (checkpoint version {config.get('version')}): unreadable head settings "
+                              f"({error})") from None
     model, teacher_tokenizer = _find_teacher(directory, config, teacher, device)
     student_tokenizer = ckpt.checkpoint_tokenizer(directory, True)
     if None not in (teacher_tokenizer, student_tokenizer) and \

@@ -369,10 +369,10 @@ def _add_demo_parser(subparsers):
         "Build the default corpus (the Python stdlib), train a tiny AR teacher, distil it into push-forward students "
         "k = 1 -> 2 -> 4 and into a draft student on the frozen teacher, evaluate them (coupled agreement, verified "
         "and unverified decoding, sample quality, decode speed), print a summary table and write a report folder "
-        "(Markdown + plots + checkpoints). About 30 minutes on a 2-core CPU by default, 4 with --quick; --full is a "
+        "(Markdown + plots + checkpoints). About 7 minutes on a 2-core CPU by default, 1 with --quick; --full is a "
         "real run for a GPU. Re-running resumes: finished phases and stages are kept.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="about 4 minutes on a 2-core CPU (a smoke run)")
+    size.add_argument("--quick", action="store_true", help="about 1 minute on a 2-core CPU (a smoke run)")
     size.add_argument("--full", action="store_true", help="the small preset, trained for real (a GPU)")
     p.add_argument("--out", default=None, help="report folder (default: runs/demo, runs/demo-quick, runs/demo-full)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -421,7 +421,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from ..checkpoints.checkpoint import CheckpointError
     from ..data import CorpusError, DataCacheError, TokenizerError
-
     from ..training.trainer import TrainingError
 
     if getattr(args, "out_dir", None):
@@ -435,6 +434,10 @@ def main(argv=None):
         if os.environ.get("KFORCING_DEBUG"):
             raise
         parser.exit(2, f"kforcing: error: {error}\n")
+    except OSError as error:  # an unwritable --out, a full disk: what failed, on which path, in one line
+        if os.environ.get("KFORCING_DEBUG"):
+            raise
+        parser.exit(1, f"kforcing: error: {error}\n")
     except KeyboardInterrupt as interrupt:
         parser.exit(130, f"kforcing: interrupted{f'; {interrupt}' if str(interrupt) else ''}\n")
 

@@ -95,7 +95,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown} (known: {sorted(known)})")
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}, from a newer kforcing or another format "
+                             f"(this kforcing knows {sorted(known)})")
         return cls(**data)
 
     def num_params(self, max_k=None):

@@ -441,8 +441,14 @@ class Trainer:
                 state.update(ema_decay=self.ema.decay, ema_updates=self.ema.updates)
                 tensors = {RAW_WEIGHTS_FILE: {n: v.detach().to("cpu").contiguous()
                                               for n, v in self.model.state_dict().items()}}
-            ckpt.save_checkpoint(directory, self.eval_model(), self.tokenizer, self.optimizer, state,
-                                 provenance=self.task.provenance(self.step), tensors=tensors)
+            try:
+                ckpt.save_checkpoint(directory, self.eval_model(), self.tokenizer, self.optimizer, state,
+                                     provenance=self.task.provenance(self.step), tensors=tensors)
+            except ckpt.CheckpointError as error:  # the run's progress up to its last saved step is what is kept
+                last = (f"the one {self.layout.latest} names is intact, and `--resume` continues from it"
+                        if self.layout.latest.is_file() else "none was saved before")
+                raise ckpt.CheckpointError(f"{error}. {self.task.name} stopped at step {self.step}; of its earlier "
+                                           f"checkpoints {last}") from error
             ckpt.write_latest(self.layout.root, directory, self.step)
             ckpt.prune_checkpoints(self.layout.root, self.config.keep_checkpoints, keep=directory)
             self.checkpoint = directory
