@@ -122,11 +122,16 @@ class _DraftDecoder:
         """The decoding seed's uniforms (or `table`'s) at positions (B, T) of each sequence."""
         return (self.u_table if table is None else table).gather(1, positions)
 
-    def trunk(self, ids):
-        """Append ids (B, T) to the teacher's cache: (features, exact logits after every row)."""
+    def trunk(self, ids, logit_rows=None):
+        """Append ids (B, T) to the teacher's cache: (features, exact logits after every row, or with logit_rows
+        (B,) after that row of each sequence only: a prefill needs one row's, and the vocabulary projection of
+        every prompt row would cost as much as several decode steps)."""
         teacher = self.student.teacher
         features = decode_layers(teacher, teacher.embed(ids), self.trunk_cache, ids.shape[1])
-        return features, teacher.logits(features)
+        if logit_rows is None:
+            return features, teacher.logits(features)
+        rows = features.gather(1, logit_rows.view(-1, 1, 1).expand(-1, 1, features.shape[-1]))
+        return features, teacher.logits(rows)
 
     def ar_steps(self, exact, active, steps, eos_id):
         """`steps` plain AR steps from the exact tokens (B,): (tokens (B, steps), keep (B, steps)), keep False from a
@@ -313,10 +318,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     for b, prompt in enumerate(prompt_list):
         ids[b, :len(prompt)] = torch.tensor(prompt)
     ids = ids.to(device)
-    features, logits = decoder.trunk(ids)
+    features, last = decoder.trunk(ids, logit_rows=lengths - 1)
     decoder.trunk_cache.seqlens.copy_(lengths)
-    last = logits[torch.arange(batch, device=device), lengths - 1]
-    exact = sample_rows(last[:, None], decoder.uniforms(lengths[:, None]), sampling)[:, 0]
+    exact = sample_rows(last, decoder.uniforms(lengths[:, None]), sampling)[:, 0]
     next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
     decoder.commit_features(features, next_tokens, lengths)
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,

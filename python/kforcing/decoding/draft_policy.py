@@ -8,13 +8,15 @@ teacher row, no draft pass). `DraftPolicy` keeps
     (measured around whole rounds, so it includes everything a round does; a kind's first timing in a request,
     which carries one-off costs, is replaced by its second rather than averaged), or fixed costs given by the
     caller.
-Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j mean acceptance_j over the
-active sequences, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). A kind not yet timed
-is tried first. The kind not taken is tried again after `explore_every` rounds; each time trying it changes
-nothing, the interval becomes what keeps exploring at about EXPLORE_BUDGET of the time (the time an exploration
-loses against the best kind, over 2% of a best round; from explore_every up to 16x it), so that both estimates
-follow the text: a kind close to the best keeps being tried, a hopeless one costs little. Acceptance estimates
-average their first observations plainly (weight 1/n) before the moving average takes over (weight `decay`).
+Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j acceptance_j of the active
+sequence that expects the fewest, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). The
+slowest sequence, not the mean, because a batch decodes until its last sequence is done: drafting that speeds up
+most sequences but not the one that finishes last only adds cost. A kind not yet timed is tried first. The kind not
+taken is tried again after `explore_every` rounds; each time trying it changes nothing, the interval becomes what
+keeps exploring at about EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of
+a best round; from explore_every up to 16x it), so that both estimates follow the text: a kind close to the best
+keeps being tried, a hopeless one costs little. Acceptance estimates average their first observations plainly
+(weight 1/n) before the moving average takes over (weight `decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
@@ -116,7 +118,7 @@ class DraftPolicy:
 
     def _best(self, active) -> int:
         if self._tokens is None:  # recomputed after each drafting round only: a host sync a round is not free
-            self._tokens = [1.0, *(1.0 + self.acceptance[active].mean(dim=0).cumsum(0)).tolist()]
+            self._tokens = [1.0, *(1.0 + self.acceptance[active].cumsum(dim=1)).min(dim=0).values.tolist()]
         return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
 
     def _affordable_interval(self, best) -> int:
