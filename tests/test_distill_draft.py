@@ -68,6 +68,38 @@ def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_pa
     assert torch.equal(out.tokens, ar.tokens)
 
 
+def test_the_default_draft_vocabulary_is_an_eighth_of_a_large_vocabulary_and_kept_on_resume(tmp_path):
+    """Left at the default, a chain student drafts from V/8 tokens when V >= 8192 and from all of them below; 0 asks
+    for the whole vocabulary; a resumed run keeps what it was started with (the whole vocabulary for a run written
+    before the default existed, whose distill.json says null)."""
+    from types import SimpleNamespace
+
+    from kforcing.checkpoints.checkpoint import RunLayout
+    from kforcing.training.distill import _resolve_draft_vocab
+
+    def teacher(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    def resolve(vocab, given=None, saved="absent"):
+        layout = RunLayout(tmp_path / f"run{vocab}{given}{saved}")
+        if saved != "absent":
+            layout.root.mkdir()
+            layout.distill_settings.write_text(json.dumps({"draft_vocab": saved}))
+        config = SimpleNamespace(draft_vocab=given)
+        return _resolve_draft_vocab(config, teacher(vocab), layout, resuming=saved != "absent")
+
+    assert resolve(8192) == 1024 and resolve(50257) == 6282
+    assert resolve(4096) == 0 and resolve(1024) == 0  # below 8192: the whole vocabulary
+    assert resolve(8192, given=0) == 0 and resolve(1024, given=64) == 64  # given: as given
+    assert resolve(8192, saved=None) == 0 and resolve(8192, saved=512) == 512  # resumed: the run's own
+
+
+def test_draft_vocab_0_is_the_whole_vocabulary(teacher_run, tmp_path):
+    whole = settings(teacher_run, tmp_path / "run", pathway="chain", draft_vocab=0)
+    whole.validate()
+    assert whole.head_config().draft_vocab is None
+
+
 def test_a_trunk_run_resumes_with_its_own_adapter_rank_when_none_is_given(teacher_run, tmp_path):
     trunk = dict(pathway="trunk", readout="categorical", steps=[8], save_interval=4)
     distill(settings(teacher_run, tmp_path / "run", stop_after=4, adapter_rank=2, **trunk))
@@ -206,7 +238,7 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(pathway="chain", adapter_rank=4), "--adapter-rank does not apply to --pathway chain"),
     (dict(pathway="chain", windows="teacher"), "--windows does not apply to --pathway chain"),
     (dict(pathway="chain", readout="onehot"), "needs readout 'categorical'"),
-    (dict(pathway="chain", draft_vocab=1), "draft_vocab must be an int >= 2"),
+    (dict(pathway="chain", draft_vocab=1), r"--draft-vocab must be 0 \(the whole vocabulary\) or at least 2"),
     (dict(pathway="chain", draft_vocab=10_000), "larger than the teacher's vocabulary"),
     (dict(draft_vocab=64), "draft_vocab applies to the chain pathway only"),
     (dict(pathway="trunk", readout="categorical", schedule=[2, 4]), "nothing to train below k = 3"),

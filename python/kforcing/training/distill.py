@@ -66,6 +66,9 @@ OBJECTIVES = ("self-forcing", "noise-inversion")
 # on its final states, adapters on its blocks for hint rows only, or a chain head drafting one token per call).
 PATHWAYS = ("full", "head", "trunk", "chain")
 DEFAULT_SCHEDULES = {"full": [1, 2, 4], "head": [4], "trunk": [4], "chain": [4]}
+# The chain student's default draft vocabulary: V / DRAFT_VOCAB_SHARE tokens from DRAFT_VOCAB_MIN_VOCAB up (see
+# _resolve_draft_vocab).
+DRAFT_VOCAB_SHARE, DRAFT_VOCAB_MIN_VOCAB = 8, 8192
 CHAIN_HEAD_LAYERS = 1  # the chain head's default depth: one copy of the teacher's last block
 # The student `kforcing distill` trains unless told otherwise: the design comparison (README, bench/results/
 # ablation_draft_cpu and round_cost_cpu) found the chain pathway's round the cheapest per draft on weight-bound
@@ -140,8 +143,10 @@ class DistillConfig:
                                          "full copy of the block weights for hint rows (default: 0 for kforcing's "
                                          "own teachers, 8 for a Hugging Face teacher, which takes LoRAs only)")
     draft_vocab: Optional[int] = option(None, "chain: draft only from this many of the training text's most frequent "
-                                        "tokens (a smaller LM head read per draft; verification stays exact); "
-                                        "default: the whole vocabulary")
+                                        "tokens (a smaller LM head read per draft; verification stays exact); 0: "
+                                        "the whole vocabulary; default: V/8 for vocabularies of 8192 tokens or more, "
+                                        "where the drafts' LM head is most of a round's extra bytes, else the whole "
+                                        "vocabulary")
     windows: str = option("student", "head: the windows targets are made on: student (its own drafts, on-policy) or "
                           "teacher (exact teacher rollouts)", choices=list(WINDOWS))
     top_k: Optional[int] = option(None, "draft pathways: the top-k of the sampling distribution the head learns (0: "
@@ -299,6 +304,9 @@ class DistillConfig:
                 raise DistillError(f"--boundary-beta needs --readout onehot --windows teacher (got --readout "
                                    f"{self.readout} --windows {self.windows}): a categorical row never sees its own "
                                    "uniform, and the tokens of the student's own windows depend on the uniforms")
+        if self.draft_vocab is not None and self.draft_vocab != 0 and self.draft_vocab < 2:
+            raise DistillError(f"--draft-vocab must be 0 (the whole vocabulary) or at least 2 tokens, got "
+                               f"{self.draft_vocab}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise DistillError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         try:
@@ -310,7 +318,7 @@ class DistillConfig:
         """The hint head a draft pathway trains (max_k: the schedule's largest k)."""
         return HeadConfig(num_layers=self.head_layers, max_k=max(self.schedule), readout=self.readout,
                           pathway=self.pathway, adapter_rank=self.adapter_rank, noise_code=self.noise_code,
-                          draft_vocab=self.draft_vocab)
+                          draft_vocab=self.draft_vocab or None)
 
     def sampling(self) -> Sampling:
         """The sampling distribution a draft pathway's head learns: --tau, --top-k, --top-p, --cdf-order."""
@@ -622,6 +630,21 @@ def _write_settings(config: DistillConfig, layout: RunLayout, teacher_id: str, s
                                                 "seq_len_used": seq_len})
 
 
+def _resolve_draft_vocab(config: DistillConfig, teacher, layout: RunLayout, resuming: bool) -> int:
+    """A chain student's --draft-vocab as a number (0: the whole vocabulary): as given; left at the default, the
+    run's own when resuming (0 for a run written before the default existed), else V / DRAFT_VOCAB_SHARE for
+    vocabularies of DRAFT_VOCAB_MIN_VOCAB tokens or more (bench/results/draft_small_cpu/draft_vocab/: on the small
+    preset, V = 8192, it decodes faster at the same acceptance) and the whole vocabulary below (on the tiny one a
+    restricted vocabulary lowered acceptance and saved nothing: docs/students.md)."""
+    if config.draft_vocab is not None:
+        return config.draft_vocab
+    if resuming:
+        saved = read_json(layout.distill_settings).get("draft_vocab")
+        return 0 if saved is None else int(saved)
+    vocab = teacher.config.vocab_size
+    return vocab // DRAFT_VOCAB_SHARE if vocab >= DRAFT_VOCAB_MIN_VOCAB else 0
+
+
 def _distill(config: DistillConfig, info: DistInfo) -> dict:
     device = resolve_device(config.device, info.local_rank)
     layout = RunLayout(config.out_dir)
@@ -648,6 +671,8 @@ def _distill(config: DistillConfig, info: DistInfo) -> dict:
             raise DistillError(f"--pathway {config.pathway} needs an AR teacher; {teacher_id} is a "
                                f"{type(teacher).__name__}")
         check_draft_run(config, info)
+        if config.pathway == "chain":
+            config = dataclasses.replace(config, draft_vocab=_resolve_draft_vocab(config, teacher, layout, resuming))
     elif isinstance(teacher, HFTeacher):
         raise DistillError("--pathway full fine-tunes a copy of a kforcing teacher; a Hugging Face teacher stays "
                            "frozen: use --pathway chain or trunk")
@@ -705,7 +730,7 @@ def _run_draft_schedule(config, teacher, teacher_dir, dataset, tokenizer, seq_le
         student = DraftStudent.from_teacher(teacher, config.head_config())
     except ValueError as error:  # settings that only the teacher's shape rules out (e.g. adapter_rank > width)
         raise DistillError(str(error)) from None
-    if config.draft_vocab is not None:  # the training text's most frequent tokens
+    if config.draft_vocab:  # the training text's most frequent tokens
         student.head.set_draft_vocab(np.bincount(dataset.split("train"), minlength=student.config.vocab_size))
 
     def train(index, k, steps, stage_layout, steps_before):
