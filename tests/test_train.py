@@ -162,9 +162,9 @@ def test_checkpoint_save_is_atomic(tmp_path, shared, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match="disk full; the checkpoint that was there is intact"):
         ckpt.save_checkpoint(good, model, tokenizer)  # overwriting the same checkpoint
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match="disk full; nothing was written there"):
         ckpt.save_checkpoint(out / "checkpoints" / "step_0000009", model, tokenizer)
     assert ckpt.resolve_checkpoint(out) == good
     after = weights(out)
