@@ -56,7 +56,6 @@ def targets_table(results: Dict) -> str:
 def eval_tables(results: Dict) -> str:
     """The Markdown tables of an evaluation (agreement, sample quality, decode speed, targets)."""
     if results.get("kind") == "draft":
-
         return draft_tables(results)
     parts = ["### Coupled agreement with the AR teacher (same contexts, same u)\n\n" + agreement_table(results),
              "### Sample quality\n\n" + quality_table(results)]
@@ -91,7 +90,6 @@ def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
     """quality_vs_k.png, agreement.png and (with a decode benchmark) throughput.png in `out` (a draft student's:
     `kforcing.evaluation.report_draft.plot_draft`)."""
     if results.get("kind") == "draft":
-
         return plot_draft(results, out)
     plt = pyplot()
     ks = results["ks"]
