@@ -320,6 +320,24 @@ def test_draft_weights_in_bf16_keep_verified_decoding_exact(pathway):
             assert torch.equal(generate_with_drafts(student, RAGGED, 24, k=k, seed=2, **sampling).tokens, want.tokens)
 
 
+def test_adaptive_drafting_weighs_the_sequence_that_finishes_last():
+    """A static batch ends with its last sequence: with the same tokens left, a sequence whose drafts fail keeps
+    the batch on AR steps even though its neighbour's drafts are all accepted (the mean of the two would draft); once
+    that sequence is nearly done, the one with most left decides and drafting pays. Fixed costs: AR 1, drafting 2."""
+    from kforcing.decoding.draft_policy import DraftPolicy
+
+    def choice(remaining):
+        policy = DraftPolicy(batch=2, max_drafts=3, device="cpu", costs=(1.0, 2.0))
+        active = torch.ones(2, dtype=torch.bool)
+        policy.observe_acceptance(torch.tensor([[1, 1, 1], [0, 0, 0]]), active)
+        return policy.choose(active, torch.tensor(remaining))
+
+    assert choice([30, 30]) == 0   # the failing sequence has as much left: 1 token per 2 (the mean: 2.5 per 2)
+    assert choice([30, 1]) == 3    # the accepting one decides: 30 rounds as AR steps, 7.5 drafting
+    assert DraftPolicy(batch=1, max_drafts=3, device="cpu", costs=(1.0, 2.0)).choose(
+        torch.ones(1, dtype=torch.bool)) == 3  # a fresh estimate is optimistic: every draft accepted
+
+
 def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(monkeypatch):
     """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
     its first observations plainly; exploration keeps its interval while exploring costs little, and backs off

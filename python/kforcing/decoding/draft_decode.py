@@ -339,7 +339,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         active = ~finished & (produced < max_new_tokens)
         if not bool(active.any()):
             break
-        count = policy.choose(active) if policy is not None else k - 1  # drafts this round; 0: an AR step
+        # drafts this round (0: an AR step), weighing what the batch has left to make
+        count = policy.choose(active, max_new_tokens - produced) if policy is not None else k - 1
         if count and policy is not None and decoder.catch_up():
             policy.restart_timing()  # the catch-up is not part of the drafting round's cost
         start = decoder.trunk_cache.seqlens.to(torch.int64)

@@ -8,15 +8,18 @@ teacher row, no draft pass). `DraftPolicy` keeps
     (measured around whole rounds, so it includes everything a round does; a kind's first timing in a request,
     which carries one-off costs, is replaced by its second rather than averaged), or fixed costs given by the
     caller.
-Each round it takes the kind with more expected tokens per unit of cost: (1 + sum_j acceptance_j of the active
-sequence that expects the fewest, as of the last drafting round) / cost(drafting) against 1 / cost(AR step). The
-slowest sequence, not the mean, because a batch decodes until its last sequence is done: drafting that speeds up
-most sequences but not the one that finishes last only adds cost. A kind not yet timed is tried first. The kind not
-taken is tried again after `explore_every` rounds; each time trying it changes nothing, the interval becomes what
-keeps exploring at about EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of
-a best round; from explore_every up to 16x it), so that both estimates follow the text: a kind close to the best
-keeps being tried, a hopeless one costs little. Acceptance estimates average their first observations plainly
-(weight 1/n) before the moving average takes over (weight `decay`).
+Each round it takes the kind with more expected tokens per unit of cost: the batch's expected tokens per drafting
+round, as of the last drafting round, over cost(drafting), against 1 / cost(AR step). A static batch decodes until
+its last sequence is done, so the batch's tokens per round are not the mean of its sequences': with r_i tokens left
+and t_i = 1 + sum_j acceptance_j expected per drafting round, the batch has max_i r_i rounds left as AR steps and
+max_i r_i / t_i drafting, and expects max_i r_i / max_i (r_i / t_i) tokens per drafting round (the slowest
+sequence's t_i when the tokens left are not given). Drafting that speeds up most sequences but not the one that
+finishes last only adds cost. A kind not yet timed is tried first. The kind not taken is tried again after
+`explore_every` rounds; each time trying it changes nothing, the interval becomes what keeps exploring at about
+EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of a best round; from
+explore_every up to 16x it), so that both estimates follow the text: a kind close to the best keeps being tried, a
+hopeless one costs little. Acceptance estimates average their first observations plainly (weight 1/n) before the
+moving average takes over (weight `decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
@@ -116,9 +119,15 @@ class DraftPolicy:
         share = count / self.max_drafts
         return (1 - share) * self.cost[0] + share * self.cost[self.max_drafts]
 
-    def _best(self, active) -> int:
+    def _best(self, active, remaining=None) -> int:
         if self._tokens is None:  # recomputed after each drafting round only: a host sync a round is not free
-            self._tokens = [1.0, *(1.0 + self.acceptance[active].cumsum(dim=1)).min(dim=0).values.tolist()]
+            per_sequence = 1.0 + self.acceptance[active].cumsum(dim=1)  # (active, max_drafts): expected tokens
+            if remaining is None:
+                tokens = per_sequence.min(dim=0).values
+            else:  # the batch's rounds left: max_i r_i as AR steps, max_i r_i / t_i drafting
+                left = remaining[active].to(per_sequence.dtype).clamp(min=1)[:, None]
+                tokens = left.max() / (left / per_sequence).max(dim=0).values
+            self._tokens = [1.0, *tokens.tolist()]
         return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
 
     def _affordable_interval(self, best) -> int:
@@ -131,10 +140,12 @@ class DraftPolicy:
         rounds = loss / (EXPLORE_BUDGET * self._cost(best))
         return int(min(max(rounds, self.explore_every), MAX_BACKOFF * self.explore_every))
 
-    def choose(self, active: torch.Tensor) -> int:
+    def choose(self, active: torch.Tensor, remaining: Optional[torch.Tensor] = None) -> int:
         """Drafts for the next round (0, max_drafts or, with per_draft_cost, a count between), given the (B,) mask of
-        sequences still decoding. Also ends the timing of the previous round: call it once per round, at the same
-        point of each."""
+        sequences still decoding and, optionally, the (B,) tokens each has left to make (then the batch's expected
+        tokens per round are its rounds left as AR steps over its rounds left drafting; without, the slowest
+        sequence's). Also ends the timing of the previous round: call it once per round, at the same point of
+        each."""
         now = time.perf_counter()
         if self._timing is not None and not self.fixed:
             kind, start, rounds = self._timing
@@ -149,7 +160,7 @@ class DraftPolicy:
         if untimed:
             kind = untimed[0]
         else:
-            best = self._best(active)
+            best = self._best(active, remaining)
             if self._explored_from is not None:  # the last round explored: did it change the choice?
                 changed = (best > 0) != (self._explored_from > 0)
                 self.interval = self.explore_every if changed else self._affordable_interval(best)
