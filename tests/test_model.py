@@ -250,3 +250,25 @@ def test_forward_train_bad_input():
         teacher(ids.float())
     with pytest.raises(ValueError, match="max_k must be a positive int"):
         PushForwardLM(TINY, 0)
+
+
+def test_casting_a_model_keeps_its_rotary_frequencies_float32():
+    """`.to(torch.bfloat16)` / `.half()` cast the weights, not the rotary frequencies: in bf16 they would keep three
+    significant digits and the angle at position p would drift by p times that error. Checked on the teacher and on a
+    chain head (its own frequencies), and that a later `.float()` leaves them as they were."""
+    from kforcing.students.chain_head import ChainHead
+    from kforcing.students.draft_student import HeadConfig
+
+    teacher = ARModel(TINY)
+    head = ChainHead(TINY, HeadConfig(num_layers=1, pathway="chain"))
+    for module in (teacher, head):
+        expected = module.inv_freq.clone()
+        for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+            cast(module)
+            assert module.inv_freq.dtype == torch.float32 and torch.equal(module.inv_freq, expected)
+    assert teacher.lm_head.weight.dtype == torch.float32 and head.fuse.weight.dtype == torch.float32
+    teacher.to(torch.bfloat16)
+    assert teacher.lm_head.weight.dtype == torch.bfloat16  # the weights do take the cast
+    positions = torch.tensor([1000.0])
+    angle = positions * teacher.inv_freq[1]
+    assert abs(angle - positions * teacher.inv_freq[1].to(torch.bfloat16).float()) > 1e-2  # what bf16 would lose

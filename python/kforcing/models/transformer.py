@@ -141,6 +141,23 @@ def cast_linear_weights(module, dtype):
 # Building blocks
 
 
+def rotary_inv_freq(head_dim, rope_base, device=None):
+    """Rotary frequencies rope_base^(-2i / head_dim), i < head_dim / 2: computed in float64, kept in float32."""
+    return (rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float().to(device)
+
+
+class KeepsRotaryFloat32:
+    """For a module with a rotary buffer `inv_freq` made from `self._rotary` = (head_dim, rope_base): `.to(dtype)`,
+    `.bfloat16()` and `.half()` cast every floating buffer, but frequencies rounded to bf16 keep three significant
+    digits and the angle at position p is off by p times that error, so after any move or cast the buffer is made
+    again in float32 where it now lives (the angles are computed in float32 whatever the weights' dtype)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rotary_inv_freq(*self._rotary, device=self.inv_freq.device)
+        return module
+
+
 def rotary_cos_sin(positions, inv_freq):
     """cos/sin of the rotary angles: positions (S,) or (B, S) int -> two (1 or B, S, 1, head_dim/2) float32."""
     if positions.dim() == 1:
@@ -310,7 +327,7 @@ def decode_blocks(blocks, x, cache: KVCache, n_commit, inv_freq):
                        x, cache, n_commit)
 
 
-class Transformer(nn.Module):
+class Transformer(KeepsRotaryFloat32, nn.Module):
     """The backbone shared by `ARModel` and `PushForwardLM` (not used on its own)."""
 
     model_type = None
@@ -324,8 +341,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.LayerNorm(config.n_embd, bias=False)
         self.lm_head = DecodeLinear(config.n_embd, config.vocab_size, bias=False)
-        inv_freq = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._rotary = (config.head_dim, config.rope_base)
+        self.register_buffer("inv_freq", rotary_inv_freq(*self._rotary), persistent=False)
         self._init_weights()
 
     def _init_weights(self):
@@ -434,5 +451,5 @@ class ARModel(Transformer):
         return decode_logits(self.lm_head, self._decode_run(self.tok_emb(ids), cache, n_commit), logits)
 
 
-__all__ = ["ARModel", "KVCache", "ModelConfig", "PRESETS", "Transformer", "cast_linear_weights", "decode_blocks",
-           "decode_logits", "decode_pass", "run_blocks"]
+__all__ = ["ARModel", "KVCache", "KeepsRotaryFloat32", "ModelConfig", "PRESETS", "Transformer", "cast_linear_weights",
+           "decode_blocks", "decode_logits", "decode_pass", "rotary_inv_freq", "run_blocks"]

@@ -34,7 +34,8 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import DecodeLinear
 
-from ..models.transformer import Block, ModelConfig, decode_blocks, run_blocks
+from ..models.transformer import (Block, KeepsRotaryFloat32, ModelConfig, decode_blocks, rotary_inv_freq,
+                                  run_blocks)
 from .draft_module import DraftModule
 
 FEATURE_LOSS_WEIGHT = 0.1  # the smooth-L1 pull of the head's features towards the teacher's (beside the KL)
@@ -53,7 +54,7 @@ def block_config(teacher_config, num_layers: int) -> ModelConfig:
                        max_seq_len=teacher_config.max_seq_len)
 
 
-class ChainHead(DraftModule):
+class ChainHead(KeepsRotaryFloat32, DraftModule):
     """The trainable part of a chain-pathway `DraftStudent`: the fuse Linear and the head's blocks.
 
     model_config is the teacher's config: a kforcing `ModelConfig`, or a Hugging Face teacher's `HFModelConfig`
@@ -77,8 +78,8 @@ class ChainHead(DraftModule):
         width = model_config.n_embd
         self.fuse = DecodeLinear(2 * width, width, bias=False)
         self.blocks = nn.ModuleList(Block(blocks) for _ in range(config.num_layers))
-        inv_freq = blocks.rope_base ** (-torch.arange(0, blocks.head_dim, 2, dtype=torch.float64) / blocks.head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # the head's own rotary frequencies
+        self._rotary = (blocks.head_dim, blocks.rope_base)  # the head's own rotary frequencies
+        self.register_buffer("inv_freq", rotary_inv_freq(*self._rotary), persistent=False)
         if config.draft_vocab is not None:
             if config.draft_vocab > model_config.vocab_size:
                 raise ValueError(f"draft_vocab={config.draft_vocab} is larger than the teacher's vocabulary "
