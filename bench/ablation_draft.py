@@ -1,6 +1,6 @@
 """Ablation of the student's options at one wall-clock budget: each row changes one option from the default.
 
-For every row, a short calibration run times the row's training step, then `kforcing.training.distill.distill` trains it
+For every row, a short calibration run times the row's training step, then `kforcing.workflows.distill.distill` trains it
 for as many steps as fit --minutes (so each row gets the same wall-clock budget, with its full learning-rate
 schedule), and the result is evaluated on the same held-out prompts and seeds:
 
@@ -41,13 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.checkpoints import checkpoint as ckpt  # noqa: E402
-from kforcing.checkpoints.loading import load_model  # noqa: E402
-from kforcing.evaluation import evaluate_draft as draft_eval  # noqa: E402
 from kforcing.data import heldout_contexts  # noqa: E402
-from kforcing.training.distill import DistillConfig, distill  # noqa: E402
-from kforcing.evaluation.evaluate import EvalConfig, Models, heldout_data  # noqa: E402
-from kforcing.students.draft_student import Sampling  # noqa: E402
-from kforcing.evaluation.metrics import coupled_agreement, generate_samples, sample_quality  # noqa: E402
+from kforcing.evaluation.metrics import sample_quality  # noqa: E402
+from kforcing.students.draft import evaluate as draft_eval  # noqa: E402
+from kforcing.students.draft.student import Sampling  # noqa: E402
+from kforcing.students.push_forward.evaluate import coupled_agreement, generate_samples  # noqa: E402
+from kforcing.students.registry import kind_named  # noqa: E402
+from kforcing.workflows.distill import DistillConfig, distill  # noqa: E402
+from kforcing.workflows.evaluate import EvalConfig, Models, heldout_data  # noqa: E402
+from kforcing.workflows.loading import load_model  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
 # `kforcing distill`'s defaults for a draft student (head_layers 2 and, for this kforcing teacher, adapter_rank 0 --
@@ -227,7 +229,7 @@ def main(argv=None):
     meta = common.metadata(device)  # the revision that runs: a run lasts hours, and the checkout may move on
     scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kforcing-ablation-"))
     teacher, tokenizer, _ = load_model(args.teacher)
-    models = Models(teacher, None, tokenizer, ckpt.read_provenance(args.teacher), None)
+    models = Models(teacher, None, kind_named("draft"), tokenizer, None, ckpt.read_provenance(args.teacher), None)
     dataset = heldout_data(EvalConfig(teacher=args.teacher, student=args.teacher), models)
     prompts = heldout_contexts(dataset, args.prompts, args.prompt_len, args.prompt_len, seed=args.seed + 1)
     floor_contexts = heldout_contexts(dataset, args.floor_windows, args.seq_len, seed=args.seed + 2)

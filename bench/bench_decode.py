@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
-from kforcing.students.draft_student import DraftStudent, HeadConfig  # noqa: E402
+from kforcing.students.draft.student import DraftStudent, HeadConfig  # noqa: E402
 from kforcing_ops.nn import torch_linears  # noqa: E402
 from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
 from kforcing.models.transformer import ARModel, ModelConfig, PRESETS  # noqa: E402
-from kforcing.students.push_forward import PushForwardLM  # noqa: E402
+from kforcing.students.push_forward.model import PushForwardLM  # noqa: E402
 
 
 def profile(teacher, student, config, batch, k, args, options, device):

@@ -41,12 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kforcing.decoding.draft_decode import generate_with_drafts  # noqa: E402
+from kforcing.students.draft.decode import generate_with_drafts  # noqa: E402
 from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
-from kforcing.students.draft_student import DraftStudent, HeadConfig  # noqa: E402
+from kforcing.students.draft.student import DraftStudent, HeadConfig  # noqa: E402
 from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
 from kforcing.models.transformer import ARModel, ModelConfig, PRESETS, cast_linear_weights  # noqa: E402
-from kforcing.students.push_forward import PushForwardLM  # noqa: E402
+from kforcing.students.push_forward.model import PushForwardLM  # noqa: E402
 
 
 def matrix_bytes(module) -> int:

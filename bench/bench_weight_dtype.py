@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.checkpoints.checkpoint import RunLayout  # noqa: E402
-from kforcing.checkpoints.loading import load_model  # noqa: E402
+from kforcing.workflows.loading import load_model  # noqa: E402
 from kforcing.data import find_token_cache  # noqa: E402
 from kforcing.decoding.generate import generate_ar  # noqa: E402
 from kforcing.evaluation.metrics import time_interleaved  # noqa: E402

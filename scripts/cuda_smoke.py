@@ -14,7 +14,7 @@ import torch
 import kforcing_ops as ko
 from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.models.transformer import ARModel, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 
 dev = "cuda"
 

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from kforcing.students.chain_head import ChainHead
-from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.students.draft.chain_head import ChainHead
+from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.decoding.generate import generate_ar
-from kforcing.training.head_targets import chain_rollout, chain_step
-from kforcing.students.draft_student import DraftStudent, HeadConfig, Sampling
+from kforcing.students.draft.targets import chain_rollout, chain_step
+from kforcing.students.draft.student import DraftStudent, HeadConfig, Sampling
 from kforcing.models.transformer import KVCache
 
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
@@ -158,7 +158,7 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(trained, monk
         got = generate_with_drafts(student.eval(), PROMPTS, 30, k=4, seed=1, **sampling)
         assert torch.equal(got.tokens, want.tokens)
     drafted = []
-    from kforcing.decoding import draft_decode
+    from kforcing.students.draft import decode as draft_decode
     original = draft_decode._DraftDecoder._chain_drafts
 
     def spy(self, count, distributions):
@@ -202,7 +202,7 @@ def test_a_head_with_bf16_weights_drafts_from_them_and_stays_exact(trained, draf
 def test_adaptive_drafting_weighs_every_draft_count(monkeypatch):
     """A chain round costs more with every draft: with drafts right only at the first offset, adaptive drafting
     settles on one draft a round (not max_k - 1, not AR steps), and the output is still the AR sample."""
-    from kforcing.decoding import draft_decode
+    from kforcing.students.draft import decode as draft_decode
 
     student = _student()
     want = generate_ar(student.teacher, PROMPTS, 72, seed=4).tokens

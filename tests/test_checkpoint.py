@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kforcing.checkpoints.checkpoint as ckpt
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 import kforcing.training.trainer
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.training.train import TrainConfig, train_teacher
@@ -115,7 +115,7 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(shared, tmp_p
 
 
 def test_weights_of_another_kind_of_model_are_refused_in_plain_words(tmp_path):
-    from kforcing.students.draft_student import DraftStudent, HeadConfig
+    from kforcing.students.draft.student import DraftStudent, HeadConfig
     from kforcing.models.transformer import ARModel, ModelConfig
 
     teacher = ARModel(ModelConfig.from_preset("tiny", vocab_size=64, max_seq_len=32))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kforcing.checkpoints.checkpoint import CheckpointError, save_checkpoint
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 from kforcing.cli.commands import main
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 

@@ -8,7 +8,7 @@ import pytest
 
 import kforcing_ops
 from kforcing.data import iter_documents, train_tokenizer
-from kforcing.training.distill import DistillConfig, distill
+from kforcing.workflows.distill import DistillConfig, distill
 from kforcing.training.train import TrainConfig, train_teacher
 from tolerances import CONVERGENCE_LOSS_RTOL
 

@@ -5,9 +5,9 @@ Face teacher in bfloat16 matches transformers' own SDPA attention and decodes lo
 import pytest
 import torch
 
-from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.decoding.generate import generate_ar
-from kforcing.students.draft_student import DraftStudent, HeadConfig
+from kforcing.students.draft.student import DraftStudent, HeadConfig
 
 from conftest import expect_kernel
 from tiny_models import draft_student, peaked_teacher

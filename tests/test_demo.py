@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kforcing.cli.demo import PROFILES
-from kforcing.evaluation.report import SECTIONS
+from kforcing.workflows.report import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

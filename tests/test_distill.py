@@ -1,4 +1,4 @@
-"""kforcing.training.distill: targets equal the teachers' own decoding, the student learns, resuming is exact, DDP,
+"""kforcing.workflows.distill: targets equal the teachers' own decoding, the student learns, resuming is exact, DDP,
 errors."""
 
 import json
@@ -12,18 +12,21 @@ import torch
 from safetensors.torch import load_file
 
 import kforcing.checkpoints.checkpoint as ckpt
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 import kforcing_ops
 from kforcing.cli.commands import main
 from kforcing.data import heldout_contexts
-from kforcing.training.distill import DistillConfig, DistillError, check_schedule, distill, parse_tau, plateaued
-from kforcing.evaluation.metrics import coupled_agreement
+from kforcing.students.push_forward.evaluate import coupled_agreement
+from kforcing.training.schedule import check_schedule
+from kforcing.training.stage_task import DistillError, plateaued
+from kforcing.workflows.distill import DistillConfig, distill, parse_tau
 from kforcing.options import parse_int_list
-from kforcing.training.targets import ar_targets, batch_noise, noise_inversion_batch, self_forcing_targets, window_loss
+from kforcing.students.push_forward.targets import ar_targets, noise_inversion_batch, self_forcing_targets, window_loss
+from kforcing.training.batch_noise import batch_noise
 from kforcing.training.trainer import EMA, RAW_WEIGHTS_FILE, TrainingError
 from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.models.transformer import ARModel, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 from kforcing.noise import counter_uniform
 from tolerances import DDP_LOSS_ABS, DDP_WEIGHTS, HAND_BUILT_LOSS_ABS, RECOMPUTED_AGREEMENT_ABS
 import tiny_models

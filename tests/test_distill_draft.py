@@ -6,18 +6,19 @@ import shutil
 import pytest
 import torch
 
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 from kforcing.checkpoints.checkpoint import CheckpointError, Provenance
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.cli.commands import main
-from kforcing.training.distill import DistillConfig, DistillError, distill
-from kforcing.checkpoints.draft_checkpoint import TEACHER_FILE, save_draft_student
-from kforcing.decoding.draft_decode import generate_with_drafts
-from kforcing.evaluation.evaluate import EvalConfig, run_eval
+from kforcing.workflows.distill import DistillConfig, DistillError, distill
+from kforcing.students.draft.checkpoint import TEACHER_FILE, save_draft_student
+from kforcing.students.draft.decode import generate_with_drafts
+from kforcing.students.draft.distill import head_config
+from kforcing.workflows.evaluate import EvalConfig, run_eval
 from kforcing.decoding.generate import generate_ar
-from kforcing.students.draft_student import DraftStudent
+from kforcing.students.draft.student import DraftStudent
 from kforcing.models.transformer import ARModel
-from kforcing.evaluation.report import eval_tables
+from kforcing.workflows.report import eval_tables
 from tiny_models import trained_teacher
 
 SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
@@ -74,19 +75,14 @@ def test_the_default_draft_vocabulary_is_an_eighth_of_a_large_vocabulary_and_kep
     before the default existed, whose distill.json says null)."""
     from types import SimpleNamespace
 
-    from kforcing.checkpoints.checkpoint import RunLayout
-    from kforcing.training.distill import _resolve_draft_vocab
+    from kforcing.students.draft.distill import resolve_draft_vocab
 
     def teacher(vocab):
         return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
 
     def resolve(vocab, given=None, saved="absent"):
-        layout = RunLayout(tmp_path / f"run{vocab}{given}{saved}")
-        if saved != "absent":
-            layout.root.mkdir()
-            layout.distill_settings.write_text(json.dumps({"draft_vocab": saved}))
         config = SimpleNamespace(draft_vocab=given)
-        return _resolve_draft_vocab(config, teacher(vocab), layout, resuming=saved != "absent")
+        return resolve_draft_vocab(config, teacher(vocab), None if saved == "absent" else {"draft_vocab": saved})
 
     assert resolve(8192) == 1024 and resolve(50257) == 6282
     assert resolve(4096) == 0 and resolve(1024) == 0  # below 8192: the whole vocabulary
@@ -97,7 +93,7 @@ def test_the_default_draft_vocabulary_is_an_eighth_of_a_large_vocabulary_and_kep
 def test_draft_vocab_0_is_the_whole_vocabulary(teacher_run, tmp_path):
     whole = settings(teacher_run, tmp_path / "run", pathway="chain", draft_vocab=0)
     whole.validate()
-    assert whole.head_config().draft_vocab is None
+    assert head_config(whole).draft_vocab is None
 
 
 def test_a_trunk_run_resumes_with_its_own_adapter_rank_when_none_is_given(teacher_run, tmp_path):
@@ -227,14 +223,15 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(tau=(0.7, 1.0)), "one sampling distribution"),
     (dict(schedule=[1, 2]), "must start at k >= 2"),
     (dict(schedule=[4, 2]), "must increase"),
-    (dict(objective="noise-inversion"), "is for --pathway full"),
+    (dict(objective="noise-inversion"), r"--objective applies to the push-forward student's pathways \(full\), not to "
+                                       "--pathway head"),
     (dict(pathway="trunk", adapter_rank=10_000), "adapter_rank=10000 is larger than the model width"),
     (dict(readout="argmax"), "unknown readout"),
     (dict(pathway="sideways"), "unknown pathway"),
     (dict(top_p=0.0), "top_p in"),
     (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
-    (dict(pathway="full", top_k=50), r"--top-k applies to the draft pathways \(head, trunk, chain\)"),
-    (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64), "--draft-vocab applies to the draft pathways"),
+    (dict(pathway="full", top_k=50), r"--top-k applies to the draft student's pathways \(chain, head, trunk\)"),
+    (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64), "--draft-vocab applies to the draft student's pathways"),
     (dict(pathway="chain", adapter_rank=4), "--adapter-rank does not apply to --pathway chain"),
     (dict(pathway="chain", windows="teacher"), "--windows does not apply to --pathway chain"),
     (dict(pathway="chain", readout="onehot"), "needs readout 'categorical'"),
@@ -245,7 +242,7 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(boundary_beta=0.5), "--boundary-beta needs --readout onehot --windows teacher"),
     (dict(readout="onehot", windows="student", boundary_beta=0.5), "--boundary-beta needs"),
     (dict(readout="onehot", windows="teacher", boundary_beta=0.0), "--boundary-beta must be positive"),
-    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to the draft pathways"),
+    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to the draft student's pathways"),
 ])
 def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):

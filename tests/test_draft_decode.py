@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from kforcing.decoding.draft_decode import generate_with_drafts
+from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.students.draft_student import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.registry import kind_of
+from kforcing.students.draft.student import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
+from kforcing.students.push_forward.model import PushForwardLM
 from kforcing.noise import counter_uniform
 from kforcing_ops.nn import DecodeLinear
 
@@ -37,7 +38,7 @@ def test_verified_decoding_equals_ar_sampling(readout, sampling, seed):
 
 def _oracle_drafts(monkeypatch, want, prompts, error_every):
     """Replace the head's drafts by the AR continuation, wrong at a pseudo-random 1/error_every of positions."""
-    from kforcing.decoding import draft_decode
+    from kforcing.students.draft import decode as draft_decode
 
     starts = torch.tensor([len(p) for p in prompts])
 
@@ -106,14 +107,23 @@ def test_head_starts_from_the_teachers_last_blocks_and_keeps_the_teacher_frozen(
     assert student.fingerprint != teacher_fingerprint(_teacher(seed=3))
 
 
-def test_generate_kforcing_verifies_a_draft_student_and_refuses_a_pushforward_lm():
+def test_each_kind_decodes_its_own_student_and_refuses_what_it_cannot():
     student = _student()
     want = generate_ar(student.teacher, PROMPTS, 12, seed=2, temperature=0.7, top_k=20)
-    got = generate_kforcing(student, PROMPTS, 12, seed=2, temperature=0.7, top_k=20, verify=True)
+    kind = kind_of(student)
+    assert kind.name == "draft"
+    got = kind.generate(student, PROMPTS, 12, seed=2, temperature=0.7, top_k=20, verify=True)
     assert torch.equal(got.tokens, want.tokens)
+    with pytest.raises(ValueError, match="frequency penalty applies to push-forward students"):
+        kind.generate(student, PROMPTS, 8, freq_penalty=1.0)
+    with pytest.raises(TypeError, match="generate_with_drafts"):
+        generate_kforcing(student, PROMPTS, 8)
     pushforward = PushForwardLM.from_teacher(student.teacher, max_k=4)
-    with pytest.raises(ValueError, match="verify=True needs teacher-exact token rows"):
-        generate_kforcing(pushforward, PROMPTS, 8, verify=True)
+    assert kind_of(pushforward).name == "pushforward" and kind_of(student.teacher) is None
+    with pytest.raises(ValueError, match="verification needs teacher-exact token rows"):
+        kind_of(pushforward).generate(pushforward, PROMPTS, 8, verify=True)
+    with pytest.raises(ValueError, match="decodes by argmax"):
+        kind_of(pushforward).generate(pushforward, PROMPTS, 8, top_k=5)
 
 
 def test_bad_head_configs_are_refused():
@@ -207,7 +217,7 @@ def test_adaptive_drafting_equals_ar_with_ragged_prompts_and_eos(batch, sampling
 
 
 def test_adaptive_drafting_options_are_checked():
-    from kforcing.decoding.draft_policy import DraftPolicy
+    from kforcing.students.draft.policy import DraftPolicy
 
     with pytest.raises(ValueError, match="adaptive drafting only"):
         generate_with_drafts(_student(), PROMPTS, 4, k=4, round_costs=(1.0, 2.0))
@@ -254,7 +264,7 @@ def _chi_square_p_value(counts, probs):
 def test_speculative_rule_samples_the_teachers_distribution(rule):
     """Hand-set p and q on a 5-token vocabulary, 200,000 rounds of one draft: the token after the exact one follows
     p (chi-square), and two plausible wrong rules are caught by the same test."""
-    from kforcing.decoding.speculative import inverse_cdf, speculative_accept
+    from kforcing.students.draft.speculative import inverse_cdf, speculative_accept
 
     gen = torch.Generator().manual_seed(0)
     p1 = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
@@ -324,7 +334,7 @@ def test_adaptive_drafting_weighs_the_sequence_that_finishes_last():
     """A static batch ends with its last sequence: with the same tokens left, a sequence whose drafts fail keeps
     the batch on AR steps even though its neighbour's drafts are all accepted (the mean of the two would draft); once
     that sequence is nearly done, the one with most left decides and drafting pays. Fixed costs: AR 1, drafting 2."""
-    from kforcing.decoding.draft_policy import DraftPolicy
+    from kforcing.students.draft.policy import DraftPolicy
 
     def choice(remaining):
         policy = DraftPolicy(batch=2, max_drafts=3, device="cpu", costs=(1.0, 2.0))
@@ -342,7 +352,7 @@ def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(
     """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
     its first observations plainly; exploration keeps its interval while exploring costs little, and backs off
     when an exploration is dear."""
-    from kforcing.decoding import draft_policy
+    from kforcing.students.draft import policy as draft_policy
 
     clock = [0.0]
     monkeypatch.setattr(draft_policy.time, "perf_counter", lambda: clock[0])

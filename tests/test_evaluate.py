@@ -1,4 +1,4 @@
-"""kforcing.evaluation.evaluate and kforcing.evaluation.report: results from checkpoints, their tables and plots,
+"""kforcing.workflows.evaluate and kforcing.workflows.report: results from checkpoints, their tables and plots,
 `kforcing eval`."""
 
 import json
@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import kforcing.checkpoints.checkpoint as ckpt
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 from kforcing.cli.commands import main
 from kforcing.data import TokenDataset, iter_documents, prepare_dataset, train_tokenizer
 from kforcing.data import heldout_contexts
-from kforcing.evaluation.evaluate import EvalConfig, check_targets, run_eval, save_results
+from kforcing.students.push_forward.evaluate import check_targets
+from kforcing.workflows.evaluate import EvalConfig, run_eval, save_results
 from kforcing.models.transformer import ARModel, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
-from kforcing.evaluation.report import eval_tables, write_eval_report
+from kforcing.students.push_forward.model import PushForwardLM
+from kforcing.workflows.report import eval_tables, write_eval_report
 from tolerances import DIFFERENT_PERPLEXITY_REL, PERPLEXITY_REL
 from tiny_models import CONFIG, models
 

@@ -9,7 +9,7 @@ from conftest import DEVICES, HAS_GPU
 from kforcing_ops import _ext
 from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.models.transformer import ARModel, KVCache, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 from kforcing.noise import counter_uniform, hash3, hash3_python, splitmix64, splitmix64_python
 from tolerances import CACHED_VS_FULL
 
@@ -378,7 +378,7 @@ def test_bad_input_errors():
         generate_ar(teacher, [1, 2, 3], 2)
     with pytest.raises(ValueError, match="sequence_ids"):
         generate_ar(teacher, [[1], [2]], 2, sequence_ids=[0])
-    with pytest.raises(TypeError, match="needs a model of type PushForwardLM"):
+    with pytest.raises(TypeError, match=r"needs a push-forward student \(PushForwardLM\), got ARModel"):
         generate_kforcing(teacher, [[1]], 2)
     with pytest.raises(TypeError, match="generate_ar needs a teacher"):
         generate_ar(student, [[1]], 2)

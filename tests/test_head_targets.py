@@ -5,8 +5,8 @@ import torch
 
 from kforcing_ops import reference as ref
 
-from kforcing.training.head_targets import BOUNDARY_MARGIN, head_step, teacher_rollout
-from kforcing.students.draft_student import DraftStudent, HeadConfig, Sampling, sample_rows
+from kforcing.students.draft.targets import BOUNDARY_MARGIN, head_step, teacher_rollout
+from kforcing.students.draft.student import DraftStudent, HeadConfig, Sampling, sample_rows
 from kforcing.models.transformer import ARModel, ModelConfig
 from kforcing.noise import counter_uniform
 

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 import kforcing.checkpoints.checkpoint as ckpt  # noqa: E402
 from kforcing.cli.commands import main  # noqa: E402
-from kforcing.checkpoints.draft_checkpoint import TEACHER_FILE  # noqa: E402
+from kforcing.students.draft.checkpoint import TEACHER_FILE  # noqa: E402
 from hf_models import save_tiny, tiny_tokenizer  # noqa: E402
 
 SAMPLING = ["--temperature", "0.7", "--top-k", "50", "--top-p", "0.9"]

@@ -9,16 +9,16 @@ transformers = pytest.importorskip("transformers")
 
 import kforcing_ops  # noqa: E402
 import kforcing.checkpoints.checkpoint as ckpt  # noqa: E402
-from kforcing.checkpoints.loading import load_model  # noqa: E402
+from kforcing.workflows.loading import load_model  # noqa: E402
 from kforcing.checkpoints.checkpoint import CheckpointError  # noqa: E402
-from kforcing.checkpoints.draft_checkpoint import save_draft_student  # noqa: E402
-from kforcing.decoding.draft_decode import generate_with_drafts  # noqa: E402
-from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
-from kforcing.training.head_targets import head_step  # noqa: E402
+from kforcing.students.draft.checkpoint import save_draft_student  # noqa: E402
+from kforcing.students.draft.decode import generate_with_drafts  # noqa: E402
+from kforcing.decoding.generate import generate_ar  # noqa: E402
+from kforcing.students.draft.targets import head_step  # noqa: E402
 from kforcing.teachers.hf_teacher import (HFTeacher, HFTeacherError, TransformersMissing, load_hf_teacher,  # noqa: E402
                                   require_transformers)
-from kforcing.students.hf_adapters import HFTrunkAdapters  # noqa: E402
-from kforcing.students.draft_student import DraftStudent, HeadConfig, Sampling  # noqa: E402
+from kforcing.students.draft.hf_adapters import HFTrunkAdapters  # noqa: E402
+from kforcing.students.draft.student import DraftStudent, HeadConfig, Sampling  # noqa: E402
 from kforcing.models.transformer import KVCache  # noqa: E402
 from kforcing_ops.nn import DecodeLinear  # noqa: E402
 from conftest import expect_kernel  # noqa: E402
@@ -137,7 +137,7 @@ def test_verified_decoding_equals_sampling_from_the_hf_teacher(family, tmp_path)
     # categorical: the draft of token 2 comes from the teacher's own row, so drafts are accepted (fewer passes)
     student = trunk_student(teacher, readout="categorical")
     prompts = [[3, 14, 15, 92], [6], [53, 58, 97, 93, 23, 84, 62]]
-    out = generate_kforcing(student, prompts, 14, k=3, seed=5, verify=True, **SAMPLING)
+    out = generate_with_drafts(student, prompts, 14, k=3, seed=5, verify=True, **SAMPLING)
     ar = generate_ar(teacher, prompts, 14, seed=5, **SAMPLING)
     assert torch.equal(out.tokens, ar.tokens) and out.num_passes < 14
     # The same uniforms through transformers' own forward pass, one token at a time, with no cache.
@@ -202,8 +202,8 @@ def test_a_chain_student_of_an_hf_teacher_trains_verifies_and_round_trips(family
     """The chain pathway on a Hugging Face teacher: fresh kforcing blocks of its shape, trained a few steps on its
     own features (only the head moves), verified decoding equal to AR sampling, and a checkpoint (with a draft
     vocabulary) that loads the same head back through the teacher's hf: path."""
-    from kforcing.students.chain_head import ChainHead
-    from kforcing.training.head_targets import chain_step
+    from kforcing.students.draft.chain_head import ChainHead
+    from kforcing.students.draft.targets import chain_step
 
     _, teacher = loaded(family, tmp_path / "teacher", torch.float32)
     before = {name: value.clone() for name, value in teacher.state_dict().items()}
@@ -293,7 +293,7 @@ def test_a_chain_step_runs_under_bf16_autocast(family, tmp_path):
     """distill --dtype bfloat16 autocasts the training step: in the teacher's staircase pass a rotary model's q and
     k come out in float32 beside a bf16 v, and kforcing's attention takes them in the autocast dtype, as torch's
     SDPA does (it raised "`q`, `k` and `v` must have one dtype")."""
-    from kforcing.training.head_targets import chain_step
+    from kforcing.students.draft.targets import chain_step
 
     _, teacher = loaded(family, tmp_path, torch.float32)
     student = DraftStudent.from_teacher(teacher, HeadConfig(pathway="chain", num_layers=1))

@@ -17,11 +17,12 @@ LAYERS = [
     ["kforcing.data"],
     ["kforcing.models"],
     ["kforcing.teachers"],
-    ["kforcing.students"],
-    ["kforcing.decoding"],
     ["kforcing.checkpoints"],
+    ["kforcing.decoding"],
     ["kforcing.evaluation"],
     ["kforcing.training"],
+    ["kforcing.students"],
+    ["kforcing.workflows"],
     ["kforcing.cli"],
 ]
 

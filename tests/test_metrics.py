@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from kforcing.data import train_tokenizer
-from kforcing.evaluation.evaluate import default_ks
+from kforcing.workflows.evaluate import default_ks
 from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.evaluation.metrics import (EvalError, agreement_from_tokens, check_compatible, coupled_agreement,
-                              decode_speed, distinct_n, generate_samples, longest_repeated_ngram, perplexity,
-                              text_statistics, unigram_entropy, window_tokens)
+from kforcing.evaluation.metrics import (EvalError, agreement_from_tokens, check_compatible, distinct_n,
+                                         longest_repeated_ngram, perplexity, text_statistics, unigram_entropy)
+from kforcing.students.push_forward.evaluate import coupled_agreement, decode_speed, generate_samples, window_tokens
 from kforcing.models.transformer import ARModel, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 from tolerances import PERPLEXITY_REL
 from tiny_models import CONFIG, models
 

@@ -9,8 +9,8 @@ import torch
 from conftest import DEVICES
 import kforcing_ops
 from kforcing.models.transformer import ARModel, ModelConfig, PRESETS
-from kforcing.students.push_forward import PushForwardLM
-from kforcing.checkpoints.checkpoint import build_model
+from kforcing.students.push_forward.model import PushForwardLM
+from kforcing.workflows.loading import build_model
 from kforcing.noise import counter_uniform
 from tolerances import GRADIENTS_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE, SAME_ROWS_FP32
 
@@ -256,8 +256,8 @@ def test_casting_a_model_keeps_its_rotary_frequencies_float32():
     """`.to(torch.bfloat16)` / `.half()` cast the weights, not the rotary frequencies: in bf16 they would keep three
     significant digits and the angle at position p would drift by p times that error. Checked on the teacher and on a
     chain head (its own frequencies), and that a later `.float()` leaves them as they were."""
-    from kforcing.students.chain_head import ChainHead
-    from kforcing.students.draft_student import HeadConfig
+    from kforcing.students.draft.chain_head import ChainHead
+    from kforcing.students.draft.student import HeadConfig
 
     teacher = ARModel(TINY)
     head = ChainHead(TINY, HeadConfig(num_layers=1, pathway="chain"))

@@ -9,7 +9,7 @@ from tolerances import SAME_ROWS_FP32
 
 import kforcing_ops as ko
 from kforcing.models.transformer import ARModel, KVCache, ModelConfig, cast_linear_weights
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 from kforcing_ops.nn import DECODE_LINEAR_MAX_ROWS, DecodeLinear, torch_linears
 
 PROMPTS = [7, 70, 33]  # ragged: one sequence's cache crosses a 64-key attention tile

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import kforcing.checkpoints.checkpoint as ckpt
-from kforcing.checkpoints.loading import load_model
+from kforcing.workflows.loading import load_model
 from kforcing.data import iter_documents, train_tokenizer
 from kforcing.models.transformer import ARModel, ModelConfig
 from kforcing.training.train import TrainConfig, lr_at, train_teacher

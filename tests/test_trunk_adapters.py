@@ -7,13 +7,13 @@ the teacher's weights compute; verified decoding equals AR sampling token for to
 import pytest
 import torch
 
-from kforcing.decoding.draft_decode import generate_with_drafts
-from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.training.head_targets import head_step
-from kforcing.students.draft_student import DraftStudent, HeadConfig, HintHead, Sampling, sample_rows
+from kforcing.students.draft.decode import generate_with_drafts
+from kforcing.decoding.generate import generate_ar
+from kforcing.students.draft.targets import head_step
+from kforcing.students.draft.student import DraftStudent, HeadConfig, HintHead, Sampling, sample_rows
 from kforcing.models.transformer import KVCache, decode_blocks, run_blocks
 from kforcing.noise import counter_uniform
-from kforcing.students.trunk_adapters import GatedLoRALinear, TrunkAdapters
+from kforcing.students.draft.trunk_adapters import GatedLoRALinear, TrunkAdapters
 
 import kforcing_ops
 from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
@@ -135,10 +135,10 @@ def test_verified_decoding_stops_at_eos_like_ar(rank, readout):
     assert int(got.lengths[0]) == 7
 
 
-def test_generate_kforcing_verifies_a_trunk_student():
+def test_verified_decoding_of_a_trunk_student_equals_ar():
     student = draft_student(peaked_teacher(), _config(4, "categorical"))
     want = generate_ar(student.teacher, PROMPTS, 12, seed=2, temperature=0.7, top_k=20)
-    got = generate_kforcing(student, PROMPTS, 12, seed=2, temperature=0.7, top_k=20, verify=True)
+    got = generate_with_drafts(student, PROMPTS, 12, seed=2, temperature=0.7, top_k=20, verify=True)
     assert torch.equal(got.tokens, want.tokens)
 
 

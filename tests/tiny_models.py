@@ -2,9 +2,9 @@
 
 import torch
 
-from kforcing.students.draft_student import DraftStudent, HeadConfig
+from kforcing.students.draft.student import DraftStudent, HeadConfig
 from kforcing.models.transformer import ARModel, ModelConfig
-from kforcing.students.push_forward import PushForwardLM
+from kforcing.students.push_forward.model import PushForwardLM
 
 CONFIG = ModelConfig.from_preset("tiny", vocab_size=300, max_seq_len=64)
 

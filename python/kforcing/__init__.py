@@ -3,11 +3,13 @@
 Packages by concern, each importing only the ones below it (tests/test_imports.py checks the order):
 
     kforcing.cli           the `kforcing` command and the demo
-    kforcing.training      the training loop, teacher training, distillation stages and their targets
-    kforcing.evaluation    metrics, `kforcing eval`, reports and plots
-    kforcing.checkpoints   the checkpoint format, run folders, provenance, loading any model by its path
-    kforcing.decoding      AR, push-forward and draft decoding, adaptive drafting, speculative sampling
-    kforcing.students      the push-forward student and the draft student with its heads and adapters
+    kforcing.workflows     distill, eval, reports and loading, over any kind of student
+    kforcing.students      the Student protocol and its kinds: the push-forward student and the draft student,
+                           each with its model, targets, stages, decoding, checkpoints, eval and report rows
+    kforcing.training      the training loop, teacher training, the stage loop every student's distillation shares
+    kforcing.evaluation    measurements (perplexity, text statistics, agreement, interleaved timing), table helpers
+    kforcing.decoding      AR and push-forward decoding over a static cache, request checks
+    kforcing.checkpoints   the checkpoint format, run folders, provenance, AR checkpoints
     kforcing.teachers      the teacher protocol; Hugging Face teachers
     kforcing.models        the Transformer, ARModel, presets, KVCache
 
@@ -22,7 +24,7 @@ and the foundations every package may use:
 from .decoding.generate import GenerationOutput, generate_ar, generate_kforcing
 from .models.transformer import ARModel, KVCache, ModelConfig
 from .noise import counter_uniform
-from .students.push_forward import PushForwardLM
+from .students.push_forward.model import PushForwardLM
 
 __all__ = ["ARModel", "GenerationOutput", "KVCache", "ModelConfig", "PushForwardLM", "counter_uniform", "generate_ar",
            "generate_kforcing"]

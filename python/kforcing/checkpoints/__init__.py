@@ -1,8 +1,7 @@
-"""Checkpoints and loading: the on-disk format, run folders, provenance, and loading any model by its path.
+"""Checkpoints: the on-disk format, run folders, provenance, and AR teachers' checkpoints.
 
-    checkpoint         save/load (checksummed, atomic), RunLayout (a run folder), Provenance, build_model
-    draft_checkpoint   saving and loading a draft student with a reference to its teacher
-    loading            load_model: a checkpoint or run, a draft student with its teacher, or "hf:PATH"
+    checkpoint   save/load (checksummed, atomic), RunLayout (a run folder), Provenance, load_built_model
 
-Imports decoding/ and below never; students/, teachers/, models/ and the foundations.
+Each student kind's checkpoint format is in its package; `kforcing.workflows.loading.load_model` loads any of them
+by its path. Imports teachers/, models/ and the foundations.
 """

@@ -3,7 +3,7 @@
 A checkpoint is a directory:
 
     model.safetensors     the model's state dict
-    config.json           {"format": "kforcing-checkpoint", "version": 3, "model_type": "ar" | "pushforward",
+    config.json           {"format": "kforcing-checkpoint", "version": 3, "model_type": "ar" or a student kind's name,
                            "model": ModelConfig fields, ["max_k", "noise_num_freqs"],
                            "files": {file name: sha256 of every tensor file and of tokenizer.json},
                            "provenance": `Provenance` (what it was trained from),
@@ -41,7 +41,6 @@ from safetensors.torch import load_file, save_file
 from ..data import Tokenizer, load_tokenizer
 from ..models.transformer import ARModel, ModelConfig, Transformer
 from ..runtime import sha256_file, write_json_atomic
-from ..students.push_forward import PushForwardLM
 
 FORMAT = "kforcing-checkpoint"
 # 3: config.json carries the sha256 of its own content and files{} lists tokenizer.json too; 2: sha256 of every
@@ -308,7 +307,7 @@ def save_checkpoint(directory, model: Transformer, tokenizer: Optional[Tokenizer
 
     Args:
         directory: the checkpoint directory to create (replaced if it exists).
-        model: an ARModel or PushForwardLM (a DDP/compiled wrapper's `.module`/`._orig_mod` is unwrapped).
+        model: a Transformer or a draft head (a DDP/compiled wrapper's `.module`/`._orig_mod` is unwrapped).
         tokenizer: saved as tokenizer.json.
         optimizer: its state_dict is saved as optimizer.pt.
         trainer_state: a dict of tensors/numbers saved as trainer_state.pt (step, RNG states, ...).
@@ -499,10 +498,10 @@ def load_weights(model, path, strict: bool = True):
         raise CheckpointError(f"checkpoint {directory} holds {saved}, which does not fit the {type(model).__name__} "
                               "it is being loaded into")
     if mine.get("head") is not None:
-        from ..students.draft_student import HeadConfig
-
-        saved_head, model_head = HeadConfig.from_dict(config["head"]), HeadConfig.from_dict(mine["head"])
-        if saved_head != model_head:  # compared as configs: fields added since the checkpoint take their defaults
+        # compared as the head's config class (its `config`): fields added since the checkpoint take their defaults
+        settings = type(model.config)
+        saved_head, model_head = settings.from_dict(config["head"]), settings.from_dict(mine["head"])
+        if saved_head != model_head:
             raise CheckpointError(f"checkpoint {directory} holds a head with settings {saved_head}, not {model_head}")
     state = load_file_checked(directory, MODEL_FILE, lambda p: load_file(str(p), device=str(_device_of(model))),
                               config)
@@ -518,42 +517,40 @@ def load_weights(model, path, strict: bool = True):
     return model
 
 
-MODEL_TYPES = {"ar": ARModel, "pushforward": PushForwardLM}
-
-
-def build_model(spec):
-    """Rebuild an untrained model from `export_config()`'s dict (the "config.json" of a checkpoint)."""
+def build_ar_model(spec) -> ARModel:
+    """Rebuild an untrained AR model from `export_config()`'s dict (the "config.json" of a teacher checkpoint)."""
     if not isinstance(spec, dict) or "model_type" not in spec or "model" not in spec:
         raise ValueError("a model spec needs 'model_type' and 'model' keys (is this a kforcing checkpoint?)")
-    kind = spec["model_type"]
-    if kind not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {kind!r}; expected one of {sorted(MODEL_TYPES)}")
-    config = ModelConfig.from_dict(spec["model"])
-    if kind == "ar":
-        return ARModel(config)
-    if "max_k" not in spec:
-        raise ValueError("a 'pushforward' model spec needs 'max_k'")
-    return PushForwardLM(config, int(spec["max_k"]), noise_num_freqs=spec.get("noise_num_freqs"))
+    if spec["model_type"] != "ar":
+        raise ValueError(f"model_type {spec['model_type']!r} is not an AR model")
+    return ARModel(ModelConfig.from_dict(spec["model"]))
 
 
 def _device_of(model) -> torch.device:
     return next(iter(model.state_dict().values())).device
 
 
-def load_kforcing_model(directory, config: dict, device="cpu", dtype: Optional[torch.dtype] = None,
-                        with_tokenizer: bool = True):
-    """(model in eval mode, tokenizer or None, config) of a kforcing teacher or push-forward student checkpoint
-    (`directory` resolved, `config` its config.json). Draft students and Hugging Face models load through
-    `kforcing.checkpoints.loading.load_model`."""
+def load_built_model(directory, config: dict, build: Callable[[dict], torch.nn.Module], device="cpu",
+                     dtype: Optional[torch.dtype] = None, with_tokenizer: bool = True):
+    """(model in eval mode, tokenizer or None, config) of a checkpoint whose model `build(config)` makes from its
+    config.json alone (`directory` resolved, `config` its config.json): an AR teacher (`build_ar_model`) or a
+    student that holds all its weights (e.g. a push-forward student)."""
     try:
-        model = build_model(config)
-    except (ValueError, TypeError) as error:
+        model = build(config)
+    except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"checkpoint {directory} (version {config.get('version')}): {error}") from None
     model.to(device)
     load_weights(model, directory)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), checkpoint_tokenizer(directory, with_tokenizer), config
+
+
+def load_ar_model(directory, config: dict, device="cpu", dtype: Optional[torch.dtype] = None,
+                  with_tokenizer: bool = True):
+    """`load_built_model` of an AR teacher checkpoint. Students and Hugging Face models load through
+    `kforcing.workflows.loading.load_model`."""
+    return load_built_model(directory, config, build_ar_model, device, dtype, with_tokenizer)
 
 
 def checkpoint_tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
@@ -567,8 +564,8 @@ def checkpoint_tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
     return load_tokenizer(directory / "tokenizer.json")  # written before version 3
 
 
-__all__ = ["CONFIG_CHECKSUM", "CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer",
+__all__ = ["CONFIG_CHECKSUM", "build_ar_model", "CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer",
            "describe_config_difference", "describe_source", "find_resume_checkpoint", "is_complete",
-           "load_file_checked", "load_kforcing_model", "load_tensors", "load_torch_file", "load_weights",
+           "load_file_checked", "load_ar_model", "load_built_model", "load_tensors", "load_torch_file", "load_weights",
            "prune_checkpoints", "read_config", "read_provenance", "remove_stale_temporaries", "resolve_checkpoint",
            "save_checkpoint", "seal_config", "sha256_file", "unwrap", "write_latest"]

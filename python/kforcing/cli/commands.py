@@ -167,62 +167,57 @@ def _add_sample_parser(subparsers):
     p.set_defaults(func=_sample)
 
 
-def _check_sample_args(args, model) -> str:
-    """The kind of model ("ar", "pushforward" or "draft"), after checking the flags fit it."""
-    from ..students.draft_student import DraftStudent
-    from ..students.push_forward import PushForwardLM
-
-    kind = "draft" if isinstance(model, DraftStudent) else "pushforward" if isinstance(model, PushForwardLM) else "ar"
-    if args.k is not None and kind == "ar":
-        raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
-    if kind == "pushforward" and (args.top_k or (args.top_p or 1.0) < 1.0 or args.cdf_order not in (None, "vocab")):
-        raise ValueError("--top-k/--top-p/--cdf-order apply to AR teachers and draft students; a push-forward "
-                         "student decodes by argmax")
-    if kind != "pushforward" and args.freq_penalty:
-        raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
-    if args.verify and kind != "draft":
-        raise ValueError("--verify needs a draft student (distill --pathway head, trunk or chain): only its token "
-                         "rows are the teacher's own"
-                         + (", and a push-forward student's are fine-tuned" if kind == "pushforward" else ""))
-    if args.teacher is not None and kind != "draft":
+def _check_sample_args(args, kind):
+    """Check the flags fit the model: an AR teacher (kind None) or a student of `kind`, whose own decoding refuses
+    the settings it does not have."""
+    if kind is None:
+        if args.k is not None:
+            raise ValueError("--k needs a K-Forcing student checkpoint; this one is an AR teacher (omit --k)")
+        if args.freq_penalty:
+            raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
+        if args.verify:
+            raise ValueError("--verify needs a draft student (distill --pathway head, trunk or chain): only its token "
+                             "rows are the teacher's own")
+    if args.teacher is not None and not (kind is not None and kind.decodes_with_teacher):
         raise ValueError("--teacher applies to draft students only")
-    return kind
 
 
-def _fill_sampling(args, draft_config):
-    """Unset sampling flags: a draft student's own settings (what it was distilled with), else the defaults."""
+def _fill_sampling(args, kind, config):
+    """Unset sampling flags: what the student was distilled for (its kind reads its provenance), else the
+    defaults of AR sampling."""
     from ..checkpoints.checkpoint import Provenance
-    from ..checkpoints.draft_checkpoint import trained_sampling
-    from ..students.draft_student import Sampling
 
-    chosen = trained_sampling(Provenance.from_config(draft_config)) if draft_config else Sampling()
+    if kind is not None:
+        chosen = kind.trained_sampling(Provenance.from_config(config))
+    else:
+        chosen = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "vocab"}
     for flag, field in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
                         ("cdf_order", "order")):
         if getattr(args, flag) is None:
-            setattr(args, flag, getattr(chosen, field))
+            setattr(args, flag, chosen[field])
 
 
 def _sample(args):
     import torch
 
-    from ..checkpoints.loading import load_model
-    from ..decoding.draft_decode import generate_with_drafts
-    from ..decoding.generate import generate_ar, generate_kforcing
+    from ..decoding.generate import generate_ar
     from ..models.transformer import cast_linear_weights
     from ..runtime import resolve_device
+    from ..students.registry import kind_of
+    from ..workflows.loading import load_model
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     model, tokenizer, config = load_model(args.ckpt, device=resolve_device(args.device), teacher=args.teacher)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.ckpt} has no tokenizer.json, so text prompts cannot be encoded")
-    kind = _check_sample_args(args, model)
-    if args.dtype == "bfloat16":
-        for part in (model.teacher, model.head) if kind == "draft" else (model,):
-            cast_linear_weights(part, torch.bfloat16)
-    elif kind == "draft":
-        model.store_draft_weights(getattr(torch, args.draft_weights))
-    _fill_sampling(args, config if kind == "draft" else None)
+    kind = kind_of(model)
+    _check_sample_args(args, kind)
+    if kind is not None:
+        kind.store_weights(model, getattr(torch, args.dtype), getattr(torch, args.draft_weights))
+    elif args.dtype == "bfloat16":
+        cast_linear_weights(model, torch.bfloat16)
+    _fill_sampling(args, kind, config)
     texts = args.prompt or [""]
     prompts = []
     for text in texts:
@@ -230,14 +225,10 @@ def _sample(args):
         prompts.extend([[tokenizer.eos_id] + ids] * args.num_samples)  # EOS = document start
     eos = None if args.no_stop else tokenizer.eos_id
     start = time.perf_counter()
-    if kind == "pushforward":
-        out = generate_kforcing(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
-                                temperature=args.temperature, freq_penalty=args.freq_penalty, eos_id=eos,
-                                pad_id=tokenizer.pad_id)
-    elif kind == "draft":
-        out = generate_with_drafts(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   verify=args.verify, eos_id=eos, pad_id=tokenizer.pad_id, order=args.cdf_order)
+    if kind is not None:
+        out = kind.generate(model, prompts, args.max_new_tokens, k=args.k, seed=args.seed,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, order=args.cdf_order,
+                            verify=args.verify, freq_penalty=args.freq_penalty, eos_id=eos, pad_id=tokenizer.pad_id)
     else:
         out = generate_ar(model, prompts, args.max_new_tokens, seed=args.seed, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=tokenizer.pad_id,
@@ -250,13 +241,13 @@ def _sample(args):
         print(f"=== sample {i // args.num_samples}.{j}")
         print(text + tokenizer.decode(tokens))
     generated = int(out.lengths.sum())
-    if kind == "ar":
-        kind = "AR"
-    elif kind == "draft" and args.verify and args.k is None:
-        kind = f"verified K-Forcing, adaptive up to k={model.max_k} ({out.ar_rounds} rounds were AR steps)"
+    if kind is None:
+        mode = "AR"
+    elif args.verify and args.k is None:
+        mode = f"verified K-Forcing, adaptive up to k={model.max_k} ({out.ar_rounds} rounds were AR steps)"
     else:
-        kind = ("verified " if args.verify else "") + f"K-Forcing k={args.k or model.max_k}"
-    print(f"[{kind}: {generated} tokens in {out.num_passes} passes, {elapsed:.2f} s, "
+        mode = ("verified " if args.verify else "") + f"K-Forcing k={args.k or model.max_k}"
+    print(f"[{mode}: {generated} tokens in {out.num_passes} passes, {elapsed:.2f} s, "
           f"{generated / max(elapsed, 1e-9):.1f} tokens/s, {torch.get_num_threads()} CPU threads]", file=sys.stderr)
     return 0
 
@@ -266,7 +257,7 @@ def _sample(args):
 
 
 def _add_distill_parser(subparsers):
-    from ..training.distill import DistillConfig
+    from ..workflows.distill import DistillConfig
 
     p = _new_parser(
         subparsers, "distill", "distil an AR teacher into a k-token student (by default a draft student that "
@@ -295,7 +286,7 @@ def _add_distill_parser(subparsers):
 
 
 def _distill(args):
-    from ..training.distill import DistillConfig, distill
+    from ..workflows.distill import DistillConfig, distill
 
     config = config_from_args(DistillConfig, args)
     summary = distill(config)
@@ -327,7 +318,7 @@ def _distill(args):
 
 
 def _add_eval_parser(subparsers):
-    from ..evaluation.evaluate import EvalConfig
+    from ..workflows.evaluate import EvalConfig
 
     p = _new_parser(
         subparsers, "eval", "coupled agreement, sample quality and decode speed of a student vs its teacher",
@@ -340,8 +331,8 @@ def _add_eval_parser(subparsers):
 
 
 def _eval(args):
-    from ..evaluation.evaluate import EvalConfig, run_eval, save_results
-    from ..evaluation.report import eval_tables, write_eval_report
+    from ..workflows.evaluate import EvalConfig, run_eval, save_results
+    from ..workflows.report import eval_tables, write_eval_report
     from ..runtime import run_lock
 
     if args.out_dir is None:

@@ -8,14 +8,14 @@ Phases (each one resumes: re-running keeps what is finished):
     1. corpus      the default corpus (the running Python's standard library + pydoc topics), a byte-level BPE
                    tokenizer and a memory-mapped token cache (`kforcing.data`);
     2. teacher     a tiny AR teacher (`kforcing.training.train.train_teacher`);
-    3. distill     progressive self-forcing distillation 1 -> 2 -> 4 (`kforcing.training.distill.distill`);
+    3. distill     progressive self-forcing distillation 1 -> 2 -> 4 (`kforcing.workflows.distill.distill`);
     4. eval        coupled agreement, sample quality with and without frequency penalty, and the AR vs K-Forcing
-                   decode benchmark (`kforcing.evaluation.evaluate.run_eval`);
+                   decode benchmark (`kforcing.workflows.evaluate.run_eval`);
     5. draft       a draft student with `kforcing distill`'s defaults: the frozen teacher plus trainable hint rows,
-                   learning truncated sampling (`kforcing.training.distill.DRAFT_SAMPLING`);
+                   learning truncated sampling (`kforcing.students.draft.distill.DRAFT_SAMPLING`);
     6. draft eval  verified (lossless) and unverified decoding side by side: tokens per pass, acceptance against
-                   the u-blind floor, sample quality and speed against AR (`kforcing.evaluation.evaluate.run_eval`);
-    7. report      a summary table on stdout and a report folder (`kforcing.evaluation.report`).
+                   the u-blind floor, sample quality and speed against AR (`kforcing.workflows.evaluate.run_eval`);
+    7. report      a summary table on stdout and a report folder (`kforcing.workflows.report`).
 
 Each phase hands the next what it returned (its summary, kept in demo_state.json); the report is made from those
 results and the eval results data (eval/eval.json), never from another phase's Markdown.
@@ -46,13 +46,13 @@ import torch
 
 from ..checkpoints import checkpoint as ckpt
 from ..checkpoints.checkpoint import RunLayout
-from ..evaluation.evaluate import EvalConfig, load_results, run_eval, save_results
-from ..evaluation.report import (demo_markdown, plot_eval, plot_headline, plot_training, summary_table,
-                                 write_eval_report)
-from ..evaluation.report_draft import plot_draft
 from ..runtime import git_sha, read_json, resolve_device, write_json_atomic, write_text_atomic
-from ..training.distill import DRAFT_SAMPLING, DistillConfig, distill
+from ..students.draft.distill import DRAFT_SAMPLING
+from ..students.draft.report import plot_draft
 from ..training.train import TrainConfig, train_teacher
+from ..workflows.distill import DistillConfig, distill
+from ..workflows.evaluate import EvalConfig, load_results, run_eval, save_results
+from ..workflows.report import demo_markdown, plot_eval, plot_headline, plot_training, summary_table, write_eval_report
 
 DEFAULT_OUT = {"quick": "runs/demo-quick", "default": "runs/demo", "full": "runs/demo-full"}
 

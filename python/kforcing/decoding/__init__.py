@@ -1,11 +1,9 @@
-"""Decoding: every way of turning a model and prompts into tokens.
+"""Decoding: the static-cache decoders of the teacher and of the push-forward student.
 
     generate        generate_ar and generate_kforcing: static-cache decoding with coupled noise, compiled steps and
-                    CUDA graphs; draft students dispatch to draft_decode
-    draft_decode    generate_with_drafts: verified (lossless) and unverified decoding with a draft student
-    draft_policy    adaptive drafting: how many drafts each round makes, from measured acceptance and round cost
-    speculative     speculative sampling's accept/resample rule (lossless in distribution)
+                    CUDA graphs
     request         checks of a decode request shared by every decoder, and masking after EOS
 
-Imports students/, teachers/, models/ and below.
+A draft student's verified and unverified decoding is `kforcing.students.draft.decode`. Imports teachers/, models/
+and below.
 """

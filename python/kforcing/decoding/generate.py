@@ -43,11 +43,8 @@ from kforcing_ops.nn import decode_linear_enabled
 
 from ..models.transformer import KVCache
 from ..noise import counter_uniform
-from ..students.draft_student import DraftStudent
-from ..students.push_forward import PushForwardLM
 from ..teachers.hf_teacher import HFTeacher
 from ..teachers.protocol import check_teacher
-from .draft_decode import generate_with_drafts
 from .request import check_request, mask_after_eos
 
 
@@ -97,7 +94,7 @@ def _prefill_prefix(model, cache, prefix, pad_id):
     for b, p in enumerate(prefix):
         ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
     ids = ids.to(cache.seqlens.device)
-    if isinstance(model, PushForwardLM):
+    if getattr(model, "model_type", None) == "pushforward":  # token rows only: no hint rows
         model.decode(ids, ids.new_empty((len(prefix), 0), dtype=torch.float64), 1.0, cache)
     else:
         model.decode(ids, cache, logits=None)
@@ -214,11 +211,6 @@ class _Step:
         return graph, static_inputs, static_output
 
 
-def _check_model(model, cls, name):
-    if not isinstance(model, cls):
-        raise TypeError(f"{name} needs a model of type {cls.__name__}, got {type(model).__name__}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # AR decoding
 
@@ -291,12 +283,10 @@ def generate_ar(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], ma
 
 
 @torch.no_grad()
-def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
-                      prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
+def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
                       k: Optional[int] = None, seed: int = 0, temperature: float = 1.0,
                       freq_penalty: float = 0.0, *, eos_id: Optional[int] = None, pad_id: int = 0,
-                      sequence_ids=None, compile: bool = False, cuda_graph: bool = False, verify: bool = False,
-                      top_k: int = 0, top_p: float = 1.0, order: str = "vocab"):
+                      sequence_ids=None, compile: bool = False, cuda_graph: bool = False) -> GenerationOutput:
     """Sample k tokens per forward pass from a push-forward student (docs/method.md §4).
 
     Step 1 runs [prompt | k hints] in one pass; every later step runs [the k tokens of the previous step | k new
@@ -306,34 +296,23 @@ def generate_kforcing(student: Union[PushForwardLM, DraftStudent],
     generated in this sequence's earlier steps (the prompt is not counted).
 
     Args:
-        student: a PushForwardLM (eval mode).
+        student: a push-forward student (`kforcing.students.push_forward.model.PushForwardLM`, eval mode). A draft
+            student decodes with `kforcing.students.draft.decode.generate_with_drafts` (verified: lossless, equal to
+            `generate_ar` of its teacher).
         prompts, max_new_tokens, seed, eos_id, pad_id, sequence_ids, compile, cuda_graph: as in `generate_ar`.
         k: tokens per pass, 1 <= k <= student.max_k (default max_k).
         temperature: tau, the temperature the student is conditioned on (> 0).
         freq_penalty: lambda of the frequency penalty (0 disables it).
-        verify, top_k, top_p, order: for a `DraftStudent` only, which this function hands to
-            `kforcing.decoding.draft_decode.generate_with_drafts` (verify=True: lossless, equal to `generate_ar` of its
-            teacher). A PushForwardLM cannot verify: its token rows are fine-tuned, so its logits are not the
-            teacher's.
 
     Returns:
         GenerationOutput(tokens (B, max_new_tokens), lengths (B,), num_passes); the last step's surplus tokens
-        (when k does not divide max_new_tokens) are dropped. A DraftStudent returns a DraftOutput.
+        (when k does not divide max_new_tokens) are dropped.
     """
-    if isinstance(student, DraftStudent):
-        if freq_penalty or compile or cuda_graph:
-            raise ValueError("freq_penalty, compile and cuda_graph are not available for a DraftStudent")
-        return generate_with_drafts(student, prompts, max_new_tokens, k, seed, temperature, top_k, top_p,
-                                    verify=verify, eos_id=eos_id, pad_id=pad_id, sequence_ids=sequence_ids,
-                                    order=order)
-    if verify:
-        raise ValueError("verify=True needs teacher-exact token rows, which a PushForwardLM does not have (its token "
-                         "rows are fine-tuned): distil a kforcing.students.draft_student.DraftStudent to decode "
-                         "losslessly")
-    if top_k or top_p < 1.0 or order != "vocab":
-        raise ValueError("top_k/top_p/order apply to a DraftStudent's verification; a PushForwardLM decodes by "
-                         "argmax")
-    _check_model(student, PushForwardLM, "generate_kforcing")
+    if getattr(student, "model_type", None) != "pushforward":
+        hint = (" decode a draft student with kforcing.students.draft.decode.generate_with_drafts"
+                if getattr(student, "model_type", None) == "draft" else "")
+        raise TypeError(f"generate_kforcing needs a push-forward student (PushForwardLM), got "
+                        f"{type(student).__name__}" + (f";{hint}" if hint else ""))
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 1 <= k <= student.max_k:
         raise ValueError(f"k={k!r} is not allowed: this student decodes 1 <= k <= max_k={student.max_k}")

@@ -1,6 +1,6 @@
 """A generation request, as every decoder takes it: its checks, and the EOS masking of its output.
 
-`kforcing.decoding.generate` (AR and push-forward decoding) and `kforcing.decoding.draft_decode` (draft students) both
+`kforcing.decoding.generate` (AR and push-forward decoding) and `kforcing.students.draft.decode` (draft students) both
 use it, so neither imports the other for it.
 """
 

@@ -1,11 +1,8 @@
-"""Evaluation: metrics, `kforcing eval`, and the report tables and plots made from its results.
+"""Evaluation: the measurements every student's evaluation is made of, and the tables shared by reports.
 
-    metrics          pure metrics: coupled agreement, perplexity, text statistics, interleaved decode speed
-    evaluate         run_eval: every table of `kforcing eval` for a push-forward or draft student, as results data
-    evaluate_draft   the draft student's rows: acceptance, verified/unverified speed and quality against AR
-    report           Markdown and plots from results (eval reports, the demo report)
-    report_draft     the draft student's report sections
-    report_tables    table and plot helpers shared by the reports
+    metrics          perplexity, text statistics, sample quality, agreement of token windows, interleaved timing
+    report_tables    Markdown table and plot helpers shared by the reports
 
-Imports checkpoints/, decoding/ and below.
+What is measured for each kind of student is in its package (`kforcing.students.*.evaluate`), and `kforcing eval`
+itself in `kforcing.workflows.evaluate`. Imports teachers/, models/ and below.
 """

@@ -1,13 +1,13 @@
 """Pure measurements of models and samples (docs/method.md §6): each a function of its inputs and the seed.
 
-    coupled_agreement      the student's k tokens per pass vs the teacher's, from the same contexts and uniforms
+    agreement_from_tokens  per-offset agreement of two sets of token windows
     perplexity             exp(mean NLL) of samples under an AR model
     text_statistics        unigram entropy, distinct-n, longest repeated n-gram of token sequences
     sample_quality         both of the above for one set of samples (with an optional re-tokenising reference)
-    decode_speed           tokens/s of AR vs K-Forcing decoding, interleaved rounds (bench/bench_decode.py too)
+    time_interleaved       whole calls of several decoders timed in interleaved rounds
 
-`kforcing.evaluation.evaluate` runs them over checkpoints; `kforcing.training.distill` logs the coupled agreement during
-training.
+Each student kind's evaluation (`kforcing.students.*.evaluate`) builds its measurements on them;
+`kforcing.workflows.evaluate` runs them over checkpoints.
 """
 
 import math
@@ -19,9 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..data import Tokenizer
-from ..decoding.generate import generate_ar, generate_kforcing
 from ..models.transformer import ARModel, Transformer
-from ..students.push_forward import PushForwardLM
 from ..teachers.protocol import is_teacher
 
 
@@ -116,38 +114,6 @@ def check_compatible(teacher: Transformer, student: Transformer, teacher_tokeniz
                         "tokens cannot be compared")
 
 
-@torch.no_grad()
-def window_tokens(model: Transformer, contexts: List[List[int]], k: int, seed: int = 0, temperature: float = 1.0,
-                  batch_size: int = 64, model_k: Optional[int] = None) -> torch.Tensor:
-    """(len(contexts), k) tokens each model emits after each context, with the uniforms u(seed, i, position).
-
-    ARModel: sequential inverse-CDF sampling (`generate_ar`). PushForwardLM: `generate_kforcing` with model_k tokens
-    per pass (default k; must be <= its max_k).
-    """
-    return _generate_in_batches(model, contexts, k, seed, temperature, model_k or k, 0.0, batch_size)
-
-
-def coupled_agreement(teacher: Transformer, student: PushForwardLM, contexts: List[List[int]], k: int,
-                      seed: int = 0, temperature: float = 1.0, batch_size: int = 64,
-                      teacher_k: Optional[int] = None) -> Dict:
-    """Agreement of the student's k tokens per pass with the teacher's tokens from the same contexts and uniforms.
-
-    The teacher is the AR model (sequential inverse CDF) or a K-Forcing student decoding teacher_k tokens per pass
-    (default min(k, its max_k): for a stage-k teacher of a 2k student, its two consecutive decode steps).
-    Returns {"k", "windows", "per_offset": [agreement at offsets 1..k], "exact_match"}.
-    """
-    if not isinstance(student, PushForwardLM):
-        raise TypeError(f"the student must be a PushForwardLM, got {type(student).__name__}")
-    if not 1 <= k <= student.max_k:
-        raise EvalError(f"k={k} is not allowed: the student decodes 1 <= k <= max_k={student.max_k}")
-    check_compatible(teacher, student)
-    if isinstance(teacher, PushForwardLM) and teacher_k is None:
-        teacher_k = min(k, teacher.max_k)
-    reference = window_tokens(teacher, contexts, k, seed, temperature, batch_size, model_k=teacher_k)
-    got = window_tokens(student, contexts, k, seed, temperature, batch_size)
-    return agreement_from_tokens(reference, got)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sample quality
 
@@ -192,31 +158,6 @@ def perplexity(model: ARModel, prompts: List[List[int]], samples: List[List[int]
     if count == 0:
         raise EvalError("no sample tokens to score")
     return math.exp(total / count)
-
-
-@torch.no_grad()
-def generate_samples(model: Transformer, prompts: List[List[int]], length: int, seed: int = 0,
-                     temperature: float = 1.0, k: Optional[int] = None, freq_penalty: float = 0.0,
-                     batch_size: int = 16) -> List[List[int]]:
-    """`length` tokens after each prompt, in batches; sample i always uses the noise stream i (batch-independent)."""
-    return _generate_in_batches(model, prompts, length, seed, temperature, k, freq_penalty, batch_size).tolist()
-
-
-def _generate_in_batches(model: Transformer, prompts, length, seed, temperature, k, freq_penalty, batch_size):
-    """(len(prompts), length) tokens; sequence i draws the noise stream i whatever the batching."""
-    rows = []
-    for begin in range(0, len(prompts), batch_size):
-        chunk = prompts[begin:begin + batch_size]
-        ids = list(range(begin, begin + len(chunk)))
-        if is_teacher(model):
-            out = generate_ar(model, chunk, length, seed=seed, temperature=temperature, sequence_ids=ids)
-        elif isinstance(model, PushForwardLM):
-            out = generate_kforcing(model, chunk, length, k=k, seed=seed, temperature=temperature,
-                                    freq_penalty=freq_penalty, sequence_ids=ids)
-        else:
-            raise TypeError(f"expected an AR teacher or a PushForwardLM, got {type(model).__name__}")
-        rows.append(out.tokens.cpu())
-    return torch.cat(rows) if rows else torch.empty(0, length, dtype=torch.long)
 
 
 def _retokenize(samples, prompts, tokenizer: Tokenizer, reference_tokenizer: Tokenizer):
@@ -278,34 +219,6 @@ def time_interleaved(runs: Dict, device, repeats: int, progress=None) -> Dict:
     return {name: (times[name], results[name]) for name in names}
 
 
-def decode_speed(teacher: ARModel, student: PushForwardLM, ks: Sequence[int], batch_sizes: Sequence[int],
-                 prompts: List[List[int]], new_tokens: int, repeats: int = 3, progress=None, seed: int = 0,
-                 **options) -> List[Dict]:
-    """Tokens/s of generate_ar vs generate_kforcing at each k, per batch size, measured in interleaved rounds.
-
-    prompts: at least max(batch_sizes) prompts of one length; options: further generate arguments (compile,
-    cuda_graph). For each batch size: one warm-up call of every decoder, then `repeats` rounds that call each
-    decoder once (rotating the order). Rows: {"batch", "decoder" ("AR" or "k=K"), "k" (0 for AR), "seconds"
-    (median), "tokens_per_s", "passes", "ms_per_pass", "speedup" (median over rounds of AR time / this time)}.
-    """
-    if len(prompts) < max(batch_sizes):
-        raise EvalError(f"decode_speed needs {max(batch_sizes)} prompts, got {len(prompts)}")
-    rows = []
-    for batch in batch_sizes:
-        chunk = prompts[:batch]
-        runs = {"AR": lambda: generate_ar(teacher, chunk, new_tokens, seed=seed, **options)}
-        for k in ks:
-            runs[f"k={k}"] = (lambda k=k: generate_kforcing(student, chunk, new_tokens, k=k, seed=seed, **options))
-        measured = time_interleaved(runs, teacher.device, repeats, progress)
-        for name, (times, out) in measured.items():
-            seconds = statistics.median(times)
-            ratios = [a / b for a, b in zip(measured["AR"][0], times)]
-            rows.append({"batch": batch, "decoder": name, "k": 0 if name == "AR" else int(name[2:]),
-                         "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "passes": out.num_passes,
-                         "ms_per_pass": 1e3 * seconds / out.num_passes, "speedup": statistics.median(ratios)})
-    return rows
-
-
-__all__ = ["EvalError", "agreement_from_tokens", "check_compatible", "common_prefix", "coupled_agreement",
-           "decode_speed", "distinct_n", "generate_samples", "longest_repeated_ngram", "perplexity", "sample_quality",
-           "text_statistics", "time_interleaved", "unigram_entropy", "window_tokens"]
+__all__ = ["EvalError", "agreement_from_tokens", "check_compatible", "common_prefix", "distinct_n",
+           "longest_repeated_ngram", "perplexity", "sample_quality", "text_statistics", "time_interleaved",
+           "unigram_entropy"]

@@ -1,4 +1,4 @@
-"""What the reports of both kinds of student share (`kforcing.evaluation.report`, `kforcing.evaluation.report_draft`):
+"""What the reports of both kinds of student share (`kforcing.workflows.report`, `kforcing.students.draft.report`):
 Markdown cells and rows, the sample-quality and decode-speed tables, and matplotlib figures saved off-screen (the Agg
 backend)."""
 

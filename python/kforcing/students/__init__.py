@@ -1,12 +1,14 @@
-"""Students: the models that produce k tokens per round, built from (and, for draft students, on) a teacher.
+"""Students: the models that produce k tokens per round, each kind a package with everything the workflows need
+from it (`protocol.StudentKind`), found through `registry`.
 
-    push_forward     PushForwardLM: the teacher's backbone plus a noise embedding, k tokens per forward pass
-    draft_student    DraftStudent on a frozen teacher: its config (HeadConfig), sampling settings, hint head and
-                     the drafting of a round's tokens from logits and uniforms
-    chain_head       the chain pathway's head: k-1 cheap calls on the teacher's features (the default)
-    draft_module     the base of every trainable drafting module (its config, state and parameter accounting)
-    trunk_adapters   low-rank adapters on a kforcing teacher's blocks, for hint rows (the trunk pathway)
-    hf_adapters      the same adapters on a Hugging Face teacher's linear layers
+    protocol       StudentKind: load, distill, decode, evaluate and report one kind of student
+    registry       the kinds (KINDS) and their lookup by pathway, checkpoint model_type or model
+    push_forward   PushForwardLM, the teacher's backbone plus a noise embedding, k tokens per forward pass:
+                   model, targets, distill (stages), checkpoint, evaluate, report, kind
+    draft          DraftStudent on a frozen teacher, whose drafts the teacher verifies: student (HeadConfig,
+                   Sampling, the hint head), chain_head (the default), trunk_adapters / hf_adapters, draft_module,
+                   targets, distill, decode (verified and unverified), policy (adaptive drafting), speculative,
+                   checkpoint, evaluate, report, kind
 
-Imports teachers/, models/ and below.
+Imports training/, evaluation/, decoding/, checkpoints/, teachers/, models/ and below; never workflows/ or cli/.
 """

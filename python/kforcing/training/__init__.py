@@ -1,12 +1,11 @@
-"""Training: the one training loop, teacher training and distillation.
+"""Training: the one training loop, teacher training, and what every student's distillation shares.
 
     trainer        Trainer: accumulation, DDP, autocast, clipping, EMA, logging, exact resume
     train          `kforcing train-teacher`: the teacher's config, batches and loss
-    distill        `kforcing distill`: the stage schedule AR -> k=1 -> 2 -> 4, or a draft student's stage
-    distill_draft  a draft student's stage: training steps, validation by decoding, checkpoints
-    stage_task     what every distillation stage shares (provenance, plateau detection, errors)
-    targets        push-forward targets: self-forcing windows, training noise, the window loss
-    head_targets   draft student targets: the teacher's distribution and features on a window's rows
+    stage_task     what every distillation stage shares (provenance, plateau detection, DistillError)
+    schedule       the run a student kind is handed (DistillRun), the schedule check, the loop over stages
+    batch_noise    the uniforms, temperatures and boundary draws of training windows (counter-based)
 
-Imports evaluation/ (for validation metrics), checkpoints/, decoding/ and below.
+Each student's own stages, targets and losses are in its package (`kforcing.students`).
+Imports checkpoints/, models/ and below.
 """

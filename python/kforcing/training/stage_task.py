@@ -1,5 +1,5 @@
-"""What every distillation stage's training task shares (`kforcing.training.distill`,
-`kforcing.training.distill_draft`).
+"""What every distillation stage's training task shares (`kforcing.workflows.distill`,
+`kforcing.students.draft.distill`).
 
 A stage validates at the start, every eval_interval steps and at the end; it may end early on a plateau of one
 validation metric; at its start and end (and on a plateau) it adds a costlier measurement against the teacher; it

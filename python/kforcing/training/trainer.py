@@ -1,5 +1,5 @@
 """The one training loop, shared by the teacher (`kforcing.training.train`) and every distillation stage
-(`kforcing.training.distill`).
+(`kforcing.workflows.distill`).
 
 What a task brings (`TrainingTask`): the module to differentiate, the loss of one micro-batch, its evaluation and
 what it records in a checkpoint. What the loop does for every task:

@@ -1,6 +1,6 @@
 """The trunk pathway on a Hugging Face teacher: row-gated LoRA adapters on the model's own linear layers.
 
-As `kforcing.students.trunk_adapters.TrunkAdapters` does for kforcing's own blocks (docs/method.md §8), the window rows
+As `kforcing.students.draft.trunk_adapters.TrunkAdapters` does for kforcing's own blocks (docs/method.md §8), the window rows
 [y1 | hints] run through every layer of the frozen teacher; token rows with the teacher's weights, hint rows with
 a rank-r LoRA (W x + B A x) on every linear layer the family names (`kforcing.teachers.hf_teacher.FAMILIES`: q/k/v and
 output projections, every MLP projection; GPT-2's fused q/k/v projection gets one adapter per q, k and v). After the
@@ -25,7 +25,7 @@ from torch import nn
 
 from kforcing_ops.nn import NoiseEmbedding
 
-from ..teachers.hf_teacher import HFTeacher, linear_features
+from ...teachers.hf_teacher import HFTeacher, linear_features
 from .draft_module import DraftModule
 from .trunk_adapters import GatedLoRALinear
 

@@ -1,13 +1,13 @@
 """What every trainable module of a draft student shares: its checkpoint record and its blank construction.
 
 `HintHead`, `TrunkAdapters`, `ChainHead` and `HFTrunkAdapters` subclass `DraftModule`; each sets `config` (its
-`kforcing.students.draft_student.HeadConfig`), `model_config` (the teacher's config: a kforcing `ModelConfig`, or a
+`kforcing.students.draft.student.HeadConfig`), `model_config` (the teacher's config: a kforcing `ModelConfig`, or a
 Hugging Face teacher's `HFModelConfig`) and `teacher_fingerprint` (set by the `DraftStudent` that holds it).
 """
 
 from torch import nn
 
-from ..models.transformer import ModelConfig
+from ...models.transformer import ModelConfig
 
 
 class DraftModule(nn.Module):

@@ -9,7 +9,7 @@ A draft-student checkpoint is a `kforcing.checkpoints.checkpoint` directory whos
     teacher.safetensors   only in a merged export (`save_draft_student(..., merged=True)`): the teacher's weights,
                           so that the directory decodes on its own (kforcing teachers only)
 
-A student of a Hugging Face teacher (`kforcing.students.hf_adapters`) records "teacher_kind": "hf", the teacher's shape
+A student of a Hugging Face teacher (`kforcing.students.draft.hf_adapters`) records "teacher_kind": "hf", the teacher's shape
 as "model", and "hf:PATH" as its provenance's teacher: the teacher stays in its own folder and is loaded from there.
 
 Loading finds the teacher in this order: the one the caller passes, the embedded one of a merged export, the
@@ -21,12 +21,12 @@ on the exact teacher it was trained on, so another teacher (other weights, even 
 from pathlib import Path
 from typing import Optional, Union
 
-from ..models.transformer import ARModel, ModelConfig
-from ..students.draft_student import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
-from ..teachers.hf_teacher import HFTeacher, is_hf_spec, load_hf_teacher
-from ..teachers.protocol import is_teacher
-from . import checkpoint as ckpt
-from .checkpoint import CheckpointError, Provenance
+from ...models.transformer import ARModel, ModelConfig
+from .student import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
+from ...teachers.hf_teacher import HFTeacher, is_hf_spec, load_hf_teacher
+from ...teachers.protocol import is_teacher
+from ...checkpoints import checkpoint as ckpt
+from ...checkpoints.checkpoint import CheckpointError, Provenance
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -69,9 +69,10 @@ def _find_teacher(directory: Path, config: dict, teacher, device):
     else:
         teacher_directory = ckpt.resolve_checkpoint(path)
         teacher_config = ckpt.read_config(teacher_directory)
-        if teacher_config.get("model_type") == "draft":
-            raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a draft student")
-        model, tokenizer, _ = ckpt.load_kforcing_model(teacher_directory, teacher_config, device)
+        if teacher_config.get("model_type") != "ar":
+            raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} holds a "
+                                  f"{teacher_config.get('model_type')!r} model")
+        model, tokenizer, _ = ckpt.load_ar_model(teacher_directory, teacher_config, device)
     if not is_teacher(model):
         raise CheckpointError(f"the teacher of a draft student must be an AR model; {path} is a "
                               f"{type(model).__name__}")

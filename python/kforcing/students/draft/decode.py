@@ -19,11 +19,11 @@ Each pass runs, with static shapes:
             no second cache).
             chain pathway: the head reads the rows the teacher committed since its last draft (their features and
             the tokens that followed them) in one call, then drafts one token per call from its own feature of the
-            row before, each with its position's uniform (`kforcing.students.chain_head`).
+            row before, each with its position's uniform (`kforcing.students.draft.chain_head`).
 
 Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none (a chain student may
 also make fewer: its round costs one head call per draft), and a round with none is a plain AR step (the teacher
-over the exact token alone, no draft pass). `kforcing.decoding.draft_policy.DraftPolicy` chooses from each sequence's
+over the exact token alone, no draft pass). `kforcing.students.draft.policy.DraftPolicy` chooses from each sequence's
 measured acceptance and the rounds' measured cost, so verified decoding runs at AR's speed when the drafts do not
 pay for their pass, and drafts when they do.
 
@@ -37,14 +37,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..students.draft_student import DraftStudent, Sampling, drafts_from_logits, sample_rows
-from .request import check_request, mask_after_eos
+from .student import DraftStudent, Sampling, drafts_from_logits, sample_rows
+from ...decoding.request import check_request, mask_after_eos
 from kforcing_ops import sampling_probabilities
 
-from ..models.transformer import KVCache, decode_blocks
-from ..noise import counter_uniform
-from ..teachers.protocol import decode_layers
-from .draft_policy import DraftPolicy
+from ...models.transformer import KVCache, decode_blocks
+from ...noise import counter_uniform
+from ...teachers.protocol import decode_layers
+from .policy import DraftPolicy
 from .speculative import speculative_accept
 
 ACCEPTANCE_RULES = ("coupled", "speculative")
@@ -268,7 +268,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
         prompts, max_new_tokens, seed, temperature, top_k, top_p, eos_id, pad_id, sequence_ids: as in
             `kforcing.decoding.generate.generate_ar`; temperature must be a float here.
         k: rows per pass, 2 <= k <= student.max_k: the exact token and k-1 drafts in every round. None (the
-            default): adaptive drafting with up to max_k - 1 drafts when verifying (`kforcing.decoding.draft_policy`):
+            default): adaptive drafting with up to max_k - 1 drafts when verifying (`kforcing.students.draft.policy`):
             each round drafts k-1 tokens or none (a plain AR step), whichever is expected to give more tokens per unit
             of cost, so verified decoding is not slower than AR when the drafts do not pay; without verification, max_k.
         verify: True: every draft is checked against the teacher's own token under the same uniform, and the
@@ -282,7 +282,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             (reproducible choices; see `DraftPolicy`).
         acceptance: how verification keeps drafts. "coupled" (default): a draft stands when it equals the teacher's
             token under the same uniform, so the output equals `generate_ar`'s token for token. "speculative":
-            speculative sampling (`kforcing.decoding.speculative`): lossless in distribution (every token is distributed
+            speculative sampling (`kforcing.students.draft.speculative`): lossless in distribution (every token is distributed
             as the teacher's sample), not equal to `generate_ar`'s.
 
     Returns:

@@ -3,7 +3,8 @@
 A generated report holds what the run computed: tables, plots, the settings and the budget. Commentary on what
 the numbers mean is written by hand, outside generated files.
 
-    eval_markdown / write_eval_report   eval.md (+ quality_vs_k.png, agreement.png, throughput.png)
+    eval_tables / write_eval_report     eval.md and its plots, in the student kind's layout
+                                        (`kforcing.students.protocol.StudentKind.eval_tables`, `plot_eval`)
     summary_table                       the demo's short table on stdout
     demo_markdown                       the demo's report.md, section by section (SECTIONS)
     plot_eval / plot_training           the PNG plots (matplotlib's Agg backend: no display needed)
@@ -12,59 +13,25 @@ the numbers mean is written by hand, outside generated files.
 from pathlib import Path
 from typing import Dict, List
 
+from ..evaluation.report_tables import pyplot, quality_table, save_figure, speed_table
 from ..runtime import write_text_atomic
-from .report_draft import draft_summary_lines, draft_tables, plot_draft, sampling_text
-from .report_tables import fmt, pyplot, quality_table, save_figure, speed_table
+from ..students.draft.report import draft_summary_lines, draft_tables, sampling_text
+from ..students.push_forward.report import agreement_table, targets_table
+from ..students.registry import kind_named
 
 SECTIONS = ["## Summary", "## Setup", "## 1. Corpus and tokenizer", "## 2. Teacher", "## 3. Distillation",
             "## 4. Coupled agreement", "## 5. Sample quality", "## 6. Decode speed", "## 7. Quality targets",
             "## 8. Draft student: verified and unverified decoding", "## 9. Samples", "## 10. Files and next steps"]
 _HEADLINE_TARGETS = ("agree_offset_1", "agree_offset_4", "sample_quality")
-_TARGET_NAMES = {"agree_offset_1": "agreement at offset 1", "agree_offset_4": "agreement at offset 4",
-                 "ppl_ratio": "PPL(student) / PPL(AR samples), under the teacher",
-                 "entropy_rel": "relative entropy gap, abs(H(student) - H(AR)) / H(AR)",
-                 "sample_quality": "sample quality (both of the above)"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation tables
 
 
-def agreement_table(results: Dict) -> str:
-    max_k = max(results["ks"])
-    lines = [f"{results['agreement'][0]['windows']} held-out contexts per k (up to {results.get('context_len')} "
-             "tokens). Offset j: the share of windows whose j-th token equals the teacher's; exact: all k tokens "
-             "equal.\n", "| k | " + " | ".join(f"offset {j}" for j in range(1, max_k + 1)) + " | exact match |",
-             "|" + "---|" * (max_k + 2)]
-    for a in results["agreement"]:
-        cells = [fmt(v) for v in a["per_offset"]] + [""] * (max_k - a["k"])
-        lines.append(f"| {a['k']} | " + " | ".join(cells) + f" | {fmt(a['exact_match'])} |")
-    return "\n".join(lines)
-
-
-def targets_table(results: Dict) -> str:
-    targets = results.get("targets") or {}
-    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
-    for key, name in _TARGET_NAMES.items():
-        if key in targets:
-            t = targets[key]
-            value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
-            lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
-    return "\n".join(lines)
-
-
 def eval_tables(results: Dict) -> str:
-    """The Markdown tables of an evaluation (agreement, sample quality, decode speed, targets)."""
-    if results.get("kind") == "draft":
-        return draft_tables(results)
-    parts = ["### Coupled agreement with the AR teacher (same contexts, same u)\n\n" + agreement_table(results),
-             "### Sample quality\n\n" + quality_table(results)]
-    if results.get("speed"):
-        parts.append("### Decode speed\n\n" + speed_table(results))
-    if results.get("targets"):
-        parts.append(f"### Quality targets at k={results['targets']['k']}, no frequency penalty\n\n"
-                     + targets_table(results))
-    return "\n\n".join(parts) + "\n"
+    """The Markdown tables of an evaluation, in its student kind's layout."""
+    return kind_named(results.get("kind", "pushforward")).eval_tables(results)
 
 
 def write_eval_report(results: Dict, out_dir, plots: bool = True) -> Dict[str, str]:
@@ -87,46 +54,9 @@ def write_eval_report(results: Dict, out_dir, plots: bool = True) -> Dict[str, s
 
 
 def plot_eval(results: Dict, out: Path) -> Dict[str, Path]:
-    """quality_vs_k.png, agreement.png and (with a decode benchmark) throughput.png in `out` (a draft student's:
-    `kforcing.evaluation.report_draft.plot_draft`)."""
-    if results.get("kind") == "draft":
-        return plot_draft(results, out)
-    plt = pyplot()
-    ks = results["ks"]
-    teacher = next(q for q in results["quality"] if q["k"] == 0)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, ("ppl_teacher", "unigram_entropy", "distinct_3"),
-                              ("perplexity under the teacher", "unigram entropy (nats)", "distinct-3")):
-        for penalty in sorted({q["freq_penalty"] for q in results["quality"] if q["k"]}):
-            rows = [q for q in results["quality"] if q["k"] and q["freq_penalty"] == penalty]
-            ax.plot([q["k"] for q in rows], [q[key] for q in rows], "o-",
-                    label="student" + (f", penalty {penalty:g}" if penalty else ""))
-        ax.axhline(teacher[key], color="k", linestyle="--", label="AR teacher")
-        ax.set(xlabel="k (tokens per pass)", xticks=ks, title=label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    paths = {"quality_vs_k": save_figure(fig, out / "quality_vs_k.png")}
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for a in results["agreement"]:
-        ax.plot(range(1, a["k"] + 1), a["per_offset"], "o-", label=f"k={a['k']} (exact {a['exact_match']:.2f})")
-    ax.set(xlabel="offset in the window", ylabel="agreement with the AR teacher", ylim=(0, 1.02),
-           xticks=range(1, max(ks) + 1), title="coupled agreement (same u)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths["agreement"] = save_figure(fig, out / "agreement.png")
-    if results.get("speed"):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for name in dict.fromkeys(s["decoder"] for s in results["speed"]):
-            rows = [s for s in results["speed"] if s["decoder"] == name]
-            ax.plot([s["batch"] for s in rows], [s["tokens_per_s"] for s in rows], "o-",
-                    label="AR" if name == "AR" else f"K-Forcing {name}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set(xlabel="batch size", ylabel="tokens / s", title=f"decode throughput ({results['machine']['device']})")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        paths["throughput"] = save_figure(fig, out / "throughput.png")
-    return paths
+    """The PNG plots of an evaluation in `out` (its student kind's: e.g. quality_vs_k.png, agreement.png,
+    throughput.png for a push-forward student)."""
+    return kind_named(results.get("kind", "pushforward")).plot_eval(results, out)
 
 
 def plot_training(teacher_records: List[Dict], stage_records: Dict[int, List[Dict]], out: Path) -> Dict[str, Path]:
@@ -401,5 +331,5 @@ def demo_markdown(data: Dict, plots: Dict[str, Path], out: Path) -> str:
     return "".join(md)
 
 
-__all__ = ["SECTIONS", "agreement_table", "demo_markdown", "eval_tables", "first_samples_table", "plot_eval",
-           "plot_headline", "plot_training", "summary_table", "targets_table", "write_eval_report"]
+__all__ = ["SECTIONS", "demo_markdown", "eval_tables", "first_samples_table", "plot_eval", "plot_headline",
+           "plot_training", "summary_table", "write_eval_report"]

@@ -18,7 +18,7 @@ committed, the others one row each), instead of a second pass through every bloc
 drafts' readout covers only the N most frequent tokens of the training text (the LM head is most of a one-block
 head's bytes): a draft can then never be a rarer token, and the teacher's verification stays exact.
 
-Training (`kforcing.training.head_targets.chain_step`) is teacher-forced: on the teacher's features of real text,
+Training (`kforcing.students.draft.targets.chain_step`) is teacher-forced: on the teacher's features of real text,
 KL(teacher || head) at the sampling temperature plus a small smooth-L1 pull of f_p towards F_{p+1}, which is what
 lets the chain continue from its own features.
 
@@ -34,8 +34,7 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import DecodeLinear
 
-from ..models.transformer import (Block, KeepsRotaryFloat32, ModelConfig, decode_blocks, rotary_inv_freq,
-                                  run_blocks)
+from ...models.transformer import Block, KeepsRotaryFloat32, ModelConfig, decode_blocks, rotary_inv_freq, run_blocks
 from .draft_module import DraftModule
 
 FEATURE_LOSS_WEIGHT = 0.1  # the smooth-L1 pull of the head's features towards the teacher's (beside the KL)

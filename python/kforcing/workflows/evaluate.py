@@ -1,63 +1,47 @@
 """Evaluation of a K-Forcing student against its AR teacher (`kforcing eval`, docs/method.md §6).
 
-    kforcing eval --teacher runs/teacher --student runs/student --k 1,2,4 --out runs/eval
+    kforcing eval --teacher runs/teacher --student runs/student --k 2,4 --out runs/eval
 
-Three measurements (`kforcing.evaluation.metrics`), each for every k the student decodes with (any k <= its max_k):
+This module loads the teacher, the student (whose kind, `kforcing.students.registry.kind_of`, decides what is
+measured) and an optional reference LM; finds held-out data (the token cache the student or teacher was trained on);
+fills the sampling settings left unset with the ones the student was distilled for; and records what every
+evaluation shares (ks, context length, settings, machine, training budget). The student's kind then adds its
+measurements (`StudentKind.evaluate`):
 
-Coupled agreement. Held-out contexts x (prefixes of the validation split, of varied lengths). For each context
-and k, the teacher samples its next k tokens sequentially by inverse CDF (`generate_ar`) and the student emits k
-tokens in one pass (`generate_kforcing`), both from the same uniforms u(seed, context index, position). Reported:
-the fraction of windows in which the student's j-th token equals the teacher's j-th token (per offset j), and the
-whole-window exact match. Only a push-forward model can be measured like this: it is a function of u.
+    push-forward student  coupled agreement with the teacher on the same uniforms, sample quality per k (with and
+                          without a frequency penalty), decode speed (`kforcing.students.push_forward.evaluate`)
+    draft student         verified decoding (equal to AR, tokens per round), adaptive drafting, the u-blind floor,
+                          unverified sample quality, decode speed (`kforcing.students.draft.evaluate`)
 
-Sample quality. N samples of L tokens from the same prompts and seeds, from the AR teacher and from the student at
-each k, without and with the frequency penalty (the AR teacher has none). For each set:
-    ppl_teacher       exp(mean NLL) of the sampled tokens under the teacher at temperature 1
-    ppl_reference     the same under an optional reference LM (`reference`, a kforcing AR checkpoint; when its
-                      tokenizer differs, the samples are decoded to text and re-tokenised with it)
-    unigram_entropy   the entropy (nats) of each sample's own token frequencies, averaged over samples: low
-                      entropy (repetitive text) makes perplexity look good, so both are always reported
-    distinct_2/3      distinct n-grams / n-grams per sample, averaged
-    longest_repeat    the length of the longest n-gram that occurs at least twice in a sample (mean and max)
-Samples do not stop at EOS (fixed length, as in the field's generative-perplexity protocol).
-
-Decode speed. Tokens/s of whole generate calls, AR vs the student at each k, same backbone, machine and run,
-across batch sizes; interleaved rounds, medians, and the per-round speedup over AR.
+Samples do not stop at EOS (fixed length, as in the field's generative-perplexity protocol). Sample quality is
+`kforcing.evaluation.metrics.sample_quality`: perplexity under the teacher (and the reference, re-tokenising when
+its tokenizer differs), unigram entropy, distinct n-grams and the longest repeated n-gram.
 
 `run_eval` returns the results as data (a JSON-serialisable dict, saved as eval.json with `save_results`);
-`kforcing.evaluation.report` turns them into Markdown tables and plots. The quality targets (`TARGETS`) are checked for
-the largest k evaluated and stated as reached or not.
+`kforcing.workflows.report` turns them into Markdown tables and plots.
 """
 
 import dataclasses
 import math
-import statistics
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 
 from ..checkpoints import checkpoint as ckpt
 from ..checkpoints.checkpoint import Provenance, RunLayout
 from ..data import TokenDataset, find_token_cache, heldout_contexts
-from . import evaluate_draft as draft_eval
-from .metrics import (EvalError, check_compatible, common_prefix, coupled_agreement, decode_speed,
-                      generate_samples, sample_quality)
-from ..checkpoints.draft_checkpoint import trained_sampling
-from ..checkpoints.loading import load_model
+from ..evaluation.metrics import EvalError
 from ..models.transformer import ARModel
 from ..options import option, parse_int_list
 from ..runtime import machine_info, read_json, resolve_device, write_json_atomic
-from ..students.draft_student import CDF_ORDERS, DraftStudent, Sampling
-from ..students.push_forward import PushForwardLM
-from ..teachers.hf_teacher import HFTeacher
+from kforcing_ops import CDF_ORDERS
+from ..students.protocol import StudentKind
+from ..students.registry import kind_of
 from ..teachers.protocol import is_teacher
+from .loading import load_model
 
-# Quality targets, measured at the largest k without frequency penalty.
-DEFAULT_FREQ_PENALTY = 1.0  # push-forward students: the penalised sample set beside the plain one
 EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TARGETS = {"agree_offset_1": 0.90, "agree_offset_4": 0.75, "ppl_ratio": 1.3, "entropy_rel": 0.05}
 
 
 @dataclasses.dataclass
@@ -136,9 +120,11 @@ class EvalConfig:
 class Models:
     """The checkpoints an evaluation compares, loaded, with what they were trained from."""
 
-    teacher: Union[ARModel, HFTeacher]
-    student: Union[PushForwardLM, DraftStudent]
+    teacher: object  # an ARModel or a Hugging Face HFTeacher
+    student: object  # a student of `kind`
+    kind: StudentKind
     tokenizer: object
+    student_tokenizer: object
     teacher_provenance: Optional[Provenance]
     student_provenance: Optional[Provenance]
     reference: Optional[ARModel] = None
@@ -152,19 +138,13 @@ def load_models(config: EvalConfig, device) -> Models:
     if not is_teacher(teacher):
         raise EvalError(f"--teacher {config.teacher} is a {type(teacher).__name__}; it must be the AR teacher")
     student, student_tokenizer, student_config = load_model(config.student, device=device, teacher=teacher)
-    if isinstance(student, ARModel):
+    kind = kind_of(student)
+    if kind is None:
         raise EvalError(f"--student {config.student} is an AR model; it must be a K-Forcing student "
                         "(a `kforcing distill` output)")
-    if isinstance(student, DraftStudent) and config.freq_penalty is not None:
-        raise EvalError("--freq-penalty applies to push-forward students; a draft student's samples are never "
-                        "penalised (verified decoding is the teacher's own sample)")
-    if isinstance(student, PushForwardLM):
-        check_compatible(teacher, student, tokenizer, student_tokenizer)
-        if config.top_k or (config.top_p or 1.0) < 1.0 or config.cdf_order not in (None, "vocab"):
-            raise EvalError("--top-k/--top-p/--cdf-order apply to draft students; a push-forward student samples "
-                            "the full distribution at its temperature in vocabulary order")
-    models = Models(teacher, student, tokenizer or student_tokenizer, Provenance.from_config(teacher_config),
-                    Provenance.from_config(student_config))
+    models = Models(teacher, student, kind, tokenizer or student_tokenizer, student_tokenizer,
+                    Provenance.from_config(teacher_config), Provenance.from_config(student_config))
+    kind.check_eval(config, models)
     if config.reference:
         models.reference, models.reference_tokenizer, _ = load_model(config.reference, device=device)
         if not isinstance(models.reference, ARModel):
@@ -176,8 +156,8 @@ def load_models(config: EvalConfig, device) -> Models:
     for model in (models.teacher, models.student, models.reference):
         if model is not None:
             model.to(dtype)
-    if isinstance(student, DraftStudent) and dtype == torch.float32:
-        student.store_draft_weights(getattr(torch, config.draft_weights))
+    if dtype == torch.float32:
+        kind.store_weights(student, dtype, getattr(torch, config.draft_weights))
     return models
 
 
@@ -247,66 +227,28 @@ def _sample_prompts(config: EvalConfig, models: Models, dataset: TokenDataset) -
     return prompts
 
 
-def _quality(config: EvalConfig, models: Models, prompts, ks, bar) -> Dict:
-    """{"quality": one row per sample set (AR teacher, then the student per penalty and k), "examples"}."""
-    penalty = DEFAULT_FREQ_PENALTY if config.freq_penalty is None else config.freq_penalty
-    penalties = [0.0] + ([penalty] if penalty else [])
-    rows, examples, ar_samples = [], {}, None
-
-    def measure(name, model, k, penalty):
-        start = time.perf_counter()
-        samples = generate_samples(model, prompts, config.sample_len, seed=config.seed, temperature=config.temperature,
-                                   k=k, freq_penalty=penalty, batch_size=config.batch_size)
-        row = {"model": name, "k": k or 0, "freq_penalty": penalty, "seconds": time.perf_counter() - start,
-               **sample_quality(samples, prompts, models.teacher, models.reference, models.tokenizer,
-                                models.reference_tokenizer, config.batch_size)}
-        rows.append(row)
-        bar.update(1)
-        return samples, row
-
-    bar.set_postfix_str("samples AR")
-    ar_samples, _ = measure("AR teacher", models.teacher, None, 0.0)
-    examples["AR teacher"] = ar_samples[0]
-    for penalty in penalties:
-        for k in ks:
-            bar.set_postfix_str(f"samples k={k}" + (f" penalty {penalty:g}" if penalty else ""))
-            samples, row = measure("student", models.student, k, penalty)
-            # Coupling on free-running samples: how many tokens equal the AR sample of the same seed.
-            row["token_match_with_ar"] = statistics.fmean(
-                sum(a == b for a, b in zip(s, t)) / len(s) for s, t in zip(samples, ar_samples))
-            row["prefix_match_with_ar"] = statistics.fmean(common_prefix(s, t) for s, t in zip(samples, ar_samples))
-            examples[f"student k={k}" + (f", penalty {penalty:g}" if penalty else "")] = samples[0]
-    result = {"quality": rows}
-    if models.tokenizer is not None:
-        result["examples"] = {name: models.tokenizer.decode(tokens) for name, tokens in examples.items()}
-    return result
-
-
 def _resolve_sampling(config: EvalConfig, models: Models):
-    """Fill the sampling settings left unset: a draft student's are the ones it was distilled with (its
-    provenance), a push-forward student's temperature 1 over the whole vocabulary in vocabulary order."""
-    if isinstance(models.student, DraftStudent):
-        trained = trained_sampling(models.student_provenance)
-    else:
-        trained = Sampling()
+    """Fill the sampling settings left unset with the ones the student was distilled for (its kind reads them from
+    its provenance: a draft student's truncated sampling, a push-forward student's temperature 1 over the whole
+    vocabulary in vocabulary order)."""
+    trained = models.kind.trained_sampling(models.student_provenance)
     for name, field in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
                         ("cdf_order", "order")):
         if getattr(config, name) is None:
-            setattr(config, name, getattr(trained, field))
+            setattr(config, name, trained[field])
 
 
-def _check_ks(config: EvalConfig, student) -> List[int]:
-    smallest = 2 if isinstance(student, DraftStudent) else 1  # a draft student's k counts the exact token too
-    ks = config.ks or [k for k in default_ks(student.max_k) if k >= smallest]
+def _check_ks(config: EvalConfig, models: Models) -> List[int]:
+    smallest, max_k = models.kind.smallest_k, models.student.max_k  # a draft student's k counts the exact token too
+    ks = config.ks or [k for k in default_ks(max_k) if k >= smallest]
     for k in ks:
-        if not smallest <= k <= student.max_k:
-            raise EvalError(f"--k {k} is not allowed: the student decodes {smallest} <= k <= max_k={student.max_k}")
+        if not smallest <= k <= max_k:
+            raise EvalError(f"--k {k} is not allowed: the student decodes {smallest} <= k <= max_k={max_k}")
     return ks
 
 
 def run_eval(config: EvalConfig) -> Dict:
     """Run the whole evaluation; returns the results (a JSON-serialisable dict, see `save_results`)."""
-    from tqdm import tqdm
 
     config.validate()
     device = resolve_device(config.device)
@@ -314,7 +256,7 @@ def run_eval(config: EvalConfig) -> Dict:
         torch.set_num_threads(config.threads)
     models = load_models(config, device)
     _resolve_sampling(config, models)
-    ks = _check_ks(config, models.student)
+    ks = _check_ks(config, models)
     dataset = heldout_data(config, models)
     if dataset.vocab_size > models.teacher.config.vocab_size:
         raise EvalError(f"the held-out data has {dataset.vocab_size} token ids but the models only "
@@ -335,70 +277,8 @@ def run_eval(config: EvalConfig) -> Dict:
                "student_max_k": models.student.max_k, "ks": ks,
                "settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
                "teacher_params": models.teacher.num_params(), "student_params": models.student.num_params(),
-               "machine": machine_info(device), "training": training_budget(models)}
-    if isinstance(models.student, DraftStudent):
-        return _draft_eval(config, models, dataset, prompts, results)
-    sample_sets = 1 + len(ks) * (1 if config.freq_penalty == 0 else 2)
-    bar = tqdm(total=len(ks) + sample_sets + len(config.batch_sizes) * config.speed_repeats, desc="eval",
-               unit="task", disable=not config.progress, dynamic_ncols=True)
-    contexts = heldout_contexts(dataset, config.contexts, context_len, seed=config.seed)
-    results["agreement"] = []
-    for k in ks:
-        bar.set_postfix_str(f"agreement k={k}")
-        results["agreement"].append(coupled_agreement(models.teacher, models.student, contexts, k, seed=config.seed,
-                                                      temperature=config.temperature, batch_size=config.batch_size))
-        bar.update(1)
-    results.update(_quality(config, models, prompts, ks, bar))
-    results["speed"] = []
-    if config.batch_sizes:
-        bar.set_postfix_str("decode speed")
-        speed_prompts = heldout_contexts(dataset, max(config.batch_sizes), 16, 16, seed=config.seed + 2)
-        results["speed_tokens"] = min(config.speed_tokens, max_seq - 16)
-        results["speed"] = decode_speed(models.teacher, models.student, ks, config.batch_sizes, speed_prompts,
-                                        results["speed_tokens"], config.speed_repeats, progress=bar)
-    bar.close()
-    results["targets"] = check_targets(results)
-    return results
-
-
-def _draft_eval(config: EvalConfig, models: Models, dataset, prompts, results: Dict) -> Dict:
-    """The measurements of a draft student (`kforcing.evaluation.evaluate_draft`), into `results`."""
-    from tqdm import tqdm
-
-    student, ks = models.student, results["ks"]
-    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.cdf_order)
-    common = dict(length=config.sample_len, seed=config.seed, sampling=sampling, batch_size=config.batch_size)
-    results.update(kind="draft", head=student.head_config.to_dict(), sampling=vars(sampling))
-    bar = tqdm(total=4 + len(config.batch_sizes) * config.speed_repeats, desc="eval", unit="task",
-               disable=not config.progress, dynamic_ncols=True)
-    bar.set_postfix_str("AR samples")
-    reference = draft_eval.ar_samples(student.teacher, prompts, **common)
-    bar.update(1)
-    bar.set_postfix_str("verified decoding")
-    results["verified"] = draft_eval.verified_rows(student, prompts, ks, reference=reference, **common)
-    results["verified_adaptive"] = draft_eval.adaptive_row(student, prompts, reference=reference, **common)
-    bar.update(1)
-    bar.set_postfix_str("u-blind floor and u-shuffle")
-    contexts = heldout_contexts(dataset, config.contexts, results["context_len"], seed=config.seed)
-    results["diagnostics"] = draft_eval.diagnostics(student, prompts, max(ks), floor_contexts=contexts, **common)
-    bar.update(1)
-    bar.set_postfix_str("unverified samples")
-    results["quality"], first = draft_eval.unverified_quality(student, prompts, ks, reference=reference,
-                                                              models=models, **common)
-    if models.tokenizer is not None:
-        results["examples"] = {name: models.tokenizer.decode(tokens) for name, tokens in first.items()}
-    bar.update(1)
-    results["speed"] = []
-    if config.batch_sizes:
-        bar.set_postfix_str("decode speed")
-        speed_prompts = heldout_contexts(dataset, max(config.batch_sizes), 16, 16, seed=config.seed + 2)
-        results["speed_tokens"] = min(config.speed_tokens, student.config.max_seq_len - 16 - 2 * max(ks))
-        results["speed"] = draft_eval.draft_speed(student, ks, config.batch_sizes, speed_prompts,
-                                                  results["speed_tokens"], config.speed_repeats, config.seed,
-                                                  sampling, progress=bar)
-    bar.close()
-    results["targets"] = draft_eval.check_draft_targets(results)
-    return results
+               "machine": machine_info(device), "training": training_budget(models), "kind": models.kind.name}
+    return models.kind.evaluate(config, models, dataset, prompts, results)
 
 
 def save_results(results: Dict, out_dir) -> Path:
@@ -413,33 +293,5 @@ def load_results(out_dir) -> Dict:
     return read_json(Path(out_dir) / "eval.json")
 
 
-def check_targets(results: Dict) -> Dict:
-    """The quality targets (`TARGETS`) at the largest evaluated k, each with its value and reached True/False."""
-    k = max(results["ks"])
-    agreement = next(a for a in results["agreement"] if a["k"] == k)
-    teacher = next(q for q in results["quality"] if q["k"] == 0)
-    student = next(q for q in results["quality"] if q["k"] == k and q["freq_penalty"] == 0.0)
-    targets = {"k": k}
-    targets["agree_offset_1"] = {"value": agreement["per_offset"][0], "target": f">= {TARGETS['agree_offset_1']}",
-                                 "reached": agreement["per_offset"][0] >= TARGETS["agree_offset_1"]}
-    if k >= 4:
-        value = agreement["per_offset"][3]
-        targets["agree_offset_4"] = {"value": value, "target": f">= {TARGETS['agree_offset_4']}",
-                                     "reached": value >= TARGETS["agree_offset_4"]}
-    ratio = student["ppl_teacher"] / teacher["ppl_teacher"]
-    targets["ppl_ratio"] = {"value": ratio, "target": f"<= {TARGETS['ppl_ratio']}",
-                            "reached": ratio <= TARGETS["ppl_ratio"]}
-    rel = abs(student["unigram_entropy"] - teacher["unigram_entropy"]) / max(teacher["unigram_entropy"], 1e-12)
-    targets["entropy_rel"] = {"value": rel, "target": f"<= {TARGETS['entropy_rel']}",
-                              "reached": rel <= TARGETS["entropy_rel"]}
-    # The sample-quality target is both at once: a low perplexity bought with repetitive, low-entropy text (a
-    # collapsed student) does not count.
-    targets["sample_quality"] = {"value": f"PPL ratio {ratio:.2f}, entropy gap {rel:.1%}",
-                                 "target": f"PPL ratio <= {TARGETS['ppl_ratio']} at entropy gap <= "
-                                           f"{TARGETS['entropy_rel']:.0%}",
-                                 "reached": targets["ppl_ratio"]["reached"] and targets["entropy_rel"]["reached"]}
-    return targets
-
-
-__all__ = ["EvalConfig", "EvalError", "Models", "TARGETS", "check_targets", "default_ks", "heldout_data",
-           "load_models", "load_results", "run_eval", "save_results", "trained_context_length", "training_budget"]
+__all__ = ["EVAL_DTYPES", "EvalConfig", "Models", "default_ks", "heldout_data", "load_models", "load_results",
+           "run_eval", "save_results", "trained_context_length", "training_budget"]

@@ -29,10 +29,11 @@ from typing import Dict, List
 
 import torch
 
-from ..decoding.draft_decode import generate_with_drafts
-from ..decoding.generate import generate_ar
-from ..students.draft_student import DraftStudent, Sampling
-from .metrics import common_prefix, sample_quality, time_interleaved
+from ...data import heldout_contexts
+from ...decoding.generate import generate_ar
+from ...evaluation.metrics import common_prefix, sample_quality, time_interleaved
+from .decode import generate_with_drafts
+from .student import DraftStudent, Sampling
 
 DRAFT_TARGETS = {"entropy_rel": 0.05, "ppl_ratio": 1.3, "repeat_ratio": 2.0}
 _FLOOR_SEED_KEY = 0x5EED_F100  # the u-blind drafter's own noise stream
@@ -179,5 +180,46 @@ def check_draft_targets(results: Dict) -> Dict:
                              "reached": repeat <= DRAFT_TARGETS["repeat_ratio"]}}
 
 
+def evaluate_draft_student(config, models, dataset, prompts, results: Dict) -> Dict:
+    """Every measurement of a draft student (`models.student`) above, into `results`
+    (`kforcing.workflows.evaluate.run_eval` made its common part)."""
+    from tqdm import tqdm
+
+    student, ks = models.student, results["ks"]
+    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.cdf_order)
+    common = dict(length=config.sample_len, seed=config.seed, sampling=sampling, batch_size=config.batch_size)
+    results.update(kind="draft", head=student.head_config.to_dict(), sampling=vars(sampling))
+    bar = tqdm(total=4 + len(config.batch_sizes) * config.speed_repeats, desc="eval", unit="task",
+               disable=not config.progress, dynamic_ncols=True)
+    bar.set_postfix_str("AR samples")
+    reference = ar_samples(student.teacher, prompts, **common)
+    bar.update(1)
+    bar.set_postfix_str("verified decoding")
+    results["verified"] = verified_rows(student, prompts, ks, reference=reference, **common)
+    results["verified_adaptive"] = adaptive_row(student, prompts, reference=reference, **common)
+    bar.update(1)
+    bar.set_postfix_str("u-blind floor and u-shuffle")
+    contexts = heldout_contexts(dataset, config.contexts, results["context_len"], seed=config.seed)
+    results["diagnostics"] = diagnostics(student, prompts, max(ks), floor_contexts=contexts, **common)
+    bar.update(1)
+    bar.set_postfix_str("unverified samples")
+    results["quality"], first = unverified_quality(student, prompts, ks, reference=reference,
+                                                              models=models, **common)
+    if models.tokenizer is not None:
+        results["examples"] = {name: models.tokenizer.decode(tokens) for name, tokens in first.items()}
+    bar.update(1)
+    results["speed"] = []
+    if config.batch_sizes:
+        bar.set_postfix_str("decode speed")
+        speed_prompts = heldout_contexts(dataset, max(config.batch_sizes), 16, 16, seed=config.seed + 2)
+        results["speed_tokens"] = min(config.speed_tokens, student.config.max_seq_len - 16 - 2 * max(ks))
+        results["speed"] = draft_speed(student, ks, config.batch_sizes, speed_prompts,
+                                                  results["speed_tokens"], config.speed_repeats, config.seed,
+                                                  sampling, progress=bar)
+    bar.close()
+    results["targets"] = check_draft_targets(results)
+    return results
+
+
 __all__ = ["DRAFT_TARGETS", "adaptive_row", "ar_samples", "check_draft_targets", "diagnostics", "draft_decoding",
-           "draft_speed", "ublind_floor", "unverified_quality", "verified_rows"]
+           "draft_speed", "evaluate_draft_student", "ublind_floor", "unverified_quality", "verified_rows"]

@@ -11,7 +11,7 @@ Two pathways compute the draft rows (`HeadConfig.pathway`):
 
     head    a `HintHead`: a few Transformer blocks (initialised from the teacher's last blocks) over
             [the trunk's final features h_0..h_t | window rows], ending in the teacher's LM head.
-    trunk   `kforcing.students.trunk_adapters.TrunkAdapters`: the window rows run through every block of the teacher;
+    trunk   `kforcing.students.draft.trunk_adapters.TrunkAdapters`: the window rows run through every block of the teacher;
             the y1 row with the teacher's weights, hint rows with per-layer adapters (a row-gated LoRA of rank
             `adapter_rank`, or full copies of the blocks for adapter_rank=0). At layer l they attend to the
             teacher's keys/values of tokens 0..t at layer l (the token stream) and to their own window.
@@ -25,7 +25,7 @@ own position through a noise embedding e(u, tau). Two readouts turn the rows' ou
                  u_j, only u_2..u_{j-1}. In the trunk pathway row 0 is the teacher's own computation, so the
                  draft of token 2 is the teacher's token (and with k = 2 there is nothing to train).
 
-A third pathway drafts differently, one token per head call (`kforcing.students.chain_head.ChainHead`):
+A third pathway drafts differently, one token per head call (`kforcing.students.draft.chain_head.ChainHead`):
 
     chain   a small head (a fuse Linear and copies of the teacher's last block(s)) reads the teacher's final feature
             and the next token, and its output stands for the teacher's next feature; drafts follow in a chain,
@@ -35,9 +35,9 @@ A window therefore has k rows (onehot) or k-1 rows (categorical), and the draft 
 student of §3: window rows see the context up to their anchor and their own window causally.
 
 `DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
-parameters); `kforcing.decoding.draft_decode` decodes with it, with or without verification. The teacher is anything
+parameters); `kforcing.students.draft.decode` decodes with it, with or without verification. The teacher is anything
 that implements `kforcing.teachers.protocol`'s protocol: kforcing's `ARModel`, or a Hugging Face causal LM
-(`HFTeacher`), which takes the trunk pathway with `kforcing.students.hf_adapters.HFTrunkAdapters` on its own linear
+(`HFTeacher`), which takes the trunk pathway with `kforcing.students.draft.hf_adapters.HFTrunkAdapters` on its own linear
 layers (docs/method.md §9).
 """
 
@@ -51,9 +51,9 @@ from torch import nn
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
-from ..models.transformer import ARModel, Block, ModelConfig, cast_linear_weights, decode_blocks, run_blocks
-from ..teachers.hf_teacher import HFTeacher
-from ..teachers.protocol import check_teacher
+from ...models.transformer import ARModel, Block, ModelConfig, cast_linear_weights, decode_blocks, run_blocks
+from ...teachers.hf_teacher import HFTeacher
+from ...teachers.protocol import check_teacher
 from .chain_head import ChainHead
 from .draft_module import DraftModule
 from .hf_adapters import HFTrunkAdapters
@@ -84,7 +84,7 @@ class HeadConfig:
 
     The dataclass defaults describe a trunk-pathway student with the categorical readout (the adapters' rank
     fixed when they are built); `kforcing distill` trains the chain pathway by default
-    (`kforcing.training.distill.DEFAULT_PATHWAY`, one block).
+    (`kforcing.workflows.distill.DEFAULT_PATHWAY`, one block).
 
     Attributes:
         num_layers: Transformer blocks in the head (copied from the teacher's last blocks at initialisation).
@@ -94,7 +94,7 @@ class HeadConfig:
         noise_code: how the hint rows encode their uniforms: "sinusoid", "dyadic" or "binary" (see
             `kforcing_ops.noise_embedding`).
         pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features), "trunk"
-            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.students.trunk_adapters`) or
+            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.students.draft.trunk_adapters`) or
             "chain" (a `ChainHead` drafting one token per call from the teacher's features; categorical readout,
             num_layers blocks, no noise embedding).
         draft_vocab: chain pathway only: drafts come from the draft_vocab most frequent tokens of the training
@@ -236,6 +236,8 @@ class DraftStudent:
             ("trunk"); `head.parameters()` is all that trains.
         fingerprint: `teacher_fingerprint(teacher)`, stored in checkpoints and checked when loading.
     """
+
+    model_type = "draft"  # the model_type of its checkpoints (the head's export_config writes it)
 
     def __init__(self, teacher, head, fingerprint: Optional[str] = None):
         """fingerprint: `teacher_fingerprint(teacher)` when the caller has it already (it hashes every weight)."""

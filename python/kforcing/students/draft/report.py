@@ -1,10 +1,10 @@
-"""Tables and plots of a draft student's evaluation (`kforcing.evaluation.evaluate_draft`): results as data in, Markdown
-and PNG out, as `kforcing.evaluation.report` does for push-forward students."""
+"""Tables and plots of a draft student's evaluation (`kforcing.students.draft.evaluate`): results as data in, Markdown
+and PNG out, as `kforcing.workflows.report` does for push-forward students."""
 
 from pathlib import Path
 from typing import Dict, List
 
-from .report_tables import fmt, pyplot, quality_table, row, save_figure, speed_table
+from ...evaluation.report_tables import fmt, pyplot, quality_table, row, save_figure, speed_table
 
 _TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verified output equals AR sampling",
                  "accept_2_floor": "acceptance at offset 2 vs the u-blind floor",

@@ -20,7 +20,7 @@ from einops import rearrange
 import kforcing_ops
 from kforcing_ops.nn import NoiseEmbedding
 
-from ..models.transformer import ModelConfig, Transformer
+from ...models.transformer import ModelConfig, Transformer
 
 
 def broadcast_tau(tau, like):

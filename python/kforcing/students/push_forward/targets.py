@@ -1,4 +1,4 @@
-"""What a distillation stage learns: its targets, the noise of its batches, and the loss (docs/method.md §5).
+"""What a push-forward distillation stage learns: its targets and the loss (docs/method.md §5).
 
 The targets are always the teacher's own outputs under the very noise the student sees; data tokens only provide
 contexts.
@@ -24,8 +24,7 @@ windows whose u really maps back to the data token is returned as `valid`.
 Loss (`window_loss`): cross-entropy of the student's logits at every hint row against its target, with the
 per-offset loss and accuracy and the whole-window exact match.
 
-Noise (`batch_noise`) is counter-based (`kforcing.noise`): batch `step` of stage s is a pure function of (seed, s,
-step, sample index), so resuming mid-stage continues exactly and any number of DDP ranks sees the same global batch.
+The noise of the batches is `kforcing.training.batch_noise`.
 """
 
 import contextlib
@@ -35,14 +34,9 @@ import torch.nn.functional as F
 
 import kforcing_ops
 
-from ..models.transformer import ARModel
-from ..noise import counter_uniform
-from ..students.push_forward import PushForwardLM, broadcast_tau
+from ...models.transformer import ARModel
+from .model import PushForwardLM, broadcast_tau
 
-# Seeds of the counter-based streams (XORed with the run's seed): training noise, temperatures.
-_NOISE_KEY = 0x6B66_0001
-_TAU_KEY = 0x6B66_0002
-_BOUNDARY_KEY = 0x6B66_0003
 
 
 def inverse_cdf_float64(logits: torch.Tensor, u: torch.Tensor, temperature=1.0) -> torch.Tensor:
@@ -171,43 +165,6 @@ def _no_autocast(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Noise of the training batches
-
-
-def batch_noise(seed, stage, sample_keys, windows, k, tau_range):
-    """(u (B, windows, k) float64, tau (B,) float32) of the samples `sample_keys` (B,) int64 in stage `stage`.
-
-    u[b, t, j] = counter_uniform(seed ^ NOISE ^ stage, sample_keys[b], t * k + j); tau from its own stream,
-    uniform in tau_range. A pure function of its arguments: exact resumption and DDP need nothing else.
-    """
-    device = sample_keys.device
-    stream = (seed ^ _NOISE_KEY) + (stage << 20)
-    position = (torch.arange(windows, device=device)[:, None] * k + torch.arange(k, device=device))[None]
-    u = counter_uniform(stream, sample_keys[:, None, None], position)
-    low, high = tau_range
-    if low == high:
-        tau = torch.full((len(sample_keys),), float(low), dtype=torch.float32, device=device)
-    else:
-        r = counter_uniform((seed ^ _TAU_KEY) + (stage << 20), sample_keys, 0)
-        tau = (low + (high - low) * r).to(torch.float32)
-    return u, tau
-
-
-def boundary_draws(seed, stage, first_key, shape, beta, device):
-    """(shape) float64 Beta(beta, beta) draws of the micro-batch whose first sample key is first_key (int).
-
-    The draws that place boundary-weighted uniforms inside their tokens' intervals (kforcing.training.head_targets).
-    They come from the CPU generator under a seed mixed from (seed, stage, first_key), inside fork_rng, so they are a
-    pure function of those (exact resumption) and leave the global random state alone.
-    """
-    mixed = ((seed ^ _BOUNDARY_KEY) * 1_000_003 + stage) * 2_147_483_647 + int(first_key)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mixed % (1 << 63))
-        draws = torch.distributions.Beta(float(beta), float(beta)).sample(torch.Size(shape))
-    return draws.double().to(device)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Loss
 
 
@@ -220,5 +177,4 @@ def window_loss(logits: torch.Tensor, targets: torch.Tensor):
             correct.all(dim=-1).float().mean())
 
 
-__all__ = ["ar_targets", "batch_noise", "boundary_draws", "inverse_cdf_float64", "noise_inversion_batch",
-           "self_forcing_targets", "window_loss"]
+__all__ = ["ar_targets", "inverse_cdf_float64", "noise_inversion_batch", "self_forcing_targets", "window_loss"]

@@ -1,6 +1,6 @@
 """The trunk pathway of a `DraftStudent`: hint rows through the teacher's own blocks, with row-gated adapters.
 
-In the head pathway (`kforcing.students.draft_student.HintHead`) hint rows run through a few separate blocks stacked on
+In the head pathway (`kforcing.students.draft.student.HintHead`) hint rows run through a few separate blocks stacked on
 the teacher's final features. In the trunk pathway they run through every block of the teacher, and each block's weights
 are adapted for hint rows only (docs/method.md §8):
 
@@ -41,7 +41,7 @@ from torch import nn
 
 from kforcing_ops.nn import DecodeLinear, NoiseEmbedding
 
-from ..models.transformer import ModelConfig, apply_rotary, rotary_cos_sin
+from ...models.transformer import ModelConfig, apply_rotary, rotary_cos_sin
 from .draft_module import DraftModule
 
 
