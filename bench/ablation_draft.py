@@ -1,7 +1,7 @@
 """Ablation of the student's options at one wall-clock budget: each row changes one option from the default.
 
-For every row, a short calibration run times the row's training step, then `kforcing.workflows.distill.distill` trains it
-for as many steps as fit --minutes (so each row gets the same wall-clock budget, with its full learning-rate
+For every row, a short calibration run times the row's training step, then `kforcing.workflows.distill.distill` trains
+it for as many steps as fit --minutes (so each row gets the same wall-clock budget, with its full learning-rate
 schedule), and the result is evaluated on the same held-out prompts and seeds:
 
     tokens/pass   verified decoding (lossless: checked equal to AR sampling), k = 4, at the row's sampling settings

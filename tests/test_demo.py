@@ -68,7 +68,8 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path):
     draft = summary["draft"]
     assert [s["step"] for s in draft["stages"]] == [quick.draft_steps]
     assert draft["eval"]["kind"] == "draft" and all(v["equals_ar"] for v in draft["eval"]["verified"])
-    assert draft["eval"]["verified_adaptive"]["equals_ar"] and draft["eval"]["verified_adaptive"]["tokens_per_pass"] >= 1
+    adaptive = draft["eval"]["verified_adaptive"]
+    assert adaptive["equals_ar"] and adaptive["tokens_per_pass"] >= 1
     assert {s["decoder"] for s in draft["eval"]["speed"]} >= {"AR", "verified k=4", "unverified k=4"}
     assert (out / "draft" / "eval" / "eval.md").is_file()
     # Checkpoints: the teacher run and the students, the run's latest being the k=4 student.

@@ -231,7 +231,8 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(top_p=0.0), "top_p in"),
     (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
     (dict(pathway="full", top_k=50), r"--top-k applies to the draft student's pathways \(chain, head, trunk\)"),
-    (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64), "--draft-vocab applies to the draft student's pathways"),
+    (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64),
+     "--draft-vocab applies to the draft student's pathways"),
     (dict(pathway="chain", adapter_rank=4), "--adapter-rank does not apply to --pathway chain"),
     (dict(pathway="chain", windows="teacher"), "--windows does not apply to --pathway chain"),
     (dict(pathway="chain", readout="onehot"), "needs readout 'categorical'"),
@@ -242,7 +243,8 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(boundary_beta=0.5), "--boundary-beta needs --readout onehot --windows teacher"),
     (dict(readout="onehot", windows="student", boundary_beta=0.5), "--boundary-beta needs"),
     (dict(readout="onehot", windows="teacher", boundary_beta=0.0), "--boundary-beta must be positive"),
-    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5), "--boundary-beta applies to the draft student's pathways"),
+    (dict(pathway="full", top_k=None, top_p=None, boundary_beta=0.5),
+     "--boundary-beta applies to the draft student's pathways"),
 ])
 def test_bad_draft_settings(teacher_run, tmp_path, overrides, message):
     with pytest.raises(DistillError, match=message):

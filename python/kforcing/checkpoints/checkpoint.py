@@ -564,8 +564,8 @@ def checkpoint_tokenizer(directory: Path, wanted: bool) -> Optional[Tokenizer]:
     return load_tokenizer(directory / "tokenizer.json")  # written before version 3
 
 
-__all__ = ["CONFIG_CHECKSUM", "build_ar_model", "CheckpointError", "LATEST", "Provenance", "RunLayout", "checkpoint_tokenizer",
-           "describe_config_difference", "describe_source", "find_resume_checkpoint", "is_complete",
-           "load_file_checked", "load_ar_model", "load_built_model", "load_tensors", "load_torch_file", "load_weights",
-           "prune_checkpoints", "read_config", "read_provenance", "remove_stale_temporaries", "resolve_checkpoint",
-           "save_checkpoint", "seal_config", "sha256_file", "unwrap", "write_latest"]
+__all__ = ["CONFIG_CHECKSUM", "CheckpointError", "LATEST", "Provenance", "RunLayout", "build_ar_model",
+           "checkpoint_tokenizer", "describe_config_difference", "describe_source", "find_resume_checkpoint",
+           "is_complete", "load_ar_model", "load_built_model", "load_file_checked", "load_tensors", "load_torch_file",
+           "load_weights", "prune_checkpoints", "read_config", "read_provenance", "remove_stale_temporaries",
+           "resolve_checkpoint", "save_checkpoint", "seal_config", "sha256_file", "unwrap", "write_latest"]

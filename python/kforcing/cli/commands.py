@@ -94,8 +94,8 @@ def _add_train_parser(subparsers):
     p = _new_parser(
         subparsers, "train-teacher", "train an AR teacher on a corpus",
         "Train an AR teacher (kforcing.models.transformer.ARModel). Checkpoints (safetensors + config + tokenizer + "
-        "optimizer) go to OUT/checkpoints, metrics to OUT/metrics.jsonl. Under torchrun it trains with DDP. The field's "
-        "conventions: LM1B = --corpus hf:lm1b --tokenizer bert-base-uncased --seq-len 128; OpenWebText = --corpus "
+        "optimizer) go to OUT/checkpoints, metrics to OUT/metrics.jsonl. Under torchrun it trains with DDP. The "
+        "field's conventions: LM1B = --corpus hf:lm1b --tokenizer bert-base-uncased --seq-len 128; OpenWebText = --corpus "
         "hf:openwebtext --tokenizer gpt2 --seq-len 1024 --config base --lr 3e-4 --warmup 2500 (both need the "
         "`datasets` package and the hub).")
     add_options(p.add_argument_group("model and data"), TrainConfig, [
@@ -331,9 +331,9 @@ def _add_eval_parser(subparsers):
 
 
 def _eval(args):
+    from ..runtime import run_lock
     from ..workflows.evaluate import EvalConfig, run_eval, save_results
     from ..workflows.report import eval_tables, write_eval_report
-    from ..runtime import run_lock
 
     if args.out_dir is None:
         student = Path(args.student).expanduser()

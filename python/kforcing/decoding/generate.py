@@ -47,7 +47,6 @@ from ..teachers.hf_teacher import HFTeacher
 from ..teachers.protocol import check_teacher
 from .request import check_request, mask_after_eos
 
-
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
 
 

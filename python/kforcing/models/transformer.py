@@ -6,8 +6,8 @@ grouped-query attention when n_kv_head < n_head. Rotary positions are passed exp
 hint row can carry the position of the token it predicts.
 
     ModelConfig      sizes and presets (`PRESETS`).
-    Transformer      the shared backbone; the push-forward student (`kforcing.students.push_forward.model`) adds its noise
-                     embedding to it.
+    Transformer      the shared backbone; the push-forward student (`kforcing.students.push_forward.model`)
+                     adds its noise embedding to it.
     ARModel          the teacher: `forward(ids)` -> logits for training, `decode(...)` over a static KV cache.
     KVCache          the decode cache: real tokens only, per-sequence lengths.
 

@@ -11,17 +11,22 @@ from .push_forward.kind import PushForwardKind
 KINDS: Tuple[StudentKind, ...] = (PushForwardKind(), DraftKind())
 
 
+def student_kinds() -> Tuple[StudentKind, ...]:
+    """Every kind, in order (read at each call: a test may add one to KINDS)."""
+    return KINDS
+
+
 def kind_named(name: str) -> StudentKind:
     """The kind whose checkpoints have model_type `name` (KeyError naming the known ones otherwise)."""
-    for kind in KINDS:
+    for kind in student_kinds():
         if kind.name == name:
             return kind
-    raise KeyError(f"unknown student kind {name!r}; known: {', '.join(kind.name for kind in KINDS)}")
+    raise KeyError(f"unknown student kind {name!r}; known: {', '.join(kind.name for kind in student_kinds())}")
 
 
 def kind_for_pathway(pathway: str) -> StudentKind:
     """The kind `kforcing distill --pathway pathway` trains (KeyError naming the known pathways otherwise)."""
-    for kind in KINDS:
+    for kind in student_kinds():
         if pathway in kind.pathways:
             return kind
     raise KeyError(f"unknown pathway {pathway!r}; choose one of {', '.join(pathways())}")
@@ -29,7 +34,7 @@ def kind_for_pathway(pathway: str) -> StudentKind:
 
 def kind_of(model) -> Optional[StudentKind]:
     """The kind of a loaded model; None for a teacher (or anything that is not a student)."""
-    for kind in KINDS:
+    for kind in student_kinds():
         if isinstance(model, kind.model_class):
             return kind
     return None
@@ -37,7 +42,7 @@ def kind_of(model) -> Optional[StudentKind]:
 
 def pathways() -> Tuple[str, ...]:
     """Every `kforcing distill --pathway` value, in the kinds' order."""
-    return tuple(pathway for kind in KINDS for pathway in kind.pathways)
+    return tuple(pathway for kind in student_kinds() for pathway in kind.pathways)
 
 
-__all__ = ["KINDS", "kind_for_pathway", "kind_named", "kind_of", "pathways"]
+__all__ = ["KINDS", "kind_for_pathway", "kind_named", "kind_of", "pathways", "student_kinds"]

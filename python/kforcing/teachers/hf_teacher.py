@@ -15,8 +15,8 @@ staircase masks of training and kforcing's static `KVCache` of decoding all work
 
 Supported families (`FAMILIES`): Llama and the models built like it (Qwen2, Mistral: RoPE, grouped-query attention)
 and GPT-2 (learned absolute positions). Their layers are named here so that the trunk adapters of
-`kforcing.students.draft.hf_adapters` can wrap the model's own linear layers; another architecture is a clear error naming
-these. transformers is an optional dependency (the extra `hf`), imported only when a model is loaded.
+`kforcing.students.draft.hf_adapters` can wrap the model's own linear layers; another architecture is a clear error
+naming these. transformers is an optional dependency (the extra `hf`), imported only when a model is loaded.
 """
 
 import contextlib

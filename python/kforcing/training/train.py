@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from ..checkpoints import checkpoint as ckpt
 from ..checkpoints.checkpoint import Provenance, RunLayout
 from ..data import TokenDataset, Tokenizer, iter_documents, load_tokenizer, prepare_dataset, train_tokenizer
-from ..models.transformer import ARModel, ModelConfig, PRESETS
+from ..models.transformer import PRESETS, ARModel, ModelConfig
 from ..options import option
 from ..runtime import resolve_device, run_lock
-from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option,
+from .trainer import (DistInfo, Trainer, TrainingTask, check_loop_options, distributed, loop_option, warmup_cosine_lr,
                       warn_changed_settings)
-from .trainer import warmup_cosine_lr
 
 DEFAULT_LR = {"tiny": 2e-3, "small": 6e-4, "base": 3e-4}
 

@@ -44,7 +44,7 @@ from ..runtime import read_json, resolve_device, run_lock, write_json_atomic
 from ..students.draft.distill import CHAIN_HEAD_LAYERS, DRAFT_SAMPLING
 from ..students.draft.student import CDF_ORDERS, NOISE_CODES, READOUTS, HeadConfig
 from ..students.draft.targets import WINDOWS
-from ..students.registry import KINDS, kind_for_pathway, pathways
+from ..students.registry import kind_for_pathway, pathways, student_kinds
 from ..teachers.hf_teacher import HFTeacher
 from ..training.schedule import DistillRun
 from ..training.stage_task import DistillError
@@ -200,8 +200,8 @@ class DistillConfig:
             self._apply_paper()
         if self.objective not in OBJECTIVES:
             raise DistillError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
-        if self.pathway not in PATHWAYS:
-            raise DistillError(f"unknown pathway {self.pathway!r}; choose one of {PATHWAYS}")
+        if self.pathway not in pathways():
+            raise DistillError(f"unknown pathway {self.pathway!r}; choose one of {pathways()}")
         kind = kind_for_pathway(self.pathway)
         self._reject_other_kinds_options(kind)
         if self.schedule is None:
@@ -230,7 +230,7 @@ class DistillConfig:
     def _apply_paper(self):
         """--paper: the original method. Settings it fixes may not be given beside it (they would be ignored)."""
         fixed = [("pathway", DEFAULT_PATHWAY), ("tau", None)]
-        fixed += [(name, unset) for kind in KINDS for name, unset in kind.options.items()]
+        fixed += [(name, unset) for kind in student_kinds() for name, unset in kind.options.items()]
         given = [name for name, unset in fixed if getattr(self, name) not in (unset, "full")]
         if given:
             raise DistillError(f"--paper fixes {', '.join('--' + n.replace('_', '-') for n in given)}; drop "
@@ -239,7 +239,7 @@ class DistillConfig:
 
     def _reject_other_kinds_options(self, kind):
         """A flag only another kind of student reads is an error, never silently ignored."""
-        for other in KINDS:
+        for other in student_kinds():
             if other is kind:
                 continue
             for name, unset in other.options.items():

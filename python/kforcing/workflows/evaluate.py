@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from kforcing_ops import CDF_ORDERS
+
 from ..checkpoints import checkpoint as ckpt
 from ..checkpoints.checkpoint import Provenance, RunLayout
 from ..data import TokenDataset, find_token_cache, heldout_contexts
@@ -35,7 +37,6 @@ from ..evaluation.metrics import EvalError
 from ..models.transformer import ARModel
 from ..options import option, parse_int_list
 from ..runtime import machine_info, read_json, resolve_device, write_json_atomic
-from kforcing_ops import CDF_ORDERS
 from ..students.protocol import StudentKind
 from ..students.registry import kind_of
 from ..teachers.protocol import is_teacher

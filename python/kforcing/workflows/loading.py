@@ -9,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoints.checkpoint import (CheckpointError, build_ar_model, load_ar_model, read_config,
-                                      resolve_checkpoint)
-from ..students.registry import KINDS, kind_named
+from ..checkpoints.checkpoint import CheckpointError, build_ar_model, load_ar_model, read_config, resolve_checkpoint
+from ..students.registry import kind_named, student_kinds
 from ..teachers.hf_teacher import is_hf_spec, load_hf_teacher
 
 
@@ -35,7 +34,7 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, with_tok
     try:
         kind = kind_named(model_type)
     except KeyError:
-        known = ", ".join(["ar"] + [kind.name for kind in KINDS])
+        known = ", ".join(["ar"] + [kind.name for kind in student_kinds()])
         raise CheckpointError(f"checkpoint {directory} (version {config.get('version')}) holds a model of type "
                               f"{model_type!r}, which this kforcing does not know (it knows {known})") from None
     model, tokenizer = kind.load(directory, config, teacher=teacher, device=device)

@@ -9,8 +9,9 @@ A draft-student checkpoint is a `kforcing.checkpoints.checkpoint` directory whos
     teacher.safetensors   only in a merged export (`save_draft_student(..., merged=True)`): the teacher's weights,
                           so that the directory decodes on its own (kforcing teachers only)
 
-A student of a Hugging Face teacher (`kforcing.students.draft.hf_adapters`) records "teacher_kind": "hf", the teacher's shape
-as "model", and "hf:PATH" as its provenance's teacher: the teacher stays in its own folder and is loaded from there.
+A student of a Hugging Face teacher (`kforcing.students.draft.hf_adapters`) records "teacher_kind": "hf", the teacher's
+shape as "model", and "hf:PATH" as its provenance's teacher: the teacher stays in its own folder and is loaded from
+there.
 
 Loading finds the teacher in this order: the one the caller passes, the embedded one of a merged export, the
 checkpoint the provenance names. Whatever it is, its fingerprint must equal the recorded one: a head is only valid
@@ -21,12 +22,12 @@ on the exact teacher it was trained on, so another teacher (other weights, even 
 from pathlib import Path
 from typing import Optional, Union
 
-from ...models.transformer import ARModel, ModelConfig
-from .student import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
-from ...teachers.hf_teacher import HFTeacher, is_hf_spec, load_hf_teacher
-from ...teachers.protocol import is_teacher
 from ...checkpoints import checkpoint as ckpt
 from ...checkpoints.checkpoint import CheckpointError, Provenance
+from ...models.transformer import ARModel, ModelConfig
+from ...teachers.hf_teacher import HFTeacher, is_hf_spec, load_hf_teacher
+from ...teachers.protocol import is_teacher
+from .student import DraftStudent, HeadConfig, Sampling, head_class, teacher_fingerprint
 
 TEACHER_FILE = "teacher.safetensors"
 

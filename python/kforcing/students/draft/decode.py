@@ -37,15 +37,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .student import DraftStudent, Sampling, drafts_from_logits, sample_rows
-from ...decoding.request import check_request, mask_after_eos
 from kforcing_ops import sampling_probabilities
 
+from ...decoding.request import check_request, mask_after_eos
 from ...models.transformer import KVCache, decode_blocks
 from ...noise import counter_uniform
 from ...teachers.protocol import decode_layers
 from .policy import DraftPolicy
 from .speculative import speculative_accept
+from .student import DraftStudent, Sampling, drafts_from_logits, sample_rows
 
 ACCEPTANCE_RULES = ("coupled", "speculative")
 # Keys of speculative sampling's uniform streams (XORed into the seed), apart from every other stream's.
@@ -282,8 +282,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             (reproducible choices; see `DraftPolicy`).
         acceptance: how verification keeps drafts. "coupled" (default): a draft stands when it equals the teacher's
             token under the same uniform, so the output equals `generate_ar`'s token for token. "speculative":
-            speculative sampling (`kforcing.students.draft.speculative`): lossless in distribution (every token is distributed
-            as the teacher's sample), not equal to `generate_ar`'s.
+            speculative sampling (`kforcing.students.draft.speculative`): lossless in distribution (every token is
+            distributed as the teacher's sample), not equal to `generate_ar`'s.
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).

@@ -5,8 +5,8 @@
 The teacher never changes: only the head trains (docs/method.md §8), on the targets of `kforcing.students.draft.targets`
 at the sampling settings the student will be verified with (temperature = --tau, --top-k, --top-p). The schedule grows k
 progressively (e.g. 2,4: the same head first drafts one token per window, then three); the default is one stage at
-k = 4. Each stage runs the shared loop of `kforcing.training.trainer` over the head's parameters, with an EMA of them that
-is what is evaluated and exported.
+k = 4. Each stage runs the shared loop of `kforcing.training.trainer` over the head's parameters, with an EMA of them
+that is what is evaluated and exported.
 
 Run directory: as a progressive distillation (`kforcing.workflows.distill`), with one stage_kK per stage; a stage's
 final/ is a draft checkpoint (`kforcing.students.draft.checkpoint`: the head and the teacher's fingerprint, not the
@@ -219,10 +219,11 @@ def distill_sampling(config) -> Sampling:
 
 def resolve_draft_vocab(config, teacher, saved: Optional[dict]) -> int:
     """A chain student's --draft-vocab as a number (0: the whole vocabulary): as given; left at the default, the
-    run's own when resuming (`saved`: its distill.json; 0 for a run written before the default existed), else V / DRAFT_VOCAB_SHARE for
-    vocabularies of DRAFT_VOCAB_MIN_VOCAB tokens or more (bench/results/draft_small_cpu/draft_vocab/: on the small
-    preset, V = 8192, it decodes faster at the same acceptance) and the whole vocabulary below (on the tiny one a
-    restricted vocabulary lowered acceptance and saved nothing: docs/students.md)."""
+    run's own when resuming (`saved`: its distill.json; 0 for a run written before the default existed), else V /
+    DRAFT_VOCAB_SHARE for vocabularies of DRAFT_VOCAB_MIN_VOCAB tokens or more
+    (bench/results/draft_small_cpu/draft_vocab/: on the small preset, V = 8192, it decodes faster at the same
+    acceptance) and the whole vocabulary below (on the tiny one a restricted vocabulary lowered acceptance and saved
+    nothing: docs/students.md)."""
     if config.draft_vocab is not None:
         return config.draft_vocab
     if saved is not None:

@@ -1,7 +1,7 @@
 """The trunk pathway on a Hugging Face teacher: row-gated LoRA adapters on the model's own linear layers.
 
-As `kforcing.students.draft.trunk_adapters.TrunkAdapters` does for kforcing's own blocks (docs/method.md §8), the window rows
-[y1 | hints] run through every layer of the frozen teacher; token rows with the teacher's weights, hint rows with
+As `kforcing.students.draft.trunk_adapters.TrunkAdapters` does for kforcing's own blocks (docs/method.md §8), the window
+rows [y1 | hints] run through every layer of the frozen teacher; token rows with the teacher's weights, hint rows with
 a rank-r LoRA (W x + B A x) on every linear layer the family names (`kforcing.teachers.hf_teacher.FAMILIES`: q/k/v and
 output projections, every MLP projection; GPT-2's fused q/k/v projection gets one adapter per q, k and v). After the
 last layer, hint rows take a trainable copy of the model's final norm; token rows its own.

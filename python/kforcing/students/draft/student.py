@@ -11,9 +11,9 @@ Two pathways compute the draft rows (`HeadConfig.pathway`):
 
     head    a `HintHead`: a few Transformer blocks (initialised from the teacher's last blocks) over
             [the trunk's final features h_0..h_t | window rows], ending in the teacher's LM head.
-    trunk   `kforcing.students.draft.trunk_adapters.TrunkAdapters`: the window rows run through every block of the teacher;
-            the y1 row with the teacher's weights, hint rows with per-layer adapters (a row-gated LoRA of rank
-            `adapter_rank`, or full copies of the blocks for adapter_rank=0). At layer l they attend to the
+    trunk   `kforcing.students.draft.trunk_adapters.TrunkAdapters`: the window rows run through every block of
+            the teacher; the y1 row with the teacher's weights, hint rows with per-layer adapters (a row-gated LoRA
+            of rank `adapter_rank`, or full copies of the blocks for adapter_rank=0). At layer l they attend to the
             teacher's keys/values of tokens 0..t at layer l (the token stream) and to their own window.
 
 Row i of a window (0 = the y1 row) sits at position t+1+i and, for i >= 1, carries the uniform of the token at its
@@ -37,8 +37,8 @@ student of §3: window rows see the context up to their anchor and their own win
 `DraftStudent` holds the teacher and the trainable module (`student.head`, in either pathway: all its trainable
 parameters); `kforcing.students.draft.decode` decodes with it, with or without verification. The teacher is anything
 that implements `kforcing.teachers.protocol`'s protocol: kforcing's `ARModel`, or a Hugging Face causal LM
-(`HFTeacher`), which takes the trunk pathway with `kforcing.students.draft.hf_adapters.HFTrunkAdapters` on its own linear
-layers (docs/method.md §9).
+(`HFTeacher`), which takes the trunk pathway with `kforcing.students.draft.hf_adapters.HFTrunkAdapters` on its own
+linear layers (docs/method.md §9).
 """
 
 import dataclasses
@@ -94,7 +94,8 @@ class HeadConfig:
         noise_code: how the hint rows encode their uniforms: "sinusoid", "dyadic" or "binary" (see
             `kforcing_ops.noise_embedding`).
         pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features), "trunk"
-            (hint rows through the teacher's own blocks with row-gated adapters, `kforcing.students.draft.trunk_adapters`) or
+            (hint rows through the teacher's own blocks with row-gated adapters,
+            `kforcing.students.draft.trunk_adapters`) or
             "chain" (a `ChainHead` drafting one token per call from the teacher's features; categorical readout,
             num_layers blocks, no noise embedding).
         draft_vocab: chain pathway only: drafts come from the draft_vocab most frequent tokens of the training

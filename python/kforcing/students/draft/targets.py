@@ -21,9 +21,9 @@ One training step over contexts ids (B, N), every context position t anchoring a
 The acceptance logged with it is what verified decoding would see on these windows: draft j counts when it and
 every draft before it equal the teacher's tokens.
 
-The chain pathway (`kforcing.students.draft.chain_head`) trains teacher-forced instead (`chain_step`): one head pass over the
-teacher's features of the context and the text's tokens, KL(teacher || head) at every position plus a smooth-L1 pull
-of the head's features towards the teacher's. Its validation runs the chain on its own drafts, as decoding does
+The chain pathway (`kforcing.students.draft.chain_head`) trains teacher-forced instead (`chain_step`): one head pass
+over the teacher's features of the context and the text's tokens, KL(teacher || head) at every position plus a smooth-L1
+pull of the head's features towards the teacher's. Its validation runs the chain on its own drafts, as decoding does
 (`chain_rollout`), and counts, per offset, the drafts that equal the teacher's samples under the same uniforms.
 
 Boundary weighting (onehot readout on teacher windows): a one-hot row must learn where, over u, the teacher's
@@ -42,7 +42,6 @@ from kforcing_ops import cdf_interval
 from ...models.transformer import run_blocks
 from .chain_head import FEATURE_LOSS_WEIGHT
 from .student import DraftStudent, Sampling, drafts_from_logits, sample_rows
-
 
 WINDOWS = ("student", "teacher")
 

@@ -38,7 +38,6 @@ from ...models.transformer import ARModel
 from .model import PushForwardLM, broadcast_tau
 
 
-
 def inverse_cdf_float64(logits: torch.Tensor, u: torch.Tensor, temperature=1.0) -> torch.Tensor:
     """`kforcing_ops.inverse_cdf_sample` on float64 logits: the exact rule, with a float64 CDF.
 
