@@ -1,6 +1,6 @@
-"""What the reports of both kinds of student share (`kforcing.workflows.report`, `kforcing.students.draft.report`):
-Markdown cells and rows, the sample-quality and decode-speed tables, and matplotlib figures saved off-screen (the Agg
-backend)."""
+"""What the reports of every kind of student share (`kforcing.students.*.report`, `kforcing.workflows.report`):
+Markdown cells and rows, the sample-quality, decode-speed and targets tables, and matplotlib figures saved off-screen
+(the Agg backend)."""
 
 from pathlib import Path
 from typing import Dict
@@ -58,6 +58,19 @@ def speed_table(results: Dict) -> str:
     return "\n".join(lines)
 
 
+def targets_table(results: Dict, names: Dict[str, str]) -> str:
+    """The targets of `results["targets"]` ({key: {"value", "target", "reached"}}) that `names` ({key: what it
+    measures}) lists, in its order: value, goal, reached."""
+    targets = results.get("targets") or {}
+    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
+    for key, name in names.items():
+        if key in targets:
+            t = targets[key]
+            value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
+            lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
@@ -76,4 +89,4 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-__all__ = ["fmt", "pyplot", "quality_table", "row", "save_figure", "speed_table"]
+__all__ = ["fmt", "pyplot", "quality_table", "row", "save_figure", "speed_table", "targets_table"]

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ...evaluation.report_tables import fmt, pyplot, quality_table, row, save_figure, speed_table
+from ...evaluation.report_tables import targets_table as shared_targets_table
 
 _TARGET_NAMES = {"tokens_per_pass": "verified tokens per pass", "exact": "verified output equals AR sampling",
                  "accept_2_floor": "acceptance at offset 2 vs the u-blind floor",
@@ -49,13 +50,8 @@ def verified_table(results: Dict) -> str:
 
 
 def targets_table(results: Dict) -> str:
-    targets = results["targets"]
-    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
-    for key, name in _TARGET_NAMES.items():
-        t = targets[key]
-        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
-        lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
-    return "\n".join(lines)
+    """The draft student's targets (`kforcing.students.draft.evaluate.DRAFT_TARGETS`)."""
+    return shared_targets_table(results, _TARGET_NAMES)
 
 
 def draft_tables(results: Dict) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict
 
 from ...evaluation.report_tables import fmt, pyplot, quality_table, save_figure, speed_table
+from ...evaluation.report_tables import targets_table as shared_targets_table
 
 _TARGET_NAMES = {"agree_offset_1": "agreement at offset 1", "agree_offset_4": "agreement at offset 4",
                  "ppl_ratio": "PPL(student) / PPL(AR samples), under the teacher",
@@ -28,14 +29,8 @@ def agreement_table(results: Dict) -> str:
 
 
 def targets_table(results: Dict) -> str:
-    targets = results.get("targets") or {}
-    lines = ["| target | value | goal | reached |", "|---|---|---|---|"]
-    for key, name in _TARGET_NAMES.items():
-        if key in targets:
-            t = targets[key]
-            value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
-            lines.append(f"| {name} | {value} | {t['target']} | {'yes' if t['reached'] else 'no'} |")
-    return "\n".join(lines)
+    """The quality targets at the largest k (`kforcing.students.push_forward.evaluate.TARGETS`)."""
+    return shared_targets_table(results, _TARGET_NAMES)
 
 
 def push_forward_tables(results: Dict) -> str:
