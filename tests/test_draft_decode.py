@@ -348,6 +348,30 @@ def test_adaptive_drafting_weighs_the_sequence_that_finishes_last():
         torch.ones(1, dtype=torch.bool)) == 3  # a fresh estimate is optimistic: every draft accepted
 
 
+def test_adaptive_drafting_measures_how_far_drafting_moves_the_batchs_finish():
+    """Every draft of both sequences is accepted (4 tokens a drafting round each, expected), yet the batch's most
+    tokens left falls by 1 a round (its last sequence: here the remaining tokens say so): drafting at cost 2 then
+    buys less than AR steps at cost 1, and the policy switches. Where the batch does advance as expected, it keeps
+    drafting. Fixed costs: AR 1, drafting 2."""
+    from kforcing.students.draft.policy import DraftPolicy
+
+    def run(fall_per_round):
+        policy = DraftPolicy(batch=2, max_drafts=3, device="cpu", costs=(1.0, 2.0))
+        active, left, kinds = torch.ones(2, dtype=torch.bool), 60, []
+        for _ in range(6):
+            kind = policy.choose(active, torch.tensor([left, left]))
+            kinds.append(kind)
+            if kind:
+                policy.observe_acceptance(torch.ones(2, 3, dtype=torch.long), active)
+            left -= fall_per_round if kind else 1
+        return kinds, policy.progress
+
+    kinds, progress = run(fall_per_round=1)
+    assert kinds[0] == 3 and kinds[-1] == 0 and progress == 0.0
+    kinds, progress = run(fall_per_round=4)
+    assert kinds == [3] * 6 and progress == 1.0
+
+
 def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(monkeypatch):
     """A kind's first timing (one-off costs) is replaced by its second, not averaged with it; acceptance averages
     its first observations plainly; exploration keeps its interval while exploring costs little, and backs off

@@ -14,12 +14,19 @@ its last sequence is done, so the batch's tokens per round are not the mean of i
 and t_i = 1 + sum_j acceptance_j expected per drafting round, the batch has max_i r_i rounds left as AR steps and
 max_i r_i / t_i drafting, and expects max_i r_i / max_i (r_i / t_i) tokens per drafting round (the slowest
 sequence's t_i when the tokens left are not given). Drafting that speeds up most sequences but not the one that
-finishes last only adds cost. A kind not yet timed is tried first. The kind not taken is tried again after
-`explore_every` rounds; each time trying it changes nothing, the interval becomes what keeps exploring at about
-EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of a best round; from
+finishes last only adds cost. That expectation still overstates a batch (the last sequence is the unluckiest one,
+not the average one), so the policy also measures the batch itself: after each drafting round, how far the most
+tokens any sequence has left fell, against what the expectation promises for such a round; the extra tokens
+(beyond the exact one) of every drafting count are scaled by the ratio of the two moving averages (`progress`, at
+most 1). Drafting is taken only when it beats an AR step by DRAFT_MARGIN (its measured costs are noisy, and part of
+what it costs falls outside its rounds). A kind not yet timed is tried first. The kind not taken is tried again
+after `explore_every` rounds; each time trying it changes nothing, the interval becomes what keeps exploring at
+about EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of a best round; from
 explore_every up to 16x it), so that both estimates follow the text: a kind close to the best keeps being tried, a
-hopeless one costs little. Acceptance estimates average their first observations plainly (weight 1/n) before the
-moving average takes over (weight `decay`).
+hopeless one costs little. Exploring drafting between AR steps also pays the chain head's catch-up over those
+steps (measured per step, `catch_up`): when that alone exceeds the budget, the interval is the longest. Acceptance
+estimates average their first observations plainly (weight 1/n) before the moving average takes over (weight
+`decay`).
 
 When a round's cost grows with its drafts (`per_draft_cost=True`: the chain pathway, one head call per draft), a
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
@@ -27,8 +34,8 @@ drafting round may also make fewer than max_drafts: the policy weighs every coun
 cost and the full drafting round's. An exploration of drafting always makes max_drafts, so the acceptance of every
 offset stays current.
 
-What a request learnt (the costs, the mean acceptance, the exploration interval) is remembered per student and
-batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed
+What a request learnt (the costs, the mean acceptance, the exploration interval, the batch's progress and the
+catch-up's cost) is remembered per student and batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed
 costs stay fixed: only the acceptance and the interval carry over).
 
 Otherwise two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the
@@ -45,6 +52,11 @@ import torch
 
 MAX_BACKOFF = 16
 EXPLORE_BUDGET = 0.02  # the share of decoding time that exploring the kind not taken may cost
+PROGRESS_DECAY = 0.1  # weight of the newest drafting round in the batch's realised-progress factor (a noisy ratio)
+# Drafting is chosen only when its expected tokens per unit of cost beat an AR step's by this share: its costs are
+# moving averages of wall time (noisy on a shared machine), and some of what drafting costs falls outside its rounds
+# (the head's catch-up after a run of AR steps), so a marginal win measured for drafting is often a loss.
+DRAFT_MARGIN = 0.1
 
 
 @dataclasses.dataclass
@@ -52,6 +64,8 @@ class _Learnt:
     cost: Dict[int, float]
     acceptance: torch.Tensor  # (max_drafts,) mean over the request's sequences
     interval: int
+    progress: tuple  # (realised, promised) extra tokens of drafting rounds, moving averages
+    catch_up: float  # seconds of the head's catch-up per AR step before a drafting round
 
 
 _MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts): _Learnt}
@@ -94,6 +108,13 @@ class DraftPolicy:
         self._observations = torch.zeros(batch, max_drafts, dtype=torch.float64, device=device)
         self._seen = torch.zeros(batch, dtype=torch.bool, device=device)
         self.interval = explore_every
+        # Moving averages of the extra tokens (beyond the exact one) drafting rounds moved the batch's finish forward
+        # by, and of the extra tokens the expectation promised for them (`_observe_progress`).
+        self._realised, self._promised, self._progress_rounds = 0.0, 0.0, 0
+        # Seconds per AR step of the catch-up a drafting round after AR steps starts with (a chain head reads the
+        # rows of those steps then): left out of the round's cost, it is what exploring drafting costs beyond it.
+        self.catch_up, self._steps_behind = 0.0, 0
+        self._pending = None  # (drafts, active, tokens left, the most tokens left) as the last drafting round began
         self._key = (batch, max_drafts)
         self._student = student
         learnt = _MEMORY.get(student, {}).get(self._key) if student is not None else None
@@ -104,6 +125,9 @@ class DraftPolicy:
             self._observations[:] = 1 / self.decay  # a learnt prior: new observations blend in at `decay`
             self._seen[:] = True
             self.interval = learnt.interval
+            self._realised, self._promised = learnt.progress
+            self._progress_rounds = int(1 / PROGRESS_DECAY)
+            self.catch_up = learnt.catch_up
         self.rounds = {count: 0 for count in [0, *self.counts]}  # rounds taken of each count
         self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind (AR step, drafting) was last taken at
         self._round = 0
@@ -119,7 +143,8 @@ class DraftPolicy:
         share = count / self.max_drafts
         return (1 - share) * self.cost[0] + share * self.cost[self.max_drafts]
 
-    def _best(self, active, remaining=None) -> int:
+    def _expected(self, active, remaining=None):
+        """The batch's expected tokens of a round of c drafts (index c), as the acceptance estimates say."""
         if self._tokens is None:  # recomputed after each drafting round only: a host sync a round is not free
             per_sequence = 1.0 + self.acceptance[active].cumsum(dim=1)  # (active, max_drafts): expected tokens
             if remaining is None:
@@ -128,16 +153,53 @@ class DraftPolicy:
                 left = remaining[active].to(per_sequence.dtype).clamp(min=1)[:, None]
                 tokens = left.max() / (left / per_sequence).max(dim=0).values
             self._tokens = [1.0, *tokens.tolist()]
-        return max([0, *self.counts], key=lambda count: self._tokens[count] / self._cost(count))
+        return self._tokens
+
+    @property
+    def progress(self) -> float:
+        """The share of the extra tokens the expectation promised that drafting rounds really moved the batch's
+        finish forward by, at most 1 (1 until measured)."""
+        return min(self._realised / self._promised, 1.0) if self._promised > 0 else 1.0
+
+    def _tokens_per_round(self, count) -> float:
+        """Expected tokens of a round of `count` drafts, the extra ones scaled by the realised progress factor."""
+        return 1.0 + (self._tokens[count] - 1.0) * self.progress
+
+    def _best(self, active, remaining=None) -> int:
+        self._expected(active, remaining)
+        return max([0, *self.counts], key=lambda count: self._tokens_per_round(count) / self._cost(count)
+                   / (1.0 + DRAFT_MARGIN if count else 1.0))
+
+    def _observe_progress(self, most_left: int):
+        """Blend in how far the last drafting round moved the batch's finish: the fall of the most tokens any
+        sequence has left, against the tokens the expectation promises for such a round (from the acceptance
+        estimates as they are now, the round's own outcome included: a promise made with the optimistic start
+        would blame the estimates' error on the batch). Sequences finish at different rounds and the batch waits
+        for its last, so per-sequence acceptance overstates what drafting buys a batch; `progress` (the ratio of
+        the two averages, of the extra tokens beyond the exact one) is measured on the batch itself. The averages
+        are of the amounts, not of per-round ratios: a round's realised tokens are a noisy 0/1-like outcome, and
+        clamping each ratio would bias the factor down."""
+        count, active, remaining, before = self._pending
+        self._pending = None
+        self._tokens = None
+        expected = self._expected(active, remaining)[count]
+        self._tokens = None  # the next choice weighs the tokens left now
+        self._progress_rounds += 1
+        weight = max(1.0 / self._progress_rounds, PROGRESS_DECAY)
+        self._realised = (1 - weight) * self._realised + weight * max(before - most_left - 1.0, 0.0)
+        self._promised = (1 - weight) * self._promised + weight * max(expected - 1.0, 0.0)
 
     def _affordable_interval(self, best) -> int:
         """Rounds between explorations such that exploring the other kind (an AR step, or a round of max_drafts)
         costs about EXPLORE_BUDGET of the time: the time one exploration loses against spending it on `best`, over
-        EXPLORE_BUDGET x a round of `best`; between explore_every and MAX_BACKOFF x explore_every."""
+        EXPLORE_BUDGET x a round of `best`; between explore_every and MAX_BACKOFF x explore_every. Exploring
+        drafting between AR steps also costs the catch-up of every step since the last drafting round: a cost per
+        round of the interval, which the budget must cover first (when it cannot, the interval is the longest)."""
         other = 0 if best else self.max_drafts
-        per_token = self._cost(best) / self._tokens[best]
-        loss = self._cost(other) - self._tokens[other] * per_token
-        rounds = loss / (EXPLORE_BUDGET * self._cost(best))
+        per_token = self._cost(best) / self._tokens_per_round(best)
+        loss = self._cost(other) - self._tokens_per_round(other) * per_token
+        spare = EXPLORE_BUDGET * self._cost(best) - (0.0 if best else self.catch_up)
+        rounds = loss / spare if spare > 0 else float("inf")
         return int(min(max(rounds, self.explore_every), MAX_BACKOFF * self.explore_every))
 
     def choose(self, active: torch.Tensor, remaining: Optional[torch.Tensor] = None) -> int:
@@ -156,6 +218,10 @@ class DraftPolicy:
             self.cost[kind] = seconds if seen <= 1 else (1 - self.decay) * self.cost[kind] + self.decay * seconds
             self._timings[kind] = seen + 1
         self._round += 1
+        most_left = None
+        if remaining is not None and self._pending is not None:
+            most_left = int(remaining[active].max())
+            self._observe_progress(most_left)
         untimed = [kind for kind in (self.max_drafts, 0) if kind not in self.cost]
         if untimed:
             kind = untimed[0]
@@ -170,16 +236,26 @@ class DraftPolicy:
             if self._round - self._taken_at[other] > self.interval:
                 kind, self._explored_from = other, best
         self.rounds[kind] += 1
+        if kind:  # the AR steps since the last drafting round: what a catch-up before this one reads
+            self._steps_behind = self._round - 1 - self._taken_at[self.max_drafts]
         self._taken_at[self.max_drafts if kind else 0] = self._round
+        if kind and remaining is not None:
+            most_left = int(remaining[active].max()) if most_left is None else most_left
+            self._pending = (kind, active.clone(), remaining.clone(), most_left)
         self._timing = (kind, now, 1)
         return kind
 
     def restart_timing(self):
         """Start timing the round `choose` just began from now: work done since (a catch-up the round did not
-        cause) is left out of its cost."""
+        cause) is left out of its cost, and counted as the catch-up's, per AR step it read."""
         if self._timing is not None:
-            kind, _, rounds = self._timing
-            self._timing = (kind, time.perf_counter(), rounds)
+            kind, start, rounds = self._timing
+            now = time.perf_counter()
+            if not self.fixed and self._steps_behind > 0:
+                per_step = (now - start) / self._steps_behind
+                blend = self.decay if self.catch_up else 1.0
+                self.catch_up = (1 - blend) * self.catch_up + blend * per_step
+            self._timing = (kind, now, rounds)
 
     def plain_run(self, limit: int) -> int:
         """After `choose` returned 0: how many AR steps, at most `limit`, the decoder may take in a row before the
@@ -215,8 +291,8 @@ class DraftPolicy:
             return
         seen = self.acceptance[self._seen]
         acceptance = seen.mean(dim=0) if seen.numel() else self.acceptance.mean(dim=0)
-        _MEMORY.setdefault(self._student, {})[self._key] = _Learnt(dict(self.cost), acceptance.cpu(),
-                                                                    self.interval)
+        _MEMORY.setdefault(self._student, {})[self._key] = _Learnt(dict(self.cost), acceptance.cpu(), self.interval,
+                                                                    (self._realised, self._promised), self.catch_up)
 
 
 __all__ = ["DraftPolicy"]
