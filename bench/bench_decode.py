@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kforcing.decoding.generate import generate_ar, generate_kforcing  # noqa: E402
+from kforcing.students.draft.decode import generate_with_drafts  # noqa: E402
 from kforcing.students.draft.student import DraftStudent, HeadConfig  # noqa: E402
 from kforcing_ops.nn import torch_linears  # noqa: E402
 from kforcing.evaluation.metrics import time_interleaved  # noqa: E402
@@ -138,10 +139,10 @@ def main(argv=None):
             decoders[f"k={k}"] = lambda k=k: generate_kforcing(student, prompts, args.new_tokens, k=k,
                                                                seed=args.seed, **options)
         if drafter is not None:
-            decoders[f"verified k={max(args.k)}"] = lambda: generate_kforcing(
+            decoders[f"verified k={max(args.k)}"] = lambda: generate_with_drafts(
                 drafter, prompts, args.new_tokens, k=max(args.k), seed=args.seed, verify=True)
-            decoders["verified adaptive"] = lambda: generate_kforcing(drafter, prompts, args.new_tokens, seed=args.seed,
-                                                                      verify=True)
+            decoders["verified adaptive"] = lambda: generate_with_drafts(drafter, prompts, args.new_tokens,
+                                                                         seed=args.seed, verify=True)
         runs = {(name, linear): with_linear(linear, fn) for linear in linears for name, fn in decoders.items()}
         measured = time_interleaved(runs, device, args.repeats)
         for (name, linear), (times, out) in measured.items():
