@@ -7,6 +7,7 @@ import torch
 import kforcing_ops
 from conftest import DEVICES, HAS_GPU
 from kforcing_ops import _ext
+from kforcing.decoding.compiled import COMPILE_OPTIONS
 from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.models.transformer import ARModel, KVCache, ModelConfig
 from kforcing.students.push_forward.model import PushForwardLM
@@ -312,8 +313,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     ar = generate_ar(teacher, prompts, 6, seed=5)
     kf = generate_kforcing(student, prompts, 8, k=2, seed=5)
     # The default inductor backend needs minutes of C++ compilation on 2 cores: trace with aot_eager.
-    import kforcing.decoding.generate as gen
-    monkeypatch.setitem(gen.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(COMPILE_OPTIONS, "backend", "aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()
     for _ in range(2):  # the second call reuses the compiled steps (same shapes): no recompilation

@@ -45,6 +45,7 @@ from ..models.transformer import KVCache
 from ..noise import counter_uniform
 from ..teachers.hf_teacher import HFTeacher
 from ..teachers.protocol import check_teacher
+from .compiled import compiled
 from .request import check_request, mask_after_eos
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
@@ -101,26 +102,12 @@ def _prefill_prefix(model, cache, prefix, pad_id):
     return 1
 
 
-# Options of torch.compile for `compile=True` (e.g. {"backend": "aot_eager"} to trace without code generation).
-COMPILE_OPTIONS = {}
-_compiled_steps = {}
-
-
 def _ar_step(model, cache, ids):
     return model.decode(ids, cache, logits="last")
 
 
 def _kforcing_step(student, cache, tau, ids, u, hints):
     return student.decode(ids, u, tau, cache, hint_embeddings=hints)
-
-
-def _compiled(fn):
-    """One torch.compile'd version of a module-level step function per process (and per COMPILE_OPTIONS), so that
-    repeated generate calls with the same shapes reuse the compiled code instead of recompiling."""
-    key = (fn, repr(sorted(COMPILE_OPTIONS.items())))
-    if key not in _compiled_steps:
-        _compiled_steps[key] = torch.compile(fn, dynamic=False, **COMPILE_OPTIONS)
-    return _compiled_steps[key]
 
 
 _MAX_GRAPHS = 16  # captured shapes kept per pooled cache; further shapes run eagerly
@@ -172,7 +159,7 @@ class _Step:
 
     def __init__(self, fn, bound, cache, compile=False, cuda_graphs: Optional[_CudaGraphs] = None):
         self.name = fn.__name__
-        self.fn = _compiled(fn) if compile else fn
+        self.fn = compiled(fn) if compile else fn
         self.bound = tuple(bound)
         self.constants = tuple(b for b in self.bound[2:] if not isinstance(b, torch.Tensor))
         self.cache = cache

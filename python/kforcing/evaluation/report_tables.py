@@ -45,7 +45,8 @@ def speed_table(results: Dict) -> str:
         return ""
     machine, settings = results["machine"], results["settings"]
     lines = [f"{results['speed_tokens']} new tokens after 16-token prompts, {machine['device']} "
-             f"({machine['cpu_threads']} threads), {settings.get('dtype', 'float32')}, medians of "
+             f"({machine['cpu_threads']} threads), {settings.get('dtype', 'float32')}"
+             f"{', every decoder compiled' if settings.get('compile') else ''}, medians of "
              f"{settings['speed_repeats']} interleaved rounds; speedup = median per-round AR time / this time; a "
              "pass's cost in AR steps = its ms / an AR pass's ms at the same batch size.\n",
              "| batch | decoder | passes | tokens/s | ms/pass | AR steps/pass | speedup vs AR |",

@@ -86,6 +86,9 @@ class EvalConfig:
                                     flag_default="1,8,32")
     speed_tokens: int = option(64, "new tokens per benchmark call")
     speed_repeats: int = option(3, "interleaved benchmark rounds")
+    compile: bool = option(False, "decode benchmark: torch.compile every decoder's step or round, AR's included "
+                           "(static shapes; each is compiled before it is timed, which takes minutes on a CPU)",
+                           action="store_true")
     batch_size: int = option(32, "sequences per generate call for agreement/samples")
     data_dir: Optional[str] = option(None, "token cache with a validation split (default: the one the student or "
                                      "teacher was trained on)")

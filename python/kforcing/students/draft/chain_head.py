@@ -103,14 +103,28 @@ class ChainHead(KeepsRotaryFloat32, DraftModule):
         """Draft logits (..., N) of head features (..., H): the teacher's final norm and LM head, over the draft
         vocabulary (N = draft_vocab: the restricted LM head reads N / V of the LM head's bytes) or the whole one,
         read from a copy in `weight_dtype` when that differs from the teacher's."""
-        norm, lm_head = teacher.output_layers()
+        return self.apply_readout(teacher, self.readout_layer(teacher), features)
+
+    def apply_readout(self, teacher, layer, features):
+        """`readout` with the LM head `layer` from `readout_layer` (None: the teacher's own): what a compiled
+        decoding round calls, with the layer looked up once before it (the lookup compares storage addresses,
+        which torch.compile cannot trace)."""
+        if layer is None:
+            return teacher.logits(features)
+        norm, _ = teacher.output_layers()
+        return layer(norm(features))
+
+    def readout_layer(self, teacher) -> Optional[nn.Module]:
+        """The LM head the drafts' readout reads: None for the teacher's own (the whole vocabulary, same dtype),
+        else a copy of its draft-vocabulary rows in `weight_dtype`, built once per teacher, vocabulary and dtype."""
+        _, lm_head = teacher.output_layers()
         weight, bias = lm_head.weight, lm_head.bias
         if self.config.draft_vocab is None and weight.dtype == self.weight_dtype:
-            return teacher.logits(features)
+            return None
         ids = self.draft_ids if self.config.draft_vocab is not None else None
         key = (weight.data_ptr(), weight._version, weight.dtype, self.weight_dtype,
                None if ids is None else (ids.data_ptr(), ids._version))
-        if self._readout is None or self._readout[0] != key:  # built once per teacher, vocabulary and dtype
+        if self._readout is None or self._readout[0] != key:
             rows = weight if ids is None else weight[ids]
             linear = DecodeLinear(weight.shape[1], rows.shape[0], bias=bias is not None, device=weight.device,
                                   dtype=self.weight_dtype).requires_grad_(False)
@@ -119,7 +133,7 @@ class ChainHead(KeepsRotaryFloat32, DraftModule):
                 if bias is not None:
                     linear.bias.copy_(bias if ids is None else bias[ids])
             self._readout = (key, linear)
-        return self._readout[1](norm(features))
+        return self._readout[1]
 
     def token_ids(self, index):
         """Token ids of readout indices."""

@@ -39,6 +39,7 @@ import torch
 
 from kforcing_ops import sampling_probabilities
 
+from ...decoding.compiled import compilations, compiled
 from ...decoding.request import check_request, mask_after_eos
 from ...models.transformer import KVCache, decode_blocks
 from ...noise import counter_uniform
@@ -88,9 +89,11 @@ class _DraftDecoder:
     head reads lazily, just before it drafts.
     """
 
-    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows):
+    def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows,
+                 compile=False):
         """run_rows: the most rows one head call may write past a sequence's length (the longest AR run, read in
-        one call: finished sequences' rows are written too, and discarded)."""
+        one call: finished sequences' rows are written too, and discarded). compile: run `plain_step` and
+        `drafting_round` torch.compile'd (`kforcing.decoding.compiled`)."""
         teacher, config = student.teacher, student.config
         self.student, self.sampling = student, sampling
         # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
@@ -107,11 +110,14 @@ class _DraftDecoder:
         if student.pathway in ("head", "chain"):
             self.head_cache = KVCache(student.head_config.num_layers, batch, max_len + run_rows, config.n_kv_head,
                                       config.head_dim, device=teacher.device, dtype=teacher.dtype)
-        # Chain pathway: (teacher features, the tokens that followed them, rows kept) the head has not read yet,
-        # and the head's feature at each sequence's last read row (what the next draft chain starts from).
+        # Chain pathway: (teacher features, the tokens that followed them, rows kept) of the prompt or a run of AR
+        # steps, which the head has not read yet, and the head's feature at each sequence's last read row (what the
+        # next draft chain starts from). A drafting round's own rows are read within the round.
         self.pending, self.chain_feature = [], None
-        # Whether the queue holds rows a drafting round did not commit (the prompt's, or a run of AR steps').
-        self.catch_up_pending = False
+        # The chain head's readout layer, looked up before any compiled round (`ChainHead.apply_readout`).
+        self.readout_layer = student.head.readout_layer(teacher) if student.pathway == "chain" else None
+        self._plain_step = compiled(type(self).plain_step) if compile else type(self).plain_step
+        self._drafting_round = compiled(type(self).drafting_round) if compile else type(self).drafting_round
 
     @property
     def draft_cache(self):
@@ -133,6 +139,12 @@ class _DraftDecoder:
         rows = features.gather(1, logit_rows.view(-1, 1, 1).expand(-1, 1, features.shape[-1]))
         return features, teacher.logits(rows)
 
+    def plain_step(self, exact, position):
+        """One AR step from the exact tokens (B,) sampling the tokens at `position` (B, 1): (the teacher's features
+        of the new row (B, 1, H), the next exact tokens (B,)). Static shapes: compiled as a whole with compile."""
+        features, logits = self.trunk(exact[:, None])
+        return features, sample_rows(logits, self.uniforms(position), self.sampling)[:, 0]
+
     def ar_steps(self, exact, active, steps, eos_id):
         """`steps` plain AR steps from the exact tokens (B,): (tokens (B, steps), keep (B, steps)), keep False from a
         sequence's EOS on and for inactive sequences, whose caches do not advance. A tight loop with no host sync:
@@ -144,9 +156,8 @@ class _DraftDecoder:
         inactive, advance = (~active).int(), active.long()[:, None]
         features = []
         for s in range(steps):
-            step_features, logits = self.trunk(exact[:, None])
+            step_features, exact = self._plain_step(self, exact, position)
             features.append(step_features)
-            exact = sample_rows(logits, self.uniforms(position), self.sampling)[:, 0]
             tokens[:, s] = exact
             seqlens.sub_(inactive)  # the step appended a row to every sequence: inactive ones take it back
             position.add_(advance)
@@ -158,45 +169,86 @@ class _DraftDecoder:
         self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
         return tokens, keep
 
+    def run_drafting_round(self, exact, active, count: int, verify: bool, speculative: bool):
+        """`drafting_round`, compiled with compile=True."""
+        return self._drafting_round(self, exact, active, count, verify, speculative)
+
+    def drafting_round(self, exact, active, count: int, verify: bool, speculative: bool):
+        """One drafting round from the exact tokens (B,): `count` drafts, the teacher over [exact | drafts], the new
+        tokens and how many drafts stand; the caches advance by each active sequence's new tokens. Static shapes
+        (whatever is accepted), so that compile=True compiles the round as a whole.
+
+        Returns (new tokens (B, count + 1), accepted drafts (B,), advance (B,): 1 + accepted for active sequences,
+        0 for the others)."""
+        start = self.trunk_cache.seqlens.to(torch.int64)
+        sampling = self.sampling
+        if speculative:
+            drafts, q = self.draft(exact, count, distributions=True)
+        else:
+            drafts = self.draft(exact, count)
+        features, logits = self.trunk(torch.cat([exact[:, None], drafts], dim=1))
+        positions = start[:, None] + 1 + torch.arange(count + 1, device=start.device)
+        if speculative:
+            new_tokens, n_accepted = speculative_accept(
+                _probabilities(logits, sampling), q, drafts, self.uniforms(positions[:, :-1], self.accept_table),
+                self.uniforms(positions, self.residual_table))
+        else:
+            teacher_tokens = sample_rows(logits, self.uniforms(positions), sampling)
+            if verify:  # coupled: drafts stand while they equal the teacher's tokens
+                new_tokens = teacher_tokens
+                n_accepted = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+            else:  # the drafts as they are, and the teacher's token after the last
+                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
+                n_accepted = torch.full_like(start, count)
+        # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
+        advance = torch.where(active, 1 + n_accepted, 0)
+        self.trunk_cache.seqlens.copy_(start + advance)
+        self.commit_features(features, new_tokens, advance, by_drafting_round=True)
+        return new_tokens, n_accepted, advance
+
     def commit_features(self, features, next_tokens, keep, by_drafting_round=False):
         """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
         that followed them (B, T); each sequence keeps only its first `keep` rows.
 
-        Head pathway: append the features to the head's cache. Chain pathway: queue them; the head reads them
-        all in one call before its next draft chain (so AR steps cost no head call). Trunk pathway: nothing to do
+        Head pathway: append the features to the head's cache. Chain pathway: a drafting round's rows are read at
+        once (the next round drafts from them); the prompt's and a run of AR steps' are queued, and the head reads
+        them before its next draft chain (`catch_up`), so AR steps cost no head call. Trunk pathway: nothing to do
         (the teacher's cache is all the draft rows read)."""
         if self.head_cache is None:
             return
         if self.student.pathway == "chain":
-            self.pending.append((features, next_tokens, keep))
-            self.catch_up_pending = self.catch_up_pending or not by_drafting_round
+            if by_drafting_round:
+                self._read_rows(features, next_tokens, keep)
+            else:
+                self.pending.append((features, next_tokens, keep))
             return
         start = self.head_cache.seqlens.clone()
         decode_blocks(self.student.head.blocks, features, self.head_cache, features.shape[1],
                       self.student.teacher.inv_freq)
         self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
 
-    def _read_pending(self):
-        """Chain pathway: run the head over the queued rows (one call per queued pass) into its cache, and keep
-        its feature at each sequence's last kept row in `chain_feature`."""
+    def _read_rows(self, features, next_tokens, keep):
+        """Chain pathway: one head call over committed rows (features (B, T, H), the tokens that followed them) into
+        its cache, each sequence keeping its first `keep` rows; `chain_feature` becomes the head's feature at each
+        sequence's last kept row (unchanged where it keeps none)."""
         head, teacher = self.student.head, self.student.teacher
-        for features, next_tokens, keep in self.pending:
-            start = self.head_cache.seqlens.clone()
-            hidden = head.decode(teacher, features, next_tokens, self.head_cache, features.shape[1])
-            self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
-            last = hidden.gather(1, (keep - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))[:, 0]
-            self.chain_feature = last if self.chain_feature is None else torch.where(
-                (keep > 0)[:, None], last, self.chain_feature)
-        self.pending.clear()
-        self.catch_up_pending = False
+        start = self.head_cache.seqlens.clone()
+        hidden = head.decode(teacher, features, next_tokens, self.head_cache, features.shape[1])
+        self.head_cache.seqlens.copy_(start + keep.to(torch.int32))
+        last = hidden.gather(1, (keep - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))[:, 0]
+        self.chain_feature = last if self.chain_feature is None else torch.where(
+            (keep > 0)[:, None], last, self.chain_feature)
 
     def catch_up(self) -> bool:
-        """Chain pathway: read the rows queued by the prompt or a run of AR steps now, apart from the next drafting
-        round (whose cost adaptive drafting measures: a catch-up that grows with the AR steps before it would make
-        drafting look dearer the longer it was not taken). True when there was something to read."""
-        if not self.catch_up_pending:
+        """Chain pathway: read the rows queued by the prompt or a run of AR steps (one head call per queued pass),
+        before a drafting round and apart from it (whose cost adaptive drafting measures: a catch-up that grows with
+        the AR steps before it would make drafting look dearer the longer it was not taken). True when there was
+        something to read."""
+        if not self.pending:
             return False
-        self._read_pending()
+        for features, next_tokens, keep in self.pending:
+            self._read_rows(features, next_tokens, keep)
+        self.pending.clear()
         return True
 
     def _chain_drafts(self, count, distributions):
@@ -205,14 +257,13 @@ class _DraftDecoder:
         leave the head's cache as they came."""
         student, sampling = self.student, self.sampling
         head, teacher = student.head, student.teacher
-        self._read_pending()
-        feature = self.chain_feature
+        feature = self.chain_feature  # the queued rows are read first (`catch_up`)
         start = self.head_cache.seqlens.clone()
         positions = self.trunk_cache.seqlens.to(torch.int64)[:, None] + 1 + torch.arange(count, device=start.device)
         u = self.uniforms(positions)
         drafts, distributions_ = [], []
         for j in range(count):
-            logits = head.readout(teacher, feature[:, None])
+            logits = head.apply_readout(teacher, self.readout_layer, feature[:, None])
             draft = head.token_ids(sample_rows(logits, u[:, j:j + 1], sampling))
             drafts.append(draft)
             if distributions:
@@ -260,7 +311,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
                          seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
                          verify: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
                          sequence_ids=None, hint_seed: Optional[int] = None, order: str = "vocab",
-                         round_costs: Optional[Sequence[float]] = None, acceptance: str = "coupled") -> DraftOutput:
+                         round_costs: Optional[Sequence[float]] = None, acceptance: str = "coupled",
+                         compile: bool = False) -> DraftOutput:
     """Decode with a DraftStudent: lossless with verify=True, k tokens per pass without.
 
     Args:
@@ -284,6 +336,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             token under the same uniform, so the output equals `generate_ar`'s token for token. "speculative":
             speculative sampling (`kforcing.students.draft.speculative`): lossless in distribution (every token is
             distributed as the teacher's sample), not equal to `generate_ar`'s.
+        compile: torch.compile the drafting round and the plain AR step as wholes (static shapes; one compilation
+            per process, batch size and draft count), as `generate_ar(compile=True)` compiles AR's step. The
+            output is the same; compare speeds compiled against compiled.
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
@@ -310,7 +365,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p, order)
     decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, seed, sequence_ids,
-                            sampling, hint_seed, max_new_tokens)
+                            sampling, hint_seed, max_new_tokens, compile)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
     # sequence's length, so they are never read and the next pass overwrites them.
@@ -324,7 +379,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
     decoder.commit_features(features, next_tokens, lengths)
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
-                         per_draft_cost=student.pathway == "chain") if adaptive else None
+                         per_draft_cost=student.pathway == "chain", compiled=compile) if adaptive else None
 
     out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
     out[:, 0] = exact
@@ -341,9 +396,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             break
         # drafts this round (0: an AR step), weighing what the batch has left to make
         count = policy.choose(active, max_new_tokens - produced) if policy is not None else k - 1
-        if count and policy is not None and decoder.catch_up():
+        if count and decoder.catch_up() and policy is not None:
             policy.restart_timing()  # the catch-up is not part of the drafting round's cost
-        start = decoder.trunk_cache.seqlens.to(torch.int64)
+        graphs = compilations() if compile else 0
         if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
             # advances the caches itself)
             run = policy.plain_run(int((max_new_tokens - produced)[active].min()))
@@ -354,37 +409,19 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             sequence_passes += keep.long().sum(dim=1) - active.long()  # the run's passes (one more below)
             passes += run - 1
         else:
-            drafts, q = decoder.draft(exact, count, distributions=True) if speculative else (
-                decoder.draft(exact, count), None)
-            features, logits = decoder.trunk(torch.cat([exact[:, None], drafts], dim=1))
+            new_tokens, n_accepted, advance = decoder.run_drafting_round(exact, active, count, verify, speculative)
             rows = offsets[:count + 1]
-            positions = start[:, None] + 1 + rows
-            if speculative:
-                new_tokens, n_accepted = speculative_accept(
-                    _probabilities(logits, sampling), q, drafts,
-                    decoder.uniforms(positions[:, :-1], decoder.accept_table),
-                    decoder.uniforms(positions, decoder.residual_table))
-            else:
-                teacher_tokens = sample_rows(logits, decoder.uniforms(positions), sampling)
-            if not verify:
-                new_tokens = torch.cat([drafts, teacher_tokens[:, -1:]], dim=1)
-                n_accepted = torch.full((batch,), k - 1, dtype=torch.int64, device=device)
-            else:
-                if not speculative:  # coupled: drafts stand while they equal the teacher's tokens
-                    new_tokens = teacher_tokens
-                    n_accepted = (drafts == teacher_tokens[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+            if verify:
                 matches = (rows[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
                 accepted[:count] += matches[active].double().sum(dim=0)
                 steps[:count] += active.double().sum()
                 if policy is not None:
                     policy.observe_acceptance(matches, active)
-            # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
-            advance = torch.where(active, 1 + n_accepted, 0)
             keep = active[:, None] & (rows[None, :] < advance[:, None])
             index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
             exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
-            decoder.trunk_cache.seqlens.copy_(start + advance)
-            decoder.commit_features(features, new_tokens, advance, by_drafting_round=True)
+        if policy is not None and compile and compilations() != graphs:
+            policy.discard_timing()  # this round compiled: its wall time is not what such a round costs
         sequence_passes += active.long()
         out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
         if eos_id is not None:

@@ -128,22 +128,28 @@ def unverified_quality(student, prompts, ks, length, seed, sampling, batch_size,
     return rows, first
 
 
-def draft_speed(student, ks, batch_sizes, prompts, new_tokens, repeats, seed, sampling, progress=None) -> List[Dict]:
+def draft_speed(student, ks, batch_sizes, prompts, new_tokens, repeats, seed, sampling, progress=None,
+                compile: bool = False) -> List[Dict]:
     """Tokens/s of AR, verified (each k, and adaptive) and unverified decoding per batch size (rows as
-    `kforcing.evaluation.metrics.decode_speed`; "verified adaptive" drafts up to max_k - 1 tokens a round, or none)."""
+    `kforcing.evaluation.metrics.decode_speed`; "verified adaptive" drafts up to max_k - 1 tokens a round, or none).
+    compile: every decoder compiled (`generate_ar(compile=True)`, `generate_with_drafts(compile=True)`); before the
+    timed rounds, a call at every k compiles each draft count adaptive drafting may choose."""
     rows = []
+    options = dict(vars(sampling), compile=compile)
     for batch in batch_sizes:
         chunk = prompts[:batch]
-        runs = {"AR": lambda: generate_ar(student.teacher, chunk, new_tokens, seed=seed, **vars(sampling))}
+        if compile:
+            for k in range(2, student.max_k + 1):
+                generate_with_drafts(student, chunk, new_tokens, k=k, seed=seed, **options)
+        runs = {"AR": lambda: generate_ar(student.teacher, chunk, new_tokens, seed=seed, **options)}
         row_k = {"AR": 0, "verified adaptive": student.max_k}
         for k in ks:
             for verify in (True, False):
                 name = f"{'verified' if verify else 'unverified'} k={k}"
                 row_k[name] = k
                 runs[name] = (lambda k=k, verify=verify: generate_with_drafts(
-                    student, chunk, new_tokens, k=k, seed=seed, **vars(sampling), verify=verify))
-        runs["verified adaptive"] = lambda: generate_with_drafts(student, chunk, new_tokens, seed=seed,
-                                                                 **vars(sampling))
+                    student, chunk, new_tokens, k=k, seed=seed, **options, verify=verify))
+        runs["verified adaptive"] = lambda: generate_with_drafts(student, chunk, new_tokens, seed=seed, **options)
         measured = time_interleaved(runs, student.device, repeats, progress)
         for name, (times, out) in measured.items():
             seconds = statistics.median(times)
@@ -215,7 +221,7 @@ def evaluate_draft_student(config, models, dataset, prompts, results: Dict) -> D
         results["speed_tokens"] = min(config.speed_tokens, student.config.max_seq_len - 16 - 2 * max(ks))
         results["speed"] = draft_speed(student, ks, config.batch_sizes, speed_prompts,
                                                   results["speed_tokens"], config.speed_repeats, config.seed,
-                                                  sampling, progress=bar)
+                                                  sampling, progress=bar, compile=config.compile)
     bar.close()
     results["targets"] = check_draft_targets(results)
     return results

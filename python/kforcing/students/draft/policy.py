@@ -68,7 +68,7 @@ class _Learnt:
     catch_up: float  # seconds of the head's catch-up per AR step before a drafting round
 
 
-_MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts): _Learnt}
+_MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts, compiled): _Learnt}
 
 
 class DraftPolicy:
@@ -86,10 +86,13 @@ class DraftPolicy:
         decay: weight of the newest observation in the moving averages.
         student: the student decoding (a key for what earlier requests learnt); None: learn from scratch.
         per_draft_cost: a round's cost grows with its drafts (one draft call each): weigh every count.
+        compiled: the rounds run compiled (`kforcing.decoding.compiled`): what was learnt is kept apart from
+            eager requests', whose rounds cost more.
     """
 
     def __init__(self, batch: int, max_drafts: int, device, costs: Optional[Sequence[float]] = None,
-                 explore_every: int = 16, decay: float = 0.3, student=None, per_draft_cost: bool = False):
+                 explore_every: int = 16, decay: float = 0.3, student=None, per_draft_cost: bool = False,
+                 compiled: bool = False):
         if max_drafts < 1:
             raise ValueError(f"DraftPolicy needs max_drafts >= 1, got {max_drafts}")
         if costs is not None and (len(costs) != 2 or not all(c > 0 for c in costs)):
@@ -115,7 +118,7 @@ class DraftPolicy:
         # rows of those steps then): left out of the round's cost, it is what exploring drafting costs beyond it.
         self.catch_up, self._steps_behind = 0.0, 0
         self._pending = None  # (drafts, active, tokens left, the most tokens left) as the last drafting round began
-        self._key = (batch, max_drafts)
+        self._key = (batch, max_drafts, compiled)
         self._student = student
         learnt = _MEMORY.get(student, {}).get(self._key) if student is not None else None
         if learnt is not None:  # an earlier request's estimates, as this one's prior
@@ -257,6 +260,11 @@ class DraftPolicy:
                 self.catch_up = (1 - blend) * self.catch_up + blend * per_step
             self._timing = (kind, now, rounds)
 
+    def discard_timing(self):
+        """Leave the round in progress untimed: it did one-off work that is not the round's cost (a compilation).
+        A kind that was never timed is tried again."""
+        self._timing = None
+
     def plain_run(self, limit: int) -> int:
         """After `choose` returned 0: how many AR steps, at most `limit`, the decoder may take in a row before the
         policy wants to choose again (the next exploration of drafting). Counts them as rounds."""
@@ -267,8 +275,9 @@ class DraftPolicy:
         self.rounds[0] += run - 1
         self._round += run - 1
         self._taken_at[0] = self._round
-        kind, start, _ = self._timing
-        self._timing = (kind, start, run)
+        if self._timing is not None:
+            kind, start, _ = self._timing
+            self._timing = (kind, start, run)
         return run
 
     def observe_acceptance(self, matches: torch.Tensor, active: torch.Tensor):

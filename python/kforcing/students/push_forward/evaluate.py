@@ -192,7 +192,8 @@ def evaluate_push_forward(config, models, dataset, prompts, results: Dict) -> Di
         speed_prompts = heldout_contexts(dataset, max(config.batch_sizes), 16, 16, seed=config.seed + 2)
         results["speed_tokens"] = min(config.speed_tokens, models.teacher.config.max_seq_len - 16)
         results["speed"] = decode_speed(models.teacher, models.student, ks, config.batch_sizes, speed_prompts,
-                                        results["speed_tokens"], config.speed_repeats, progress=bar)
+                                        results["speed_tokens"], config.speed_repeats, progress=bar,
+                                        compile=config.compile)
     bar.close()
     results["targets"] = check_targets(results)
     return results
