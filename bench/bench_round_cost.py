@@ -17,6 +17,8 @@ students: `kforcing eval`), at each preset and batch size:
                  its bytes; drafts only propose, so verification stays exact)
 
 Draft designs are timed verified with k pinned (static shapes: a round costs the same whatever is accepted).
+With --compile every design runs torch.compile'd, AR's step included (`compile=True` of each decoder: the step or
+the whole drafting round as one graph); the warm-up call of each compiles it before the timed rounds.
 Each measurement is a whole generate call (prefill included) divided by its passes; calls are interleaved
 (`kforcing.evaluation.metrics.time_interleaved`), so load spikes hit every design alike. "AR steps/round" is the
 design's ms per round over AR's ms per step in the same run. "weights/round" counts the weight bytes one round's calls
@@ -28,6 +30,7 @@ Tokens per round of a trained student divided by its AR steps per round is its s
 Examples:
   python bench/bench_round_cost.py                           # tiny, small and base; batch 1, 8, 32
   python bench/bench_round_cost.py --preset small --batch 1 --profile
+  python bench/bench_round_cost.py --preset tiny small --compile   # every decoder compiled
 """
 
 import copy
@@ -80,8 +83,8 @@ def round_weight_bytes(design, teacher, student, k) -> int:
     return teacher_pass + drafts * (matrix_bytes(head) + draft_readout)
 
 
-def designs(teacher, k):
-    """{name: (student, decode(prompts, new_tokens))} of every design at k."""
+def designs(teacher, k, compile=False):
+    """{name: (student, decode(prompts, new_tokens))} of every design at k, each compiled with `compile`."""
     push_forward = PushForwardLM.from_teacher(teacher, k).eval()
     trunk = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="trunk", adapter_rank=0)).eval()
     head = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="head")).eval()
@@ -93,12 +96,12 @@ def designs(teacher, k):
                                     for s in (chain, chain_vocab))
 
     def drafting(student, rows=k):
-        return lambda prompts, n: generate_with_drafts(student, prompts, n, k=rows, seed=0)
+        return lambda prompts, n: generate_with_drafts(student, prompts, n, k=rows, seed=0, compile=compile)
 
     return {
-        "AR": (teacher, lambda prompts, n: generate_ar(teacher, prompts, n, seed=0)),
+        "AR": (teacher, lambda prompts, n: generate_ar(teacher, prompts, n, seed=0, compile=compile)),
         f"push-forward k={k}": (push_forward, lambda prompts, n: generate_kforcing(push_forward, prompts, n, k=k,
-                                                                                   seed=0)),
+                                                                                   seed=0, compile=compile)),
         f"a. trunk k={k}": (trunk, drafting(trunk)),
         f"c. head k={k}": (head, drafting(head)),
         f"d. chain k={k}": (chain, drafting(chain)),
@@ -112,7 +115,7 @@ def designs(teacher, k):
 def profile_round(teacher, k, batch, args):
     """Print where a chain round's time goes (torch.profiler, CPU ops), beside an AR call's."""
     prompts = torch.randint(0, teacher.config.vocab_size, (batch, args.prompt_len)).tolist()
-    for name, (_, decode) in designs(teacher, k).items():
+    for name, (_, decode) in designs(teacher, k, args.compile).items():
         if name != "AR" and not name.startswith("d."):
             continue
         decode(prompts, args.new_tokens)
@@ -132,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per design")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every design's step or round, AR's included (minutes of compilation)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile AR and the chain design at the first preset and batch size")
     args = parser.parse_args(argv)
@@ -148,7 +153,7 @@ def main(argv=None):
         if args.profile:
             profile_round(teacher, args.k, args.batch[0], args)
             return
-        candidates = designs(teacher, args.k)
+        candidates = designs(teacher, args.k, args.compile)
         ar_bytes = round_weight_bytes("AR", teacher, None, args.k)
         for batch in args.batch:
             prompts = torch.randint(0, teacher.config.vocab_size, (batch, args.prompt_len)).tolist()
@@ -171,7 +176,7 @@ def main(argv=None):
     print()
     print(table)
     if not args.no_save:
-        settings = {"k": args.k, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        settings = {"k": args.k, "compile": args.compile, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                     "threads": torch.get_num_threads(),
                     "command": " ".join(["python", "bench/bench_round_cost.py", *(argv or sys.argv[1:])])}
         for path in common.save("round_cost", device, rows, table, extra={"settings": settings}, meta=meta):

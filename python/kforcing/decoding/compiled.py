@@ -7,6 +7,11 @@ preset's AR step). `compiled(fn)` keeps one compiled version of each module-leve
 called with its instance first) for the whole process, so that every generate call with the shapes seen before
 reuses the code instead of recompiling.
 
+A graph's shapes include its caches', so a compiled decoder sizes its caches (and uniform tables) with
+`static_length`: the request's length rounded up to a multiple of LENGTH_BUCKET, so that requests of nearby prompt
+lengths and draft counts share graphs (the kernels read each sequence's rows up to its length only: a longer
+cache costs memory, not time).
+
 Each batch size, draft count and sampling setting is a graph of its own (static shapes, and the settings are
 constants of the graph), so a process that serves several of them needs more graphs per function than dynamo's
 default of 8 (past it dynamo silently runs the function eagerly): `compiled` raises that limit to
@@ -18,6 +23,7 @@ import torch
 # Options of torch.compile for compiled steps (e.g. {"backend": "aot_eager"} to trace without code generation).
 COMPILE_OPTIONS = {}
 GRAPHS_PER_STEP = 64
+LENGTH_BUCKET = 64
 _compiled_steps = {}
 
 
@@ -31,10 +37,15 @@ def compiled(fn):
     return _compiled_steps[key]
 
 
+def static_length(length: int) -> int:
+    """A compiled decoder's cache length for a request needing `length` rows (module docstring)."""
+    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
 def compilations() -> int:
     """Graphs torch.compile has made in this process so far: a call that raised it compiled (its wall time is not
     the step's)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-__all__ = ["COMPILE_OPTIONS", "GRAPHS_PER_STEP", "compilations", "compiled"]
+__all__ = ["COMPILE_OPTIONS", "GRAPHS_PER_STEP", "LENGTH_BUCKET", "compilations", "compiled", "static_length"]

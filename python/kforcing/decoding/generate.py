@@ -45,8 +45,9 @@ from ..models.transformer import KVCache
 from ..noise import counter_uniform
 from ..teachers.hf_teacher import HFTeacher
 from ..teachers.protocol import check_teacher
-from .compiled import compiled
-from .request import check_request, mask_after_eos
+from .compiled import compiled, static_length
+from .engine import RoundLoop
+from .request import check_request
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
 
@@ -237,30 +238,26 @@ def generate_ar(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], ma
                          "without them")
     prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch = tail.shape[0]
-    cache, cuda_graphs = _make_cache(model, batch, int(lengths.max()) + max_new_tokens, cuda_graph)
+    cache_len = int(lengths.max()) + max_new_tokens
+    cache, cuda_graphs = _make_cache(model, batch, static_length(cache_len) if compile else cache_len, cuda_graph)
     passes = _prefill_prefix(model, cache, prefix, pad_id)
     step = _Step(_ar_step, (model, cache), cache, compile, cuda_graphs)
 
     # The first pass (the prompt) is captured too with cuda_graph, eager otherwise (one compile per shape is not
     # worth it for a single pass).
     logits = step(tail) if cuda_graph else model.decode(tail, cache, logits="last")
-    passes += 1
-    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.int64, device=tail.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=tail.device)
+    loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, 1, tail.device)
+    loop.count_passes(passes + 1)
     # Every uniform of the request is known up front: row s holds u(seed, b, lengths[b] + s) for every b.
     all_u = counter_uniform(seed, sequence_ids[None, :],
                             lengths[None, :] + torch.arange(max_new_tokens, device=tail.device)[:, None])
     for s in range(max_new_tokens):
         y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p, order)
-        tokens[:, s] = y
-        if eos_id is not None:
-            finished |= y == eos_id
-            if bool(finished.all()):
-                break
-        if s + 1 < max_new_tokens:
-            logits = step(y[:, None])
-            passes += 1
-    tokens, out_lengths = mask_after_eos(tokens, eos_id, pad_id)
+        if loop.record_all(y[:, None]):
+            break
+        logits = step(y[:, None])
+        loop.count_passes()
+    tokens, out_lengths, passes, _ = loop.result()
     return GenerationOutput(tokens, out_lengths, passes)
 
 
@@ -309,7 +306,8 @@ def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Ten
     prefix, tail, lengths, sequence_ids = _prepare(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
     batch, device = tail.shape[0], tail.device
     num_steps = -(-max_new_tokens // k)
-    cache, cuda_graphs = _make_cache(student, batch, int(lengths.max()) + num_steps * k, cuda_graph)
+    cache_len = int(lengths.max()) + num_steps * k
+    cache, cuda_graphs = _make_cache(student, batch, static_length(cache_len) if compile else cache_len, cuda_graph)
     passes = _prefill_prefix(student, cache, prefix, pad_id)
     tau = float(temperature)
     step = _Step(_kforcing_step, (student, cache, tau), cache, compile, cuda_graphs)
@@ -319,9 +317,9 @@ def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Ten
     all_u = counter_uniform(seed, sequence_ids[:, None], lengths[:, None] + torch.arange(num_steps * k, device=device))
     all_u = all_u.view(batch, num_steps, k)
     chunk = max(1, min(num_steps, _HINT_CHUNK_ELEMENTS // max(1, batch * k * student.config.n_embd)))
-    tokens = torch.full((batch, num_steps * k), pad_id, dtype=torch.int64, device=device)
     counts = torch.zeros((batch, student.config.vocab_size), device=device) if freq_penalty else None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, k, device)
+    loop.count_passes(passes)
     committed = tail
     for j in range(num_steps):
         if j % chunk == 0:
@@ -331,20 +329,17 @@ def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Ten
             logits = student.decode(committed, u, tau, cache, hint_embeddings=hint)
         else:
             logits = step(committed, u, hint)
-        passes += 1
+        loop.count_passes()
         scores = logits.float()
         if counts is not None:
             scores = scores - freq_penalty * counts[:, None, :]
         y = scores.argmax(dim=-1)
         if counts is not None:
             counts.scatter_add_(1, y, torch.ones_like(y, dtype=counts.dtype))
-        tokens[:, j * k:(j + 1) * k] = y
         committed = y
-        if eos_id is not None:
-            finished |= (y == eos_id).any(dim=1)
-            if bool(finished.all()):
-                break
-    tokens, out_lengths = mask_after_eos(tokens[:, :max_new_tokens], eos_id, pad_id)
+        if loop.record_all(y):
+            break
+    tokens, out_lengths, passes, _ = loop.result()
     return GenerationOutput(tokens, out_lengths, passes)
 
 

@@ -29,7 +29,13 @@ pay for their pass, and drafts when they do.
 
 Uniforms are `counter_uniform(seed, sequence id, position)` as in `generate_ar`, so AR, verified and unverified
 decoding of the same prompt are coupled. Sequences advance at their own rate; the batch keeps its shape until every
-sequence has its tokens (or an EOS).
+sequence has its tokens (or an EOS): the loop is `kforcing.decoding.engine.RoundLoop`, AR's and the push-forward
+student's too, and only the round is this module's.
+
+Compiled rounds (compile=True). A drafting round (`_DraftDecoder.drafting_round`: draft, verify pass, sampling,
+acceptance, the caches' advance and the head's read of the round's rows) has static shapes whatever is accepted,
+and is torch.compile'd as one graph per batch size and draft count, as the plain AR step is; the loop around it
+(the policy's choice, recording the tokens, the end test) stays eager: a few tensor ops and one host sync a round.
 """
 
 import dataclasses
@@ -39,8 +45,9 @@ import torch
 
 from kforcing_ops import sampling_probabilities
 
-from ...decoding.compiled import compilations, compiled
-from ...decoding.request import check_request, mask_after_eos
+from ...decoding.compiled import compilations, compiled, static_length
+from ...decoding.engine import RoundLoop
+from ...decoding.request import check_request
 from ...models.transformer import KVCache, decode_blocks
 from ...noise import counter_uniform
 from ...teachers.protocol import decode_layers
@@ -108,7 +115,8 @@ class _DraftDecoder:
         self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = None
         if student.pathway in ("head", "chain"):
-            self.head_cache = KVCache(student.head_config.num_layers, batch, max_len + run_rows, config.n_kv_head,
+            head_len = static_length(max_len + run_rows) if compile else max_len + run_rows
+            self.head_cache = KVCache(student.head_config.num_layers, batch, head_len, config.n_kv_head,
                                       config.head_dim, device=teacher.device, dtype=teacher.dtype)
         # Chain pathway: (teacher features, the tokens that followed them, rows kept) of the prompt or a run of AR
         # steps, which the head has not read yet, and the head's feature at each sequence's last read row (what the
@@ -364,7 +372,8 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     batch = len(prompt_list)
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p, order)
-    decoder = _DraftDecoder(student, batch, int(lengths.max()) + max_new_tokens + 2 * k, seed, sequence_ids,
+    cache_len = int(lengths.max()) + max_new_tokens + 2 * k
+    decoder = _DraftDecoder(student, batch, static_length(cache_len) if compile else cache_len, seed, sequence_ids,
                             sampling, hint_seed, max_new_tokens, compile)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
@@ -381,57 +390,46 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
                          per_draft_cost=student.pathway == "chain", compiled=compile) if adaptive else None
 
-    out = torch.full((batch, max_new_tokens + k), pad_id, dtype=torch.int64, device=device)
-    out[:, 0] = exact
-    produced = torch.ones(batch, dtype=torch.int64, device=device)
-    finished = exact == eos_id if eos_id is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+    loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, k, device)
+    loop.count_passes()  # the prefill
+    loop.record(exact[:, None], torch.ones_like(lengths), torch.ones_like(exact, dtype=torch.bool))
     accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
-    passes = 1
     steps = torch.zeros(k - 1, dtype=torch.float64, device=device)  # verification steps that made each offset
-    sequence_passes = torch.ones(batch, dtype=torch.int64, device=device)  # prefill, then every active pass
     offsets = torch.arange(k, device=device)
     while True:
-        active = ~finished & (produced < max_new_tokens)
-        if not bool(active.any()):
+        active = loop.active()
+        if loop.done(active):
             break
         # drafts this round (0: an AR step), weighing what the batch has left to make
-        count = policy.choose(active, max_new_tokens - produced) if policy is not None else k - 1
+        left = max_new_tokens - loop.produced
+        count = policy.choose(active, left) if policy is not None else k - 1
         if count and decoder.catch_up() and policy is not None:
             policy.restart_timing()  # the catch-up is not part of the drafting round's cost
         graphs = compilations() if compile else 0
         if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
             # advances the caches itself)
-            run = policy.plain_run(int((max_new_tokens - produced)[active].min()))
+            run = policy.plain_run(int(left[active].min()))
             new_tokens, keep = decoder.ar_steps(exact, active, run, eos_id)
             advance = keep.long().sum(dim=1)
-            index = (produced[:, None] + offsets.new_tensor(range(run))).clamp(max=out.shape[1] - 1)
-            exact = new_tokens[:, -1]
-            sequence_passes += keep.long().sum(dim=1) - active.long()  # the run's passes (one more below)
-            passes += run - 1
+            # with fresh strides, as a drafting round's (a compiled step's graph is specialised to its inputs' strides)
+            exact = new_tokens[:, -1].clone(memory_format=torch.contiguous_format)
+            loop.count_passes(run, advance)  # a sequence takes part in the steps it keeps
         else:
             new_tokens, n_accepted, advance = decoder.run_drafting_round(exact, active, count, verify, speculative)
-            rows = offsets[:count + 1]
             if verify:
-                matches = (rows[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
+                matches = (offsets[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
                 accepted[:count] += matches[active].double().sum(dim=0)
                 steps[:count] += active.double().sum()
                 if policy is not None:
                     policy.observe_acceptance(matches, active)
-            keep = active[:, None] & (rows[None, :] < advance[:, None])
-            index = (produced[:, None] + rows).clamp(max=out.shape[1] - 1)
             exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
+            loop.count_passes(1, active.long())
         if policy is not None and compile and compilations() != graphs:
             policy.discard_timing()  # this round compiled: its wall time is not what such a round costs
-        sequence_passes += active.long()
-        out.scatter_(1, index, torch.where(keep, new_tokens, out.gather(1, index)))
-        if eos_id is not None:
-            finished |= ((new_tokens == eos_id) & keep).any(dim=1)
-        produced += advance
-        passes += 1
+        loop.record(new_tokens, advance, active)
     if policy is not None:
         policy.remember()
-    tokens, out_lengths = mask_after_eos(out[:, :max_new_tokens], eos_id, pad_id)
-    rate = (out_lengths.double() / sequence_passes.double()).mean().item()
+    tokens, out_lengths, passes, rate = loop.result()
     return DraftOutput(tokens, out_lengths, passes, rate, (accepted / steps.clamp(min=1)).tolist() if verify else [],
                        policy.rounds[0] if policy is not None else 0)
 
