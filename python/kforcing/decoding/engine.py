@@ -57,7 +57,7 @@ class RoundLoop:
 
     def count_passes(self, passes: int = 1, sequence_passes: Optional[torch.Tensor] = None):
         """Count `passes` forward passes of the batch (a prefill, a round) and, per sequence, `sequence_passes`
-        (B,) of them (default: all of them, for every sequence)."""
+        (B,) of them (default: all of them, for every sequence; 0: none, `record` counted them)."""
         self.passes += passes
         self.sequence_passes += passes if sequence_passes is None else sequence_passes
 
@@ -76,9 +76,12 @@ class RoundLoop:
         self.finished |= (tokens == self.eos_id).any(dim=1)
         return bool(self.finished.all())
 
-    def record(self, tokens: torch.Tensor, advance: torch.Tensor, active: torch.Tensor):
+    def record(self, tokens: torch.Tensor, advance: torch.Tensor, active: torch.Tensor,
+               took_part: Optional[torch.Tensor] = None):
         """Record each active sequence's first advance[b] tokens of `tokens` (B, T) after the ones it has (0 for
-        inactive sequences); a sequence that emits EOS among them is finished."""
+        inactive sequences); a sequence that emits EOS among them is finished. took_part: (B,) passes each sequence
+        took part in, counted here (tensor ops only, so that a compiled round can record itself; the batch's
+        passes, a Python int, are `count_passes`')."""
         width = tokens.shape[1]
         offsets = self._offsets[:width] if width <= self._offsets.shape[0] else torch.arange(width,
                                                                                              device=tokens.device)
@@ -88,6 +91,8 @@ class RoundLoop:
         if self.eos_id is not None:
             self.finished |= ((tokens == self.eos_id) & keep).any(dim=1)
         self.produced += torch.where(active, advance, 0)
+        if took_part is not None:
+            self.sequence_passes += took_part
 
     def result(self):
         """(tokens (B, max_new_tokens) with pad_id after each sequence's EOS, lengths (B,) up to and including

@@ -20,7 +20,7 @@ on the exact teacher it was trained on, so another teacher (other weights, even 
 """
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from ...checkpoints import checkpoint as ckpt
 from ...checkpoints.checkpoint import CheckpointError, Provenance
@@ -109,7 +109,18 @@ def load_draft_student(directory, config: dict, teacher: Union[None, str, Path, 
     head.to(device=model.device, dtype=model.dtype)
     head.teacher_fingerprint = fingerprint
     ckpt.load_weights(head, directory)
-    return DraftStudent(model, head, fingerprint).eval()
+    student = DraftStudent(model, head, fingerprint).eval()
+    student.measured_acceptance = _measured_acceptance(Provenance.from_config(config), head_config.max_k)
+    return student
+
+
+def _measured_acceptance(provenance: Optional[Provenance], max_k: int) -> Optional[List[float]]:
+    """The verified acceptance of offsets 2..max_k its distillation's last validation measured, if recorded."""
+    summary = (provenance.summary or {}) if provenance is not None else {}
+    values = [summary.get(f"verified_accept_{j}") for j in range(2, max_k + 1)]
+    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in values):
+        return None
+    return [float(v) for v in values]
 
 
 def trained_sampling(provenance: Optional[Provenance]) -> Sampling:

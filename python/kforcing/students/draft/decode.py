@@ -177,17 +177,21 @@ class _DraftDecoder:
         self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
         return tokens, keep
 
-    def run_drafting_round(self, exact, active, count: int, verify: bool, speculative: bool):
+    def run_drafting_round(self, exact, active, count: int, verify: bool, speculative: bool, loop: RoundLoop,
+                           statistics):
         """`drafting_round`, compiled with compile=True."""
-        return self._drafting_round(self, exact, active, count, verify, speculative)
+        return self._drafting_round(self, exact, active, count, verify, speculative, loop, statistics)
 
-    def drafting_round(self, exact, active, count: int, verify: bool, speculative: bool):
+    def drafting_round(self, exact, active, count: int, verify: bool, speculative: bool, loop: RoundLoop,
+                       statistics):
         """One drafting round from the exact tokens (B,): `count` drafts, the teacher over [exact | drafts], the new
-        tokens and how many drafts stand; the caches advance by each active sequence's new tokens. Static shapes
-        (whatever is accepted), so that compile=True compiles the round as a whole.
+        tokens and how many drafts stand; the caches advance by each active sequence's new tokens, and `loop`
+        records them. Static shapes (whatever is accepted), so that compile=True compiles the round as a whole,
+        its bookkeeping included.
 
-        Returns (new tokens (B, count + 1), accepted drafts (B,), advance (B,): 1 + accepted for active sequences,
-        0 for the others)."""
+        statistics: (accepted (k-1,), verification steps (k-1,)) float64 sums per draft offset, added to.
+        Returns (the next exact tokens (B,), the (B, count) bool of active sequences whose drafts 1..j were all
+        accepted, or None unverified)."""
         start = self.trunk_cache.seqlens.to(torch.int64)
         sampling = self.sampling
         if speculative:
@@ -195,7 +199,8 @@ class _DraftDecoder:
         else:
             drafts = self.draft(exact, count)
         features, logits = self.trunk(torch.cat([exact[:, None], drafts], dim=1))
-        positions = start[:, None] + 1 + torch.arange(count + 1, device=start.device)
+        rows = torch.arange(count + 1, device=start.device)
+        positions = start[:, None] + 1 + rows
         if speculative:
             new_tokens, n_accepted = speculative_accept(
                 _probabilities(logits, sampling), q, drafts, self.uniforms(positions[:, :-1], self.accept_table),
@@ -212,7 +217,14 @@ class _DraftDecoder:
         advance = torch.where(active, 1 + n_accepted, 0)
         self.trunk_cache.seqlens.copy_(start + advance)
         self.commit_features(features, new_tokens, advance, by_drafting_round=True)
-        return new_tokens, n_accepted, advance
+        matches = None
+        if verify:
+            matches = (rows[None, :count] < n_accepted[:, None]) & active[:, None]
+            accepted, steps = statistics
+            accepted[:count] += matches.sum(dim=0)
+            steps[:count] += active.sum()
+        loop.record(new_tokens, advance, active, took_part=active.long())
+        return new_tokens.gather(1, n_accepted[:, None])[:, 0], matches
 
     def commit_features(self, features, next_tokens, keep, by_drafting_round=False):
         """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
@@ -372,7 +384,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     batch = len(prompt_list)
     lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
     sampling = Sampling(float(temperature), top_k, top_p, order)
-    cache_len = int(lengths.max()) + max_new_tokens + 2 * k
+    cache_len = int(lengths.max()) + max_new_tokens + 2 * student.max_k
     decoder = _DraftDecoder(student, batch, static_length(cache_len) if compile else cache_len, seed, sequence_ids,
                             sampling, hint_seed, max_new_tokens, compile)
 
@@ -390,12 +402,12 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
                          per_draft_cost=student.pathway == "chain", compiled=compile) if adaptive else None
 
-    loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, k, device)
+    # Sized by max_k rather than k, so that a pinned k and adaptive drafting share compiled graphs.
+    loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, student.max_k, device)
     loop.count_passes()  # the prefill
     loop.record(exact[:, None], torch.ones_like(lengths), torch.ones_like(exact, dtype=torch.bool))
-    accepted = torch.zeros(k - 1, dtype=torch.float64, device=device)
-    steps = torch.zeros(k - 1, dtype=torch.float64, device=device)  # verification steps that made each offset
-    offsets = torch.arange(k, device=device)
+    accepted = torch.zeros(student.max_k - 1, dtype=torch.float64, device=device)
+    steps = torch.zeros_like(accepted)  # verification steps that made each offset
     while True:
         active = loop.active()
         if loop.done(active):
@@ -414,23 +426,20 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             # with fresh strides, as a drafting round's (a compiled step's graph is specialised to its inputs' strides)
             exact = new_tokens[:, -1].clone(memory_format=torch.contiguous_format)
             loop.count_passes(run, advance)  # a sequence takes part in the steps it keeps
-        else:
-            new_tokens, n_accepted, advance = decoder.run_drafting_round(exact, active, count, verify, speculative)
-            if verify:
-                matches = (offsets[None, :count] < n_accepted[:, None]).long()  # drafts 1..j all accepted
-                accepted[:count] += matches[active].double().sum(dim=0)
-                steps[:count] += active.double().sum()
-                if policy is not None:
-                    policy.observe_acceptance(matches, active)
-            exact = new_tokens.gather(1, n_accepted[:, None])[:, 0]
-            loop.count_passes(1, active.long())
+            loop.record(new_tokens, advance, active)
+        else:  # the round records its tokens and statistics itself (inside its compiled graph)
+            exact, matches = decoder.run_drafting_round(exact, active, count, verify, speculative, loop,
+                                                        (accepted, steps))
+            loop.count_passes(1, 0)
+            if policy is not None:
+                policy.observe_acceptance(matches, active)
         if policy is not None and compile and compilations() != graphs:
             policy.discard_timing()  # this round compiled: its wall time is not what such a round costs
-        loop.record(new_tokens, advance, active)
     if policy is not None:
-        policy.remember()
+        policy.finish()
     tokens, out_lengths, passes, rate = loop.result()
-    return DraftOutput(tokens, out_lengths, passes, rate, (accepted / steps.clamp(min=1)).tolist() if verify else [],
+    return DraftOutput(tokens, out_lengths, passes, rate,
+                       (accepted / steps.clamp(min=1))[:k - 1].tolist() if verify else [],
                        policy.rounds[0] if policy is not None else 0)
 
 

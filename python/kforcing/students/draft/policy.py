@@ -35,8 +35,14 @@ cost and the full drafting round's. An exploration of drafting always makes max_
 offset stays current.
 
 What a request learnt (the costs, the mean acceptance, the exploration interval, the batch's progress and the
-catch-up's cost) is remembered per student and batch size for the next request of the process (`remember`), so a serving loop does not pay to learn again (fixed
-costs stay fixed: only the acceptance and the interval carry over).
+catch-up's cost, and how many rounds ago each kind was last taken) is remembered per student, batch size and
+compiled or eager rounds for the next request of the process (`finish`, which also times the request's last round),
+so a serving loop does not pay to learn again (fixed costs stay fixed: only the acceptance and the interval carry
+over), and a kind explored less often than once a request is still explored, every `interval` rounds of the
+requests together. The acceptance starts from what the student's distillation measured on held-out text
+(`DraftStudent.measured_acceptance`, worth PRIOR_OBSERVATIONS drafting rounds), so a request whose first drafts
+happen to fail does not talk the policy out of drafting; without it, from an optimistic every-draft-accepted. For a
+batch of one the realised progress factor is 1: a lone sequence's finish moves by exactly its own tokens.
 
 Otherwise two kinds only: while a round is bound by reading weights, fewer drafts cost about as much as k-1 (the
 draft pass and the verify pass read the same weights), so when drafting pays, k-1 drafts pay most. Verified output
@@ -57,6 +63,9 @@ PROGRESS_DECAY = 0.1  # weight of the newest drafting round in the batch's reali
 # moving averages of wall time (noisy on a shared machine), and some of what drafting costs falls outside its rounds
 # (the head's catch-up after a run of AR steps), so a marginal win measured for drafting is often a loss.
 DRAFT_MARGIN = 0.1
+# The weight, in drafting rounds, of the acceptance a student's distillation measured, as the prior of a request's
+# estimates (a few rounds' 0/1 outcomes are noise: a bad start must not talk the policy out of drafting for good).
+PRIOR_OBSERVATIONS = 8
 
 
 @dataclasses.dataclass
@@ -66,6 +75,7 @@ class _Learnt:
     interval: int
     progress: tuple  # (realised, promised) extra tokens of drafting rounds, moving averages
     catch_up: float  # seconds of the head's catch-up per AR step before a drafting round
+    since: Dict[int, int]  # rounds since each kind (AR step, drafting) was last taken, as the request ended
 
 
 _MEMORY = weakref.WeakKeyDictionary()  # student -> {(batch, max_drafts, compiled): _Learnt}
@@ -91,7 +101,7 @@ class DraftPolicy:
     """
 
     def __init__(self, batch: int, max_drafts: int, device, costs: Optional[Sequence[float]] = None,
-                 explore_every: int = 16, decay: float = 0.3, student=None, per_draft_cost: bool = False,
+                 explore_every: int = 16, decay: float = 0.1, student=None, per_draft_cost: bool = False,
                  compiled: bool = False):
         if max_drafts < 1:
             raise ValueError(f"DraftPolicy needs max_drafts >= 1, got {max_drafts}")
@@ -105,11 +115,17 @@ class DraftPolicy:
         self.fixed = costs is not None
         self.cost = {0: costs[0], max_drafts: costs[1]} if costs is not None else {}
         self._timings = {}  # kind -> rounds of it timed in this request
-        # Optimistic start: a sequence is assumed to accept every draft until its first drafting round, whose
-        # outcome then replaces the assumption (later rounds blend in).
+        # The start: the acceptance the student's distillation measured (`DraftStudent.measured_acceptance`), worth
+        # PRIOR_OBSERVATIONS drafting rounds, or, unknown, an optimistic one: every draft accepted until the first
+        # drafting round, whose outcome then replaces the assumption (later rounds blend in).
         self.acceptance = torch.ones(batch, max_drafts, dtype=torch.float64, device=device)
         self._observations = torch.zeros(batch, max_drafts, dtype=torch.float64, device=device)
+        measured = getattr(student, "measured_acceptance", None)
+        if measured is not None and len(measured) >= max_drafts:
+            self.acceptance[:] = torch.tensor(measured[:max_drafts], dtype=torch.float64, device=device)
+            self._observations[:] = PRIOR_OBSERVATIONS
         self._seen = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._batch = batch
         self.interval = explore_every
         # Moving averages of the extra tokens (beyond the exact one) drafting rounds moved the batch's finish forward
         # by, and of the extra tokens the expectation promised for them (`_observe_progress`).
@@ -132,9 +148,13 @@ class DraftPolicy:
             self._progress_rounds = int(1 / PROGRESS_DECAY)
             self.catch_up = learnt.catch_up
         self.rounds = {count: 0 for count in [0, *self.counts]}  # rounds taken of each count
-        self._taken_at = {0: 0, max_drafts: 0}  # the round index each kind (AR step, drafting) was last taken at
+        # The round index each kind (AR step, drafting) was last taken at; rounds of earlier requests count, so
+        # that a kind explored less often than once a request is still explored.
+        self._taken_at = {0: 0, max_drafts: 0} if learnt is None else {kind: -since for kind, since in
+                                                                         learnt.since.items()}
         self._round = 0
         self._timing = None  # (kind, start time, rounds) of the rounds in progress since the last choice
+        self._last_kind = None  # the kind of the last round timed
         self._explored_from = None  # the best kind before an exploration round, until the next choice
         self._tokens = None  # expected tokens of a round of c drafts (index c), over the sequences last active
 
@@ -161,7 +181,9 @@ class DraftPolicy:
     @property
     def progress(self) -> float:
         """The share of the extra tokens the expectation promised that drafting rounds really moved the batch's
-        finish forward by, at most 1 (1 until measured)."""
+        finish forward by, at most 1 (1 until measured, and for a batch of one)."""
+        if self._batch == 1:  # one sequence: its finish moves by exactly its tokens (no slowest one to wait for)
+            return 1.0
         return min(self._realised / self._promised, 1.0) if self._promised > 0 else 1.0
 
     def _tokens_per_round(self, count) -> float:
@@ -205,6 +227,24 @@ class DraftPolicy:
         rounds = loss / spare if spare > 0 else float("inf")
         return int(min(max(rounds, self.explore_every), MAX_BACKOFF * self.explore_every))
 
+    def _end_timing(self, now: float):
+        """Blend the round (or run of AR steps) timed since the last choice into its kind's cost."""
+        if self._timing is None or self.fixed:
+            return
+        kind, start, rounds = self._timing
+        switched, self._last_kind = self._last_kind not in (None, kind), kind
+        if switched and kind in self.cost:
+            # The first round after a round of the other kind runs with that kind's weights in the CPU's caches
+            # (a head of a few MB stays cached through a run of drafting rounds, not through AR steps): a cost a
+            # run of such rounds does not pay, and which would make every exploration look dearer than the kind.
+            return
+        seconds = (now - start) / rounds
+        # A kind's first timing in a request carries one-off costs (first calls, allocations): the second
+        # replaces it rather than blending with it, and later ones blend in.
+        seen = self._timings.get(kind, 0)
+        self.cost[kind] = seconds if seen <= 1 else (1 - self.decay) * self.cost[kind] + self.decay * seconds
+        self._timings[kind] = seen + 1
+
     def choose(self, active: torch.Tensor, remaining: Optional[torch.Tensor] = None) -> int:
         """Drafts for the next round (0, max_drafts or, with per_draft_cost, a count between), given the (B,) mask of
         sequences still decoding and, optionally, the (B,) tokens each has left to make (then the batch's expected
@@ -212,14 +252,7 @@ class DraftPolicy:
         sequence's). Also ends the timing of the previous round: call it once per round, at the same point of
         each."""
         now = time.perf_counter()
-        if self._timing is not None and not self.fixed:
-            kind, start, rounds = self._timing
-            seconds = (now - start) / rounds
-            # A kind's first timing in a request carries one-off costs (first calls, allocations): the second
-            # replaces it rather than blending with it, and later ones blend in.
-            seen = self._timings.get(kind, 0)
-            self.cost[kind] = seconds if seen <= 1 else (1 - self.decay) * self.cost[kind] + self.decay * seconds
-            self._timings[kind] = seen + 1
+        self._end_timing(now)
         self._round += 1
         most_left = None
         if remaining is not None and self._pending is not None:
@@ -281,27 +314,39 @@ class DraftPolicy:
         return run
 
     def observe_acceptance(self, matches: torch.Tensor, active: torch.Tensor):
-        """matches (B, c): 1 where drafts 1..j were all accepted in this drafting round of c drafts (the offsets
-        past c keep their estimates)."""
-        rows, count = active.nonzero().flatten(), matches.shape[1]
-        current, new = self.acceptance[rows, :count], matches[rows].to(self.acceptance.dtype)
+        """matches (B, c): true where drafts 1..j were all accepted in this drafting round of c drafts (the offsets
+        past c keep their estimates); only active sequences' rows count. A few tensor ops with no host sync: it
+        runs every drafting round."""
+        count = matches.shape[1]
+        took_part = active[:, None].to(self.acceptance.dtype)
+        observations = self._observations[:, :count]
+        observations += took_part
         # The n-th observation of an offset weighs max(decay, 1/n): a plain mean of the first few (a 0/1 outcome
         # is noise), then a moving average. The optimistic start counts as no observation.
-        self._observations[rows, :count] += 1
-        weight = self._observations[rows, :count].reciprocal().clamp(min=self.decay)
-        self.acceptance[rows, :count] = (1 - weight) * current + weight * new
-        self._seen[rows] = True
+        weight = observations.clamp(min=1).reciprocal().clamp(min=self.decay) * took_part
+        current = self.acceptance[:, :count]
+        current += weight * (matches.to(current.dtype) - current)
+        self._seen |= active
         self._tokens = None
 
+    def finish(self):
+        """The request is done: time its last round (or run of AR steps), which no later `choose` ends, and keep
+        what it learnt (`remember`). A request that ran its last rounds as one run of AR steps would otherwise
+        leave the AR step's cost as it was."""
+        self._end_timing(time.perf_counter())
+        self._timing = None
+        self.remember()
+
     def remember(self):
-        """Keep this request's estimates as the prior of the student's next request of this batch size (the
-        last round is still being timed: it is left out)."""
+        """Keep this request's estimates as the prior of the student's next request of this batch size."""
         if self._student is None or len(self.cost) < 2:
             return
         seen = self.acceptance[self._seen]
         acceptance = seen.mean(dim=0) if seen.numel() else self.acceptance.mean(dim=0)
+        since = {kind: self._round - taken for kind, taken in self._taken_at.items()}
         _MEMORY.setdefault(self._student, {})[self._key] = _Learnt(dict(self.cost), acceptance.cpu(), self.interval,
-                                                                    (self._realised, self._promised), self.catch_up)
+                                                                    (self._realised, self._promised), self.catch_up,
+                                                                    since)
 
 
 __all__ = ["DraftPolicy"]

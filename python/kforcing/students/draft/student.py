@@ -252,6 +252,9 @@ class DraftStudent:
         self.teacher, self.head = teacher, head
         self.fingerprint = fingerprint or teacher_fingerprint(teacher)
         head.teacher_fingerprint = self.fingerprint
+        # The cumulative acceptance of draft offsets 1..max_k-1 its distillation measured on held-out text (verified
+        # decoding), when known: adaptive drafting's prior before a request has measured its own.
+        self.measured_acceptance: Optional[List[float]] = None
 
     @classmethod
     def from_teacher(cls, teacher, config: HeadConfig = HeadConfig()):
