@@ -155,6 +155,7 @@ class DraftPolicy:
         self._round = 0
         self._timing = None  # (kind, start time, rounds) of the rounds in progress since the last choice
         self._last_kind = None  # the kind of the last round timed
+        self._warm = set()  # kinds timed in a round that followed one of their own (in this request)
         self._explored_from = None  # the best kind before an exploration round, until the next choice
         self._tokens = None  # expected tokens of a round of c drafts (index c), over the sequences last active
 
@@ -233,16 +234,21 @@ class DraftPolicy:
             return
         kind, start, rounds = self._timing
         switched, self._last_kind = self._last_kind not in (None, kind), kind
-        if switched and kind in self.cost:
-            # The first round after a round of the other kind runs with that kind's weights in the CPU's caches
-            # (a head of a few MB stays cached through a run of drafting rounds, not through AR steps): a cost a
-            # run of such rounds does not pay, and which would make every exploration look dearer than the kind.
+        # The first round after a round of the other kind runs with that kind's weights in the CPU's caches (a
+        # head of a few MB stays cached through a run of drafting rounds, not through AR steps): once a kind has
+        # been timed in a run of its own ("warm"), such rounds are left out of its cost, or every exploration would
+        # make it look dearer than a run of it is.
+        if switched and kind in self._warm:
             return
         seconds = (now - start) / rounds
         # A kind's first timing in a request carries one-off costs (first calls, allocations): the second
-        # replaces it rather than blending with it, and later ones blend in.
+        # replaces it rather than blending with it, and so does its first warm timing; later ones blend in.
         seen = self._timings.get(kind, 0)
-        self.cost[kind] = seconds if seen <= 1 else (1 - self.decay) * self.cost[kind] + self.decay * seconds
+        first_warm = not switched and seen >= 1 and kind not in self._warm
+        if first_warm:
+            self._warm.add(kind)
+        replace = seen <= 1 or first_warm
+        self.cost[kind] = seconds if replace else (1 - self.decay) * self.cost[kind] + self.decay * seconds
         self._timings[kind] = seen + 1
 
     def choose(self, active: torch.Tensor, remaining: Optional[torch.Tensor] = None) -> int:
