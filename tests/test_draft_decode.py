@@ -403,7 +403,7 @@ def test_adaptive_costs_drop_a_first_timing_and_close_kinds_keep_being_explored(
     assert policy.rounds[0] >= 3 and policy.interval == 2      # 3 tokens / 2.8 s vs 1 / 1 s: exploring is cheap
     assert policy._affordable_interval(3) == 2
     policy.cost[0] = 0.3                                        # now AR is far better: a drafting round loses
-    assert policy._affordable_interval(0) == 32                 # 2.8 - 3 x 0.3 s, over 2% of 0.3 s: the cap, 16 x 2
+    assert policy._affordable_interval(0) == draft_policy.MAX_BACKOFF * 2  # 2.8 - 3 x 0.3 s over 2% of 0.3 s: the cap
 
 
 def test_a_round_that_compiled_is_left_untimed(monkeypatch):

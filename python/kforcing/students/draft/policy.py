@@ -6,8 +6,9 @@ teacher row, no draft pass). `DraftPolicy` keeps
     accepted), updated from the verification every drafting round does anyway;
   - per round kind (AR step, drafting round), the round's cost: an exponential moving average of its wall time
     (measured around whole rounds, so it includes everything a round does; a kind's first timing in a request,
-    which carries one-off costs, is replaced by its second rather than averaged), or fixed costs given by the
-    caller.
+    which carries one-off costs, is replaced by its second rather than averaged; once a kind has been timed in a
+    run of its own rounds, its first round after a switch, slower with the other kind's weights in the CPU's
+    caches, is left out; a round that compiled is left out), or fixed costs given by the caller.
 Each round it takes the kind with more expected tokens per unit of cost: the batch's expected tokens per drafting
 round, as of the last drafting round, over cost(drafting), against 1 / cost(AR step). A static batch decodes until
 its last sequence is done, so the batch's tokens per round are not the mean of its sequences': with r_i tokens left
@@ -22,7 +23,7 @@ most 1). Drafting is taken only when it beats an AR step by DRAFT_MARGIN (its me
 what it costs falls outside its rounds). A kind not yet timed is tried first. The kind not taken is tried again
 after `explore_every` rounds; each time trying it changes nothing, the interval becomes what keeps exploring at
 about EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of a best round; from
-explore_every up to 16x it), so that both estimates follow the text: a kind close to the best keeps being tried, a
+explore_every up to MAX_BACKOFF x it), so that both estimates follow the text: a kind close to the best keeps being tried, a
 hopeless one costs little. Exploring drafting between AR steps also pays the chain head's catch-up over those
 steps (measured per step, `catch_up`): when that alone exceeds the budget, the interval is the longest. Acceptance
 estimates average their first observations plainly (weight 1/n) before the moving average takes over (weight
@@ -56,7 +57,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-MAX_BACKOFF = 16
+# The longest exploration interval, in explore_every: 64 x 16 rounds, 16 requests of 64 tokens, so that where
+# drafting cannot pay (an exploration after a run of AR steps costs the round and the head's catch-up over the run)
+# exploring it costs about 1%.
+MAX_BACKOFF = 64
 EXPLORE_BUDGET = 0.02  # the share of decoding time that exploring the kind not taken may cost
 PROGRESS_DECAY = 0.1  # weight of the newest drafting round in the batch's realised-progress factor (a noisy ratio)
 # Drafting is chosen only when its expected tokens per unit of cost beat an AR step's by this share: its costs are
@@ -92,7 +96,7 @@ class DraftPolicy:
         costs: None to measure the two kinds' wall time, or fixed (AR step, drafting round) costs in any one unit
             (e.g. AR steps from `bench/bench_decode.py`): reproducible choices.
         explore_every: rounds after which the kind not taken is tried once more (doubling while that changes
-            nothing, up to 16x).
+            nothing, up to MAX_BACKOFF x).
         decay: weight of the newest observation in the moving averages.
         student: the student decoding (a key for what earlier requests learnt); None: learn from scratch.
         per_draft_cost: a round's cost grows with its drafts (one draft call each): weigh every count.
