@@ -164,17 +164,11 @@ def main(argv=None):
     columns = [("part", "part", "{}"), ("per_round", "x per round", "{}"), ("ms", "ms per call", "{:.3f}"),
                ("ms_per_round", "ms per round", "{:.3f}"), ("ar_steps", "AR steps per round", "{:.2f}"),
                ("share", "share of the round", "{:.0%}")]
-    table = common.markdown_table(rows, columns)
-    print()
-    print(table)
-    if not args.no_save:
-        settings = {"preset": args.preset, "batch": args.batch, "k": args.k, "compile": args.compile,
-                    "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "calls": args.calls,
-                    "repeats": args.repeats, "threads": torch.get_num_threads(),
-                    "command": " ".join(["python", "bench/bench_round_breakdown.py", *(argv or sys.argv[1:])])}
-        for path in common.save("round_breakdown", device, rows, table, extra={"settings": settings}, meta=meta):
-            print(f"wrote {path}")
-
+    settings = {"preset": args.preset, "batch": args.batch, "k": args.k, "compile": args.compile,
+                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "calls": args.calls,
+                "repeats": args.repeats, "threads": torch.get_num_threads(),
+                "command": common.command_line("bench_round_breakdown.py", argv)}
+    common.report_table("round_breakdown", device, rows, columns, settings, meta, args.no_save)
 
 if __name__ == "__main__":
     main()

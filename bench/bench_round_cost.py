@@ -172,16 +172,10 @@ def main(argv=None):
     columns = [("preset", "preset", "{}"), ("batch", "batch", "{}"), ("design", "design", "{}"),
                ("ms_per_round", "ms/round", "{:.2f}"), ("ar_steps_per_round", "AR steps/round", "{:.2f}"),
                ("weights_per_round", "weights/round vs AR", "{:.2f}x")]
-    table = common.markdown_table(rows, columns)
-    print()
-    print(table)
-    if not args.no_save:
-        settings = {"k": args.k, "compile": args.compile, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                    "threads": torch.get_num_threads(),
-                    "command": " ".join(["python", "bench/bench_round_cost.py", *(argv or sys.argv[1:])])}
-        for path in common.save("round_cost", device, rows, table, extra={"settings": settings}, meta=meta):
-            print(f"wrote {path}")
-
+    settings = {"k": args.k, "compile": args.compile, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "repeats": args.repeats, "threads": torch.get_num_threads(),
+                "command": common.command_line("bench_round_cost.py", argv)}
+    common.report_table("round_cost", device, rows, columns, settings, meta, args.no_save)
 
 if __name__ == "__main__":
     main()

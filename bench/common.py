@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -190,6 +191,22 @@ def report(name, device, results, text, no_save):
     if not no_save:
         for path in save(name, device, results, text):
             print(f"wrote {path}")
+
+
+def report_table(name, device, rows, columns, settings, meta, no_save):
+    """Prints the rows as a Markdown table (`markdown_table`) and, unless no_save, adds the run to
+    bench/results/<name>_<device>/ with its settings (the command that made it among them)."""
+    table = markdown_table(rows, columns)
+    print()
+    print(table)
+    if not no_save:
+        for path in save(name, device, rows, table, extra={"settings": settings}, meta=meta):
+            print(f"wrote {path}")
+
+
+def command_line(script, argv):
+    """The command that ran `script` with `argv` (sys.argv's when None), as settings record it."""
+    return " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def base_parser(description):

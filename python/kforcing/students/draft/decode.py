@@ -33,9 +33,10 @@ sequence has its tokens (or an EOS): the loop is `kforcing.decoding.engine.Round
 student's too, and only the round is this module's.
 
 Compiled rounds (compile=True). A drafting round (`_DraftDecoder.drafting_round`: draft, verify pass, sampling,
-acceptance, the caches' advance and the head's read of the round's rows) has static shapes whatever is accepted,
-and is torch.compile'd as one graph per batch size and draft count, as the plain AR step is; the loop around it
-(the policy's choice, recording the tokens, the end test) stays eager: a few tensor ops and one host sync a round.
+acceptance, the caches' advance, the head's read of the round's rows, recording the tokens and the statistics)
+has static shapes whatever is accepted, and is torch.compile'd as one graph per batch size and draft count, as the
+plain AR step is; the loop around it (the policy's choice, the end test) stays eager: a few tensor ops and one host
+sync a round.
 """
 
 import dataclasses
@@ -92,8 +93,8 @@ class _DraftDecoder:
 
     Head pathway: the teacher's cache and the head's own cache (the trunk's features of committed tokens).
     Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
-    Chain pathway: the teacher's cache and the head's own cache of (teacher feature, next token) rows, which the
-    head reads lazily, just before it drafts.
+    Chain pathway: the teacher's cache and the head's own cache of (teacher feature, next token) rows: a drafting
+    round's rows are read within the round, the prompt's and a run of AR steps' before the next drafting round.
     """
 
     def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows,
