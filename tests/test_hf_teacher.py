@@ -140,6 +140,8 @@ def test_verified_decoding_equals_sampling_from_the_hf_teacher(family, tmp_path)
     out = generate_with_drafts(student, prompts, 14, k=3, seed=5, verify=True, **SAMPLING)
     ar = generate_ar(teacher, prompts, 14, seed=5, **SAMPLING)
     assert torch.equal(out.tokens, ar.tokens) and out.num_passes < 14
+    with pytest.raises(ValueError, match="compile is for draft students of kforcing's own"):
+        generate_with_drafts(student, prompts, 14, k=3, seed=5, compile=True, **SAMPLING)
     # The same uniforms through transformers' own forward pass, one token at a time, with no cache.
     for b, prompt in enumerate(prompts):
         sequence = list(prompt)

@@ -51,6 +51,7 @@ from ...decoding.engine import RoundLoop
 from ...decoding.request import check_request
 from ...models.transformer import KVCache, decode_blocks
 from ...noise import counter_uniform
+from ...teachers.hf_teacher import HFTeacher
 from ...teachers.protocol import decode_layers
 from .policy import DraftPolicy
 from .speculative import speculative_accept
@@ -359,7 +360,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             distributed as the teacher's sample), not equal to `generate_ar`'s.
         compile: torch.compile the drafting round and the plain AR step as wholes (static shapes; one compilation
             per process, batch size and draft count), as `generate_ar(compile=True)` compiles AR's step. The
-            output is the same; compare speeds compiled against compiled.
+            output is the same; compare speeds compiled against compiled. kforcing ARModel teachers only.
 
     Returns:
         DraftOutput(tokens, lengths, num_passes, tokens_per_pass, accepted per draft offset).
@@ -373,6 +374,9 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     if hint_seed is not None and student.pathway == "chain":
         raise ValueError("hint_seed moves the hint rows' uniforms; a chain student has no hint rows (its drafts are "
                          "sampled with the decoding seed's uniforms)")
+    if compile and isinstance(student.teacher, HFTeacher):
+        raise ValueError("compile is for draft students of kforcing's own ARModel teachers; decode a Hugging Face "
+                         "teacher's student without it")
     speculative = acceptance == "speculative"
     adaptive = k is None and verify
     if round_costs is not None and not adaptive:
