@@ -157,6 +157,7 @@ class DraftPolicy:
         self._taken_at = {0: 0, max_drafts: 0} if learnt is None else {kind: -since for kind, since in
                                                                          learnt.since.items()}
         self._round = 0
+        self._full_taken_at = 0  # the round a drafting round of max_drafts was last taken at
         self._timing = None  # (kind, start time, rounds) of the rounds in progress since the last choice
         self._last_kind = None  # the kind of the last round timed
         self._warm = set()  # kinds timed in a round that followed one of their own (in this request)
@@ -237,7 +238,8 @@ class DraftPolicy:
         if self._timing is None or self.fixed:
             return
         kind, start, rounds = self._timing
-        switched, self._last_kind = self._last_kind not in (None, kind), kind
+        # A switch is between AR steps and drafting: drafting rounds of any count read the same head weights.
+        switched, self._last_kind = self._last_kind is not None and (self._last_kind > 0) != (kind > 0), kind
         # The first round after a round of the other kind runs with that kind's weights in the CPU's caches (a
         # head of a few MB stays cached through a run of drafting rounds, not through AR steps): once a kind has
         # been timed in a run of its own ("warm"), such rounds are left out of its cost, or every exploration would
@@ -281,6 +283,12 @@ class DraftPolicy:
             kind = best
             if self._round - self._taken_at[other] > self.interval:
                 kind, self._explored_from = other, best
+            elif 0 < best < self.max_drafts and self._round - self._full_taken_at > self.interval:
+                # Drafting fewer than max_drafts is best: rounds of max_drafts are explored too, so that their cost
+                # (often a first, cold timing) and the far offsets' acceptance stay current.
+                kind, self._explored_from = self.max_drafts, best
+        if kind == self.max_drafts:
+            self._full_taken_at = self._round
         self.rounds[kind] += 1
         if kind:  # the AR steps since the last drafting round: what a catch-up before this one reads
             self._steps_behind = self._round - 1 - self._taken_at[self.max_drafts]
