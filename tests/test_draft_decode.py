@@ -427,3 +427,28 @@ def test_a_round_that_compiled_is_left_untimed(monkeypatch):
     policy.remember()
     assert draft_policy._MEMORY[student].keys() == {(1, 3, True)}
     assert draft_policy.DraftPolicy(batch=1, max_drafts=3, device="cpu", student=student).cost == {}
+
+
+def test_adaptive_drafting_keeps_timing_the_full_count_while_fewer_drafts_are_best(monkeypatch):
+    """With one draft the best count, rounds of max_drafts are still explored: when the far drafts start to be
+    accepted and such rounds become cheap (their first timing was a cold one), the policy sees it and takes them."""
+    from kforcing.students.draft import policy as draft_policy
+
+    clock = [0.0]
+    monkeypatch.setattr(draft_policy.time, "perf_counter", lambda: clock[0])
+    policy = draft_policy.DraftPolicy(batch=1, max_drafts=3, device="cpu", explore_every=4, per_draft_cost=True)
+    active = torch.ones(1, dtype=torch.bool)
+    seconds = {0: 1.0, 1: 1.1, 2: 3.0, 3: 3.0}  # three drafts: as dear as three AR steps, at first
+    accepted = [True, False, False]  # and only the first draft is accepted
+    taken = []
+    for round_index in range(300):
+        if round_index == 30:  # now all three are, for a round hardly dearer than one draft's
+            seconds[3], accepted = 1.2, [True, True, True]
+        kind = policy.choose(active)
+        taken.append(kind)
+        clock[0] += seconds[kind]
+        if kind:
+            policy.observe_acceptance(torch.tensor([accepted[:kind]]), active)
+    assert taken[10:30].count(1) > taken[10:30].count(3) >= 1  # one draft is best; three are still explored
+    # Explored every ~20 rounds, with estimates that blend at 0.1 an observation: it learns, if slowly.
+    assert taken[-20:].count(3) >= 16                           # and once they pay, three are what it takes

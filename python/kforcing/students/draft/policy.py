@@ -33,7 +33,9 @@ When a round's cost grows with its drafts (`per_draft_cost=True`: the chain path
 drafting round may also make fewer than max_drafts: the policy weighs every count c, (1 + sum_{j<c} acceptance_j)
 / cost(c), with cost(c) measured once c has been taken and, until then, interpolated linearly between the AR step's
 cost and the full drafting round's. An exploration of drafting always makes max_drafts, so the acceptance of every
-offset stays current.
+offset stays current; when a count below max_drafts is best, rounds of max_drafts are explored too, every
+`interval` rounds, so that their cost (often first measured in one cold round) and the far offsets' acceptance
+stay current.
 
 What a request learnt (the costs, the mean acceptance, the exploration interval, the batch's progress and the
 catch-up's cost, and how many rounds ago each kind was last taken) is remembered per student, batch size and
