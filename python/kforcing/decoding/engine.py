@@ -51,9 +51,10 @@ class RoundLoop:
         """(B,) the sequences still decoding: no EOS yet and tokens left to make."""
         return ~self.finished & (self.produced < self.max_new_tokens)
 
-    def done(self, active: Optional[torch.Tensor] = None) -> bool:
-        """Whether every sequence is done (a host sync)."""
-        return not bool((self.active() if active is None else active).any())
+    @staticmethod
+    def done(active: torch.Tensor) -> bool:
+        """Whether every sequence is done, given `active()` (a host sync)."""
+        return not bool(active.any())
 
     def count_passes(self, passes: int = 1, sequence_passes: Optional[torch.Tensor] = None):
         """Count `passes` forward passes of the batch (a prefill, a round) and, per sequence, `sequence_passes`

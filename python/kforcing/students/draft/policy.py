@@ -23,8 +23,8 @@ most 1). Drafting is taken only when it beats an AR step by DRAFT_MARGIN (its me
 what it costs falls outside its rounds). A kind not yet timed is tried first. The kind not taken is tried again
 after `explore_every` rounds; each time trying it changes nothing, the interval becomes what keeps exploring at
 about EXPLORE_BUDGET of the time (the time an exploration loses against the best kind, over 2% of a best round; from
-explore_every up to MAX_BACKOFF x it), so that both estimates follow the text: a kind close to the best keeps being tried, a
-hopeless one costs little. Exploring drafting between AR steps also pays the chain head's catch-up over those
+explore_every up to MAX_BACKOFF x it), so that both estimates follow the text: a kind close to the best keeps being
+tried, a hopeless one costs little. Exploring drafting between AR steps also pays the chain head's catch-up over those
 steps (measured per step, `catch_up`): when that alone exceeds the budget, the interval is the longest. Acceptance
 estimates average their first observations plainly (weight 1/n) before the moving average takes over (weight
 `decay`).
