@@ -11,11 +11,13 @@ schedule), and the result is evaluated on the same held-out prompts and seeds:
     quality       unverified samples (k tokens per pass, no penalty) vs the teacher's samples at the same settings:
                   perplexity under the teacher, unigram entropy, longest repeated n-gram
 
-    speed         tokens/s of verified decoding over AR's at batch 1, timed interleaved in the same process, at k = 4
-                  and with adaptive drafting (k-1 drafts or a plain AR step each round)
+    speed         tokens/s over AR's, timed interleaved in the same process at each --speed-batches size (compiled
+                  with --compile, AR too): verified at k = 4, adaptive (up to k-1 drafts or a plain AR step each
+                  round), and unverified at k = 4
 
-The default is `kforcing distill`'s own (trunk pathway, full-copy adapters, categorical readout, the student's own
-windows, sinusoidal code, vocabulary order, temperature 0.7, top-k 50, top-p 0.9). The `paper` row is `--paper`,
+The default is `kforcing distill`'s own (chain pathway, one head block, categorical readout, vocabulary order,
+temperature 0.7, top-k 50, top-p 0.9; a V/8 draft vocabulary on teachers with V >= 8192). The `head` and `trunk`
+rows are the other drafting designs at the same budget. The `paper` row is `--paper`,
 the original method (every weight fine-tuned, sinusoidal code, one-hot readout, progressive
 self-forcing 1 -> 2 -> 4, vocabulary order, temperature 1). Its token rows are not the teacher's, so it cannot
 verify: the table gives its coupled agreement per offset with the AR teacher instead (what verified decoding
@@ -25,6 +27,8 @@ Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with ma
 
     python bench/ablation_draft.py --teacher runs/demo/teacher --minutes 8.5   # the demo's budget: ~2.5 h
     python bench/ablation_draft.py --teacher runs/demo/teacher --rows default onehot --minutes 1
+    python bench/ablation_draft.py --teacher runs/small/teacher --rows default head trunk trunk-lora-32 \
+        --minutes 8 --compile --speed-batches 1 8 32 --name design_comparison   # the drafting designs
 """
 
 import json
@@ -52,24 +56,30 @@ from kforcing.workflows.evaluate import EvalConfig, Models, heldout_data  # noqa
 from kforcing.workflows.loading import load_model  # noqa: E402
 
 TRUNCATED = dict(tau=(0.7, 0.7), top_k=50, top_p=0.9)
-# `kforcing distill`'s defaults for a draft student (head_layers 2 and, for this kforcing teacher, adapter_rank 0 --
-# a full copy -- are implied by the pathway).
-DEFAULT = dict(pathway="trunk", readout="categorical", windows="student", noise_code="sinusoid",
+# `kforcing distill`'s defaults for a draft student: the chain pathway (one head block; a draft vocabulary of V/8 on
+# teachers with V >= 8192, implied by the pathway).
+DEFAULT = dict(pathway="chain", readout="categorical", windows="student", noise_code="sinusoid",
                cdf_order="vocab", **TRUNCATED)
+TRUNK = dict(pathway="trunk")  # hint rows through the teacher's blocks (a full copy of them for a kforcing teacher)
+# The drafting designs of docs/method.md §8 each have a row: default (the chain: a teacher pass plus a chain of k-1
+# one-token head calls), head (a teacher pass plus one head call drafting the k-1 tokens jointly from their
+# uniforms), trunk and trunk-lora-32 (a verify pass, then a second pass of hint rows through the teacher's blocks
+# with a full copy of them or a rank-32 LoRA). The other rows change one option of the pathway they name.
 ROWS = {
     "default": {},
     "head": dict(pathway="head"),
     "head-1-layer": dict(pathway="head", head_layers=1),
-    "chain": dict(pathway="chain"),
-    "chain-draft-vocab": dict(pathway="chain", draft_vocab=512),
-    "rank-8": dict(adapter_rank=8),
-    "rank-32": dict(adapter_rank=32),
-    "onehot": dict(readout="onehot"),
-    "teacher-windows": dict(windows="teacher"),
-    "onehot-teacher-windows": dict(readout="onehot", windows="teacher"),
-    "onehot-boundary": dict(readout="onehot", windows="teacher", boundary_beta=0.5),
-    "dyadic": dict(noise_code="dyadic"),
-    "binary": dict(noise_code="binary"),
+    "trunk": TRUNK,
+    "trunk-lora-8": dict(TRUNK, adapter_rank=8),
+    "trunk-lora-32": dict(TRUNK, adapter_rank=32),
+    "chain-2-layers": dict(head_layers=2),
+    "chain-draft-vocab-512": dict(draft_vocab=512),
+    "onehot": dict(TRUNK, readout="onehot"),
+    "teacher-windows": dict(TRUNK, windows="teacher"),
+    "onehot-teacher-windows": dict(TRUNK, readout="onehot", windows="teacher"),
+    "onehot-boundary": dict(TRUNK, readout="onehot", windows="teacher", boundary_beta=0.5),
+    "dyadic": dict(TRUNK, noise_code="dyadic"),
+    "binary": dict(TRUNK, noise_code="binary"),
     "descending": dict(cdf_order="descending"),
     "temperature-1": dict(tau=(1.0, 1.0), top_k=0, top_p=1.0),
     "paper": dict(paper=True),
@@ -131,23 +141,35 @@ def evaluate_row(args, row, student, models, prompts, reference, floor_contexts)
         diagnostics = draft_eval.diagnostics(student, prompts, 4, floor_contexts=floor_contexts, **common_args)
         samples = draft_eval.draft_decoding(student, prompts, args.sample_len, 4, args.seed, sampling,
                                             args.eval_batch, verify=False)["samples"]
-        speed = draft_eval.draft_speed(student, [4], [1], prompts, args.sample_len, args.speed_repeats, args.seed,
-                                       sampling)
+        speed = draft_eval.draft_speed(student, [4], args.speed_batches, prompts, args.sample_len,
+                                       args.speed_repeats, args.seed, sampling, compile=args.compile)
         result = {"tokens_per_pass": verified["tokens_per_pass"], "accepted": verified["accepted"],
                   "equals_ar": verified["equals_ar"], "floor": diagnostics["floor"], "shuffle": diagnostics["shuffle"],
-                  "speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified k=4"),
-                  "adaptive_speedup_batch1": next(r["speedup"] for r in speed if r["decoder"] == "verified adaptive")}
+                  "speed": {f"{r['decoder']}, batch {r['batch']}": r["speedup"] for r in speed
+                            if r["decoder"] != "AR"},
+                  "ms_per_round": {f"{r['decoder']}, batch {r['batch']}": r["ms_per_pass"] for r in speed}}
     teacher_quality = sample_quality(reference[sampling], prompts, models.teacher)
     quality = sample_quality(samples, prompts, models.teacher)
     result.update(teacher_quality=teacher_quality, quality=quality)
     return result
 
 
-def table(rows):
-    lines = ["| row | changed | steps | train s | tokens/pass (verified) | verified speed vs AR, batch 1 "
-             "| adaptive vs AR, batch 1 | accept 2 / 3 / 4 | u-blind floor 2 / 3 / 4 | u-shuffle 2 / 3 / 4 | PPL ratio "
-             "| entropy gap | repeat ratio |",
-             "|" + "---|" * 13]
+SPEED_DECODERS = ("verified k=4", "verified adaptive", "unverified k=4")
+
+
+def speed_cell(r, decoder, batches):
+    """The row's tokens/s over AR's for `decoder` at each batch size, "1.21 / 0.74 / 0.70"."""
+    speed = r.get("speed", {})
+    return " / ".join(f"{speed[f'{decoder}, batch {b}']:.2f}" if f"{decoder}, batch {b}" in speed else "-"
+                      for b in batches)
+
+
+def table(rows, batches):
+    batch_label = " / ".join(str(b) for b in batches)
+    speed_headers = "".join(f" | {decoder} vs AR, batch {batch_label}" for decoder in SPEED_DECODERS)
+    lines = [f"| row | changed | steps | train s | tokens/pass (verified){speed_headers} | accept 2 / 3 / 4 "
+             "| u-blind floor 2 / 3 / 4 | u-shuffle 2 / 3 / 4 | PPL ratio | entropy gap | repeat ratio |",
+             "|" + "---|" * (11 + len(SPEED_DECODERS))]
     for r in rows:
         q, t = r["quality"], r["teacher_quality"]
         changed = ", ".join(f"{k}={v}" for k, v in ROWS[r["row"]].items()) or "(the default)"
@@ -156,14 +178,13 @@ def table(rows):
             accept = " / ".join(f"{a:.3f}" for a in r["accepted"])
             floor = " / ".join(f"{a:.3f}" for a in r["floor"])
             shuffle = " / ".join(f"{a:.3f}" for a in r["shuffle"]) if r["shuffle"] is not None else "-"
-            speed = f"{r['speedup_batch1']:.2f}x"
-            adaptive = f"{r['adaptive_speedup_batch1']:.2f}x" if "adaptive_speedup_batch1" in r else "-"
+            speeds = "".join(f" | {speed_cell(r, decoder, batches)}" for decoder in SPEED_DECODERS)
         else:
             tpp = "cannot verify"
             accept = "agreement " + " / ".join(f"{a:.3f}" for a in r["agreement"][1:])
-            floor = shuffle = speed = adaptive = "-"
-        lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp} | {speed} | "
-                     f"{adaptive} | "
+            floor = shuffle = "-"
+            speeds = " | -" * len(SPEED_DECODERS)
+        lines.append(f"| {r['row']} | {changed} | {r['steps']} | {r['train_seconds']:.0f} | {tpp}{speeds} | "
                      f"{accept} | {floor} | {shuffle} | {q['ppl_teacher'] / t['ppl_teacher']:.2f} | "
                      f"{abs(q['unigram_entropy'] - t['unigram_entropy']) / t['unigram_entropy']:.1%} | "
                      f"{q['longest_repeat_mean'] / max(t['longest_repeat_mean'], 1e-9):.2f} |")
@@ -218,7 +239,11 @@ def main(argv=None):
     parser.add_argument("--floor-windows", type=int, default=256, help="held-out windows of the u-blind floor")
     parser.add_argument("--eval-batch", type=int, default=32, help="prompts per decode call")
     parser.add_argument("--speed-repeats", type=int, default=5, help="interleaved timing repeats of AR against "
-                        "verified decoding at batch 1 (the speed column is their median ratio)")
+                        "each decoder (the speed columns are their median ratios)")
+    parser.add_argument("--speed-batches", type=int, nargs="+", default=[1], help="batch sizes the speed columns "
+                        "are timed at")
+    parser.add_argument("--compile", action="store_true", help="time every decoder compiled (AR too), as `kforcing "
+                        "eval --compile` does: what a CPU deployment runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of training noise, data order and evaluation")
     parser.add_argument("--name", default="ablation_draft", help="results folder name (bench/results/NAME_<device>)")
     parser.add_argument("--keep", default=None, help="keep the trained rows and their results in this directory "
@@ -261,7 +286,7 @@ def main(argv=None):
         rows.append(result)
         if args.keep:  # an interrupted run resumes from its finished rows (see --keep)
             saved.write_text(json.dumps({"settings": row_record(args, row, meta), "result": result}, indent=2))
-        print(table([result]).splitlines()[-1], flush=True)
+        print(table([result], args.speed_batches).splitlines()[-1], flush=True)
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     text = (f"Teacher `{args.teacher}`; each row trains for {args.minutes:g} min of wall clock on this machine "
@@ -270,7 +295,7 @@ def main(argv=None):
             f"seeds for every row; the u-blind floor on {args.floor_windows} held-out windows. Default: "
             + ", ".join(f"{k}={v}" for k, v in DEFAULT.items()) + ". Ratios are the unverified samples' over the "
             "teacher's own samples at the row's sampling settings.\n\n"
-            + table(rows))
+            + table(rows, args.speed_batches))
     print(text)
     if not args.no_save:
         config = {key: value for key, value in vars(args).items()}
