@@ -27,7 +27,7 @@ Writes bench/results/ablation_draft_<device>/<date>_<sha>.{json,md} and, with ma
 
     python bench/ablation_draft.py --teacher runs/demo/teacher --minutes 8.5   # the demo's budget: ~2.5 h
     python bench/ablation_draft.py --teacher runs/demo/teacher --rows default onehot --minutes 1
-    python bench/ablation_draft.py --teacher runs/small/teacher --rows default head trunk trunk-lora-32 \
+    python bench/ablation_draft.py --teacher runs/small/teacher --rows default head trunk trunk-lora-32 onepass \
         --minutes 8 --compile --speed-batches 1 8 32 --name design_comparison   # the drafting designs
 """
 
@@ -64,7 +64,8 @@ TRUNK = dict(pathway="trunk")  # hint rows through the teacher's blocks (a full 
 # The drafting designs of docs/method.md §8 each have a row: default (the chain: a teacher pass plus a chain of k-1
 # one-token head calls), head (a teacher pass plus one head call drafting the k-1 tokens jointly from their
 # uniforms), trunk and trunk-lora-32 (a verify pass, then a second pass of hint rows through the teacher's blocks
-# with a full copy of them or a rank-32 LoRA). The other rows change one option of the pathway they name.
+# with a full copy of them or a rank-32 LoRA), onepass (hint sets for every accepted count inside the teacher's
+# verify call, rank-32 LoRA). The other rows change one option of the pathway they name.
 ROWS = {
     "default": {},
     "head": dict(pathway="head"),
@@ -72,6 +73,7 @@ ROWS = {
     "trunk": TRUNK,
     "trunk-lora-8": dict(TRUNK, adapter_rank=8),
     "trunk-lora-32": dict(TRUNK, adapter_rank=32),
+    "onepass": dict(pathway="onepass"),
     "chain-2-layers": dict(head_layers=2),
     "chain-draft-vocab-512": dict(draft_vocab=512),
     "onehot": dict(TRUNK, readout="onehot"),

@@ -7,7 +7,10 @@ students: `kforcing eval`), at each preset and batch size:
   AR             generate_ar: one teacher row per sequence per step
   push-forward   generate_kforcing on a PushForwardLM at k: k committed rows and k hint rows, k tokens a pass
   a. trunk       a draft student, trunk pathway with full-copy adapters (distill's former default): a verify
-                 pass of k rows, then a second pass of [exact | k-2 hints] through every block
+                 pass of k rows, then a second pass of [exact | k-2 hints] through every block; also with rank-32
+                 LoRA adapters (the second pass reads the teacher's weights again, plus the LoRAs)
+  b. onepass     a draft student, onepass pathway with rank-32 LoRAs: one teacher call over the k verify rows and
+                 k hint sets of k-1 rows (one per number of drafts that may stand), k + k(k-1) rows in all
   c. head        a draft student, head pathway with one block: a verify pass, the head over the k committed rows,
                  then one head pass of [exact | k-1 hints] drafting k-1 tokens jointly from their uniforms
   d. chain       a draft student, chain pathway with one block: a verify pass of k rows, then k-1 head calls,
@@ -31,6 +34,7 @@ Examples:
   python bench/bench_round_cost.py                           # tiny, small and base; batch 1, 8, 32
   python bench/bench_round_cost.py --preset small --batch 1 --profile
   python bench/bench_round_cost.py --preset tiny small --compile   # every decoder compiled
+  python bench/bench_round_cost.py --preset small --compile --only "a." "b." "d. chain k=4, V/8"
 """
 
 import copy
@@ -68,8 +72,10 @@ def round_weight_bytes(design, teacher, student, k) -> int:
     if design.startswith("push-forward"):
         return matrix_bytes(student)
     head = student.head
-    if design.startswith("a."):  # verify, then the teacher's blocks for the exact row and the copies for hints
+    if design.startswith("a."):  # verify, then the teacher's blocks for the exact row and the copies (or LoRAs)
         return 2 * teacher_pass + matrix_bytes(head)
+    if design.startswith("b."):  # one call: the teacher's weights and the LoRAs, read once
+        return teacher_pass + matrix_bytes(head)
     if design.startswith("c."):  # verify, the head over committed rows, the head's draft pass and its readout
         head_blocks = sum(matrix_bytes(block) for block in head.blocks)
         return teacher_pass + 2 * head_blocks + matrix_bytes(head.noise) + matrix_bytes(head.norm) + readout
@@ -87,6 +93,8 @@ def designs(teacher, k, compile=False):
     """{name: (student, decode(prompts, new_tokens))} of every design at k, each compiled with `compile`."""
     push_forward = PushForwardLM.from_teacher(teacher, k).eval()
     trunk = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="trunk", adapter_rank=0)).eval()
+    trunk_lora = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="trunk", adapter_rank=32)).eval()
+    one_pass = DraftStudent.from_teacher(teacher, HeadConfig(max_k=k, pathway="onepass", adapter_rank=32)).eval()
     head = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="head")).eval()
     chain = DraftStudent.from_teacher(teacher, HeadConfig(num_layers=1, max_k=k, pathway="chain")).eval()
     small_vocab = teacher.config.vocab_size // 8
@@ -103,6 +111,8 @@ def designs(teacher, k, compile=False):
         f"push-forward k={k}": (push_forward, lambda prompts, n: generate_kforcing(push_forward, prompts, n, k=k,
                                                                                    seed=0, compile=compile)),
         f"a. trunk k={k}": (trunk, drafting(trunk)),
+        f"a. trunk k={k}, LoRA 32": (trunk_lora, drafting(trunk_lora)),
+        f"b. onepass k={k}, LoRA 32": (one_pass, drafting(one_pass)),
         f"c. head k={k}": (head, drafting(head)),
         f"d. chain k={k}": (chain, drafting(chain)),
         "d. chain k=2": (chain, drafting(chain, 2)),
@@ -137,6 +147,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every design's step or round, AR's included (minutes of compilation)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="time only the designs whose names start with one of these (e.g. 'b.' 'd. chain k=4'); "
+                        "AR is always timed, as the baseline")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile AR and the chain design at the first preset and batch size")
     args = parser.parse_args(argv)
@@ -153,7 +166,8 @@ def main(argv=None):
         if args.profile:
             profile_round(teacher, args.k, args.batch[0], args)
             return
-        candidates = designs(teacher, args.k, args.compile)
+        candidates = {name: design for name, design in designs(teacher, args.k, args.compile).items()
+                      if name == "AR" or args.only is None or name.startswith(tuple(args.only))}
         ar_bytes = round_weight_bytes("AR", teacher, None, args.k)
         for batch in args.batch:
             prompts = torch.randint(0, teacher.config.vocab_size, (batch, args.prompt_len)).tolist()

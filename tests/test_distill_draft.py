@@ -46,9 +46,10 @@ def head_weights(path):
     return {name: value.clone() for name, value in student.head.state_dict().items()}
 
 
-@pytest.mark.parametrize("pathway", ["head", "trunk", "chain", "chain-draft-vocab"])
+@pytest.mark.parametrize("pathway", ["head", "trunk", "onepass", "chain", "chain-draft-vocab"])
 def test_a_draft_run_exports_a_student_that_verifies_exactly(teacher_run, tmp_path, pathway):
-    sizes = {"trunk": dict(adapter_rank=2), "chain-draft-vocab": dict(draft_vocab=64)}.get(pathway, {})
+    sizes = {"trunk": dict(adapter_rank=2), "onepass": dict(adapter_rank=2),
+             "chain-draft-vocab": dict(draft_vocab=64)}.get(pathway, {})
     pathway = pathway.split("-")[0]
     summary = distill(settings(teacher_run, tmp_path / "run", pathway=pathway, readout="categorical", **sizes))
     stage = summary["stages"][0]
@@ -230,7 +231,7 @@ def test_sample_cli_with_a_draft_student(teacher_run, tmp_path, capsys):
     (dict(pathway="sideways"), "unknown pathway"),
     (dict(top_p=0.0), "top_p in"),
     (dict(adapter_rank=4), "--adapter-rank does not apply to --pathway head"),
-    (dict(pathway="full", top_k=50), r"--top-k applies to the draft student's pathways \(chain, head, trunk\)"),
+    (dict(pathway="full", top_k=50), r"--top-k applies to the draft student's pathways \(chain, head, trunk, onepass\)"),
     (dict(pathway="full", top_k=None, top_p=None, draft_vocab=64),
      "--draft-vocab applies to the draft student's pathways"),
     (dict(pathway="chain", adapter_rank=4), "--adapter-rank does not apply to --pathway chain"),

@@ -250,6 +250,8 @@ def test_unsupported_architectures_and_settings_are_clear_errors(tmp_path):
     _, teacher = loaded("gpt2", tmp_path / "gpt2", torch.float32)
     with pytest.raises(ValueError, match="a Hugging Face teacher takes pathway 'trunk' or 'chain'"):
         DraftStudent.from_teacher(teacher, HeadConfig(pathway="head"))
+    with pytest.raises(ValueError, match="pathway 'onepass' needs a kforcing ARModel teacher"):
+        DraftStudent.from_teacher(teacher, HeadConfig(pathway="onepass"))
     with pytest.raises(ValueError, match="LoRA adapters only"):
         DraftStudent.from_teacher(teacher, HeadConfig(pathway="trunk", adapter_rank=0))
     default = DraftStudent.from_teacher(teacher, HeadConfig(pathway="trunk"))  # a LoRA: never a copy of the model

@@ -130,8 +130,8 @@ def _add_sample_parser(subparsers):
     p = _new_parser(
         subparsers, "sample", "print samples from a teacher or a K-Forcing student checkpoint",
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
-        "student decodes --k tokens per pass. A draft student (distill --pathway head, trunk or chain) decodes with "
-        "its teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, "
+        "student decodes --k tokens per pass. A draft student (distill --pathway chain, head, trunk or onepass) "
+        "decodes with its teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, "
         "it keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
         "p), so models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest), or "
@@ -176,8 +176,8 @@ def _check_sample_args(args, kind):
         if args.freq_penalty:
             raise ValueError("--freq-penalty applies to push-forward K-Forcing students only")
         if args.verify:
-            raise ValueError("--verify needs a draft student (distill --pathway head, trunk or chain): only its token "
-                             "rows are the teacher's own")
+            raise ValueError("--verify needs a draft student (distill --pathway chain, head, trunk or onepass): only "
+                             "its token rows are the teacher's own")
     if args.teacher is not None and not (kind is not None and kind.decodes_with_teacher):
         raise ValueError("--teacher applies to draft students only")
 

@@ -106,9 +106,11 @@ class DistillConfig:
                          "vocabulary CDF order; it overrides those settings")
     pathway: str = option(DEFAULT_PATHWAY, "the student: full (every weight fine-tuned, hint rows through the "
                           "whole model: the original method), head (a hint head on the frozen teacher's final "
-                          "states), trunk (hint rows through the frozen teacher with adapters) or chain (a one-block "
-                          "head that drafts one token per call from the teacher's features); head, trunk and chain "
-                          "keep the teacher's token rows exact and decode losslessly with verification",
+                          "states), trunk (hint rows through the frozen teacher with adapters, a second pass a round), "
+                          "onepass (the trunk's adapters, drafting inside the teacher's verify pass: one call a "
+                          "round) or chain (a one-block head that drafts one token per call from the teacher's "
+                          "features); the draft pathways keep the teacher's token rows exact and decode losslessly "
+                          "with verification",
                           choices=list(PATHWAYS))
     schedule: Optional[List[int]] = option(None, "the stages' k: full doubles from 1 (default 1,2,4); head grows "
                                            "from k >= 2 (default 4)",
@@ -121,9 +123,10 @@ class DistillConfig:
     head_layers: Optional[int] = option(None, "head/chain: Transformer blocks of the head, copied from the teacher's "
                                         f"last ones (default {HeadConfig.num_layers} for head, {CHAIN_HEAD_LAYERS} "
                                         "for chain)")
-    adapter_rank: Optional[int] = option(None, "trunk: the rank of the hint-row LoRA on every linear layer; 0: a "
-                                         "full copy of the block weights for hint rows (default: 0 for kforcing's "
-                                         "own teachers, 8 for a Hugging Face teacher, which takes LoRAs only)")
+    adapter_rank: Optional[int] = option(None, "trunk/onepass: the rank of the hint-row LoRA on every linear layer; "
+                                         "0: a full copy of the block weights for hint rows (default: trunk 0 for "
+                                         "kforcing's own teachers, 8 for a Hugging Face teacher, which takes LoRAs "
+                                         "only; onepass 32)")
     draft_vocab: Optional[int] = option(None, "chain: draft only from this many of the training text's most frequent "
                                         "tokens (a smaller LM head read per draft; verification stays exact); 0: "
                                         "the whole vocabulary; default: V/8 for vocabularies of 8192 tokens or more, "

@@ -20,6 +20,11 @@ Each pass runs, with static shapes:
             chain pathway: the head reads the rows the teacher committed since its last draft (their features and
             the tokens that followed them) in one call, then drafts one token per call from its own feature of the
             row before, each with its position's uniform (`kforcing.students.draft.chain_head`).
+            onepass pathway: no pass of its own. The trunk call above also holds, after the k verify rows, one set
+            of hint rows for every number a = 0..k-1 of drafts that may stand (Parallel Token Prediction's layout):
+            set a sits at L+1+a.., carries the uniforms of its positions, attends to the cache, the verify rows
+            0..a and itself, and drafts the k-1 tokens after the teacher's token at L+1+a. The set of the accepted
+            count is the next round's drafts, so a round reads the teacher's weights once (the adapters are LoRAs).
 
 Adaptive drafting (verify=True, k=None, the default): each round makes k-1 drafts or none (a chain student may
 also make fewer: its round costs one head call per draft), and a round with none is a plain AR step (the teacher
@@ -44,6 +49,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+import kforcing_ops
 from kforcing_ops import sampling_probabilities
 
 from ...decoding.compiled import compilations, compiled, static_length
@@ -96,13 +102,16 @@ class _DraftDecoder:
     Trunk pathway: the teacher's cache only; draft rows read it at every layer and never write to it.
     Chain pathway: the teacher's cache and the head's own cache of (teacher feature, next token) rows: a drafting
     round's rows are read within the round, the prompt's and a run of AR steps' before the next drafting round.
+    Onepass pathway: the teacher's cache, and the drafts (and their distributions) the last round made for the next.
     """
 
     def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows,
-                 compile=False):
+                 compile=False, set_rows=None, speculative=False):
         """run_rows: the most rows one head call may write past a sequence's length (the longest AR run, read in
         one call: finished sequences' rows are written too, and discarded). compile: run `plain_step` and
-        `drafting_round` torch.compile'd (`kforcing.decoding.compiled`)."""
+        `drafting_round` torch.compile'd (`kforcing.decoding.compiled`). set_rows: onepass pathway, the drafts
+        each hint set makes (the most the next round can verify; default max_k - 1). speculative: rounds accept
+        by speculative sampling (the onepass pathway then keeps its drafts' distributions)."""
         teacher, config = student.teacher, student.config
         self.student, self.sampling = student, sampling
         # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
@@ -126,6 +135,20 @@ class _DraftDecoder:
         self.pending, self.chain_feature = [], None
         # The chain head's readout layer, looked up before any compiled round (`ChainHead.apply_readout`).
         self.readout_layer = student.head.readout_layer(teacher) if student.pathway == "chain" else None
+        # Onepass pathway: the drafts the last round's hint sets made for the next round, and their distributions
+        # (speculative sampling). After the prompt or a run of AR steps there are none: the next round verifies
+        # placeholders (token 0, a point mass), which stand only where they are the teacher's token, so the output
+        # stays exact; that round's own hint sets then draft for the one after.
+        self.set_rows = student.max_k - 1 if set_rows is None else set_rows
+        self.next_drafts = self.next_q = None
+        # whether the next round's drafts were drafted (False while they are placeholders)
+        self.drafted = True
+        if student.pathway == "onepass":
+            self.next_drafts = torch.zeros(batch, self.set_rows, dtype=torch.int64, device=teacher.device)
+            if speculative:
+                self.next_q = torch.zeros(batch, self.set_rows, config.vocab_size, dtype=torch.float64,
+                                          device=teacher.device)
+            self.forget_drafts()
         self._plain_step = compiled(type(self).plain_step) if compile else type(self).plain_step
         self._drafting_round = compiled(type(self).drafting_round) if compile else type(self).drafting_round
 
@@ -148,6 +171,16 @@ class _DraftDecoder:
             return features, teacher.logits(features)
         rows = features.gather(1, logit_rows.view(-1, 1, 1).expand(-1, 1, features.shape[-1]))
         return features, teacher.logits(rows)
+
+    def forget_drafts(self):
+        """Onepass pathway: the next round's drafts become placeholders (token 0, drawn from a point mass at 0), as
+        after the prompt or a run of AR steps, when no hint set drafted for the next round's positions."""
+        if self.next_drafts is not None:
+            self.next_drafts.zero_()
+            self.drafted = False
+        if self.next_q is not None:
+            self.next_q.zero_()
+            self.next_q[..., 0] = 1.0
 
     def plain_step(self, exact, position):
         """One AR step from the exact tokens (B,) sampling the tokens at `position` (B, 1): (the teacher's features
@@ -177,12 +210,19 @@ class _DraftDecoder:
                 keep[:, s + 1:] &= active[:, None]
         # Kept steps are a prefix of each sequence's run, so the head reads the whole run in one call.
         self.commit_features(torch.cat(features, dim=1), tokens, keep.long().sum(dim=1))
+        self.forget_drafts()
         return tokens, keep
 
     def run_drafting_round(self, exact, active, count: int, verify: bool, speculative: bool, loop: RoundLoop,
                            statistics):
-        """`drafting_round`, compiled with compile=True."""
-        return self._drafting_round(self, exact, active, count, verify, speculative, loop, statistics)
+        """`drafting_round`, compiled with compile=True. A onepass round whose drafts are placeholders verifies them
+        even unverified (a placeholder is no draft to keep), and is left out of the acceptance statistics and of
+        what adaptive drafting learns (it returns no matches): it is an AR step that drafts for the next round."""
+        placeholders = not self.drafted
+        out = self._drafting_round(self, exact, active, count, verify or placeholders, speculative, loop,
+                                   None if placeholders or not verify else statistics)
+        self.drafted = True
+        return out
 
     def drafting_round(self, exact, active, count: int, verify: bool, speculative: bool, loop: RoundLoop,
                        statistics):
@@ -191,16 +231,23 @@ class _DraftDecoder:
         records them. Static shapes (whatever is accepted), so that compile=True compiles the round as a whole,
         its bookkeeping included.
 
-        statistics: (accepted (k-1,), verification steps (k-1,)) float64 sums per draft offset, added to.
+        statistics: (accepted (k-1,), verification steps (k-1,)) float64 sums per draft offset, added to; None: the
+            round is not measured.
         Returns (the next exact tokens (B,), the (B, count) bool of active sequences whose drafts 1..j were all
-        accepted, or None unverified)."""
+        accepted, or None unverified or unmeasured)."""
         start = self.trunk_cache.seqlens.to(torch.int64)
         sampling = self.sampling
-        if speculative:
-            drafts, q = self.draft(exact, count, distributions=True)
+        one_pass = self.student.pathway == "onepass"
+        if one_pass:  # the last round drafted these; this call drafts the next round's
+            drafts = self.next_drafts[:, :count]
+            q = self.next_q[:, :count] if speculative else None
+            features, logits, hint_logits = self.one_pass(exact, drafts)
         else:
-            drafts = self.draft(exact, count)
-        features, logits = self.trunk(torch.cat([exact[:, None], drafts], dim=1))
+            if speculative:
+                drafts, q = self.draft(exact, count, distributions=True)
+            else:
+                drafts = self.draft(exact, count)
+            features, logits = self.trunk(torch.cat([exact[:, None], drafts], dim=1))
         rows = torch.arange(count + 1, device=start.device)
         positions = start[:, None] + 1 + rows
         if speculative:
@@ -218,15 +265,64 @@ class _DraftDecoder:
         # A sequence that is done stays where it is (its cache never grows past its tokens + k rows).
         advance = torch.where(active, 1 + n_accepted, 0)
         self.trunk_cache.seqlens.copy_(start + advance)
+        if one_pass:
+            self.keep_next_drafts(hint_logits, n_accepted, start, speculative)
         self.commit_features(features, new_tokens, advance, by_drafting_round=True)
         matches = None
-        if verify:
+        if verify and statistics is not None:
             matches = (rows[None, :count] < n_accepted[:, None]) & active[:, None]
             accepted, steps = statistics
             accepted[:count] += matches.sum(dim=0)
             steps[:count] += active.sum()
         loop.record(new_tokens, advance, active, took_part=active.long())
         return new_tokens.gather(1, n_accepted[:, None])[:, 0], matches
+
+    def one_pass(self, exact, drafts):
+        """Onepass pathway: one teacher call over the verify rows [exact | drafts] (B, V = count + 1) at positions
+        L..L+count (L: each sequence's cache length), appended to the teacher's cache as `trunk` appends them, and
+        the hint sets a = 0..count of set_rows rows each at L+1+a.., each attending to the cache, the verify rows
+        0..a and itself causally (what the cache will hold if a drafts stand). Verify rows run the teacher's weights
+        and hint rows the adapters (a LoRA shares the teacher's read of every weight).
+
+        Returns (the verify rows' features (B, V, H), their exact logits (B, V, vocab), the hint rows' draft
+        logits (B, V, set_rows, vocab): set a's row j gives the distribution of the token at L+2+a+j)."""
+        student = self.student
+        teacher, head, cache = student.teacher, student.head, self.trunk_cache
+        batch, n_verify, rows = exact.shape[0], drafts.shape[1] + 1, self.set_rows
+        start = cache.seqlens.to(torch.int64)[:, None]
+        offsets = torch.arange(n_verify, device=exact.device)
+        hint_offsets = (offsets[:, None] + 1 + torch.arange(rows, device=exact.device)).flatten()
+        hints = self.uniforms(start + hint_offsets, self.hint_table)
+        x = torch.cat([teacher.embed(torch.cat([exact[:, None], drafts], dim=1)),
+                       student.hint_rows(hints, self.sampling.temperature).to(teacher.dtype)], dim=1)
+        positions = torch.cat([start + offsets, start + hint_offsets], dim=1)
+        # each set sees the cache up to its own accepted prefix: L + 1 + a rows once the verify rows are written
+        set_lengths = [cache.seqlens + (1 + a) for a in range(n_verify)]
+
+        def attend(layer, q, k, v):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            out = [kforcing_ops.window_attention_decode(q[:, :n_verify], k[:, :n_verify], v[:, :n_verify], k_cache,
+                                                        v_cache, cache.seqlens, n_verify)]
+            for a, lengths in enumerate(set_lengths):
+                part = slice(n_verify + a * rows, n_verify + (a + 1) * rows)
+                out.append(kforcing_ops.window_attention_decode(q[:, part], k[:, part], v[:, part], k_cache, v_cache,
+                                                                lengths, 0))
+            return torch.cat(out, dim=1)
+
+        hidden = head.run(teacher, x[:, None], positions, attend, n_token=n_verify)[:, 0]
+        logits = head.readout(teacher, hidden, n_verify)  # one LM-head call for every row
+        return (hidden[:, :n_verify], logits[:, :n_verify],
+                logits[:, n_verify:].view(batch, n_verify, rows, logits.shape[-1]))
+
+    def keep_next_drafts(self, hint_logits, n_accepted, start, speculative):
+        """Onepass pathway: the next round's drafts are the hint set of the accepted count, each sampled with its
+        position's uniform (L+2+a+j for row j of set a), with their distributions for speculative sampling."""
+        batch, _, rows, vocab = hint_logits.shape
+        chosen = hint_logits.gather(1, n_accepted.view(-1, 1, 1, 1).expand(batch, 1, rows, vocab))[:, 0]
+        positions = (start + 2 + n_accepted)[:, None] + torch.arange(rows, device=start.device)
+        self.next_drafts.copy_(sample_rows(chosen, self.uniforms(positions), self.sampling))
+        if speculative:
+            self.next_q.copy_(_probabilities(chosen, self.sampling))
 
     def commit_features(self, features, next_tokens, keep, by_drafting_round=False):
         """Hand the head the trunk's features (B, T, H) of rows the teacher has just committed, with the tokens
@@ -391,7 +487,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     sampling = Sampling(float(temperature), top_k, top_p, order)
     cache_len = int(lengths.max()) + max_new_tokens + 2 * student.max_k
     decoder = _DraftDecoder(student, batch, static_length(cache_len) if compile else cache_len, seed, sequence_ids,
-                            sampling, hint_seed, max_new_tokens, compile)
+                            sampling, hint_seed, max_new_tokens, compile, set_rows=k - 1, speculative=speculative)
 
     # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
     # sequence's length, so they are never read and the next pass overwrites them.
@@ -436,7 +532,7 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
             exact, matches = decoder.run_drafting_round(exact, active, count, verify, speculative, loop,
                                                         (accepted, steps))
             loop.count_passes(1, 0)
-            if policy is not None:
+            if policy is not None and matches is not None:
                 policy.observe_acceptance(matches, active)
         if policy is not None and compile and compilations() != graphs:
             policy.discard_timing()  # this round compiled: its wall time is not what such a round costs

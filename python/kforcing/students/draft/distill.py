@@ -1,4 +1,5 @@
-"""Distillation of a draft student: the frozen teacher plus trained hint rows (`distill --pathway head|trunk`).
+"""Distillation of a draft student: the frozen teacher plus a trained draft module
+(`distill --pathway chain|head|trunk|onepass`).
 
     kforcing distill --teacher runs/teacher --pathway head --tau 0.7 --top-k 50 --top-p 0.9 --out runs/draft
 
@@ -177,6 +178,7 @@ def configure_draft(config):
     config.top_p = DRAFT_SAMPLING["top_p"] if config.top_p is None else config.top_p
     other = {"head": [("adapter_rank", config.adapter_rank, None)],
              "trunk": [("head_layers", config.head_layers, None)],
+             "onepass": [("head_layers", config.head_layers, None)],
              "chain": [("adapter_rank", config.adapter_rank, None), ("windows", config.windows, "student"),
                        ("noise_code", config.noise_code, "sinusoid")]}[config.pathway]
     for name, value, default in other:

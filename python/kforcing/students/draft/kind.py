@@ -25,7 +25,7 @@ from .student import DraftStudent
 class DraftKind(StudentKind):
     name = "draft"
     title = "draft student"
-    pathways = ("chain", "head", "trunk")
+    pathways = ("chain", "head", "trunk", "onepass")
     model_class = DraftStudent
     smallest_k = 2  # k counts the exact token: k = 2 is one draft a round
     decodes_with_teacher = True
@@ -48,7 +48,7 @@ class DraftKind(StudentKind):
         check_draft_run(config, info)
 
     def prepare(self, config, teacher, saved: Optional[dict]):
-        if saved is not None and config.pathway == "trunk" and config.adapter_rank is None:
+        if saved is not None and config.pathway in ("trunk", "onepass") and config.adapter_rank is None:
             # An unset rank resumes with the run's own, also for a run begun when the default rank was another.
             config = dataclasses.replace(config, adapter_rank=saved.get("adapter_rank"))
         if config.pathway == "chain":

@@ -25,7 +25,17 @@ own position through a noise embedding e(u, tau). Two readouts turn the rows' ou
                  u_j, only u_2..u_{j-1}. In the trunk pathway row 0 is the teacher's own computation, so the
                  draft of token 2 is the teacher's token (and with k = 2 there is nothing to train).
 
-A third pathway drafts differently, one token per head call (`kforcing.students.draft.chain_head.ChainHead`):
+A third pathway makes a round's drafts in the teacher's own verify pass (docs/method.md §8, design b):
+
+    onepass `TrunkAdapters` (a row-gated LoRA by default) as in the trunk pathway, but the window has no y1 row:
+            row i sits at t+1+i and carries u_{t+1+i}, the uniform of the token at its own position, and outputs
+            the distribution of the next token (categorical readout). Row 0 stands for the teacher's token at t+1,
+            which the rows may infer from the teacher's keys/values up to t and u_{t+1} without seeing it. That
+            is what lets a decoding round (`kforcing.students.draft.decode`) run the hint rows for every number of
+            drafts that may be accepted in the same teacher call as the verify rows, each set masked to its
+            accepted prefix (Parallel Token Prediction's layout): one read of the teacher's weights a round.
+
+A fourth pathway drafts differently, one token per head call (`kforcing.students.draft.chain_head.ChainHead`):
 
     chain   a small head (a fuse Linear and copies of the teacher's last block(s)) reads the teacher's final feature
             and the next token, and its output stands for the teacher's next feature; drafts follow in a chain,
@@ -62,7 +72,9 @@ from .trunk_adapters import TrunkAdapters
 READOUTS = ("onehot", "categorical")
 NOISE_CODES = kforcing_ops.NOISE_CODES
 CDF_ORDERS = kforcing_ops.CDF_ORDERS
-PATHWAYS = ("head", "trunk", "chain")
+PATHWAYS = ("head", "trunk", "chain", "onepass")
+# The pathways whose hint rows run through the teacher's own blocks with `TrunkAdapters`.
+TRUNK_PATHWAYS = ("trunk", "onepass")
 
 
 def teacher_fingerprint(teacher) -> str:
@@ -95,16 +107,18 @@ class HeadConfig:
             `kforcing_ops.noise_embedding`).
         pathway: "head" (hint rows through a separate `HintHead` on the teacher's final features), "trunk"
             (hint rows through the teacher's own blocks with row-gated adapters,
-            `kforcing.students.draft.trunk_adapters`) or
+            `kforcing.students.draft.trunk_adapters`), "onepass" (the trunk's adapters on a window with no exact
+            row, drafted inside the teacher's verify pass; categorical readout) or
             "chain" (a `ChainHead` drafting one token per call from the teacher's features; categorical readout,
             num_layers blocks, no noise embedding).
         draft_vocab: chain pathway only: drafts come from the draft_vocab most frequent tokens of the training
             text (a smaller LM head read per draft); None: the whole vocabulary.
-        adapter_rank: trunk pathway only: r >= 1, a rank-r LoRA on every linear layer of every block (q/k/v,
-            attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
+        adapter_rank: trunk and onepass pathways only: r >= 1, a rank-r LoRA on every linear layer of every block
+            (q/k/v, attention output, both MLP layers), for hint rows only; 0, a full trainable copy of every block's
             weights, for hint rows only. At most the model width (checked when the adapters are built). None: the
             teacher's default, fixed when the adapters are built (so a checkpoint always records a number):
-            `TrunkAdapters.DEFAULT_RANK` (0, a full copy) for kforcing's own teachers and
+            `TrunkAdapters.DEFAULT_RANK` (0, a full copy) for kforcing's own teachers (onepass:
+            `TrunkAdapters.ONE_PASS_RANK`, a LoRA, so that its one call reads the teacher's weights once) and
             `HFTrunkAdapters.DEFAULT_RANK` (a LoRA) for Hugging Face teachers. num_layers is unused by the trunk
             pathway (it adapts every block).
     """
@@ -138,9 +152,9 @@ class HeadConfig:
                              f"{vocab!r}")
         if vocab is not None and self.pathway != "chain":
             raise ValueError(f"draft_vocab applies to the chain pathway only, not {self.pathway!r}")
-        if self.pathway == "chain" and self.readout != "categorical":
-            raise ValueError(f"the chain pathway drafts from distributions: it needs readout 'categorical', got "
-                             f"{self.readout!r}")
+        if self.pathway in ("chain", "onepass") and self.readout != "categorical":
+            raise ValueError(f"the {self.pathway} pathway drafts from distributions: it needs readout 'categorical', "
+                             f"got {self.readout!r}")
         rank = self.adapter_rank
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
             raise ValueError(f"HeadConfig.adapter_rank must be an int >= 0 (r >= 1: a rank-r LoRA; 0: a full copy "
@@ -163,8 +177,14 @@ class HeadConfig:
         return cls(**{**_BEFORE_DEFAULTS_CHANGED, **data})
 
     def window_rows(self, k):
-        """Rows of one window for k tokens: y1 + k-1 hints (onehot) or y1 + k-2 hints (categorical)."""
+        """Rows of one window for k tokens: y1 + k-1 hints (onehot) or y1 + k-2 hints (categorical), or k-1 hints
+        (onepass: no y1 row)."""
         return k if self.readout == "onehot" else k - 1
+
+    @property
+    def exact_rows(self) -> int:
+        """Token rows at the head of a window: 1 (y1), or 0 in the onepass pathway (every row a hint)."""
+        return 0 if self.pathway == "onepass" else 1
 
 
 class HintHead(DraftModule):
@@ -202,13 +222,16 @@ def head_class(teacher, pathway: str):
         if pathway == "head":
             raise ValueError("pathway 'head' needs a kforcing ARModel teacher (its hint head copies the teacher's "
                              "kforcing blocks); a Hugging Face teacher takes pathway 'trunk' or 'chain'")
+        if pathway == "onepass":
+            raise ValueError("pathway 'onepass' needs a kforcing ARModel teacher (its round runs every hint set in "
+                             "the teacher's own decode call); a Hugging Face teacher takes pathway 'trunk' or 'chain'")
         return HFTrunkAdapters if pathway == "trunk" else ChainHead
-    return {"trunk": TrunkAdapters, "head": HintHead, "chain": ChainHead}[pathway]
+    return {"trunk": TrunkAdapters, "onepass": TrunkAdapters, "head": HintHead, "chain": ChainHead}[pathway]
 
 
 def build_head(teacher, config: HeadConfig):
     """The trainable module of `config.pathway`, initialised from the teacher: a `HintHead` ("head"),
-    `TrunkAdapters` or `HFTrunkAdapters` ("trunk"; they check adapter_rank against the teacher's width), a
+    `TrunkAdapters` or `HFTrunkAdapters` ("trunk" and "onepass"; they check adapter_rank against the teacher's width), a
     `ChainHead` ("chain")."""
     check_teacher(teacher, "a draft student")
     return head_class(teacher, config.pathway).from_teacher(teacher, config)
@@ -301,7 +324,7 @@ class DraftStudent:
         bfloat16 halves the bytes drafting reads, and since drafts only propose, verified output is unchanged. For
         the chain and head pathways, whose drafting runs the head alone; a trunk student's adapters run inside the
         teacher's pass and stay as they are. Returns self."""
-        if self.pathway != "trunk":
+        if self.pathway not in TRUNK_PATHWAYS:
             cast_linear_weights(self.head, dtype)
         return self
 
@@ -320,7 +343,7 @@ class DraftStudent:
         teacher = self.teacher
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device)
-        keys, values = ([], []) if self.pathway == "trunk" else (None, None)
+        keys, values = ([], []) if self.pathway in TRUNK_PATHWAYS else (None, None)
 
         def attend(layer, q, k, v):
             if keys is not None:
@@ -360,18 +383,27 @@ class DraftStudent:
     # -- the draft rows -----------------------------------------------------------------------------------------
 
     def window_inputs(self, y1, u, tau):
-        """The input rows of every window: (B, W, rows, H) = [tok_emb(y1) | e(u_2..), tau)].
+        """The input rows of every window: (B, W, rows, H) = [tok_emb(y1) | e(u_2..), tau)], or in the onepass
+        pathway [e(u_1..), tau)] (row 0 stands for y1 without seeing it).
 
-        y1: (B, W) exact first tokens; u: (B, W, k) uniforms of tokens 1..k (u[..., 0] is y1's, unused here).
+        y1: (B, W) exact first tokens; u: (B, W, k) uniforms of tokens 1..k (u[..., 0] is y1's: a hint in the
+        onepass pathway, unused in the others).
         """
-        k = u.shape[2]
-        hints = u[..., 1:self.head.config.window_rows(k)]
+        k, config = u.shape[2], self.head.config
+        exact = config.exact_rows
+        hints = u[..., exact:config.window_rows(k)]
         y1_rows = self.teacher.embed(y1)[:, :, None]
+        if exact == 0:
+            return self.hint_rows(hints, tau).to(y1_rows.dtype)
         if hints.shape[2] == 0:
             return y1_rows
+        return torch.cat([y1_rows, self.hint_rows(hints, tau).to(y1_rows.dtype)], dim=2)
+
+    def hint_rows(self, hints, tau):
+        """e(u, tau) (..., H) of hint uniforms (...): tau a float or a (B,) tensor (one per sequence)."""
         if isinstance(tau, torch.Tensor) and tau.dim() == 1:
-            tau = tau.to(u.device).view(-1, 1, 1).expand(hints.shape)
-        return torch.cat([y1_rows, self.head.noise(hints, tau).to(y1_rows.dtype)], dim=2)
+            tau = tau.to(hints.device).view(-1, *([1] * (hints.dim() - 1))).expand(hints.shape)
+        return self.head.noise(hints, tau)
 
     def readout_logits(self, hidden):
         """Draft logits from the window rows' hidden states (..., rows, H) -> (..., k-1, V).
@@ -381,8 +413,8 @@ class DraftStudent:
         """
         first = 1 if self.head.config.readout == "onehot" else 0
         hidden = hidden[..., first:, :]
-        if self.pathway == "trunk":
-            return self.head.readout(self.teacher, hidden, 1 - first)
+        if self.pathway in TRUNK_PATHWAYS:
+            return self.head.readout(self.teacher, hidden, self.head.config.exact_rows - first)
         return self.teacher.lm_head(self.head.norm(hidden))
 
     def draft_logits(self, ids, stream, y1, u, tau):
@@ -399,7 +431,7 @@ class DraftStudent:
             token j+2 (as logits).
         """
         window_x = self.window_inputs(y1, u, tau)
-        if self.pathway == "trunk":
+        if self.pathway in TRUNK_PATHWAYS:
             hidden = self._trunk_window_hidden(ids, stream, window_x)
         else:
             hidden = self._head_window_hidden(ids, stream, window_x)
@@ -417,7 +449,7 @@ class DraftStudent:
         return hidden[:, context:].view(batch, windows, rows, -1)
 
     def _trunk_window_hidden(self, ids, stream, window_x):
-        """Trunk pathway: window rows through the teacher's blocks with the adapters -> (B, W, rows, H).
+        """Trunk and onepass pathways: window rows through the teacher's blocks with the adapters -> (B, W, rows, H).
 
         At layer l the window rows attend, with the staircase mask, to [the token stream's keys/values of the
         context at layer l | their own rows]; context rows get zero queries and their outputs are dropped.
@@ -434,7 +466,8 @@ class DraftStudent:
             v = torch.cat([context_v.to(v.dtype), v], dim=1)
             return kforcing_ops.window_attention(q, k, v, windows, rows)[:, context:]
 
-        return self.head.run(self.teacher, window_x, self._window_positions(windows, rows, ids.device), attend)
+        return self.head.run(self.teacher, window_x, self._window_positions(windows, rows, ids.device), attend,
+                             n_token=self.head.config.exact_rows)
 
     def decode_window(self, x, cache):
         """One draft pass in decoding: window rows x (B, rows, H) = [exact token | hints] -> hidden (B, rows, H).

@@ -182,13 +182,18 @@ class TrunkAdapters(DraftModule):
     # A full copy: at the demo's budget it beat rank-8 and rank-32 LoRAs on every acceptance and quality column of
     # the ablation (bench/results/ablation_draft_cpu) at the same wall clock; a kforcing model is small enough to copy.
     DEFAULT_RANK = 0
+    # The onepass pathway runs its hint rows in the teacher's own call: with a LoRA every row shares one read of the
+    # teacher's weights, where a full copy would read a second set for the hint rows.
+    ONE_PASS_RANK = 32
 
     def __init__(self, model_config: ModelConfig, config):
         super().__init__()
-        if config.pathway != "trunk":
-            raise ValueError(f"TrunkAdapters are the 'trunk' pathway; this HeadConfig has pathway={config.pathway!r}")
+        if config.pathway not in ("trunk", "onepass"):
+            raise ValueError(f"TrunkAdapters are the 'trunk' and 'onepass' pathways; this HeadConfig has "
+                             f"pathway={config.pathway!r}")
         if config.adapter_rank is None:
-            config = dataclasses.replace(config, adapter_rank=self.DEFAULT_RANK)
+            default = self.ONE_PASS_RANK if config.pathway == "onepass" else self.DEFAULT_RANK
+            config = dataclasses.replace(config, adapter_rank=min(default, model_config.n_embd))
         rank, width = config.adapter_rank, model_config.n_embd
         if rank > width:
             raise ValueError(f"HeadConfig.adapter_rank={rank} is larger than the model width n_embd={width}: a LoRA "
