@@ -237,7 +237,7 @@ def test_bad_trunk_configs_are_refused():
             HeadConfig(pathway="trunk", adapter_rank=bad)
     with pytest.raises(ValueError, match="'head' pathway"):
         HintHead(CONFIG, _config(4))
-    with pytest.raises(ValueError, match="'trunk' pathway"):
+    with pytest.raises(ValueError, match="'trunk' and 'onepass' pathways"):
         TrunkAdapters(CONFIG, HeadConfig(pathway="head"))
     adapters = TrunkAdapters.from_teacher(peaked_teacher(), _config(4))
     adapters.config = HeadConfig(pathway="head")  # a trunk module that claims the head pathway
