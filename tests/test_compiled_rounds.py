@@ -37,7 +37,7 @@ def test_compiled_round_equals_the_eager_round_bit_for_bit(student):
     want = generate_ar(student.teacher, PROMPTS, 24, seed=3, eos_id=eos, **SAMPLING)
     eager = generate_with_drafts(student, PROMPTS, 24, k=3, seed=3, eos_id=eos, **SAMPLING)
     assert torch.equal(eager.tokens, want.tokens) and compilations() == 0
-    # a onepass decode has two round graphs: its first round verifies placeholders and is left out of the statistics
+    # a onepass decode has two round graphs: its first round verifies stand-ins and is left out of the statistics
     graphs = 2 if student.pathway == "onepass" else 1
     for _ in range(2):
         got = generate_with_drafts(student, PROMPTS, 24, k=3, seed=3, eos_id=eos, compile=True, **SAMPLING)

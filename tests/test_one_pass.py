@@ -64,14 +64,14 @@ def test_the_hint_set_of_the_accepted_count_drafts_the_next_round(monkeypatch, s
     _oracle_hint_sets(monkeypatch, want, prompts, error_every)
     got = generate_with_drafts(student, prompts, 40, k=4, seed=4, **sampling)
     assert torch.equal(got.tokens, want[:, :40])
-    if error_every == 1000:  # the first round verifies placeholders (not counted); every later draft stands
+    if error_every == 1000:  # the first round verifies stand-ins (not counted); every later draft stands
         assert got.num_passes <= 1 + 1 + -(-(40 - 2) // 4) and got.accepted == [1.0, 1.0, 1.0]
     else:
         assert 0.0 < got.accepted[-1] < got.accepted[0] < 1.0 and got.tokens_per_pass > 2.0
 
 
-def test_unverified_onepass_decoding_never_keeps_a_placeholder(student):
-    """The round after the prompt has no drafts yet: it is verified whatever was asked (its placeholders are no
+def test_unverified_onepass_decoding_never_keeps_a_stand_in(student):
+    """The round after the prompt has no drafts yet: it is verified whatever was asked (its stand-ins are no
     drafts), so the first two tokens are the teacher's; every later round keeps its k-1 drafts and the teacher's
     token after them."""
     prompts = RAGGED[:3]

@@ -137,11 +137,11 @@ class _DraftDecoder:
         self.readout_layer = student.head.readout_layer(teacher) if student.pathway == "chain" else None
         # Onepass pathway: the drafts the last round's hint sets made for the next round, and their distributions
         # (speculative sampling). After the prompt or a run of AR steps there are none: the next round verifies
-        # placeholders (token 0, a point mass), which stand only where they are the teacher's token, so the output
+        # stand-ins (token 0, a point mass), which stand only where they are the teacher's token, so the output
         # stays exact; that round's own hint sets then draft for the one after.
         self.set_rows = student.max_k - 1 if set_rows is None else set_rows
         self.next_drafts = self.next_q = None
-        # whether the next round's drafts were drafted (False while they are placeholders)
+        # whether the next round's drafts were drafted (False while they are stand-ins)
         self.drafted = True
         if student.pathway == "onepass":
             self.next_drafts = torch.zeros(batch, self.set_rows, dtype=torch.int64, device=teacher.device)
@@ -173,7 +173,7 @@ class _DraftDecoder:
         return features, teacher.logits(rows)
 
     def forget_drafts(self):
-        """Onepass pathway: the next round's drafts become placeholders (token 0, drawn from a point mass at 0), as
+        """Onepass pathway: the next round's drafts become stand-ins (token 0, drawn from a point mass at 0), as
         after the prompt or a run of AR steps, when no hint set drafted for the next round's positions."""
         if self.next_drafts is not None:
             self.next_drafts.zero_()
@@ -215,12 +215,12 @@ class _DraftDecoder:
 
     def run_drafting_round(self, exact, active, count: int, verify: bool, speculative: bool, loop: RoundLoop,
                            statistics):
-        """`drafting_round`, compiled with compile=True. A onepass round whose drafts are placeholders verifies them
-        even unverified (a placeholder is no draft to keep), and is left out of the acceptance statistics and of
+        """`drafting_round`, compiled with compile=True. A onepass round whose drafts are stand-ins verifies them
+        even unverified (a stand-in is no draft to keep), and is left out of the acceptance statistics and of
         what adaptive drafting learns (it returns no matches): it is an AR step that drafts for the next round."""
-        placeholders = not self.drafted
-        out = self._drafting_round(self, exact, active, count, verify or placeholders, speculative, loop,
-                                   None if placeholders or not verify else statistics)
+        stand_ins = not self.drafted
+        out = self._drafting_round(self, exact, active, count, verify or stand_ins, speculative, loop,
+                                   None if stand_ins or not verify else statistics)
         self.drafted = True
         return out
 
