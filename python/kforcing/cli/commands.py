@@ -131,9 +131,9 @@ def _add_sample_parser(subparsers):
         subparsers, "sample", "print samples from a teacher or a K-Forcing student checkpoint",
         "Sample from a checkpoint. A teacher (AR) decodes one token per pass by inverse-CDF sampling; a push-forward "
         "student decodes --k tokens per pass. A draft student (distill --pathway chain, head, trunk or onepass) "
-        "decodes with its teacher: with --verify its output is exactly the teacher's AR sample, several tokens per pass; without, "
-        "it keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j from (--seed, j, "
-        "p), so models given the same seed are coupled.")
+        "decodes with its teacher: with --verify its output is exactly the teacher's AR sample, several tokens per "
+        "pass; without, it keeps its drafts (--k tokens per pass). All draw the uniform of position p of sample j "
+        "from (--seed, j, p), so models given the same seed are coupled.")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest), or "
                    "hf:PATH: a Hugging Face causal LM (a save_pretrained folder with its tokenizer.json)")
     p.add_argument("--verify", action="store_true", help="draft students: lossless verified decoding")
