@@ -13,9 +13,11 @@ from .embedding import noise_conditioned_embedding, noise_embedding
 from .linear import decode_linear
 
 # No-grad calls of a DecodeLinear with at most this many rows run decode_linear; larger ones (long prefills,
-# scoring whole sequences) run torch's GEMM, which is faster there (bench/results/linear_cpu).
+# scoring whole sequences) run torch's GEMM, which is faster there (bench/results/linear_cpu), unless a decoder has
+# asked for row invariance (`row_invariant_linears`).
 DECODE_LINEAR_MAX_ROWS = 64
 _decode_linear_enabled = True
+_row_invariant = False
 
 
 @contextlib.contextmanager
@@ -30,24 +32,44 @@ def torch_linears():
         _decode_linear_enabled = previous
 
 
-def decode_linear_enabled() -> bool:
-    """False inside `torch_linears()`: what a cached CUDA graph of a decode step must be keyed by, since a graph
-    replays whichever linear layers it was captured with."""
-    return _decode_linear_enabled
+@contextlib.contextmanager
+def row_invariant_linears():
+    """Inside this block every no-grad `DecodeLinear` call runs the kernel whatever its row count, so that a row's
+    output has the same bits whatever rows share its call, past DECODE_LINEAR_MAX_ROWS too.
+
+    Decoders run their passes after the prefill inside it: a verify pass of B x k rows must give each row the bits
+    of the B-row AR step it stands for (torch's GEMM gives a row other bits in calls of other sizes), whatever the
+    batch. The price is speed past a few dozen rows, where torch's GEMM is faster than the kernel
+    (bench/results/linear_cpu: 1.3x at 128 rows in fp32 on a CPU). `torch_linears()` still wins over it. A
+    module-level switch (not thread-safe)."""
+    global _row_invariant
+    previous, _row_invariant = _row_invariant, True
+    try:
+        yield
+    finally:
+        _row_invariant = previous
+
+
+def linear_mode() -> str:
+    """Which path `DecodeLinear`'s decode calls take here: "torch" (inside `torch_linears()`), "row-invariant"
+    (inside `row_invariant_linears()`) or "kernel" (up to DECODE_LINEAR_MAX_ROWS rows). A cached CUDA graph of a
+    decode step is keyed by it, since a graph replays whichever linear layers it was captured with."""
+    return "torch" if not _decode_linear_enabled else "row-invariant" if _row_invariant else "kernel"
 
 
 class DecodeLinear(nn.Linear):
     """nn.Linear whose decode-time calls run `decode_linear`: a drop-in that makes decode steps read each weight once
     and gives every row the same bits whatever rows share the call.
 
-    No-grad calls on at most DECODE_LINEAR_MAX_ROWS rows with fp32 or bf16 tensors run the kernel; everything else
-    (training, scoring long sequences, fp64 or fp16 models) runs torch's GEMM. The weight may be stored in bf16
-    while activations stay fp32: the kernel widens it in registers, torch's path casts it to x's dtype first.
+    No-grad calls with fp32 or bf16 tensors run the kernel on at most DECODE_LINEAR_MAX_ROWS rows, or on any number
+    inside `row_invariant_linears()`; everything else (training, scoring long sequences, fp64 or fp16 models) runs
+    torch's GEMM. The weight may be stored in bf16 while activations stay fp32: the kernel widens it in registers,
+    torch's path casts it to x's dtype first.
     """
 
     def forward(self, x):
-        rows = math.prod(x.shape[:-1])
-        if (_decode_linear_enabled and not torch.is_grad_enabled() and rows <= DECODE_LINEAR_MAX_ROWS
+        if (_decode_linear_enabled and not torch.is_grad_enabled()
+                and (_row_invariant or math.prod(x.shape[:-1]) <= DECODE_LINEAR_MAX_ROWS)
                 and x.dtype in _checks.LINEAR_TYPES and self.weight.dtype in _checks.LINEAR_TYPES):
             return decode_linear(x, self.weight, self.bias)
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
@@ -178,5 +200,5 @@ class WindowAttention(nn.Module):
         return self.c_proj(out.reshape(x.shape))
 
 
-__all__ = ["DECODE_LINEAR_MAX_ROWS", "DecodeLinear", "NoiseEmbedding", "WindowAttention", "decode_linear_enabled",
-           "torch_linears"]
+__all__ = ["DECODE_LINEAR_MAX_ROWS", "DecodeLinear", "NoiseEmbedding", "WindowAttention", "linear_mode",
+           "row_invariant_linears", "torch_linears"]

@@ -4,15 +4,15 @@ import copy
 
 import pytest
 import torch
+from tiny_models import DRAFT_CONFIG as CONFIG
+from tiny_models import draft_student, peaked_teacher
 
+from kforcing.decoding.generate import generate_ar
+from kforcing.models.transformer import KVCache
 from kforcing.students.draft.chain_head import ChainHead
 from kforcing.students.draft.decode import generate_with_drafts
-from kforcing.decoding.generate import generate_ar
-from kforcing.students.draft.targets import chain_rollout, chain_step
 from kforcing.students.draft.student import DraftStudent, HeadConfig, Sampling
-from kforcing.models.transformer import KVCache
-
-from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
+from kforcing.students.draft.targets import chain_rollout, chain_step
 
 PROMPTS = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13]]
 SAMPLINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9), dict(top_k=1)]
@@ -71,7 +71,7 @@ def test_unverified_decoding_makes_k_tokens_per_pass_and_speculative_runs(traine
     student = trained
     out = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, verify=False)
     ar = generate_ar(student.teacher, PROMPTS, 33, seed=0)
-    assert out.num_passes == 1 + -(-(33 - 1) // 4)
+    assert out.num_passes == 2 + -(-(33 - 1) // 4)  # the ragged prefill is two passes, as AR's
     assert torch.equal(out.tokens[:, 0], ar.tokens[:, 0])
     spec = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, acceptance="speculative")
     assert spec.lengths.tolist() == [33] * len(PROMPTS) and spec.accepted[0] > 0.0
@@ -217,6 +217,6 @@ def test_adaptive_drafting_weighs_every_draft_count(monkeypatch):
     monkeypatch.setattr(draft_decode._DraftDecoder, "draft", first_draft_right)
     got = generate_with_drafts(student, PROMPTS, 64, seed=4, round_costs=(1.0, 3.0))
     assert torch.equal(got.tokens, want[:, :64])
-    rounds = got.num_passes - 1 - got.ar_rounds
+    rounds = got.num_passes - 2 - got.ar_rounds  # the prefill (two passes: ragged prompts) is not a round
     assert got.accepted[0] == pytest.approx(1.0) and got.accepted[1] == 0.0
     assert got.tokens_per_pass > 1.7 and got.ar_rounds < rounds / 4

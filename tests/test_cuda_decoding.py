@@ -4,13 +4,12 @@ Face teacher in bfloat16 matches transformers' own SDPA attention and decodes lo
 
 import pytest
 import torch
-
-from kforcing.students.draft.decode import generate_with_drafts
-from kforcing.decoding.generate import generate_ar
-from kforcing.students.draft.student import DraftStudent, HeadConfig
-
 from conftest import expect_kernel
 from tiny_models import draft_student, peaked_teacher
+
+from kforcing.decoding.generate import generate_ar
+from kforcing.students.draft.decode import generate_with_drafts
+from kforcing.students.draft.student import DraftStudent, HeadConfig
 
 pytestmark = pytest.mark.cuda
 
@@ -40,13 +39,14 @@ def test_verified_decoding_equals_ar_on_the_gpu(pathway, dtype):
     speculative = generate_with_drafts(student, RAGGED, 16, k=4, seed=3, acceptance="speculative")
     for out in (unverified, speculative):
         assert out.tokens.shape == (len(RAGGED), 16) and 0 <= int(out.tokens.min()) <= int(out.tokens.max()) < 97
-    assert unverified.num_passes == 1 + 16 // 4  # the prefill, then 4 tokens a pass
+    assert unverified.num_passes == 2 + 16 // 4  # the ragged prefill (two passes), then 4 tokens a pass
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_an_hf_teacher_in_bf16_matches_transformers_sdpa_and_decodes_losslessly(family, tmp_path):
     transformers = pytest.importorskip("transformers")
     from hf_models import VOCAB, save_tiny
+
     from kforcing.teachers.hf_teacher import load_hf_teacher
 
     exact = save_tiny(family, tmp_path, dtype=torch.float64).to("cuda")

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from tiny_models import DRAFT_CONFIG as CONFIG
+from tiny_models import draft_student, peaked_teacher
 
-from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.decoding.generate import generate_ar, generate_kforcing
-from kforcing.students.registry import kind_of
+from kforcing.noise import counter_uniform
+from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.students.draft.student import DraftStudent, HeadConfig, HintHead, teacher_fingerprint
 from kforcing.students.push_forward.model import PushForwardLM
-from kforcing.noise import counter_uniform
+from kforcing.students.registry import kind_of
 from kforcing_ops.nn import DecodeLinear
-
-from tiny_models import DRAFT_CONFIG as CONFIG, draft_student, peaked_teacher
 
 
 def _teacher(seed=0):
@@ -61,7 +61,7 @@ def test_verification_accepts_rejects_and_rolls_back_exactly(monkeypatch, error_
     got = generate_with_drafts(student, PROMPTS, 40, k=4, seed=4, **sampling)
     assert torch.equal(got.tokens, want[:, :40])
     if error_every == 1000:  # perfect drafts: k tokens per pass, every draft accepted
-        assert got.accepted == [1.0, 1.0, 1.0] and got.num_passes == 1 + -(-(40 - 1) // 4)
+        assert got.accepted == [1.0, 1.0, 1.0] and got.num_passes == 2 + -(-(40 - 1) // 4)  # the ragged prefill is two passes
     else:
         assert 0.0 < got.accepted[-1] <= got.accepted[0] < 1.0 and 1.0 < got.tokens_per_pass < 4.0
 
@@ -87,7 +87,7 @@ def test_unverified_decoding_makes_k_tokens_per_pass_and_starts_exact():
     student = _student()
     out = generate_with_drafts(student, PROMPTS, 33, k=4, seed=0, verify=False)
     ar = generate_ar(student.teacher, PROMPTS, 33, seed=0)
-    assert out.num_passes == 1 + -(-(33 - 1) // 4)
+    assert out.num_passes == 2 + -(-(33 - 1) // 4)  # the ragged prefill is two passes, as AR's
     assert torch.equal(out.tokens[:, 0], ar.tokens[:, 0])  # the first token is always the teacher's own
 
 
@@ -197,7 +197,7 @@ def test_adaptive_drafting_falls_back_to_ar_steps_and_drafts_when_drafts_pay(mon
     _oracle_drafts(monkeypatch, want, PROMPTS, error_every)
     got = generate_with_drafts(student, PROMPTS, 64, seed=4, round_costs=costs)
     assert torch.equal(got.tokens, want[:, :64])
-    rounds = got.num_passes - 1  # the prefill is not a round
+    rounds = got.num_passes - 2  # the prefill (two passes: ragged prompts) is not a round
     if error_every == 1:
         assert got.ar_rounds >= 0.8 * rounds and got.tokens_per_pass < 1.3
     else:
@@ -237,7 +237,7 @@ def test_adaptive_drafting_remembers_what_a_request_learnt(monkeypatch):
     first = generate_with_drafts(student, PROMPTS, 64, seed=4, round_costs=(1.0, 1.5))
     later = [generate_with_drafts(student, PROMPTS, 64, seed=4, round_costs=(1.0, 1.5)) for _ in range(3)]
     assert all(torch.equal(out.tokens, want[:, :64]) for out in later)
-    drafting = lambda out: out.num_passes - 1 - out.ar_rounds  # noqa: E731
+    drafting = lambda out: out.num_passes - 2 - out.ar_rounds  # noqa: E731  (the ragged prefill: 2 passes)
     # An exploration costs 0.5 AR steps for nothing: 2% of the time allows one every 25 rounds.
     assert 1 <= sum(drafting(out) for out in later) <= 3 * 64 // 25 + 1
     assert all(drafting(out) <= drafting(first) for out in later)

@@ -3,16 +3,16 @@ plumbing."""
 
 import pytest
 import torch
+from conftest import DEVICES, HAS_GPU
+from tolerances import CACHED_VS_FULL
 
 import kforcing_ops
-from conftest import DEVICES, HAS_GPU
-from kforcing_ops import _ext
 from kforcing.decoding.compiled import COMPILE_OPTIONS
 from kforcing.decoding.generate import generate_ar, generate_kforcing
 from kforcing.models.transformer import ARModel, KVCache, ModelConfig
-from kforcing.students.push_forward.model import PushForwardLM
 from kforcing.noise import counter_uniform, hash3, hash3_python, splitmix64, splitmix64_python
-from tolerances import CACHED_VS_FULL
+from kforcing.students.push_forward.model import PushForwardLM
+from kforcing_ops import _ext
 
 pytestmark = pytest.mark.filterwarnings("ignore:kforcing_ops.*reference:RuntimeWarning")
 
@@ -196,33 +196,23 @@ def test_same_seed_same_samples_whatever_the_batch(kind):
     assert torch.equal(run(prompts), full)  # and it is repeatable
 
 
-def test_ar_and_kforcing_draw_the_same_noise():
-    """Coupling: both loops ask for exactly the uniforms u(seed, sequence, position) of the generated positions."""
+def test_ar_and_kforcing_draw_the_same_noise(monkeypatch):
+    """Coupling: both loops use exactly the uniforms u(seed, sequence, position) of the generated positions (AR's
+    sampler calls, the push-forward student's hint rows)."""
     teacher, student = make_models()
-    seen = {}
-    original = counter_uniform
-
-    import kforcing.decoding.generate as gen
-
-    def spy(name):
-        def wrapped(seed, seq, pos):
-            u = original(seed, seq, pos)
-            for s, p, value in zip(torch.broadcast_to(seq, u.shape).flatten().tolist(),
-                                   torch.broadcast_to(pos, u.shape).flatten().tolist(), u.flatten().tolist()):
-                seen.setdefault(name, {})[(s, p)] = value
-            return u
-        return wrapped
-
     prompts = prompts_of([3, 5])
-    try:
-        gen.counter_uniform = spy("ar")
-        generate_ar(teacher, prompts, 8, seed=9)
-        gen.counter_uniform = spy("kf")
-        generate_kforcing(student, prompts, 8, k=4, seed=9)
-    finally:
-        gen.counter_uniform = original
-    assert seen["ar"] == seen["kf"]
-    assert set(seen["ar"]) == {(b, len(p) + i) for b, p in enumerate(prompts) for i in range(8)}
+    expected = torch.stack([counter_uniform(9, b, len(p) + torch.arange(8)) for b, p in enumerate(prompts)])
+    sampled = []
+    sample = kforcing_ops.inverse_cdf_sample
+    monkeypatch.setattr(kforcing_ops, "inverse_cdf_sample",
+                        lambda logits, u, *args: sampled.append(u.clone()) or sample(logits, u, *args))
+    generate_ar(teacher, prompts, 8, seed=9)
+    assert torch.equal(torch.stack(sampled, dim=1), expected)
+    hinted = []
+    embed = student.embed_noise
+    monkeypatch.setattr(student, "embed_noise", lambda u, tau: hinted.append(u.clone()) or embed(u, tau))
+    generate_kforcing(student, prompts, 8, k=4, seed=9)
+    assert torch.equal(torch.cat(hinted, dim=1).flatten(1), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ drafts that may stand, each masked to its accepted prefix; verified output equal
 
 import pytest
 import torch
+from tiny_models import DRAFT_CONFIG, draft_student, peaked_teacher
 
 import kforcing_ops
 from kforcing.decoding.generate import generate_ar
@@ -11,8 +12,6 @@ from kforcing.noise import counter_uniform
 from kforcing.students.draft import decode as draft_decode
 from kforcing.students.draft.decode import generate_with_drafts
 from kforcing.students.draft.student import HeadConfig, Sampling
-
-from tiny_models import DRAFT_CONFIG, draft_student, peaked_teacher
 
 RAGGED = [[1, 5, 9, 2, 7], [3], [4, 4, 8, 11, 20, 31, 2, 6, 9], [12, 13], [40, 41, 42], [7] * 11, [2, 3], [60]]
 SAMPLINGS = [dict(temperature=0.7, top_k=20, top_p=0.9), dict(temperature=1.0), dict(top_k=1)]
@@ -65,7 +64,7 @@ def test_the_hint_set_of_the_accepted_count_drafts_the_next_round(monkeypatch, s
     got = generate_with_drafts(student, prompts, 40, k=4, seed=4, **sampling)
     assert torch.equal(got.tokens, want[:, :40])
     if error_every == 1000:  # the first round verifies stand-ins (not counted); every later draft stands
-        assert got.num_passes <= 1 + 1 + -(-(40 - 2) // 4) and got.accepted == [1.0, 1.0, 1.0]
+        assert got.num_passes <= 2 + 1 + -(-(40 - 2) // 4) and got.accepted == [1.0, 1.0, 1.0]
     else:
         assert 0.0 < got.accepted[-1] < got.accepted[0] < 1.0 and got.tokens_per_pass > 2.0
 
@@ -78,7 +77,7 @@ def test_unverified_onepass_decoding_never_keeps_a_stand_in(student):
     want = generate_ar(student.teacher, prompts, 30, seed=2, **SAMPLINGS[1])
     got = generate_with_drafts(student, prompts, 30, k=4, seed=2, verify=False, **SAMPLINGS[1])
     assert torch.equal(got.tokens[:, :2], want.tokens[:, :2])
-    assert got.num_passes == 1 + 1 + -(-(30 - 2) // 4)
+    assert got.num_passes == 2 + 1 + -(-(30 - 2) // 4)  # the ragged prefill is two passes, as AR's
 
 
 def test_a_hint_set_sees_its_accepted_prefix_and_nothing_else(student):

@@ -5,12 +5,18 @@ decode_linear (per-row FMA chains) and window_attention_decode (key tiles at abs
 import pytest
 import torch
 from conftest import expect_kernel
+from tiny_models import DRAFT_CONFIG, draft_student, peaked_teacher
 from tolerances import SAME_ROWS_FP32
 
 import kforcing_ops as ko
+from kforcing.decoding import steps as decode_steps
+from kforcing.decoding.generate import generate_ar
 from kforcing.models.transformer import ARModel, KVCache, ModelConfig, cast_linear_weights
+from kforcing.students.draft.decode import generate_with_drafts
+from kforcing.students.draft.student import HeadConfig
 from kforcing.students.push_forward.model import PushForwardLM
-from kforcing_ops.nn import DECODE_LINEAR_MAX_ROWS, DecodeLinear, torch_linears
+from kforcing_ops import nn as kernel_nn
+from kforcing_ops.nn import DECODE_LINEAR_MAX_ROWS, DecodeLinear, linear_mode, row_invariant_linears, torch_linears
 
 PROMPTS = [7, 70, 33]  # ragged: one sequence's cache crosses a 64-key attention tile
 
@@ -107,6 +113,80 @@ def test_linear_layers_use_the_kernel_only_in_decode_passes():
     out = layer(x[:4])  # grad mode: torch's GEMM, differentiable
     out.sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_row_invariant_linears_run_the_kernel_past_the_row_limit():
+    layer = DecodeLinear(48, 24)
+    x = torch.randn(3 * DECODE_LINEAR_MAX_ROWS + 5, 48)
+    assert linear_mode() == "kernel"
+    with torch.no_grad(), row_invariant_linears():
+        assert linear_mode() == "row-invariant"
+        with expect_kernel("decode_linear"):
+            together = layer(x)
+        one_by_one = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
+        with torch_linears():  # the benchmarks' "before" still wins
+            assert linear_mode() == "torch"
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert linear_mode() == "kernel"
+    assert torch.equal(together, one_by_one)
+    out = layer(x)  # grad mode: torch's GEMM, differentiable, whatever the mode
+    out.sum().backward()
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_a_verify_pass_past_the_row_limit_equals_the_ar_steps_it_stands_for(teachers, weights):
+    """17 sequences x 4 rows (68 rows, past DECODE_LINEAR_MAX_ROWS): inside row_invariant_linears, as decoders run
+    it, every row's logits have the bits of the 17-row AR steps over the same tokens."""
+    model, batch, k = teachers[weights], 17, 4
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 3))
+    new = torch.randint(0, model.config.vocab_size, (batch, k))
+
+    def prefilled():
+        cache = KVCache.for_model(model, batch, 16)
+        model.decode(prompt, cache, logits=None)
+        return cache
+
+    with row_invariant_linears():
+        together = model.decode(new, prefilled(), logits="all")
+        cache = prefilled()
+        steps = torch.stack([model.decode(new[:, j:j + 1], cache, logits="last") for j in range(k)], dim=1)
+    assert torch.equal(together, steps)
+
+
+def test_draft_decoding_runs_no_gemm_after_the_prefill(monkeypatch):
+    """At batch 17 with k = 4 a verify pass has 68 rows; it must run the kernel as AR's 17-row steps do (torch's
+    GEMM would give its rows other bits). Every prompt here is short, so no pass may reach torch's GEMM."""
+    student = draft_student(peaked_teacher(), HeadConfig(max_k=4, pathway="chain", num_layers=1))
+    prompts = [[1 + b % 7, 2 + b % 5] for b in range(17)]
+    want = generate_ar(student.teacher, prompts, 12, seed=3, temperature=0.8)
+
+    def no_gemm(*args):
+        raise AssertionError("a decode pass ran torch's GEMM")
+
+    monkeypatch.setattr(kernel_nn.F, "linear", no_gemm)
+    assert torch.equal(generate_ar(student.teacher, prompts, 12, seed=3, temperature=0.8).tokens, want.tokens)
+    for k in (4, None):
+        got = generate_with_drafts(student, prompts, 12, k=k, seed=3, temperature=0.8)
+        assert torch.equal(got.tokens, want.tokens)
+
+
+def test_draft_decoding_prefills_as_ar_does(monkeypatch):
+    """Long ragged prompts (prefill passes past the row limit run torch's GEMM): the teacher's cache after a draft
+    decoder's prefill holds the bits of AR's, row for row."""
+    caches = []
+    make = decode_steps.KVCache.for_model
+    monkeypatch.setattr(decode_steps.KVCache, "for_model", lambda *a, **kw: caches.append(make(*a, **kw)) or caches[-1])
+    student = draft_student(peaked_teacher(), HeadConfig(max_k=4, pathway="chain", num_layers=1))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, DRAFT_CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (30, 61, 45, 70)]
+    generate_ar(student.teacher, prompts, 1, seed=0)
+    generate_with_drafts(student, prompts, 1, k=4, seed=0)
+    ar, draft = caches
+    for b, prompt in enumerate(prompts):
+        for layer in range(ar.num_layers):
+            assert torch.equal(ar.k[layer][b, :len(prompt)], draft.k[layer][b, :len(prompt)]), (b, layer)
+            assert torch.equal(ar.v[layer][b, :len(prompt)], draft.v[layer][b, :len(prompt)]), (b, layer)
 
 
 def test_bf16_weights_decode_with_fp32_activations():

@@ -16,7 +16,11 @@ Passes (docs/method.md §4), with P the prompt length:
 Ragged prompts. A batch of prompts of lengths P_b runs one extra prefill pass first: it commits the first
 P_b - min(P) tokens of every prompt (right-padded; the padding rows are written past each sequence's length and
 overwritten before they are ever read). Then every sequence has exactly min(P) prompt tokens left, and the loop
-runs with identical shapes for all sequences.
+runs with identical shapes for all sequences. Every decoder prefills this way (`kforcing.decoding.prefill`).
+
+Row invariance. Every pass after the prefill runs inside `kforcing_ops.nn.row_invariant_linears()`: a row's
+logits have the same bits whatever rows share its pass (the kernels' per-row order), so a draft student's
+verify pass over B x k rows reproduces this AR step's B rows exactly, at any batch size.
 
 Stopping. Exactly `max_new_tokens` tokens are produced per sequence unless it emits `eos_id`. A sequence that has
 emitted EOS keeps its slot (shapes stay static): its later outputs are replaced by `pad_id` (masked) and the
@@ -33,21 +37,19 @@ concurrently; in-place weight updates are seen by the graphs, replacing paramete
 
 import dataclasses
 import math
-import weakref
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 import kforcing_ops
-from kforcing_ops.nn import decode_linear_enabled
+from kforcing_ops.nn import row_invariant_linears
 
-from ..models.transformer import KVCache
-from ..noise import counter_uniform
 from ..teachers.hf_teacher import HFTeacher
 from ..teachers.protocol import check_teacher
-from .compiled import compiled, static_length
 from .engine import RoundLoop
-from .request import check_request
+from .prefill import prefill_ragged_prefix
+from .request import prompt_batch, uniform_table
+from .steps import Step, make_cache
 
 _HINT_CHUNK_ELEMENTS = 1 << 24  # hint embeddings computed ahead, per chunk (64 MiB in float32)
 
@@ -71,36 +73,14 @@ class GenerationOutput:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Shared plumbing
+def _prefill_prefix(model, cache, prompts, pad_id):
+    """The ragged-prefix pass (`kforcing.decoding.prefill`); returns the passes run (0 or 1)."""
+    def run(ids):
+        if getattr(model, "model_type", None) == "pushforward":  # token rows only: no hint rows
+            return model.decode(ids, ids.new_empty((ids.shape[0], 0), dtype=torch.float64), 1.0, cache)
+        return model.decode(ids, cache, logits=None)
 
-
-def _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
-    """Validate, pad, and split the prompts into (prefix for the ragged prefill, uniform tail)."""
-    prompt_list, sequence_ids = check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
-    device = model.device
-    lengths = [len(p) for p in prompt_list]
-    shortest = min(lengths)
-    prefix = [p[:len(p) - shortest] for p in prompt_list]
-    tail = torch.tensor([p[len(p) - shortest:] for p in prompt_list], dtype=torch.int64, device=device)
-    return prefix, tail, torch.tensor(lengths, dtype=torch.int64, device=device), sequence_ids
-
-
-def _prefill_prefix(model, cache, prefix, pad_id):
-    """Commit the ragged prompt prefixes (one pass); returns the number of passes run (0 or 1)."""
-    longest = max(len(p) for p in prefix)
-    if longest == 0:
-        return 0
-    ids = torch.full((len(prefix), longest), pad_id, dtype=torch.int64)
-    for b, p in enumerate(prefix):
-        ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
-    ids = ids.to(cache.seqlens.device)
-    if getattr(model, "model_type", None) == "pushforward":  # token rows only: no hint rows
-        model.decode(ids, ids.new_empty((len(prefix), 0), dtype=torch.float64), 1.0, cache)
-    else:
-        model.decode(ids, cache, logits=None)
-    cache.seqlens.copy_(torch.tensor([len(p) for p in prefix], dtype=torch.int32))
-    return 1
+    return prefill_ragged_prefix(run, cache.seqlens, prompts, pad_id)[0]
 
 
 def _ar_step(model, cache, ids):
@@ -109,93 +89,6 @@ def _ar_step(model, cache, ids):
 
 def _kforcing_step(student, cache, tau, ids, u, hints):
     return student.decode(ids, u, tau, cache, hint_embeddings=hints)
-
-
-_MAX_GRAPHS = 16  # captured shapes kept per pooled cache; further shapes run eagerly
-_graph_pool = weakref.WeakKeyDictionary()  # model -> _CudaGraphs (cuda_graph=True only)
-
-
-@dataclasses.dataclass
-class _CudaGraphs:
-    """The KV cache and the CUDA graphs captured against it, kept between generate calls of one model.
-
-    A CUDA graph replays fixed memory addresses, so it can only be reused with the very cache it was captured
-    against: with cuda_graph=True the cache of the last call (same batch size, dtype and device, and at least as
-    long as needed) is kept and reset instead of reallocated, and graphs are captured once per step shape and
-    reused by later calls (so calls with different k or lengths share one cache instead of evicting each other).
-    This makes concurrent generate calls with cuda_graph=True on one model unsafe (one thread at a time).
-    """
-
-    key: tuple
-    cache: KVCache
-    graphs: dict = dataclasses.field(default_factory=dict)
-    pool: object = dataclasses.field(default_factory=lambda: torch.cuda.graph_pool_handle())
-
-
-def _make_cache(model, batch, max_len, cuda_graph):
-    """(cache, _CudaGraphs or None): a fresh cache, or with cuda_graph the model's pooled one, reset."""
-    if not cuda_graph:
-        return KVCache.for_model(model, batch, max_len), None
-    if model.device.type != "cuda":
-        raise ValueError("cuda_graph=True needs the model on a CUDA device")
-    key = (batch, model.dtype, model.device, model.config)
-    entry = _graph_pool.get(model)
-    if entry is None or entry.key != key or entry.cache.max_len < max_len:
-        _graph_pool.pop(model, None)  # free the previous cache and graphs first
-        entry = _CudaGraphs(key, KVCache.for_model(model, batch, max_len))
-        _graph_pool[model] = entry
-    entry.cache.reset()
-    return entry.cache, entry
-
-
-class _Step:
-    """A decode step function run eagerly, compiled, or replayed from a CUDA graph (one graph per input shape).
-
-    fn(*bound, *inputs): `bound` are the model, the cache and constants; `inputs` the per-step tensors. The step
-    mutates the KV cache in place and returns a tensor. For a CUDA graph (`cuda_graphs` given) the inputs are
-    copied into static buffers; warm-up runs happen on a side stream with the cache lengths restored afterwards,
-    so they leave no trace (the rows they wrote are rewritten by the real step). Graphs are keyed by the
-    function, the constants, the linear layers' mode (`kforcing_ops.nn.torch_linears`) and the input shapes.
-    """
-
-    def __init__(self, fn, bound, cache, compile=False, cuda_graphs: Optional[_CudaGraphs] = None):
-        self.name = fn.__name__
-        self.fn = compiled(fn) if compile else fn
-        self.bound = tuple(bound)
-        self.constants = tuple(b for b in self.bound[2:] if not isinstance(b, torch.Tensor))
-        self.cache = cache
-        self.cuda_graphs = cuda_graphs
-
-    def __call__(self, *inputs):
-        if self.cuda_graphs is None:
-            return self.fn(*self.bound, *inputs)
-        graphs = self.cuda_graphs.graphs
-        key = (self.name, self.constants, decode_linear_enabled(), tuple((tuple(t.shape), t.dtype) for t in inputs))
-        if key not in graphs:
-            if len(graphs) >= _MAX_GRAPHS:
-                return self.fn(*self.bound, *inputs)
-            graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_output = graphs[key]
-        for buffer, value in zip(static_inputs, inputs):
-            buffer.copy_(value)
-        graph.replay()
-        return static_output.clone()
-
-    def _capture(self, inputs):
-        static_inputs = [t.clone() for t in inputs]
-        saved = self.cache.seqlens.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.fn(*self.bound, *static_inputs)
-                self.cache.seqlens.copy_(saved)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.cuda_graphs.pool):
-            static_output = self.fn(*self.bound, *static_inputs)
-        self.cache.seqlens.copy_(saved)  # capture records the += n_commit without running it
-        return graph, static_inputs, static_output
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,27 +129,28 @@ def generate_ar(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], ma
     if isinstance(model, HFTeacher) and (compile or cuda_graph):
         raise ValueError("compile and cuda_graph are for kforcing's own ARModel; decode a Hugging Face teacher "
                          "without them")
-    prefix, tail, lengths, sequence_ids = _prepare(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    prompts = prompt_batch(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    tail, lengths = prompts.tail, prompts.lengths
     batch = tail.shape[0]
-    cache_len = int(lengths.max()) + max_new_tokens
-    cache, cuda_graphs = _make_cache(model, batch, static_length(cache_len) if compile else cache_len, cuda_graph)
-    passes = _prefill_prefix(model, cache, prefix, pad_id)
-    step = _Step(_ar_step, (model, cache), cache, compile, cuda_graphs)
+    cache, cuda_graphs = make_cache(model, batch, int(lengths.max()) + max_new_tokens, compile, cuda_graph)
+    passes = _prefill_prefix(model, cache, prompts, pad_id)
+    step = Step(_ar_step, (model, cache), cache, compile, cuda_graphs)
 
     # The first pass (the prompt) is captured too with cuda_graph, eager otherwise (one compile per shape is not
     # worth it for a single pass).
     logits = step(tail) if cuda_graph else model.decode(tail, cache, logits="last")
     loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, 1, tail.device)
     loop.count_passes(passes + 1)
-    # Every uniform of the request is known up front: row s holds u(seed, b, lengths[b] + s) for every b.
-    all_u = counter_uniform(seed, sequence_ids[None, :],
-                            lengths[None, :] + torch.arange(max_new_tokens, device=tail.device)[:, None])
-    for s in range(max_new_tokens):
-        y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p, order)
-        if loop.record_all(y[:, None]):
-            break
-        logits = step(y[:, None])
-        loop.count_passes()
+    # Every uniform of the request is known up front: column s holds u(seed, b, lengths[b] + s) for every b.
+    all_u = uniform_table(seed, prompts.sequence_ids, int(lengths.max()) + max_new_tokens).gather(
+        1, lengths[:, None] + torch.arange(max_new_tokens, device=tail.device)).T.contiguous()
+    with row_invariant_linears():  # every step's rows get the bits of any other decoder's pass over them
+        for s in range(max_new_tokens):
+            y = kforcing_ops.inverse_cdf_sample(logits.float(), all_u[s], temperature, top_k, top_p, order)
+            if loop.record_all(y[:, None]):
+                break
+            logits = step(y[:, None])
+            loop.count_passes()
     tokens, out_lengths, passes, _ = loop.result()
     return GenerationOutput(tokens, out_lengths, passes)
 
@@ -303,19 +197,20 @@ def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Ten
         raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
     if freq_penalty < 0:
         raise ValueError(f"freq_penalty must be >= 0, got {freq_penalty}")
-    prefix, tail, lengths, sequence_ids = _prepare(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    prompts = prompt_batch(student, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    tail, lengths = prompts.tail, prompts.lengths
     batch, device = tail.shape[0], tail.device
     num_steps = -(-max_new_tokens // k)
     cache_len = int(lengths.max()) + num_steps * k
-    cache, cuda_graphs = _make_cache(student, batch, static_length(cache_len) if compile else cache_len, cuda_graph)
-    passes = _prefill_prefix(student, cache, prefix, pad_id)
+    cache, cuda_graphs = make_cache(student, batch, cache_len, compile, cuda_graph)
+    passes = _prefill_prefix(student, cache, prompts, pad_id)
     tau = float(temperature)
-    step = _Step(_kforcing_step, (student, cache, tau), cache, compile, cuda_graphs)
+    step = Step(_kforcing_step, (student, cache, tau), cache, compile, cuda_graphs)
 
     # Every uniform of the request is known up front: u for position lengths[b] + i. Their hint embeddings are
     # computed in chunks of steps (one batched noise-encoder call per chunk instead of one per step).
-    all_u = counter_uniform(seed, sequence_ids[:, None], lengths[:, None] + torch.arange(num_steps * k, device=device))
-    all_u = all_u.view(batch, num_steps, k)
+    all_u = uniform_table(seed, prompts.sequence_ids, cache_len).gather(
+        1, lengths[:, None] + torch.arange(num_steps * k, device=device)).view(batch, num_steps, k)
     chunk = max(1, min(num_steps, _HINT_CHUNK_ELEMENTS // max(1, batch * k * student.config.n_embd)))
     counts = torch.zeros((batch, student.config.vocab_size), device=device) if freq_penalty else None
     loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, k, device)
@@ -325,10 +220,11 @@ def generate_kforcing(student, prompts: Union[Sequence[Sequence[int]], torch.Ten
         if j % chunk == 0:
             hints = student.embed_noise(all_u[:, j:j + chunk], tau)
         u, hint = all_u[:, j], hints[:, j % chunk]
-        if j == 0 and not cuda_graph:
+        if j == 0 and not cuda_graph:  # the prompt's tail and the first hints
             logits = student.decode(committed, u, tau, cache, hint_embeddings=hint)
         else:
-            logits = step(committed, u, hint)
+            with row_invariant_linears():  # a sequence's rows get the same bits whatever batch it decodes in
+                logits = step(committed, u, hint)
         loop.count_passes()
         scores = logits.float()
         if counts is not None:

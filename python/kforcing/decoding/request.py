@@ -1,12 +1,16 @@
-"""A generation request, as every decoder takes it: its checks, and the EOS masking of its output.
+"""A generation request, as every decoder takes it: its checks, its prompts split for the ragged prefill, its
+uniforms as one table, and the EOS masking of its output.
 
 `kforcing.decoding.generate` (AR and push-forward decoding) and `kforcing.students.draft.decode` (draft students) both
 use it, so neither imports the other for it.
 """
 
+import dataclasses
 from typing import List
 
 import torch
+
+from ..noise import counter_uniform
 
 
 def as_prompt_list(prompts) -> List[List[int]]:
@@ -60,6 +64,45 @@ def check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id):
     return prompt_list, sequence_ids.to(model.device)
 
 
+@dataclasses.dataclass
+class PromptBatch:
+    """A request's prompts as the decoders' prefill takes them (`kforcing.decoding.prefill`).
+
+    Attributes:
+        prompts: the B prompts as lists of ids.
+        prefix: each prompt's first P_b - min(P) tokens (the ragged part: one prefill pass of its own).
+        tail: (B, min(P)) int64, each prompt's last min(P) tokens (every sequence alike from here on).
+        lengths: (B,) int64, P_b.
+        sequence_ids: (B,) int64, each sequence's noise stream.
+    """
+
+    prompts: List[List[int]]
+    prefix: List[List[int]]
+    tail: torch.Tensor
+    lengths: torch.Tensor
+    sequence_ids: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.tail.shape[0]
+
+
+def prompt_batch(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id) -> PromptBatch:
+    """Check a request (`check_request`) and split its prompts for the prefill."""
+    prompt_list, sequence_ids = check_request(model, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    shortest = min(len(p) for p in prompt_list)
+    device = sequence_ids.device
+    return PromptBatch(prompt_list, [p[:len(p) - shortest] for p in prompt_list],
+                       torch.tensor([p[len(p) - shortest:] for p in prompt_list], dtype=torch.int64, device=device),
+                       torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device), sequence_ids)
+
+
+def uniform_table(seed, sequence_ids, length) -> torch.Tensor:
+    """(B, length) float64: every uniform a request can use, u[b, p] = counter_uniform(seed, sequence_ids[b], p),
+    computed once (a decoder gathers its rows instead of hashing them again every step)."""
+    return counter_uniform(seed, sequence_ids[:, None], torch.arange(length, device=sequence_ids.device))
+
+
 def mask_after_eos(tokens, eos_id, pad_id):
     """(tokens with everything after the first EOS set to pad_id, lengths up to and including EOS)."""
     if eos_id is None:
@@ -69,4 +112,4 @@ def mask_after_eos(tokens, eos_id, pad_id):
     return tokens.masked_fill(after, pad_id), (~after).sum(dim=1)
 
 
-__all__ = ["as_prompt_list", "check_request", "mask_after_eos"]
+__all__ = ["PromptBatch", "as_prompt_list", "check_request", "mask_after_eos", "prompt_batch", "uniform_table"]

@@ -51,12 +51,14 @@ import torch
 
 import kforcing_ops
 from kforcing_ops import sampling_probabilities
+from kforcing_ops.nn import row_invariant_linears
 
 from ...decoding.compiled import compilations, compiled, static_length
 from ...decoding.engine import RoundLoop
-from ...decoding.request import check_request
+from ...decoding.prefill import prefill_ragged_prefix, prompt_next_tokens
+from ...decoding.request import prompt_batch, uniform_table
+from ...decoding.steps import make_cache
 from ...models.transformer import KVCache, decode_blocks
-from ...noise import counter_uniform
 from ...teachers.hf_teacher import HFTeacher
 from ...teachers.protocol import decode_layers
 from .policy import DraftPolicy
@@ -107,23 +109,24 @@ class _DraftDecoder:
 
     def __init__(self, student: DraftStudent, batch, max_len, seed, sequence_ids, sampling, hint_seed, run_rows,
                  compile=False, set_rows=None, speculative=False):
-        """run_rows: the most rows one head call may write past a sequence's length (the longest AR run, read in
-        one call: finished sequences' rows are written too, and discarded). compile: run `plain_step` and
+        """max_len: the rows the teacher's cache needs (rounded up to a length bucket with compile). run_rows: the
+        most rows one head call may write past a sequence's length (the longest AR run, read in one call: finished
+        sequences' rows are written too, and discarded). compile: run `plain_step` and
         `drafting_round` torch.compile'd (`kforcing.decoding.compiled`). set_rows: onepass pathway, the drafts
         each hint set makes (the most the next round can verify; default max_k - 1). speculative: rounds accept
         by speculative sampling (the onepass pathway then keeps its drafts' distributions)."""
         teacher, config = student.teacher, student.config
         self.student, self.sampling = student, sampling
-        # Every uniform the request can use, computed once: u[b, p] = counter_uniform(seed, sequence b, position p)
-        # (a round gathers its rows instead of hashing them again, three times a round).
-        positions = torch.arange(max_len, device=teacher.device)
-        self.u_table = counter_uniform(seed, sequence_ids[:, None], positions)
+        self.trunk_cache, _ = make_cache(teacher, batch, max_len, compile)
+        max_len = self.trunk_cache.max_len
+        # Every uniform the request can use, computed once (`kforcing.decoding.request.uniform_table`): a round
+        # gathers its rows instead of hashing them again, three times a round.
+        self.u_table = uniform_table(seed, sequence_ids, max_len)
         self.hint_table = (self.u_table if hint_seed is None or hint_seed == seed
-                           else counter_uniform(hint_seed, sequence_ids[:, None], positions))
+                           else uniform_table(hint_seed, sequence_ids, max_len))
         # Speculative sampling's acceptance and residual uniforms: two more streams of the same seed.
-        self.accept_table, self.residual_table = (counter_uniform(seed ^ key, sequence_ids[:, None], positions)
+        self.accept_table, self.residual_table = (uniform_table(seed ^ key, sequence_ids, max_len)
                                                   for key in (_ACCEPT_KEY, _RESIDUAL_KEY))
-        self.trunk_cache = KVCache.for_model(teacher, batch, max_len)
         self.head_cache = None
         if student.pathway in ("head", "chain"):
             head_len = static_length(max_len + run_rows) if compile else max_len + run_rows
@@ -161,16 +164,15 @@ class _DraftDecoder:
         """The decoding seed's uniforms (or `table`'s) at positions (B, T) of each sequence."""
         return (self.u_table if table is None else table).gather(1, positions)
 
-    def trunk(self, ids, logit_rows=None):
-        """Append ids (B, T) to the teacher's cache: (features, exact logits after every row, or with logit_rows
-        (B,) after that row of each sequence only: a prefill needs one row's, and the vocabulary projection of
-        every prompt row would cost as much as several decode steps)."""
+    def trunk(self, ids, logits="all"):
+        """Append ids (B, T) to the teacher's cache: (features, the exact logits after every row ("all"), after the
+        last row only ("last": a prefill needs one row's, and the vocabulary projection of every prompt row would
+        cost as much as several decode steps), or None)."""
         teacher = self.student.teacher
         features = decode_layers(teacher, teacher.embed(ids), self.trunk_cache, ids.shape[1])
-        if logit_rows is None:
-            return features, teacher.logits(features)
-        rows = features.gather(1, logit_rows.view(-1, 1, 1).expand(-1, 1, features.shape[-1]))
-        return features, teacher.logits(rows)
+        if logits is None:
+            return features, None
+        return features, teacher.logits(features if logits == "all" else features[:, -1:])
 
     def forget_drafts(self):
         """Onepass pathway: the next round's drafts become stand-ins (token 0, drawn from a point mass at 0), as
@@ -480,62 +482,61 @@ def generate_with_drafts(student: DraftStudent, prompts, max_new_tokens: int, k:
     k = student.max_k if k is None else k
     if not isinstance(k, int) or not 2 <= k <= student.max_k:
         raise ValueError(f"k={k!r} is not allowed: this student drafts with 2 <= k <= max_k={student.max_k}")
-    prompt_list, sequence_ids = check_request(student.teacher, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
-    device = student.device
-    batch = len(prompt_list)
-    lengths = torch.tensor([len(p) for p in prompt_list], dtype=torch.int64, device=device)
+    prompts = prompt_batch(student.teacher, prompts, max_new_tokens, sequence_ids, eos_id, pad_id)
+    device, batch, lengths = student.device, prompts.batch, prompts.lengths
     sampling = Sampling(float(temperature), top_k, top_p, order)
     cache_len = int(lengths.max()) + max_new_tokens + 2 * student.max_k
-    decoder = _DraftDecoder(student, batch, static_length(cache_len) if compile else cache_len, seed, sequence_ids,
-                            sampling, hint_seed, max_new_tokens, compile, set_rows=k - 1, speculative=speculative)
+    decoder = _DraftDecoder(student, batch, cache_len, seed, prompts.sequence_ids, sampling, hint_seed,
+                            max_new_tokens, compile, set_rows=k - 1, speculative=speculative)
 
-    # Prefill: the right-padded prompts through the trunk and into the head's cache; padding rows lie past each
-    # sequence's length, so they are never read and the next pass overwrites them.
-    ids = torch.full((batch, int(lengths.max())), pad_id, dtype=torch.int64)
-    for b, prompt in enumerate(prompt_list):
-        ids[b, :len(prompt)] = torch.tensor(prompt)
-    ids = ids.to(device)
-    features, last = decoder.trunk(ids, logit_rows=lengths - 1)
-    decoder.trunk_cache.seqlens.copy_(lengths)
+    # Prefill: the prompts through the teacher as `generate_ar` runs them (`kforcing.decoding.prefill`: the cache
+    # holds the same bits), each pass's features into the head's cache.
+    prefix_passes, prefix = prefill_ragged_prefix(lambda ids: decoder.trunk(ids, logits=None),
+                                                  decoder.trunk_cache.seqlens, prompts, pad_id)
+    features, last = decoder.trunk(prompts.tail, logits="last")
     exact = sample_rows(last, decoder.uniforms(lengths[:, None]), sampling)[:, 0]
-    next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], exact[:, None])
-    decoder.commit_features(features, next_tokens, lengths)
+    after_prefix, after_tail = prompt_next_tokens(prompts, 0 if prefix is None else prefix[0].shape[1], exact)
+    if prefix is not None:
+        decoder.commit_features(prefix[0], after_prefix, lengths - prompts.tail.shape[1])
+    decoder.commit_features(features, after_tail, torch.full_like(lengths, prompts.tail.shape[1]))
     policy = DraftPolicy(batch, k - 1, device, round_costs, student=student,
                          per_draft_cost=student.pathway == "chain", compiled=compile) if adaptive else None
 
     # Sized by max_k rather than k, so that a pinned k and adaptive drafting share compiled graphs.
     loop = RoundLoop(batch, max_new_tokens, eos_id, pad_id, student.max_k, device)
-    loop.count_passes()  # the prefill
+    loop.count_passes(prefix_passes + 1)  # the prefill
     loop.record(exact[:, None], torch.ones_like(lengths), torch.ones_like(exact, dtype=torch.bool))
     accepted = torch.zeros(student.max_k - 1, dtype=torch.float64, device=device)
     steps = torch.zeros_like(accepted)  # verification steps that made each offset
-    while True:
-        active = loop.active()
-        if loop.done(active):
-            break
-        # drafts this round (0: an AR step), weighing what the batch has left to make
-        left = max_new_tokens - loop.produced
-        count = policy.choose(active, left) if policy is not None else k - 1
-        if count and decoder.catch_up() and policy is not None:
-            policy.restart_timing()  # the catch-up is not part of the drafting round's cost
-        graphs = compilations() if compile else 0
-        if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
-            # advances the caches itself)
-            run = policy.plain_run(int(left[active].min()))
-            new_tokens, keep = decoder.ar_steps(exact, active, run, eos_id)
-            advance = keep.long().sum(dim=1)
-            # with fresh strides, as a drafting round's (a compiled step's graph is specialised to its inputs' strides)
-            exact = new_tokens[:, -1].clone(memory_format=torch.contiguous_format)
-            loop.count_passes(run, advance)  # a sequence takes part in the steps it keeps
-            loop.record(new_tokens, advance, active)
-        else:  # the round records its tokens and statistics itself (inside its compiled graph)
-            exact, matches = decoder.run_drafting_round(exact, active, count, verify, speculative, loop,
-                                                        (accepted, steps))
-            loop.count_passes(1, 0)
-            if policy is not None and matches is not None:
-                policy.observe_acceptance(matches, active)
-        if policy is not None and compile and compilations() != graphs:
-            policy.discard_timing()  # this round compiled: its wall time is not what such a round costs
+    with row_invariant_linears():  # every round's rows get the bits of AR's one-row steps over them
+        while True:
+            active = loop.active()
+            if loop.done(active):
+                break
+            # drafts this round (0: an AR step), weighing what the batch has left to make
+            left = max_new_tokens - loop.produced
+            count = policy.choose(active, left) if policy is not None else k - 1
+            if count and decoder.catch_up() and policy is not None:
+                policy.restart_timing()  # the catch-up is not part of the drafting round's cost
+            graphs = compilations() if compile else 0
+            if count == 0:  # plain AR steps, as many as the policy allows before it wants to choose again (the run
+                # advances the caches itself)
+                run = policy.plain_run(int(left[active].min()))
+                new_tokens, keep = decoder.ar_steps(exact, active, run, eos_id)
+                advance = keep.long().sum(dim=1)
+                # with fresh strides, as a drafting round's (a compiled step's graph is specialised to its inputs'
+                # strides)
+                exact = new_tokens[:, -1].clone(memory_format=torch.contiguous_format)
+                loop.count_passes(run, advance)  # a sequence takes part in the steps it keeps
+                loop.record(new_tokens, advance, active)
+            else:  # the round records its tokens and statistics itself (inside its compiled graph)
+                exact, matches = decoder.run_drafting_round(exact, active, count, verify, speculative, loop,
+                                                            (accepted, steps))
+                loop.count_passes(1, 0)
+                if policy is not None and matches is not None:
+                    policy.observe_acceptance(matches, active)
+            if policy is not None and compile and compilations() != graphs:
+                policy.discard_timing()  # this round compiled: its wall time is not what such a round costs
     if policy is not None:
         policy.finish()
     tokens, out_lengths, passes, rate = loop.result()
