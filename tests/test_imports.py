@@ -23,6 +23,7 @@ LAYERS = [
     ["kforcing.training"],
     ["kforcing.students"],
     ["kforcing.workflows"],
+    ["kforcing.serving"],
     ["kforcing.cli"],
 ]
 

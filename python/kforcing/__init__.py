@@ -3,6 +3,7 @@
 Packages by concern, each importing only the ones below it (tests/test_imports.py checks the order):
 
     kforcing.cli           the `kforcing` command and the demo
+    kforcing.serving       vLLM: a draft student exported as its speculative drafter, the plugin, `kforcing serve`
     kforcing.workflows     distill, eval, reports and loading, over any kind of student
     kforcing.students      the Student protocol and its kinds: the push-forward student and the draft student,
                            each with its model, targets, stages, decoding, checkpoints, eval and report rows
@@ -21,10 +22,25 @@ and the foundations every package may use:
     kforcing.runtime       device resolution, atomic writes, checksums, run locks, git commit
 """
 
-from .decoding.generate import GenerationOutput, generate_ar, generate_kforcing
-from .models.transformer import ARModel, KVCache, ModelConfig
-from .noise import counter_uniform
-from .students.push_forward.model import PushForwardLM
+import importlib
+
+# The public names, imported on first use (PEP 562): `import kforcing.serving.vllm_plugin`, which vLLM runs in each
+# of its processes, then loads neither the kernels nor the models.
+_PUBLIC = {"GenerationOutput": "decoding.generate", "generate_ar": "decoding.generate",
+           "generate_kforcing": "decoding.generate", "ARModel": "models.transformer", "KVCache": "models.transformer",
+           "ModelConfig": "models.transformer", "counter_uniform": "noise",
+           "PushForwardLM": "students.push_forward.model"}
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kforcing' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
+
 
 __all__ = ["ARModel", "GenerationOutput", "KVCache", "ModelConfig", "PushForwardLM", "counter_uniform", "generate_ar",
            "generate_kforcing"]

@@ -7,6 +7,8 @@
     kforcing distill --teacher hf:path/to/model --corpus stdlib --out runs/hf-draft
     kforcing eval --teacher runs/teacher --student runs/student --k 1,2,4
     kforcing demo [--quick | --full]
+    kforcing export-vllm --student runs/hf-draft --out runs/hf-draft/vllm
+    kforcing serve --teacher path/to/model --drafter runs/hf-draft/vllm      (in vLLM's environment)
 
 Run `kforcing <command> --help` for every option. Errors in the input (a missing corpus, a bad checkpoint, a
 prompt that is too long, ...) print one line `kforcing: error: ...` and exit with status 2; set KFORCING_DEBUG=1
@@ -385,6 +387,70 @@ def _demo(args):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# serving with vLLM
+
+
+def _add_export_vllm_parser(subparsers):
+    p = _new_parser(
+        subparsers, "export-vllm", "write a draft student as a checkpoint vLLM serves as its speculative drafter",
+        "Write a chain-pathway draft student of a Hugging Face teacher as an EAGLE-style drafter checkpoint for "
+        "vLLM (config.json + model.safetensors; the teacher's embedding and LM head are shared by vLLM). Serve it "
+        "with `kforcing serve` (docs/serving.md). Runs where the student was distilled; vLLM is not needed here.")
+    p.add_argument("--student", required=True, help="the draft student (checkpoint or distill run directory)")
+    p.add_argument("--teacher", default=None,
+                   help="its Hugging Face teacher, hf:PATH (default: the one the student's checkpoint names)")
+    p.add_argument("--out", required=True, help="the folder to write (created)")
+    p.set_defaults(func=_export_vllm)
+
+
+def _export_vllm(args):
+    from ..serving.vllm_export import export_vllm_head
+    from ..workflows.loading import load_model
+
+    _refuse_file(args.out)
+    student, _, _ = load_model(args.student, with_tokenizer=False, teacher=args.teacher)
+    if getattr(student, "model_type", None) != "draft":
+        raise ValueError(f"--student {args.student} is not a draft student (vLLM serves draft students as "
+                         "speculative drafters)")
+    out = export_vllm_head(student, args.out)
+    teacher = getattr(student.teacher, "source", None) or "TEACHER_FOLDER"
+    print(f"exported: {out}")
+    print(f"serve it (in vLLM's environment): kforcing serve --teacher {teacher} --drafter {out}")
+    return 0
+
+
+def _add_serve_parser(subparsers):
+    p = _new_parser(
+        subparsers, "serve", "serve a Hugging Face teacher with vLLM, its exported kforcing drafter proposing",
+        "Start vLLM's OpenAI-compatible server (`vllm serve`) for the teacher, with the drafter exported by "
+        "`kforcing export-vllm` as its speculative method 'eagle' (lossless: vLLM verifies every draft). Needs vLLM "
+        "and kforcing installed in one environment (docs/serving.md). Arguments after `--` go to `vllm serve` as "
+        "they are (e.g. -- --port 8000 --max-num-seqs 64).")
+    p.add_argument("--teacher", required=True, help="the teacher's Hugging Face folder (PATH or hf:PATH)")
+    p.add_argument("--drafter", required=True, help="the folder `kforcing export-vllm` wrote")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per step (default: the student's max_k - 1)")
+    p.add_argument("--print-command", action="store_true", help="print the vllm command line instead of running it")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: arguments for `vllm serve`")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args):
+    import shlex
+
+    from ..serving.vllm_serve import serve_command, vllm_executable
+
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    command = serve_command(args.teacher, args.drafter, args.num_speculative_tokens, extra)
+    if args.print_command:
+        print(shlex.join(command))
+        return 0
+    executable = vllm_executable()
+    print(f"kforcing serve: {shlex.join(command)}", file=sys.stderr, flush=True)
+    os.execv(executable, [executable, *command[1:]])
+
+
 def _refuse_file(path):
     """--out must name a directory (new or existing), not a file."""
     if Path(path).expanduser().is_file():
@@ -403,6 +469,8 @@ def build_parser():
     _add_distill_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_demo_parser(subparsers)
+    _add_export_vllm_parser(subparsers)
+    _add_serve_parser(subparsers)
     return parser
 
 
