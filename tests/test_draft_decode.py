@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from chi_square import chi_square_p_value
 from tiny_models import DRAFT_CONFIG as CONFIG
 from tiny_models import draft_student, peaked_teacher
 
@@ -249,20 +250,6 @@ def test_adaptive_drafting_remembers_what_a_request_learnt(monkeypatch):
 # Speculative sampling: lossless in distribution
 
 
-def _chi_square_p_value(counts, probs):
-    """P-value of Pearson's chi-square statistic of counts against probs (cells with expectation >= 5; the rest
-    pooled into one cell): the chi-square survival function, the regularised upper incomplete gamma function."""
-    expected = probs.double() * counts.sum()
-    cells = expected >= 5
-    observed = torch.cat([counts[cells], counts[~cells].sum()[None]])
-    expected = torch.cat([expected[cells], expected[~cells].sum()[None]])
-    if expected[-1] < 5:  # too little pooled mass to be a cell of its own
-        observed, expected = observed[:-1], expected[:-1]
-    statistic = (((observed - expected) ** 2) / expected).sum()
-    dof = observed.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
-
-
 @pytest.mark.parametrize("rule", ["speculative", "accept_if_more_likely", "residual_is_p"])
 def test_speculative_rule_samples_the_teachers_distribution(rule):
     """Hand-set p and q on a 5-token vocabulary, 200,000 rounds of one draft: the token after the exact one follows
@@ -284,7 +271,7 @@ def test_speculative_rule_samples_the_teachers_distribution(rule):
     else:  # the right acceptance test, but resampling from p instead of the residual: biased
         keep = accept_u[:, 0].double() * q1[drafts[:, 0]] <= p1[drafts[:, 0]]
         tokens = torch.where(keep, drafts[:, 0], inverse_cdf(p1.expand(n, 5), residual_u[:, 0]))[:, None]
-    p_value = _chi_square_p_value(torch.bincount(tokens[:, 0], minlength=5).double(), p1)
+    p_value = chi_square_p_value(torch.bincount(tokens[:, 0], minlength=5).double(), p1)
     assert (p_value > 1e-3) if rule == "speculative" else (p_value < 1e-6), p_value
 
 
@@ -308,7 +295,7 @@ def test_speculative_decoding_samples_the_teacher_and_accepts_drafts():
         logits = student.teacher(torch.tensor([prompt + [common]]))[0, -1:]
     p = sampling_probabilities(logits, **sampling)[0]
     assert rows.numel() > 500
-    assert _chi_square_p_value(torch.bincount(rows, minlength=p.shape[0]).double(), p) > 1e-3
+    assert chi_square_p_value(torch.bincount(rows, minlength=p.shape[0]).double(), p) > 1e-3
     assert out.accepted[0] > 0.0
     with pytest.raises(ValueError, match="verify=True"):
         generate_with_drafts(student, PROMPTS, 4, k=4, verify=False, acceptance="speculative")
