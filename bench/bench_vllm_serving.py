@@ -153,7 +153,7 @@ def bench_row(row, args, vllm, out_dir, results):
     base = f"http://127.0.0.1:{port}"
     extra = ["--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--seed", str(args.seed),
              "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max(args.concurrency)),
-             *(["--enforce-eager"] if args.enforce_eager else []), *shlex.split(args.server_args)]
+             *(["--enforce-eager"] if args.enforce_eager else []), *shlex.split(args.server_args or "")]
     command = server_command(row, args, vllm, extra)
     print(f"[{row}] {shown(command, vllm)}", flush=True)
     log = open(out_dir / f"{row}_server.log", "w")
@@ -286,13 +286,13 @@ def main(argv=None):
     parser.add_argument("--omp-threads", type=int, default=None,
                         help="OMP_NUM_THREADS of vLLM's processes (default: torch's, one per core; on a small box, "
                         "fewer leave cores to the client and vLLM's front end)")
-    parser.add_argument("--server-args", default="", help="more `vllm serve` options, for every row (one string)")
+    parser.add_argument("--server-args", default=None, help="more `vllm serve` options, for every row (one string)")
     parser.add_argument("--port", type=int, default=8123, help="the servers' port")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for /health")
     parser.add_argument("--vllm-env", default=str(Path(__file__).resolve().parent.parent / "build" / "vllm-venv"),
                         help="vLLM's virtualenv, with kforcing installed (`make vllm-env`)")
     parser.add_argument("--log-dir", default="/tmp/bench_vllm_serving", help="server/client logs and raw results")
-    parser.add_argument("--notes", default="", help="text for the report (e.g. how the models were trained)")
+    parser.add_argument("--notes", default=None, help="text for the report (e.g. how the models were trained)")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write nothing to bench/results")
     args = parser.parse_args(argv)
     check_inputs(args)
